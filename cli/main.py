@@ -1,0 +1,53 @@
+"""Entry point: ``landscape COMMAND ...``. Library errors become one line on stderr and exit 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from . import commands
+
+# order of the commands in --help; commands not listed come after, alphabetically
+ORDER = ["demo", "train", "info", "plane", "line", "plot", "explore", "import"]
+
+
+def _command_modules():
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return [(n, importlib.import_module(f"cli.commands.{n}")) for n in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from landscape import __version__
+    parser = argparse.ArgumentParser(
+        prog="landscape",
+        description="Train with weight averaging, record trajectories, evaluate and draw loss landscapes.")
+    parser.add_argument("--version", action="version", version=f"landscape {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in _command_modules():
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="show tracebacks for landscape's own errors")
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    from landscape.errors import LandscapeError
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except LandscapeError as e:
+        if args.debug:
+            raise
+        print(f"landscape: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("landscape: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

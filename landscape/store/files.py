@@ -1,0 +1,72 @@
+"""What every file we write shares: refusing to clobber, atomic completion, read-only opens."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import FileFormatError
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def prepare_output(path, overwrite: bool) -> Path:
+    """Check, before any work starts, that ``path`` may be written; return it as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(f"output {path} is a directory")
+    if path.exists() and not overwrite:
+        raise FileFormatError(f"output {path} already exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise FileFormatError(f"cannot write {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise FileFormatError(f"cannot write {path}: directory {path.parent} is not writable")
+    return path
+
+
+def open_read(path, expected_format: str) -> h5py.File:
+    """Open a file of ours read-only, without HDF5 file locking (which fails on many network file
+    systems and blocks readers of a file still being written)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileFormatError(f"file {path} does not exist")
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError:
+        raise FileFormatError(f"{path} is not an HDF5 file") from None
+    fmt = f.attrs.get("format")
+    if fmt != expected_format:
+        f.close()
+        raise FileFormatError(f"{path} is not a {expected_format.split('.')[-1]} file "
+                              f"(format attribute is {fmt!r}, expected {expected_format!r})")
+    return f
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"cannot write {type(o).__name__} as JSON")

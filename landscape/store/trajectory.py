@@ -1,0 +1,290 @@
+"""Trajectory files (format ``landscape.trajectory``, version 1; see docs/FORMAT.md).
+
+Writing goes to ``NAME.partial`` with ``complete = False``; :meth:`TrajectoryWriter.close` marks it
+complete and renames it into place, so a file at the requested path is always a finished one.
+
+Example::
+
+    with TrajectoryWriter("run.h5", config, layout) as w:
+        w.append("sgd", params, buffers, epoch=1, step=63, test_err=4.7)
+    traj = open_trajectory("run.h5")
+    ckpt = traj.checkpoint("sgd:-1")
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, FileFormatError
+from ..params import Layout
+from .files import open_read, partial_path, prepare_output, sha256, to_json
+
+FORMAT = "landscape.trajectory"
+VERSION = 1
+METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+
+
+def parse_checkpoint_name(name: str):
+    """``RUN`` -> (RUN, -1); ``RUN:INDEX`` -> (RUN, INDEX)."""
+    run, sep, index = name.rpartition(":")
+    if sep:
+        try:
+            return run, int(index)
+        except ValueError:
+            raise CheckpointError(f"checkpoint {name!r}: index {index!r} is not an integer") from None
+    return name, -1
+
+
+class TrajectoryWriter:
+    """Appends checkpoints row by row; a run is created on its first append."""
+
+    def __init__(self, path, config: dict, layout: Layout, overwrite: bool = False):
+        self.path = prepare_output(path, overwrite)
+        self.tmp = partial_path(self.path)
+        try:
+            self.file = h5py.File(self.tmp, "w", track_order=True)
+        except OSError as e:
+            raise FileFormatError(f"cannot write {self.path}: {e}") from None
+        self.layout = layout
+        f = self.file
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["config"] = to_json(config)
+        f.attrs["complete"] = False
+        g = f.create_group("layout")
+        g.attrs["params"] = to_json(layout.to_dict()["params"])
+        g.attrs["buffers"] = to_json(layout.to_dict()["buffers"])
+        g.attrs["num_params"] = layout.num_params
+        g.attrs["num_buffers"] = layout.num_buffers
+        f.create_group("runs", track_order=True)
+
+    # ------------------------------------------------------------------------------------------
+    def _run_group(self, run: str) -> h5py.Group:
+        key = f"runs/{run}"
+        if key in self.file:
+            return self.file[key]
+        g = self.file.create_group(key, track_order=True)
+        P, B = self.layout.num_params, self.layout.num_buffers
+        for name, width in (("params", P), ("buffers", B)):  # a model without buffers has B = 0
+            g.create_dataset(name, (0, width), np.float32, maxshape=(None, width or None),
+                             chunks=(1, max(width, 1)), track_times=False)
+        g.create_dataset("epoch", (0,), np.float64, maxshape=(None,), chunks=(256,), track_times=False)
+        g.create_dataset("step", (0,), np.int64, maxshape=(None,), chunks=(256,), track_times=False)
+        return g
+
+    def append(self, run: str, params, buffers=None, epoch: float = float("nan"), step: int = -1, **metrics) -> int:
+        """Add one checkpoint to ``run``; return its row index. Metrics are scalars or 1-D arrays
+        (stored as (T,) or (T, k) datasets next to the weights; missing rows read NaN)."""
+        g = self._run_group(run)
+        t = g["params"].shape[0]
+        params = _as_numpy(params).reshape(-1)
+        if params.shape[0] != self.layout.num_params:
+            raise FileFormatError(f"run {run}: parameter vector has {params.shape[0]} entries, layout has "
+                                  f"{self.layout.num_params}")
+        buffers = np.zeros(self.layout.num_buffers, np.float32) if buffers is None else _as_numpy(buffers).reshape(-1)
+        for name, value in (("params", params), ("buffers", buffers), ("epoch", epoch), ("step", step)):
+            ds = g[name]
+            ds.resize(t + 1, axis=0)
+            ds[t] = value
+        for name, value in metrics.items():
+            value = np.asarray(_as_numpy(value), dtype=np.float64)
+            if name not in g:
+                g.create_dataset(name, (t,) + value.shape, np.float64, maxshape=(None,) + value.shape,
+                                 chunks=(256,) + value.shape, fillvalue=np.nan, track_times=False)
+            ds = g[name]
+            ds.resize(t + 1, axis=0)
+            ds[t] = value
+        for name in g:  # metrics not given this time read NaN, keeping all datasets T rows long
+            ds = g[name]
+            if isinstance(ds, h5py.Dataset) and ds.shape[0] == t:
+                ds.resize(t + 1, axis=0)
+        return t
+
+    def set_attrs(self, run: str, **attrs) -> None:
+        """Attach JSON-able facts to a run (e.g. the layer names behind a (T, k) metric)."""
+        g = self._run_group(run)
+        for k, v in attrs.items():
+            g.attrs[k] = to_json(v)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> Path:
+        """Mark the file complete and move it to its final path."""
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file (bad input or a failure before anything worth keeping)."""
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def _as_numpy(x):
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    name: str  # canonical RUN:INDEX with a non-negative index
+    run: str
+    index: int
+    params: torch.Tensor  # (P,) float32
+    buffers: torch.Tensor  # (B,) float32
+    epoch: float
+    step: int
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    name: str
+    epoch: np.ndarray
+    step: np.ndarray
+    metrics: dict  # name -> (T,) or (T, k) array
+    attrs: dict
+
+    def __len__(self):
+        return len(self.epoch)
+
+
+class Trajectory:
+    """A trajectory file opened for reading. Cheap to create; reads on demand."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with open_read(self.path, FORMAT) as f:
+            if not bool(f.attrs.get("complete", False)):
+                raise FileFormatError(f"{self.path} is incomplete (training did not finish)")
+            self.version = int(f.attrs["version"])
+            if self.version > VERSION:
+                raise FileFormatError(f"{self.path} has trajectory format version {self.version}; "
+                                      f"this landscape reads up to {VERSION}")
+            self.config = json.loads(f.attrs["config"])
+            g = f["layout"]
+            self.layout = Layout.from_dict({"params": json.loads(g.attrs["params"]),
+                                            "buffers": json.loads(g.attrs["buffers"])})
+            self.runs = []
+            f["runs"].visititems(lambda name, obj: self.runs.append(name)
+                                 if isinstance(obj, h5py.Group) and "params" in obj else None)
+            self._lengths = {r: f[f"runs/{r}/params"].shape[0] for r in self.runs}
+
+    def __repr__(self):
+        return f"Trajectory({str(self.path)!r}, runs={self.runs})"
+
+    def num_checkpoints(self, run: str) -> int:
+        self._check_run(run)
+        return self._lengths[run]
+
+    def _check_run(self, run: str) -> None:
+        if run not in self._lengths:
+            raise CheckpointError(f"run {run!r} not found in {self.path}; runs: {', '.join(self.runs) or 'none'}")
+
+    def resolve(self, name: str):
+        """Checkpoint name -> (run, non-negative index), with a clear error when out of range."""
+        run, index = parse_checkpoint_name(name)
+        self._check_run(run)
+        n = self._lengths[run]
+        if not -n <= index < n:
+            raise CheckpointError(f"checkpoint {name!r} not found; {run} has {n} checkpoints")
+        return run, index % n
+
+    def checkpoint(self, name: str, device="cpu") -> Checkpoint:
+        run, index = self.resolve(name)
+        with open_read(self.path, FORMAT) as f:
+            g = f[f"runs/{run}"]
+            metrics = {k: g[k][index] for k in g if k not in ("params", "buffers", "epoch", "step")}
+            return Checkpoint(f"{run}:{index}", run, index,
+                              torch.from_numpy(g["params"][index]).to(device),
+                              torch.from_numpy(g["buffers"][index]).to(device),
+                              float(g["epoch"][index]), int(g["step"][index]), metrics)
+
+    def params(self, run: str, rows=None) -> np.ndarray:
+        """(T, P) parameters of a run (or the selected rows)."""
+        self._check_run(run)
+        with open_read(self.path, FORMAT) as f:
+            ds = f[f"runs/{run}/params"]
+            return ds[:] if rows is None else ds[rows]
+
+    def buffers(self, run: str, rows=None) -> np.ndarray:
+        self._check_run(run)
+        with open_read(self.path, FORMAT) as f:
+            ds = f[f"runs/{run}/buffers"]
+            return ds[:] if rows is None else ds[rows]
+
+    def run(self, run: str) -> RunData:
+        self._check_run(run)
+        with open_read(self.path, FORMAT) as f:
+            g = f[f"runs/{run}"]
+            metrics = {k: g[k][:] for k in g if isinstance(g[k], h5py.Dataset)
+                       and k not in ("params", "buffers", "epoch", "step")}
+            attrs = {k: json.loads(v) for k, v in g.attrs.items()}
+            return RunData(run, g["epoch"][:], g["step"][:], metrics, attrs)
+
+    def sha256(self) -> str:
+        return sha256(self.path)
+
+    # what later commands need to rebuild the model and the data --------------------------------
+    def model_spec(self):
+        from ..models import ModelSpec
+        if "model" not in self.config:
+            raise FileFormatError(f"{self.path} does not record its model; cannot rebuild it")
+        return ModelSpec.from_dict(self.config["model"])
+
+    def data_spec(self):
+        from ..data import DataSpec
+        if "data" not in self.config:
+            raise FileFormatError(f"{self.path} does not record its dataset; cannot rebuild it")
+        return DataSpec.from_dict(self.config["data"])
+
+    def build_data(self, device="cpu"):
+        from ..data import load_data
+        return load_data(self.data_spec(), device)
+
+    def build_model(self, data=None, device="cpu"):
+        """The model of this file, on ``device``; its layout is checked against the file's."""
+        from ..models import build_model
+        data = data if data is not None else self.build_data()
+        model = build_model(self.model_spec(), data.input_shape, data.num_classes).to(device)
+        self.layout.check_module(model)
+        return model
+
+    def info(self) -> dict:
+        """Everything ``landscape info`` shows, as plain data."""
+        runs = {}
+        for r in self.runs:
+            d = self.run(r)
+            last = {k: float(v[-1]) for k, v in d.metrics.items() if v.ndim == 1 and len(v)}
+            runs[r] = {"checkpoints": len(d), "epochs": [float(d.epoch[0]), float(d.epoch[-1])] if len(d) else [],
+                       "final": last}
+        return {"path": str(self.path), "format": FORMAT, "version": self.version,
+                "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
+                "runs": runs, "config": self.config}
+
+
+def open_trajectory(path) -> Trajectory:
+    return Trajectory(path)

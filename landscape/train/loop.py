@@ -1,0 +1,137 @@
+"""The one training loop and what every method shares: schedule, batches, metrics, recording.
+
+A method is a function ``run(ctx: Context) -> None`` that builds a model from ``ctx.fresh_model()``
+(every method starts from the same initialization), draws its data order from ``ctx.generator()``
+(the same order for every method given the seed), trains with :func:`train_epoch` and records
+checkpoints with :meth:`Context.record`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..bn import batch_slices, recompute_bn
+from ..config import TrainConfig
+from ..data import Data, augment_batch
+from ..params import Layout
+from ..store import TrajectoryWriter
+
+
+def swa_schedule(epoch: int, budget: int, ratio: float) -> float:
+    """The SWA paper's learning-rate factor: 1 until half the budget, then linear down to
+    ``ratio`` at 90 % of it, then ``ratio`` (Izmailov et al. 2018, reference train.py)."""
+    t = epoch / budget
+    if t <= 0.5:
+        return 1.0
+    if t <= 0.9:
+        return 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4
+    return ratio
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def sgd_optimizer(model: nn.Module, config: TrainConfig, lr: float | None = None) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=config.lr if lr is None else lr,
+                           momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def train_epoch(model: nn.Module, optimizer, data: Data, batch_size: int, generator: torch.Generator,
+                on_step=None) -> float:
+    """One pass over the training set in the order drawn from ``generator``; returns the mean loss.
+    ``on_step(step_in_epoch)`` is called after every optimizer step."""
+    model.train()
+    order = torch.randperm(len(data.x_train), generator=generator).to(data.x_train.device)
+    total, count = 0.0, 0
+    for i, sl in enumerate(batch_slices(len(order), batch_size)):
+        idx = order[sl]
+        x, y = data.x_train[idx], data.y_train[idx]
+        if data.augment:
+            x = augment_batch(x, generator)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+        if on_step is not None:
+            on_step(i + 1)
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, batch_size: int = 1000) -> dict:
+    """Train and test loss (mean cross-entropy) and error (%) in eval mode, sums in float64."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        wrong = torch.zeros((), dtype=torch.float64, device=x.device)
+        for sl in batch_slices(len(x), batch_size):
+            logits = model(x[sl])
+            loss_sum += F.cross_entropy(logits, y[sl], reduction="sum").double()
+            wrong += (logits.argmax(1) != y[sl]).sum()
+        out[f"{split}_loss"] = float(loss_sum / len(x))
+        out[f"{split}_err"] = float(100.0 * wrong / len(x))
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class Context:
+    """What a method needs: configuration, data, the shared initialization, the file, progress."""
+    config: TrainConfig
+    data: Data
+    layout: Layout
+    init_model: nn.Module
+    writer: TrajectoryWriter
+    device: torch.device
+    progress: tqdm = None
+    log: list = field(default_factory=list)  # (run, epoch, metrics) of every recorded checkpoint
+
+    def fresh_model(self) -> nn.Module:
+        """A copy of the shared initialization."""
+        return copy.deepcopy(self.init_model)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A data-order generator; the same seed (and offset) gives the same order in every method."""
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + offset)
+
+    def steps_per_epoch(self, batch_size: int | None = None) -> int:
+        return len(batch_slices(len(self.data.x_train), batch_size or self.config.batch_size))
+
+    def record(self, run: str, model: nn.Module, epoch: float, step: int, recompute: bool = False,
+               **extra) -> dict:
+        """Evaluate ``model`` and append it to ``run``. ``recompute`` first recomputes BatchNorm
+        statistics on the training set (for averaged weights)."""
+        if recompute:
+            recompute_bn(model, self.data.x_train, self.config.eval_batch_size)
+        metrics = evaluate(model, self.data, self.config.eval_batch_size)
+        self.writer.append(run, self.layout.params_to_vector(model), self.layout.buffers_to_vector(model),
+                           epoch=epoch, step=step, **metrics, **extra)
+        self.log.append((run, epoch, metrics))
+        if self.progress is not None:
+            self.progress.set_postfix_str(f"{run} test err {metrics['test_err']:.1f}%", refresh=False)
+        return metrics
+
+    def step_recorder(self, run: str, model: nn.Module, epoch: int, global_step: list):
+        """An ``on_step`` callback that counts steps and records every ``checkpoint_every`` steps."""
+        every, per_epoch = self.config.checkpoint_every, self.steps_per_epoch()
+
+        def on_step(i):
+            global_step[0] += 1
+            if every and global_step[0] % every == 0 and i != per_epoch:  # epoch ends record anyway
+                self.record(run, model, epoch + i / per_epoch, global_step[0])
+        return on_step
+
+    def tick(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
