@@ -1,0 +1,40 @@
+"""Shared fixtures: one small trajectory file per test session, for tests that only read it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from landscape.config import TrainConfig
+from landscape.data import DataSpec
+from landscape.models import ModelSpec
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# small and fast, but with BatchNorm so that every code path is exercised
+TINY = TrainConfig(model=ModelSpec("cnn1d-bn", {"channels": 8}),
+                   data=DataSpec("synthetic", {"n_train": 300, "n_test": 120, "shape": [1, 24]}),
+                   methods=("sgd", "swa"), epochs=6, batch_size=32, swa_start=3, seed=0, device="cpu",
+                   eval_batch_size=128)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # mnist1d is generated once per session into a shared cache folder
+    monkeypatch.setenv("LANDSCAPE_CACHE", os.environ.get("LANDSCAPE_TEST_CACHE",
+                                                         str(tmp_path_factory.getbasetemp() / "cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> TrainConfig:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Path of a trajectory file with runs sgd, swa/iterates, swa/average (cnn1d-bn, synthetic)."""
+    from landscape.train import train
+    path = tmp_path_factory.mktemp("traj") / "tiny.h5"
+    train(TINY, path, quiet=True)
+    return path
