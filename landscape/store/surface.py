@@ -1,0 +1,213 @@
+"""Surface files (format ``landscape.surface``, version 1; see docs/FORMAT.md).
+
+Work in progress lives in ``NAME.partial`` (``complete = False``, a ``/done`` mask of computed points,
+NaN elsewhere) and is flushed after every block of points, so an interrupted computation resumes
+from it. :meth:`SurfaceWriter.close` marks it complete and renames it into place: a file at the
+requested path is always finished.
+
+Example::
+
+    w = SurfaceWriter.create("plane.h5", spec, x, y, basis, points, paths, trajectory="run.h5")
+    w.write(flat_indices, {"train_loss": ..., "train_err": ..., "test_loss": ..., "test_err": ...})
+    w.close()
+    surf = open_surface("plane.h5")
+    surf.values["test_err"][i, j]   # belongs to (surf.x[i], surf.y[j])
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import FileFormatError
+from .files import open_read, partial_path, prepare_output, sha256, to_json
+
+FORMAT = "landscape.surface"
+VERSION = 1
+METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+
+
+@dataclass
+class PathData:
+    """A run's checkpoints projected into the plane or onto the line."""
+    coords: np.ndarray     # (T, 2) or (T, 1)
+    distance: np.ndarray   # (T,) Euclidean distance from the plane/line (0 = lies on it)
+    epoch: np.ndarray      # (T,)
+
+
+@dataclass
+class PointData:
+    coords: np.ndarray     # (2,) or (1,)
+    distance: float
+
+
+class SurfaceWriter:
+    """Creates or resumes a surface file. Use :meth:`create`; check :attr:`done` for what is left."""
+
+    def __init__(self, path: Path, file: h5py.File):
+        self.path, self.file = path, file
+        self.tmp = partial_path(path)
+
+    @classmethod
+    def create(cls, path, spec: dict, x, y, basis: dict, points: dict, paths: dict,
+               trajectory=None, metrics=METRICS, overwrite: bool = False) -> "SurfaceWriter":
+        """Start a new surface file, or resume ``path.partial`` when it holds the same spec.
+
+        ``basis``: {"origin", "u", "v" (planes only)} float32 (P,) arrays; ``points``: name ->
+        PointData; ``paths``: run -> PathData; ``metrics``: the value datasets to create."""
+        path = prepare_output(path, overwrite)
+        tmp = partial_path(path)
+        spec_json = to_json(spec)
+        if tmp.exists() and not overwrite:
+            try:
+                f = h5py.File(tmp, "r+")
+            except OSError as e:
+                raise FileFormatError(f"cannot resume from {tmp} ({e}); delete it to start over") from None
+            if f.attrs.get("format") != FORMAT or f.attrs.get("spec") != spec_json:
+                f.close()
+                raise FileFormatError(f"{tmp} holds unfinished work for a different spec; delete it, "
+                                      f"choose another output, or pass --overwrite to discard it")
+            return cls(path, f)
+        try:
+            f = h5py.File(tmp, "w", track_order=True)
+        except OSError as e:
+            raise FileFormatError(f"cannot write {path}: {e}") from None
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["spec"] = spec_json
+        f.attrs["complete"] = False
+        if trajectory is not None:
+            f.attrs["trajectory"] = str(trajectory)
+            f.attrs["trajectory_sha256"] = sha256(trajectory)
+        x = np.asarray(x, np.float64)
+        shape = (len(x),) if y is None else (len(x), len(y))
+        f.create_dataset("grid/x", data=x, track_times=False)
+        if y is not None:
+            f.create_dataset("grid/y", data=np.asarray(y, np.float64), track_times=False)
+        for m in metrics:
+            f.create_dataset(f"values/{m}", data=np.full(shape, np.nan), track_times=False)
+        f.create_dataset("done", data=np.zeros(shape, bool), track_times=False)
+        for k, v in basis.items():
+            f.create_dataset(f"basis/{k}", data=np.asarray(v, np.float32), track_times=False)
+        for name, p in points.items():
+            ds = f.create_dataset(f"points/{name}", data=np.asarray(p.coords, np.float64), track_times=False)
+            ds.attrs["distance"] = float(p.distance)
+        for run, p in paths.items():
+            f.create_dataset(f"paths/{run}", data=np.asarray(p.coords, np.float64), track_times=False)
+            f.create_dataset(f"path_distances/{run}", data=np.asarray(p.distance, np.float64), track_times=False)
+            f.create_dataset(f"path_epochs/{run}", data=np.asarray(p.epoch, np.float64), track_times=False)
+        f.flush()
+        return cls(path, f)
+
+    @property
+    def shape(self) -> tuple:
+        return self.file["done"].shape
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.file["done"][()]
+
+    def write(self, flat_indices, values: dict) -> None:
+        """Store the values of points given by flat (C-order) indices and mark them done."""
+        flat_indices = np.asarray(flat_indices)
+        for name, vals in values.items():
+            ds = self.file[f"values/{name}"]
+            arr = ds[()]
+            arr.reshape(-1)[flat_indices] = np.asarray(vals, np.float64)
+            ds[()] = arr
+        done = self.file["done"][()]
+        done.reshape(-1)[flat_indices] = True
+        self.file["done"][()] = done
+        self.file.flush()
+
+    def close(self) -> Path:
+        """Mark complete (every point done) and move into place; otherwise keep the .partial file."""
+        complete = bool(self.file["done"][()].all())
+        self.file.attrs["complete"] = complete
+        self.file.close()
+        if not complete:
+            raise FileFormatError(f"{self.tmp} is missing points; run the same command again to finish it")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def suspend(self) -> None:
+        """Close without completing (interrupted work stays resumable in the .partial file)."""
+        if self.file.id.valid:
+            self.file.close()
+
+
+@dataclass
+class Surface:
+    """A surface file read into memory (everything but the basis, which is read on demand)."""
+    path: Path
+    spec: dict
+    x: np.ndarray
+    y: np.ndarray | None
+    values: dict
+    done: np.ndarray
+    points: dict = field(default_factory=dict)  # name -> PointData
+    paths: dict = field(default_factory=dict)   # run -> PathData
+    trajectory: str | None = None
+    trajectory_sha256: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "line" if self.y is None else "plane"
+
+    def basis(self) -> dict:
+        with open_read(self.path, FORMAT) as f:
+            return {k: f[f"basis/{k}"][()] for k in f["basis"]}
+
+
+def _walk(group: h5py.Group) -> dict:
+    out = {}
+    group.visititems(lambda name, obj: out.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def open_surface(path) -> Surface:
+    with open_read(path, FORMAT) as f:
+        if not bool(f.attrs.get("complete", False)):
+            raise FileFormatError(f"{path} is incomplete; run the command that made it again to finish it")
+        if int(f.attrs["version"]) > VERSION:
+            raise FileFormatError(f"{path} has surface format version {f.attrs['version']}; "
+                                  f"this landscape reads up to {VERSION}")
+        points = {n: PointData(ds[()], float(ds.attrs.get("distance", 0.0)))
+                  for n, ds in _walk(f["points"]).items()} if "points" in f else {}
+        paths = {}
+        if "paths" in f:
+            for run, ds in _walk(f["paths"]).items():
+                coords = ds[()]
+                dist = f[f"path_distances/{run}"][()] if f"path_distances/{run}" in f else np.zeros(len(coords))
+                ep = f[f"path_epochs/{run}"][()] if f"path_epochs/{run}" in f else np.arange(len(coords), dtype=float)
+                paths[run] = PathData(coords, dist, ep)
+        return Surface(Path(path), json.loads(f.attrs["spec"]), f["grid/x"][()],
+                       f["grid/y"][()] if "grid/y" in f else None,
+                       {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
+                       f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"))
+
+
+def export_loss_landscape(surface: Surface, out, overwrite: bool = False) -> Path:
+    """Write ``surface`` in the layout tomgoldstein/loss-landscape's plotting scripts read: root
+    datasets ``xcoordinates``, ``ycoordinates`` (planes), ``train_loss``, ``train_acc``,
+    ``test_loss``, ``test_acc`` (accuracy in %), 2-D arrays shaped (ny, nx) and indexed [iy, ix]."""
+    out = prepare_output(out, overwrite)
+    tmp = partial_path(out)
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("xcoordinates", data=surface.x)
+        if surface.y is not None:
+            f.create_dataset("ycoordinates", data=surface.y)
+        for split in ("train", "test"):
+            if f"{split}_loss" not in surface.values:
+                continue
+            loss, err = surface.values[f"{split}_loss"], surface.values[f"{split}_err"]
+            if surface.y is not None:  # ours is [ix, iy]; theirs is [iy, ix]
+                loss, err = loss.T, err.T
+            f.create_dataset(f"{split}_loss", data=loss)
+            f.create_dataset(f"{split}_acc", data=100.0 - err)
+    os.replace(tmp, out)
+    return out
