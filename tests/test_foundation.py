@@ -1,0 +1,293 @@
+"""Foundation: layout, trajectory files, SGD/SWA training, BatchNorm recompute, datasets, bad input."""
+import pickle
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from landscape.bn import batch_slices, recompute_bn
+from landscape.data import DataSpec, load_data
+from landscape.errors import CheckpointError, DataError, FileFormatError, ModelError
+from landscape.models import ModelSpec, build_model
+from landscape.params import Layout
+from landscape.store import TrajectoryWriter, open_trajectory
+from landscape.train import train
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+# -- layout and files --------------------------------------------------------------------------
+
+def test_layout_round_trip_params_and_buffers():
+    model = build_model(ModelSpec("cnn1d-bn", {"channels": 4}), (1, 24), 3)
+    for m in model.modules():  # give the buffers non-default values
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_()
+            m.num_batches_tracked.fill_(7)
+    layout = Layout.of(model)
+    assert layout.num_params == sum(p.numel() for p in model.parameters())
+    w, b = layout.params_to_vector(model), layout.buffers_to_vector(model)
+    other = build_model(ModelSpec("cnn1d-bn", {"channels": 4}), (1, 24), 3)
+    layout.load(other, w, b)
+    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert n1 == n2 and t1.dtype == t2.dtype and torch.equal(t1, t2), n1
+    assert Layout.from_dict(layout.to_dict()) == layout
+    named = layout.split_params(torch.stack([w, 2 * w]))
+    assert named["0.weight"].shape == (2, 4, 1, 5)
+
+
+def test_cnn1d_has_the_papers_parameter_count():
+    model = build_model(ModelSpec("cnn1d"), (1, 40), 10)
+    assert sum(p.numel() for p in model.parameters()) == 5210
+
+
+def test_trajectory_file_round_trips_exactly(tmp_path):
+    model = build_model(ModelSpec("cnn1d-bn", {"channels": 4}), (1, 24), 3)
+    layout = Layout.of(model)
+    rng = np.random.default_rng(0)
+    rows = [(rng.standard_normal(layout.num_params).astype(np.float32),
+             rng.standard_normal(layout.num_buffers).astype(np.float32)) for _ in range(4)]
+    config = {"model": {"name": "cnn1d-bn", "kwargs": {"channels": 4}}, "data": {"name": "synthetic", "options": {}}}
+    with TrajectoryWriter(tmp_path / "r.h5", config, layout) as w:
+        for i, (p, b) in enumerate(rows):
+            w.append("swa/average", p, b, epoch=i + 0.5, step=10 * i, test_err=float(i), entropy=[i, 2 * i])
+        w.append("sgd", rows[0][0], rows[0][1], epoch=0, step=0)
+    t = open_trajectory(tmp_path / "r.h5")
+    assert set(t.runs) == {"sgd", "swa/average"}
+    assert t.layout == layout and t.config == config
+    np.testing.assert_array_equal(t.params("swa/average"), np.stack([p for p, _ in rows]))
+    np.testing.assert_array_equal(t.buffers("swa/average"), np.stack([b for _, b in rows]))
+    c = t.checkpoint("swa/average:-2")
+    assert c.name == "swa/average:2" and c.epoch == 2.5 and c.step == 20
+    assert torch.equal(c.params, torch.from_numpy(rows[2][0]))
+    run = t.run("swa/average")
+    np.testing.assert_array_equal(run.metrics["test_err"], [0, 1, 2, 3])
+    assert run.metrics["entropy"].shape == (4, 2)
+    assert t.checkpoint("sgd").index == 0
+    with pytest.raises(CheckpointError, match="swa/average has 4 checkpoints"):
+        t.checkpoint("swa/average:7")
+    with pytest.raises(CheckpointError, match="runs: sgd, swa/average"):
+        t.checkpoint("swap/average")
+
+
+def test_crash_leaves_no_complete_file(tmp_path):
+    model = build_model(ModelSpec("mlp"), (4,), 2)
+    with pytest.raises(RuntimeError):
+        with TrajectoryWriter(tmp_path / "r.h5", {}, Layout.of(model)) as w:
+            w.append("sgd", Layout.of(model).params_to_vector(model))
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_file_is_refused(tmp_path):
+    model = build_model(ModelSpec("mlp"), (4,), 2)
+    w = TrajectoryWriter(tmp_path / "r.h5", {}, Layout.of(model))
+    w.append("sgd", Layout.of(model).params_to_vector(model))
+    w.flush()
+    with pytest.raises(FileFormatError, match="incomplete"):
+        open_trajectory(tmp_path / "r.h5.partial")
+    w.abort()
+
+
+# -- training ----------------------------------------------------------------------------------
+
+def test_tiny_run_has_the_contract_runs(tiny_run, tiny_config):
+    t = open_trajectory(tiny_run)
+    assert set(t.runs) == {"sgd", "swa/iterates", "swa/average"}
+    assert t.num_checkpoints("sgd") == tiny_config.epochs + 1  # row 0 is the initialization
+    n_avg = tiny_config.epochs - tiny_config.swa_start + 1
+    assert t.num_checkpoints("swa/iterates") == t.num_checkpoints("swa/average") == n_avg
+    for run in t.runs:
+        m = t.run(run).metrics
+        for key in ("train_loss", "train_err", "test_loss", "test_err"):
+            assert np.isfinite(m[key]).all(), (run, key)
+
+
+def test_sgd_and_swa_share_initialization_and_data_order(tmp_path, tiny_config):
+    # with swa_start == epochs the SWA schedule equals SGD's with ratio swa_lr/lr; make both equal
+    cfg = tiny_config.replace(epochs=4, swa_start=4, lr_ratio=1.0, swa_lr=tiny_config.lr)
+    t = open_trajectory(train(cfg, tmp_path / "r.h5", quiet=True)["path"])
+    np.testing.assert_array_equal(t.params("sgd")[-1], t.params("swa/iterates")[0])
+
+
+def test_swa_average_is_the_mean_of_the_recorded_iterates(tiny_run):
+    t = open_trajectory(tiny_run)
+    iterates, averages = t.params("swa/iterates"), t.params("swa/average")
+    for k in range(len(averages)):
+        np.testing.assert_allclose(averages[k], iterates[: k + 1].astype(np.float64).mean(0), rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(t.run("swa/average").metrics["n_averaged"], np.arange(1, len(averages) + 1))
+
+
+def test_swa_average_batchnorm_is_recomputed_on_the_training_set(tiny_run):
+    t = open_trajectory(tiny_run)
+    data = t.build_data()
+    model = t.build_model(data)
+    ckpt = t.checkpoint("swa/average")
+    t.layout.load(model, ckpt.params, torch.zeros_like(ckpt.buffers))
+    recompute_bn(model, data.x_train, t.config["eval_batch_size"])
+    np.testing.assert_allclose(t.layout.buffers_to_vector(model).numpy(), ckpt.buffers.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_recomputed_batchnorm_equals_whole_training_set_statistics():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("cnn1d-bn", {"channels": 6}), (1, 24), 3)
+    x = torch.randn(1001, 1, 24) * 3 + 1  # 1001 = 3 batches of 300 + one of 101: unequal batches
+    recompute_bn(model, x, batch_size=300)
+    conv, bn = model[0], model[1]
+    with torch.no_grad():
+        h = conv(x)  # the first BatchNorm's input over the whole set at once
+    mean = h.double().mean((0, 2))
+    var = h.double().var((0, 2), unbiased=True)
+    torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    # whereas averaging per-batch statistics with equal batch weights (update_bn) does not
+    ref = build_model(ModelSpec("cnn1d-bn", {"channels": 6}), (1, 24), 3)
+    ref.load_state_dict(model.state_dict())
+    torch.optim.swa_utils.update_bn([x[s] for s in batch_slices(len(x), 300)], ref)
+    assert not torch.allclose(ref[1].running_var.double(), var, rtol=1e-3)
+
+
+def test_same_seed_gives_a_bit_identical_file(tmp_path, tiny_config):
+    cfg = tiny_config.replace(epochs=3, swa_start=2)
+    a = train(cfg, tmp_path / "a.h5", quiet=True)["path"]
+    b = train(cfg, tmp_path / "b.h5", quiet=True)["path"]
+    assert open(a, "rb").read() == open(b, "rb").read()
+    c = train(cfg.replace(seed=1), tmp_path / "c.h5", quiet=True)["path"]
+    assert not np.array_equal(open_trajectory(a).params("sgd"), open_trajectory(c).params("sgd"))
+
+
+def test_checkpoint_every_n_steps(tmp_path, tiny_config):
+    cfg = tiny_config.replace(methods=("sgd",), epochs=2, checkpoint_every=4)  # 300/32 -> 10 steps per epoch
+    t = open_trajectory(train(cfg, tmp_path / "r.h5", quiet=True)["path"])
+    np.testing.assert_array_equal(t.run("sgd").step, [0, 4, 8, 10, 12, 16, 20])
+    np.testing.assert_allclose(t.run("sgd").epoch, [0, 0.4, 0.8, 1, 1.2, 1.6, 2])
+
+
+@pytest.mark.slow
+def test_default_recipe_reaches_93_percent(tmp_path):
+    """The README's claim: cnn1d on MNIST-1D with SGD reaches >= 93 % test accuracy."""
+    r = cli("train", "--methods", "sgd", "-o", tmp_path / "r.h5", "--quiet", "--json")
+    assert r.returncode == 0, r.stderr
+    t = open_trajectory(tmp_path / "r.h5")
+    assert t.run("sgd").metrics["test_err"][-1] <= 7.0
+
+
+# -- datasets ----------------------------------------------------------------------------------
+
+def _write_cifar(folder, n_per_batch=6):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+             b"labels": list(rng.integers(0, 10, n_per_batch).tolist()), b"batch_label": name.encode()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+    return folder
+
+
+def test_cifar10_reads_the_python_pickle_layout(tmp_path):
+    folder = _write_cifar(tmp_path / "cifar-10-batches-py")
+    data = load_data(DataSpec("cifar10", {"root": str(tmp_path)}))
+    assert data.x_train.shape == (30, 3, 32, 32) and data.x_test.shape == (6, 3, 32, 32)
+    with open(folder / "data_batch_2", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    img = raw[b"data"][0].reshape(3, 32, 32).astype(np.float32) / 255.0
+    expect = (img - np.array([0.4914, 0.4822, 0.4465])[:, None, None]) / np.array([0.2470, 0.2435, 0.2616])[:, None, None]
+    np.testing.assert_allclose(data.x_train[6].numpy(), expect, rtol=1e-5, atol=1e-5)
+    assert data.y_train[6].item() == raw[b"labels"][0]
+
+
+def test_cifar10_pickle_that_runs_code_is_refused(tmp_path):
+    folder = _write_cifar(tmp_path / "cifar-10-batches-py")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(DataError, match="refusing to load builtins.print"):
+        load_data(DataSpec("cifar10", {"root": str(folder)}))
+
+
+def test_augmentation_crops_and_flips_images():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    from landscape.data import augment_batch
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+
+
+def test_npz_and_synthetic_and_mnist1d(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.standard_normal((20, 5)), y_train=rng.integers(0, 3, 20),
+             x_test=rng.standard_normal((8, 5)), y_test=rng.integers(0, 3, 8))
+    d = load_data(DataSpec("npz", {"path": str(tmp_path / "d.npz")}))
+    assert d.input_shape == (5,) and d.num_classes <= 3
+    d = load_data(DataSpec("mnist1d"))
+    assert tuple(d.x_train.shape) == (4000, 1, 40) and tuple(d.x_test.shape) == (1000, 1, 40)
+    assert d.num_classes == 10
+
+
+# -- bad input: one line, non-zero exit, no file -----------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--dataset", "cifar10", "--data-option", "root=/does/not/exist"], "does not exist"),
+    (["--model", "resnet20"], "resnet20 expects images"),
+    (["--model", "mlp", "--model-arg", "hidden=[3]", "--dataset", "npz", "--data-option", "path=/no.npz"], "does not exist"),
+    (["--methods", "sgd,adamw"], "unknown method 'adamw'"),
+    (["--swa-start", "0", "--swa-c", "1"], "swa_start"),
+])
+def test_bad_input_gives_one_line(tmp_path, args, message):
+    out = tmp_path / "r.h5"
+    r = cli("train", "-o", out, "--epochs", "1", "--swa-start", "1", "--quiet", *args)
+    assert r.returncode == 2
+    assert r.stderr.startswith("landscape: error:") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_cifar_directory(tmp_path):
+    folder = _write_cifar(tmp_path / "cifar-10-batches-py")
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    r = cli("train", "-o", tmp_path / "r.h5", "--dataset", "cifar10", "--data-option", f"root={tmp_path}")
+    assert r.returncode == 2 and "data_batch_3 is not a CIFAR-10 batch file" in r.stderr
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_existing_output_and_unwritable_output(tmp_path):
+    out = tmp_path / "r.h5"
+    out.write_bytes(b"precious")
+    base = ["train", "--dataset", "synthetic", "--epochs", "1", "--methods", "sgd", "--quiet"]
+    r = cli(*base, "-o", out)
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+    assert out.read_bytes() == b"precious"
+    r = cli(*base, "-o", tmp_path / "missing" / "r.h5")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = cli(*base, "-o", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"]
+
+
+def test_model_that_does_not_fit_the_data():
+    with pytest.raises(ModelError, match="expected 3 logits"):
+        build_model(ModelSpec("tests.test_foundation:wrong_head"), (1, 24), 3)
+
+
+def wrong_head(input_shape, num_classes):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(24, num_classes + 1))
+
+
+def test_info_json(tiny_run):
+    import json
+    r = cli("info", tiny_run, "--json")
+    info = json.loads(r.stdout)
+    assert info["runs"]["swa/average"]["checkpoints"] == 4
+    r = cli("info", tiny_run.parent / "nope.h5")
+    assert r.returncode == 2 and "does not exist" in r.stderr
