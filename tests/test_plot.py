@@ -1,0 +1,292 @@
+"""Static figures and their numbers, on analytic surfaces whose answers are known in closed form.
+
+Train loss is a bowl centred at (1, -0.5), test error a bowl centred at (2, 0.5): the offset between
+the minima is sqrt(2). Along the line, loss = 0.01 + ((t - 7) / 4)^2 with SGD at t = 0 (on the wall)
+and SWA at t = 7 (the bottom), so the distances to a rise are known exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from cli.main import main  # noqa: E402
+from landscape.errors import ConfigError, FileFormatError  # noqa: E402
+from landscape.params import Layout  # noqa: E402
+from landscape.plot import analysis, figures, static  # noqa: E402
+from landscape.plot.report import plot_files  # noqa: E402
+from landscape.store import PathData, PointData, Surface, SurfaceWriter, TrajectoryWriter, open_surface  # noqa: E402
+
+X = np.linspace(-2.0, 4.0, 13)  # step 0.5; deliberately not square
+Y = np.linspace(-3.0, 3.0, 11)  # step 0.6
+T = np.linspace(-7.0, 21.0, 281)  # step 0.1
+
+
+def _bowls(x, y):
+    gx, gy = np.meshgrid(x, y, indexing="ij")
+    train = 0.01 + (gx - 1.0) ** 2 + (gy + 0.5) ** 2
+    test = 5.0 + 10.0 * ((gx - 2.0) ** 2 + (gy - 0.5) ** 2)
+    return {"train_loss": train, "train_err": 50 * train / train.max(), "test_loss": 0.1 * test, "test_err": test}
+
+
+def make_plane(path, far: float = 5.0) -> Surface:
+    """A complete plane file: SGD at the origin, SWA at (3, 0), a SWAP worker lying ``far`` off the
+    plane, a Lookahead slow/fast path, the SWA iterates."""
+    basis = {"origin": np.zeros(4), "u": np.eye(4)[0], "v": np.eye(4)[1]}
+    points = {"sgd:10": PointData(np.array([0.0, 0.0]), 0.0), "swa/average:5": PointData(np.array([3.0, 0.0]), 0.0),
+              "swa/iterates:0": PointData(np.array([1.0, 2.0]), 0.0),
+              "swap/worker0:3": PointData(np.array([2.0, -2.0]), far)}
+    paths = {"sgd": PathData(np.stack([np.linspace(-4, 0, 11), np.linspace(4, 0, 11)], 1), np.linspace(8, 0, 11),
+                             np.arange(11.0)),
+             "swa/iterates": PathData(np.array([[1.0, 2.0], [2.0, 1.0], [3.0, 0.5]]), np.zeros(3), np.array([6.0, 7, 8])),
+             "lookahead/slow": PathData(np.array([[-1.0, -1.0], [0.0, -0.5], [1.0, -0.6]]), np.zeros(3),
+                                        np.array([0.0, 1, 2])),
+             "lookahead/fast": PathData(np.array([[-1.0, -1.0], [-0.4, -0.9], [0.0, -0.5]]), np.zeros(3),
+                                        np.array([0.0, 0.5, 1])),
+             "grafting/net1": PathData(np.array([[0.5, 1.0], [1.5, 1.5]]), np.array([0.0, 0.1]), np.array([0.0, 1]))}
+    spec = {"kind": "plane", "method": "through", "origin": "sgd:10",
+            "checkpoints": {"a": "sgd:10", "b": "swa/average:5", "c": "swa/iterates:0"}}
+    w = SurfaceWriter.create(path, spec, X, Y, basis, points, paths)
+    v = _bowls(X, Y)
+    w.write(np.arange(X.size * Y.size), {k: a.reshape(-1) for k, a in v.items()})
+    w.close()
+    return open_surface(path)
+
+
+def line_values(t):
+    loss = 0.01 + ((t - 7.0) / 4.0) ** 2
+    return {"train_loss": loss, "train_err": np.minimum(100, 10 * loss), "test_loss": 2 * loss,
+            "test_err": 3.0 + 0.05 * (t - 7.5) ** 2}
+
+
+def make_line(path) -> Surface:
+    spec = {"kind": "line", "method": "through", "origin": "sgd:10",
+            "checkpoints": {"a": "sgd:10", "b": "swa/average:5"}, "range": [-1, 3]}
+    points = {"sgd:10": PointData(np.array([0.0]), 0.0), "swa/average:5": PointData(np.array([7.0]), 0.0),
+              "swa/iterates:5": PointData(np.array([6.0]), 1.5)}
+    w = SurfaceWriter.create(path, spec, T, None, {"origin": np.zeros(4), "u": np.eye(4)[:1]}, points, {})
+    w.write(np.arange(T.size), line_values(T))
+    w.close()
+    return open_surface(path)
+
+
+def make_rays(origin: str, base: float, widths) -> Surface:
+    """An in-memory rays surface (values (R, nx)): loss = base + (d / width)^2 along each ray."""
+    d = np.linspace(0.0, 10.0, 101)
+    rows = np.array([base + (d / w) ** 2 for w in widths])
+    values = {"train_loss": rows, "train_err": rows, "test_loss": rows, "test_err": rows}
+    return Surface(None, {"method": "ray", "origin": origin, "rays": len(widths)}, d, None, values,
+                   np.ones(rows.shape, bool), {origin: PointData(np.zeros(1), 0.0)}, {})
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory):
+    return make_plane(tmp_path_factory.mktemp("plot") / "plane.h5")
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    return make_line(tmp_path_factory.mktemp("plot") / "line.h5")
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis
+
+def test_log_levels_are_log_spaced_with_a_top_band():
+    v = np.array([0.01, 0.02, 0.5, 3.0, 50.0])
+    levels, top = analysis.log_levels(v, n=5, log_alpha=-4.0, vmax=3.0)
+    assert len(levels) == 7 and top == 3.0
+    assert levels[0] == pytest.approx(0.01) and levels[5] == pytest.approx(3.0) and levels[6] > 1e3
+    assert np.all(np.diff(levels) > 0)
+    steps = np.diff(np.log(levels[1:5] - 0.01))  # equal steps in log(value - min)
+    np.testing.assert_allclose(steps, steps[0])
+    assert levels[1] - 0.01 == pytest.approx(math.exp(-4.0 + steps[0]))
+
+
+def test_grid_minimum_refines_an_off_grid_quadratic_minimum():
+    gx, gy = np.meshgrid(X, Y, indexing="ij")
+    v = 2.0 + (gx - 1.13) ** 2 + 0.5 * (gy + 0.37) ** 2 + 0.2 * (gx - 1.13) * (gy + 0.37)
+    p, val = analysis.grid_minimum(X, Y, v)
+    np.testing.assert_allclose(p, [1.13, -0.37], atol=1e-9)
+    assert val == pytest.approx(2.0)
+
+
+def test_grid_minimum_of_a_flat_bottom_is_its_centroid():
+    v = np.full((len(X), len(Y)), 9.0)
+    v[4:7, 3:5] = 2.5  # a tied region, as test error has in steps of 0.1 %
+    p, val = analysis.grid_minimum(X, Y, v)
+    np.testing.assert_allclose(p, [X[4:7].mean(), Y[3:5].mean()])
+    assert val == 2.5
+
+
+def test_offset_between_tilted_bowls(plane):
+    res = static.offset_of(plane)
+    np.testing.assert_allclose(res["train_min"], [1.0, -0.5], atol=1e-9)
+    np.testing.assert_allclose(res["test_min"], [2.0, 0.5], atol=1e-9)
+    assert res["length"] == pytest.approx(math.sqrt(2.0))
+    assert res["test_min_value"] == pytest.approx(5.0)
+
+
+def test_rise_distance_interpolates_and_reports_the_unreached():
+    t = np.linspace(-5.0, 5.0, 11)
+    v = np.abs(t - 2.0)
+    assert analysis.rise_distance(t, v, 2.0, 1.5, +1) == (pytest.approx(1.5), pytest.approx(3.0))
+    assert analysis.rise_distance(t, v, 2.0, 1.5, -1)[0] == pytest.approx(1.5)
+    assert analysis.rise_distance(t, v, 2.5, 1.0, -1)[0] == pytest.approx(2.0)  # off-grid start: down, then up to 1.5
+    d, searched = analysis.rise_distance(t, v, 2.0, 10.0, +1)
+    assert d is None and searched == pytest.approx(3.0)
+    with pytest.raises(ConfigError, match="outside"):
+        analysis.rise_distance(t, v, 9.0, 1.0, +1)
+
+
+def test_edge_center_numbers_put_sgd_at_the_edge_and_swa_in_the_center(line):
+    rays = {"sgd:10": make_rays("sgd:10", 3.0725, [0.5, 0.6]).values["train_loss"],
+            "swa/average:5": make_rays("swa/average:5", 0.01, [4.0, 5.0]).values["train_loss"]}
+    d = np.linspace(0.0, 10.0, 101)
+    res = static.edge_center_of(line, {k: [(d, r) for r in v] for k, v in rays.items()}, rises=(0.1,))
+    sgd, swa = res["sgd:10"]["rise"]["0.1"], res["swa/average:5"]["rise"]["0.1"]
+    # exact: SWA 4 sqrt(0.1) both ways; SGD 4 sqrt(3.1625) - 7 outward, 7 + 4 sqrt(3.1625) inward
+    assert swa["line"]["toward sgd:10"]["distance"] == pytest.approx(4 * math.sqrt(0.1), abs=2e-3)
+    assert swa["line"]["away from sgd:10"]["distance"] == pytest.approx(4 * math.sqrt(0.1), abs=2e-3)
+    assert sgd["line"]["away from swa/average:5"]["distance"] == pytest.approx(4 * math.sqrt(3.1625) - 7, abs=2e-3)
+    assert sgd["line"]["toward swa/average:5"]["distance"] == pytest.approx(7 + 4 * math.sqrt(3.1625), abs=2e-3)
+    assert sgd["line"]["away from swa/average:5"]["direction"] == -1
+    assert swa["rays"]["distances"] == [pytest.approx(4 * math.sqrt(0.1), abs=2e-3),
+                                        pytest.approx(5 * math.sqrt(0.1), abs=2e-3)]
+    assert sgd["rays"]["mean"] < swa["rays"]["mean"]
+    assert res["swa/average:5"]["test_err"] == pytest.approx(3.0 + 0.05 * 0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing functions take an Axes and return it
+
+def test_drawing_functions_return_their_axes(plane, line):
+    from matplotlib.figure import Figure
+    fig = Figure()
+    axes = fig.subplots(2, 4).ravel()
+    assert static.draw_plane(axes[0], plane, "test_err") is axes[0]
+    assert static.draw_checkpoints(axes[0], plane) is axes[0]
+    assert static.draw_offset(axes[1], plane) is axes[1]
+    assert static.draw_line(axes[2], line, "train_loss") is axes[2]
+    assert static.draw_rays(axes[3], {"sgd:10": [(T[:5] - T[0], np.arange(1.0, 6.0))]}, line=line, rise=1.0) is axes[3]
+    assert static.draw_lookahead(axes[4], [1, 2, 3, 4], [0.5, 0.4, 0.3, 0.35], [2, 4], [0.2, 0.25]) is axes[4]
+    assert static.draw_grafting(axes[5], [0, 1, 2], np.ones((3, 2)), ["a", "b"]) is axes[5]
+    # the top colour band of the plane is labelled "> x"
+    cbar_labels = [t.get_text() for t in fig.axes[-1].get_yticklabels()]
+    assert any(lbl.startswith("> ") for lbl in cbar_labels)
+
+
+def test_plane_figure_marks_checkpoints_and_points_off_the_plane(plane):
+    fig = figures.plane_figure(plane)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "SGD" in labels and "SWA average" in labels and "Lookahead slow path" in labels
+    assert "SWA iterates" in labels and "Grafting net 1" in labels
+    assert any(lbl.startswith("SWAP worker 0 (5 off plane)") for lbl in labels)  # far: drawn hollow
+    assert len(fig.axes) == 4  # two planes, two colour bars
+    near = make_plane_surface_with_far(plane, 0.1)
+    labels = [t.get_text() for t in figures.plane_figure(near).legends[0].get_texts()]
+    assert "SWAP worker 0" in labels
+
+
+def make_plane_surface_with_far(plane, far):
+    pts = dict(plane.points)
+    pts["swap/worker0:3"] = PointData(pts["swap/worker0:3"].coords, far)
+    return Surface(plane.path, plane.spec, plane.x, plane.y, plane.values, plane.done, pts, plane.paths)
+
+
+def test_checkpoints_of_interest_adds_unnamed_run_ends_and_skips_iterate_ends(plane):
+    names = static.checkpoints_of_interest(plane)
+    assert "grafting/net1:1" in names  # a run without a named point: its last checkpoint
+    assert "swa/iterates:0" in names   # named because the plane was made of it
+    assert list(names)[0] == "sgd:10"  # in the methods' order
+
+
+def test_lookahead_and_grafting_figures_from_a_trajectory(tmp_path):
+    layout = Layout.of(torch.nn.Linear(2, 1))
+    path = tmp_path / "t.h5"
+    with TrajectoryWriter(path, {"methods": ["lookahead", "grafting"]}, layout) as w:
+        w.append("lookahead/slow", torch.zeros(3), epoch=0.0, step=0, train_loss=1.0, test_err=50.0, sync=0)
+        for s in range(1, 11):
+            fast_loss = 1.0 - 0.05 * s + 0.1 * (s % 5)
+            w.append("lookahead/fast", torch.zeros(3), epoch=s / 10, step=s, train_loss=fast_loss,
+                     test_err=40.0 + s % 5, inner_step=s % 5 or 5)
+            if s % 5 == 0:
+                w.append("lookahead/slow", torch.zeros(3), epoch=s / 10, step=s, train_loss=0.8 - 0.05 * s,
+                         test_err=30.0, sync=s // 5)
+        w.set_attrs("lookahead/slow", k=5, alpha=0.5, inner_optimizer="SGD")
+        for i in range(2):
+            run = f"grafting/net{i}"
+            w.append(run, torch.zeros(3), epoch=0.0, step=0, grafted=0, entropy=[2.3, 2.2],
+                     donor_entropy=[np.nan] * 2, graft_weight=[np.nan] * 2)
+            for e in (1, 2):
+                w.append(run, torch.zeros(3), epoch=e, step=e, grafted=0, entropy=[2.0 - 0.1 * e, 1.5],
+                         donor_entropy=[np.nan] * 2, graft_weight=[np.nan] * 2)
+                w.append(run, torch.zeros(3), epoch=e, step=e, grafted=1, entropy=[2.0, 1.5],
+                         donor_entropy=[1.9, 1.6], graft_weight=[0.6 + 0.05 * i, 0.4])
+            w.set_attrs(run, layers=["conv.weight", "fc.weight"])
+    from landscape.store import open_trajectory
+    traj = open_trajectory(path)
+    fs, fm, ss, sm = figures.lookahead_arrays(traj)
+    assert list(ss) == [5.0, 10.0] and len(fs) == 10  # slow rows within the fast window only
+    nets, layers = figures.grafting_arrays(traj)
+    assert layers == ["conv.weight", "fc.weight"]
+    epoch, entropy, weight, w_epoch = nets["grafting/net1"]
+    assert list(epoch) == [0, 1, 2] and entropy.shape == (3, 2) and list(w_epoch) == [1, 2]
+    np.testing.assert_allclose(weight[:, 0], [0.65, 0.65])
+    res = plot_files([], tmp_path / "figs", trajectory=path, formats=("png",))
+    assert sorted(p.name for p in res.figures) == ["grafting.png", "lookahead.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+def test_plot_command_writes_figures_and_numbers(plane, line, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert main(["plot", str(plane.path), str(line.path), "-o", str(out), "--rise", "0.1", "0.5"]) == 0
+    stdout = capsys.readouterr().out
+    for name in ("plane-landscape", "plane-offset", "line-edge-center"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    nums = json.loads((out / "numbers.json").read_text())
+    assert nums["offset"][str(plane.path)]["length"] == pytest.approx(math.sqrt(2.0))
+    ec = nums["edge_center"][str(line.path)]
+    assert set(ec) == {"sgd:10", "swa/average:5"} and set(ec["sgd:10"]["rise"]) == {"0.1", "0.5"}
+    assert "1.41 weight-space units apart" in stdout and "away from swa/average:5" in stdout
+    assert not list(out.glob("*.partial"))
+
+
+def test_plot_files_pairs_rays_with_the_line(line, tmp_path):
+    rays = [make_rays("sgd:10", 3.0725, [0.5, 0.6]), make_rays("swa/average:5", 0.01, [4.0, 5.0]),
+            make_rays("swap/average:2", 0.02, [3.0])]
+    res = plot_files([line] + rays, tmp_path, rises=(0.1,), formats=("png",))
+    names = [p.name for p in res.figures]
+    assert len(names) == 2 and names[0] == "line-edge-center.png"
+    assert names[1].endswith("-rays.png")  # the unmatched rays get their own figure
+    ec = res.numbers["edge_center"][str(line.path)]
+    assert len(ec["swa/average:5"]["rise"]["0.1"]["rays"]["distances"]) == 2
+    assert "rays" in res.numbers
+
+
+def test_plot_bad_input_is_one_line(plane, tmp_path, capsys):
+    traj = tmp_path / "t.h5"
+    with TrajectoryWriter(traj, {}, Layout.of(torch.nn.Linear(2, 1))) as w:
+        w.append("sgd", torch.zeros(3), epoch=0.0, step=0)
+    assert main(["plot", str(traj), "-o", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a surface file" in err
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not hdf5")
+    assert main(["plot", str(junk), "-o", str(tmp_path / "f")]) == 2
+    assert "not an HDF5 file" in capsys.readouterr().err
+    with pytest.raises(FileFormatError, match="no 'foo' values"):
+        plot_files([plane], tmp_path / "f", test_metric="foo")
+    with pytest.raises(ConfigError, match="nothing to draw"):
+        plot_files([], tmp_path / "f")
+    with pytest.raises(ConfigError, match="positive"):
+        plot_files([plane], tmp_path / "f", rises=(0.0,))
