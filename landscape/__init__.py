@@ -7,7 +7,10 @@ from .data import DataSpec, load_data  # noqa: E402
 from .errors import LandscapeError  # noqa: E402
 from .models import ModelSpec, build_model  # noqa: E402
 from .params import Layout  # noqa: E402
-from .store import open_trajectory  # noqa: E402
+from .store import open_surface, open_trajectory  # noqa: E402
+from .geometry import Grid, Line, Plane  # noqa: E402
+from .surface import compute_surface  # noqa: E402
 
 __all__ = ["TrainConfig", "DataSpec", "ModelSpec", "Layout", "LandscapeError", "build_model",
-           "load_data", "open_trajectory", "__version__"]
+           "load_data", "open_trajectory", "open_surface", "Plane", "Line", "Grid", "compute_surface",
+           "__version__"]

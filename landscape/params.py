@@ -116,13 +116,13 @@ class Layout:
     def split_params(self, vector: torch.Tensor) -> dict:
         """Named views into a (..., P) vector; leading batch dimensions are kept."""
         lead = vector.shape[:-1]
-        return {e.name: vector[..., e.offset:e.offset + e.numel].reshape(*lead, *e.shape) for e in self.params}
+        return {e.name: vector[..., e.offset:e.offset + e.numel].reshape(tuple(lead) + e.shape) for e in self.params}
 
     def split_buffers(self, vector: torch.Tensor) -> dict:
         lead = vector.shape[:-1]
         out = {}
         for e in self.buffers:
-            t = vector[..., e.offset:e.offset + e.numel].reshape(*lead, *e.shape)
+            t = vector[..., e.offset:e.offset + e.numel].reshape(tuple(lead) + e.shape)
             out[e.name] = t if e.dtype.startswith("float") else t.to(getattr(torch, e.dtype))
         return out
 

@@ -54,11 +54,13 @@ class SurfaceWriter:
 
     @classmethod
     def create(cls, path, spec: dict, x, y, basis: dict, points: dict, paths: dict,
-               trajectory=None, metrics=METRICS, overwrite: bool = False) -> "SurfaceWriter":
-        """Start a new surface file, or resume ``path.partial`` when it holds the same spec.
+               trajectory=None, metrics=METRICS, overwrite: bool = False, shape=None) -> "SurfaceWriter":
+        """Start a new surface file, or resume ``path.partial`` when it holds the same spec (``derived``
+        aside) and comes from the same trajectory file.
 
-        ``basis``: {"origin", "u", "v" (planes only)} float32 (P,) arrays; ``points``: name ->
-        PointData; ``paths``: run -> PathData; ``metrics``: the value datasets to create."""
+        ``basis``: {"origin", "u", "v" (planes only)} float32 (P,) arrays (``u`` is (R, P) for rays);
+        ``points``: name -> PointData; ``paths``: run -> PathData; ``metrics``: the value datasets to
+        create; ``shape``: of the values, when not (nx,) or (nx, ny) (rays: (R, nx))."""
         path = prepare_output(path, overwrite)
         tmp = partial_path(path)
         spec_json = to_json(spec)
@@ -67,10 +69,14 @@ class SurfaceWriter:
                 f = h5py.File(tmp, "r+")
             except OSError as e:
                 raise FileFormatError(f"cannot resume from {tmp} ({e}); delete it to start over") from None
-            if f.attrs.get("format") != FORMAT or f.attrs.get("spec") != spec_json:
+            if f.attrs.get("format") != FORMAT or _compared(f.attrs.get("spec")) != _compared(spec_json):
                 f.close()
                 raise FileFormatError(f"{tmp} holds unfinished work for a different spec; delete it, "
                                       f"choose another output, or pass --overwrite to discard it")
+            if trajectory is not None and f.attrs.get("trajectory_sha256") not in (None, sha256(trajectory)):
+                f.close()
+                raise FileFormatError(f"{tmp} holds unfinished work from another version of {trajectory} "
+                                      f"(its SHA-256 differs); delete it or pass --overwrite to discard it")
             return cls(path, f)
         try:
             f = h5py.File(tmp, "w", track_order=True)
@@ -84,7 +90,7 @@ class SurfaceWriter:
             f.attrs["trajectory"] = str(trajectory)
             f.attrs["trajectory_sha256"] = sha256(trajectory)
         x = np.asarray(x, np.float64)
-        shape = (len(x),) if y is None else (len(x), len(y))
+        shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
         f.create_dataset("grid/x", data=x, track_times=False)
         if y is not None:
             f.create_dataset("grid/y", data=np.asarray(y, np.float64), track_times=False)
@@ -106,6 +112,18 @@ class SurfaceWriter:
     @property
     def shape(self) -> tuple:
         return self.file["done"].shape
+
+    @property
+    def spec(self) -> dict:
+        """The spec stored in the file (on resume: the one of the first run, ``derived`` included)."""
+        return json.loads(self.file.attrs["spec"])
+
+    def grid(self) -> tuple:
+        """(x, y) as stored; y is None for lines."""
+        return self.file["grid/x"][()], self.file["grid/y"][()] if "grid/y" in self.file else None
+
+    def basis(self) -> dict:
+        return {k: self.file[f"basis/{k}"][()] for k in self.file["basis"]}
 
     @property
     def done(self) -> np.ndarray:
@@ -140,6 +158,53 @@ class SurfaceWriter:
             self.file.close()
 
 
+def _compared(spec) -> dict:
+    """The part of a spec that must match for a computation to resume: everything but ``derived``
+    (values computed from the inputs, which may differ in the last bits between machines)."""
+    d = json.loads(spec) if isinstance(spec, str) else dict(spec or {})
+    d.pop("derived", None)
+    return d
+
+
+class MemorySurfaceWriter:
+    """The SurfaceWriter interface without a file (``compute_surface(..., out=None)``)."""
+
+    def __init__(self, spec: dict, x, y, basis: dict, points: dict, paths: dict, metrics=METRICS, shape=None):
+        x = np.asarray(x, np.float64)
+        shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
+        self.spec, self.x, self.y, self._basis = spec, x, None if y is None else np.asarray(y, np.float64), basis
+        self.points, self.paths, self.path = points, paths, None
+        self.values = {m: np.full(shape, np.nan) for m in metrics}
+        self._done = np.zeros(shape, bool)
+
+    @property
+    def shape(self) -> tuple:
+        return self._done.shape
+
+    @property
+    def done(self) -> np.ndarray:
+        return self._done.copy()
+
+    def grid(self) -> tuple:
+        return self.x, self.y
+
+    def basis(self) -> dict:
+        return self._basis
+
+    def write(self, flat_indices, values: dict) -> None:
+        flat_indices = np.asarray(flat_indices)
+        for name, vals in values.items():
+            self.values[name].reshape(-1)[flat_indices] = np.asarray(vals, np.float64)
+        self._done.reshape(-1)[flat_indices] = True
+
+    def close(self) -> "Surface":
+        return Surface(None, json.loads(to_json(self.spec)), self.x, self.y, self.values, self._done,
+                       self.points, self.paths)
+
+    def suspend(self) -> None:
+        pass
+
+
 @dataclass
 class Surface:
     """A surface file read into memory (everything but the basis, which is read on demand)."""
@@ -157,6 +222,11 @@ class Surface:
     @property
     def kind(self) -> str:
         return "line" if self.y is None else "plane"
+
+    @property
+    def rays(self) -> bool:
+        """A line file holding several rays: values are (R, nx), ``values[m][r]`` is ray r."""
+        return self.y is None and np.ndim(self.done) == 2
 
     def basis(self) -> dict:
         with open_read(self.path, FORMAT) as f:
@@ -195,6 +265,9 @@ def export_loss_landscape(surface: Surface, out, overwrite: bool = False) -> Pat
     """Write ``surface`` in the layout tomgoldstein/loss-landscape's plotting scripts read: root
     datasets ``xcoordinates``, ``ycoordinates`` (planes), ``train_loss``, ``train_acc``,
     ``test_loss``, ``test_acc`` (accuracy in %), 2-D arrays shaped (ny, nx) and indexed [iy, ix]."""
+    if surface.y is None and np.ndim(surface.done) != 1:
+        raise FileFormatError("loss-landscape files hold one line or one plane; this file holds "
+                              f"{surface.done.shape[0]} rays")
     out = prepare_output(out, overwrite)
     tmp = partial_path(out)
     with h5py.File(tmp, "w") as f:

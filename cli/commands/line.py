@@ -1,0 +1,60 @@
+"""Evaluate train/test loss and error (%) along a line in weight space and write a surface file.
+
+Either the line through two checkpoints A and B, extended on both sides (default from -0.5 to 1.5
+times the segment A -> B: the SWA paper's "SGD at the edge, SWA in the center" line; x is the distance
+from A), or random rays from one checkpoint (--ray-from): R random unit directions, x the distance
+travelled along each, values stored as (R, points). Killed and run again, it computes only the
+missing points. Under torchrun the points are shared among the processes.
+
+Examples:
+  landscape line run.h5 sgd swa/average -o line.h5
+  landscape line run.h5 sgd swa/average --range -1 2 --points 61 -o line.h5
+  landscape line run.h5 --ray-from swa/average --rays 5 --seed 0 -o rays-swa.h5
+"""
+from __future__ import annotations
+
+from landscape.errors import ConfigError
+from landscape.geometry import Line
+from landscape.store import open_trajectory
+from landscape.surface import make_grid
+
+from ._surface import add_evaluation_arguments, run_surface
+
+HELP = "evaluate loss and error along a line through two checkpoints, or along random rays"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("file", help="trajectory file (.h5)")
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="two checkpoints A B: the line through them")
+    p.add_argument("-o", "--out", default="line.h5", help="surface file to write")
+    p.add_argument("--range", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LO", "HI"),
+                   help="A B: the part of the line, in units of the segment A -> B (0 = A, 1 = B)")
+    p.add_argument("--points", type=int, default=Line.default_shape[0], help="points along the line (per ray)")
+    r = p.add_argument_group("random rays (instead of two checkpoints)")
+    r.add_argument("--ray-from", metavar="CKPT", help="the checkpoint the rays start from")
+    r.add_argument("--rays", type=int, default=5, help="number of random directions")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    r.add_argument("--max-distance", type=float, default=None,
+                   help="how far along each ray (weight-space distance; default: half the norm of the "
+                        "checkpoint's weights)")
+    r.add_argument("--filter-norm", action="store_true",
+                   help="filter-normalize the directions to the checkpoint's weights before making them unit")
+    add_evaluation_arguments(p)
+
+
+def make_line(args, traj) -> Line:
+    if args.ray_from and args.checkpoints:
+        raise ConfigError("give two checkpoints or --ray-from CKPT, not both")
+    if args.ray_from:
+        return Line.random_rays(traj, args.ray_from, args.rays, args.seed, args.max_distance,
+                                filter_norm=args.filter_norm, ignore="biasbn" if args.filter_norm else "none")
+    if len(args.checkpoints) != 2:
+        raise ConfigError(f"a line needs two checkpoints A B (or --ray-from CKPT), got {len(args.checkpoints)}")
+    return Line.through(traj, *args.checkpoints, range=tuple(args.range))
+
+
+def run(args) -> int:
+    traj = open_trajectory(args.file)
+    line = make_line(args, traj)
+    grid = make_grid(line, (args.points,))
+    return run_surface(args, traj, line, grid)

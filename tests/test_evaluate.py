@@ -1,0 +1,140 @@
+"""The batched evaluator gives the numbers of the one-at-a-time loop (Layout.load + recompute_bn +
+train.loop.evaluate), for every BatchNorm policy, on CPU and (when present) on CUDA."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from landscape.bn import recompute_bn
+from landscape.evaluate import BatchNormPolicy, Evaluator, resolve_policy
+from landscape.errors import ConfigError
+from landscape.geometry import Line, Plane, buffers_at, weights_at
+from landscape.models import ModelSpec
+from landscape.store import open_trajectory
+from landscape.train.loop import evaluate
+
+THREE = ("sgd", "swa/average", "swa/iterates:0")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_run):
+    traj = open_trajectory(tiny_run)
+    data = traj.build_data()
+    return traj, data, traj.build_model(data)
+
+
+def _points(geom, shape, n):
+    grid = geom.default_grid(shape)
+    c = torch.as_tensor(geom.coefficients(grid, np.arange(n)))
+    return c
+
+
+def _sequential(model, layout, data, w, b, bn_batch, x_bn=None):
+    """The reference: one model per point, loaded, BatchNorm recomputed, evaluated."""
+    out = []
+    for i in range(len(w)):
+        m = copy.deepcopy(model)
+        layout.load(m, w[i], b[i])
+        if bn_batch:
+            recompute_bn(m, data.x_train if x_bn is None else x_bn, bn_batch)
+        out.append(evaluate(m, data, 128))
+    return {k: np.array([o[k] for o in out]) for k in out[0]}
+
+
+def _assert_same(batched, ref, rtol=1e-5):
+    for k in ("train_loss", "test_loss"):
+        np.testing.assert_allclose(batched[k], ref[k], rtol=rtol, atol=1e-7)
+    for k in ("train_err", "test_err"):  # exact, up to a tie flipping one sample
+        n = 300 if k == "train_err" else 120
+        assert np.all(np.abs(batched[k] - ref[k]) <= 100.0 / n + 1e-9), (k, batched[k], ref[k])
+
+
+@pytest.mark.parametrize("policy", ["recompute", "stored"])
+def test_batched_equals_one_at_a_time(setup, policy):
+    traj, data, model = setup
+    plane = Plane.through(traj, *THREE)
+    c = _points(plane, (3, 3), 9)
+    w, b = weights_at(plane, c), buffers_at(plane, c)
+    ref = _sequential(model, traj.layout, data, w, b, 100 if policy == "recompute" else 0)
+    ev = Evaluator(model, traj.layout, data, BatchNormPolicy(policy, batch_size=100), batch_size=128)
+    for k in (4, 1):  # vmap over 4 points (the last call has 1), and the plain model
+        got = {m: [] for m in ref}
+        for start in range(0, 9, k):
+            out = ev(w[start:start + k], b[start:start + k])
+            for m in ref:
+                got[m].extend(out[m])
+        _assert_same({m: np.array(v) for m, v in got.items()}, ref)
+
+
+def test_recompute_on_a_fixed_subset(setup):
+    traj, data, model = setup
+    line = Line.through(traj, "sgd", "swa/average")
+    c = _points(line, (5,), 5)
+    w, b = weights_at(line, c), buffers_at(line, c)
+    pol = BatchNormPolicy("recompute", batch_size=64, samples=150, seed=2)
+    ev = Evaluator(model, traj.layout, data, pol, batch_size=128)
+    idx = torch.randperm(300, generator=torch.Generator().manual_seed(2))[:150].sort().values
+    ref = _sequential(model, traj.layout, data, w, b, 64, x_bn=data.x_train[idx])
+    _assert_same(ev(w, b), ref)
+    full = Evaluator(model, traj.layout, data, BatchNormPolicy("recompute", 64), batch_size=128)(w, b)
+    assert not np.allclose(full["train_loss"], ref["train_loss"], rtol=1e-9)  # the subset matters
+
+
+def test_interpolate_reproduces_the_checkpoints(setup):
+    traj, data, model = setup
+    line = Line.through(traj, "sgd", "swa/average")
+    length = line.derived["length"]
+    c = torch.tensor([[0.0], [length]], dtype=torch.float64)
+    ev = Evaluator(model, traj.layout, data, BatchNormPolicy("interpolate"), batch_size=128)
+    got = ev(weights_at(line, c), buffers_at(line, c, interpolate=True))
+    for i, name in enumerate(("sgd", "swa/average")):
+        ck = traj.checkpoint(name)
+        m = traj.layout.load(copy.deepcopy(model), ck.params, ck.buffers)
+        ref = evaluate(m, data, 128)
+        assert got["test_loss"][i] == pytest.approx(ref["test_loss"], rel=1e-4)
+        assert got["test_err"][i] == pytest.approx(ref["test_err"], abs=100 / 120 + 1e-9)
+
+
+def test_weight_decay_and_overflow(setup):
+    traj, data, model = setup
+    line = Line.through(traj, "sgd", "swa/average")
+    c = torch.tensor([[0.0], [1e30], [float(line.derived["length"])]], dtype=torch.float64)
+    w = weights_at(line, c)
+    ev = Evaluator(model, traj.layout, data, BatchNormPolicy("recompute", 100), batch_size=128, weight_decay=5e-4)
+    out = ev(w, buffers_at(line, c))
+    assert np.isfinite(out["train_loss"][[0, 2]]).all()
+    assert not np.isfinite(out["train_loss"][1]) and np.isnan(out["train_err"][1])  # stored as NaN, no crash
+    sq = w[0].double().pow(2).sum().item()
+    assert out["train_loss_l2"][0] == pytest.approx(out["train_loss"][0] + 0.5 * 5e-4 * sq, rel=1e-12)
+
+
+def test_policy_resolution_and_measure(setup):
+    traj, data, model = setup
+    assert resolve_policy("auto", model, True).policy == "recompute"
+    assert resolve_policy("stored", model, False).policy == "stored"
+    with pytest.raises(ConfigError, match="interpolate"):
+        resolve_policy("interpolate", model, False)
+    with pytest.raises(ConfigError, match="unknown BatchNorm policy"):
+        resolve_policy("fresh", model, True)
+    from landscape.models import build_model
+    plain = build_model(ModelSpec("cnn1d", {"channels": 4}), data.input_shape, data.num_classes)
+    assert resolve_policy("recompute", plain, True).policy == "none"
+    ev = Evaluator(model, traj.layout, data, BatchNormPolicy("recompute", 100), batch_size=128)
+    ck = traj.checkpoint("sgd")
+    assert ev.measure(ck.params, ck.buffers, candidates=(1, 2, 4), budget_s=1.0) in (1, 2, 4)
+
+
+@pytest.mark.gpu
+def test_batched_on_cuda_equals_one_at_a_time(setup):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    traj, data, model = setup
+    plane = Plane.through(traj, *THREE)
+    c = _points(plane, (4, 4), 16)
+    w, b = weights_at(plane, c), buffers_at(plane, c)
+    ref = _sequential(model, traj.layout, data, w, b, 100)
+    cuda = torch.device("cuda")
+    ev = Evaluator(model.to(cuda), traj.layout, data.to(cuda), BatchNormPolicy("recompute", 100), batch_size=128)
+    got = ev(w.to(cuda), b.to(cuda))
+    _assert_same(got, ref, rtol=1e-4)

@@ -1,0 +1,205 @@
+"""compute_surface and the plane/line commands: the file, resume after an interruption, refusal of a
+different spec, the loss-landscape export, one-line errors, and torchrun sharding."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from landscape.errors import FileFormatError
+from landscape.geometry import Line, Plane
+from landscape.store import open_surface, open_trajectory
+from landscape.surface import compute_surface
+
+THREE = ("sgd", "swa/average", "swa/iterates:0")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def traj(tiny_run):
+    return open_trajectory(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def reference(traj):
+    """An uninterrupted in-memory 5 x 4 plane (two points per call)."""
+    return compute_surface(traj, Plane.through(traj, *THREE), (5, 4), quiet=True, points_per_call=2)
+
+
+def test_plane_file(traj, reference, tmp_path):
+    out = tmp_path / "plane.h5"
+    surf = compute_surface(traj, Plane.through(traj, *THREE), (5, 4), out=out, quiet=True, points_per_call=2)
+    assert out.exists() and not (tmp_path / "plane.h5.partial").exists()
+    assert surf.kind == "plane" and surf.done.all() and surf.x.shape == (5,) and surf.y.shape == (4,)
+    for m in ("train_loss", "train_err", "test_loss", "test_err"):
+        assert surf.values[m].shape == (5, 4) and surf.values[m].dtype == np.float64
+        np.testing.assert_array_equal(surf.values[m], reference.values[m])
+    spec = surf.spec
+    assert spec["kind"] == "plane" and spec["method"] == "through" and spec["origin"] == "sgd:6"
+    assert spec["checkpoints"] == {"a": "sgd:6", "b": "swa/average:3", "c": "swa/iterates:0"}
+    assert spec["bn"]["policy"] == "recompute" and spec["grid"]["x"][2] == 5 and spec["grid"]["y"][2] == 4
+    assert spec["dataset"]["name"] == "synthetic" and "points" in spec["derived"]
+    assert set(surf.paths) == set(traj.runs) and "swa/average:3" in surf.points
+    basis = surf.basis()
+    assert abs(float(basis["u"].astype(np.float64) @ basis["v"])) < 1e-6
+    assert surf.trajectory_sha256 == traj.sha256()
+    # the same spec again: the finished file is not overwritten by accident
+    with pytest.raises(FileFormatError, match="already exists"):
+        compute_surface(traj, Plane.through(traj, *THREE), (5, 4), out=out, quiet=True)
+
+
+def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path):
+    out = tmp_path / "plane.h5"
+    plane = Plane.through(traj, *THREE)
+    writes = []
+
+    def stop_after_two(done, total):
+        writes.append(done)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2, write_every=0,
+                        on_write=stop_after_two)
+    assert not out.exists() and (tmp_path / "plane.h5.partial").exists()
+    with h5py.File(tmp_path / "plane.h5.partial", "r") as f:
+        assert f["done"][()].sum() == 4 and not f.attrs["complete"]
+    resumed = []
+    surf = compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2, write_every=0,
+                           on_write=lambda done, total: resumed.append(done))
+    assert resumed[0] == 6 and resumed[-1] == 20 and len(resumed) == 8  # only the 16 missing points
+    for m in reference.values:
+        np.testing.assert_array_equal(surf.values[m], reference.values[m])
+
+
+def test_different_spec_is_refused(traj, tmp_path):
+    out = tmp_path / "plane.h5"
+    with pytest.raises(KeyboardInterrupt):
+        compute_surface(traj, Plane.through(traj, *THREE), (5, 4), out=out, quiet=True, points_per_call=2,
+                        write_every=0, on_write=lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(FileFormatError, match="different spec"):
+        compute_surface(traj, Plane.through(traj, *THREE), (5, 4), out=out, bn="stored", quiet=True)
+    with pytest.raises(FileFormatError, match="different spec"):
+        compute_surface(traj, Plane.through(traj, *THREE), (4, 5), out=out, quiet=True)
+    surf = compute_surface(traj, Plane.through(traj, *THREE), (4, 5), out=out, quiet=True, overwrite=True,
+                           points_per_call=4)
+    assert surf.done.shape == (4, 5) and surf.done.all()
+
+
+def test_lines_and_rays(traj, tmp_path):
+    line = compute_surface(traj, Line.through(traj, "sgd", "swa/average"), (7,), out=tmp_path / "l.h5",
+                           quiet=True, points_per_call=3, weight_decay=5e-4)
+    assert line.kind == "line" and not line.rays and line.values["train_loss"].shape == (7,)
+    assert line.spec["derived"]["length"] > 0 and line.spec["range"] == [-0.5, 1.5]
+    assert line.points["swa/average:3"].coords[0] == pytest.approx(line.spec["derived"]["length"], rel=1e-5)
+    assert "train_loss_l2" in line.values and np.all(line.values["train_loss_l2"] > line.values["train_loss"])
+    rays = compute_surface(traj, Line.random_rays(traj, "swa/average", n=3, max_distance=2.0), (4,),
+                           out=tmp_path / "r.h5", quiet=True, points_per_call=5)
+    assert rays.rays and rays.values["test_err"].shape == (3, 4) and rays.done.all()
+    assert rays.spec["method"] == "ray" and rays.spec["rays"] == 3 and rays.x[-1] == 2.0
+    np.testing.assert_allclose(rays.values["train_loss"][:, 0], rays.values["train_loss"][0, 0])  # x = 0: origin
+    assert rays.basis()["u"].shape == (3, traj.layout.num_params)
+
+
+def test_cli_plane_export_non_square(tiny_run, tmp_path):
+    out = tmp_path / "p.h5"
+    r = run_cli("plane", tiny_run, *THREE, "-o", out, "--grid", 5, 4, "--export", "loss-landscape", "--quiet",
+                "--points-per-call", 4)
+    assert r.returncode == 0, r.stderr
+    surf = open_surface(out)
+    with h5py.File(tmp_path / "p.loss-landscape.h5", "r") as f:
+        assert f["train_loss"].shape == (4, 5) and f["test_acc"].shape == (4, 5)  # [iy, ix]
+        np.testing.assert_array_equal(f["train_loss"][()], surf.values["train_loss"].T)
+        np.testing.assert_array_equal(f["test_acc"][()], 100 - surf.values["test_err"].T)
+        np.testing.assert_array_equal(f["xcoordinates"][()], surf.x)
+        np.testing.assert_array_equal(f["ycoordinates"][()], surf.y)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sgd", "swa/average", "swa/iterates:42"], "not found"),
+    (["sgd", "swa/average:0", "swa/iterates:0"], "same point"),
+    (["sgd", "swa/average", "swa/iterates:0", "--grid", "0", "4"], "no points"),
+    (["sgd", "swa/average"], "three"),
+    (["--origin", "sgd", "--random", "--bn", "interpolate"], "interpolate"),
+])
+def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, args, message):
+    from cli.main import main
+    assert main(["plane", str(tiny_run), *args, "-o", str(tmp_path / "p.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("landscape: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_cli_not_a_trajectory(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_text("hello")
+    r = run_cli("line", bad, "sgd", "swa/average", "-o", tmp_path / "l.h5")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not an HDF5 file" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_killed_and_run_again(tiny_run, tmp_path):
+    """SIGTERM mid-way keeps the .partial file; the same command finishes it; the result equals an
+    uninterrupted run."""
+    out = tmp_path / "p.h5"
+    args = ["plane", tiny_run, *THREE, "-o", out, "--grid", 30, 30, "--points-per-call", 1, "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *map(str, args)], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "p.h5.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if partial.exists():
+            with h5py.File(partial, "r", locking=False) as f:
+                if "done" in f and f["done"][()].any():
+                    break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and partial.exists() and not out.exists()
+    with h5py.File(partial, "r") as f:
+        first = int(f["done"][()].sum())
+    assert 0 < first < 900
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    surf = open_surface(out)
+    whole = run_cli(*[a if a != out else tmp_path / "whole.h5" for a in args], env=env)
+    assert whole.returncode == 0, whole.stderr
+    ref = open_surface(tmp_path / "whole.h5")
+    for m in ref.values:
+        np.testing.assert_array_equal(surf.values[m], ref.values[m])
+
+
+@pytest.mark.distributed
+def test_torchrun_two_cpu_processes_write_the_single_process_file(tiny_run, tmp_path):
+    args = ["plane", tiny_run, *THREE, "--grid", 5, 4, "--points-per-call", 2, "--quiet", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = run_cli(*args, "-o", tmp_path / "single.h5", env=env)
+    assert single.returncode == 0, single.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cli.main", *map(str, args), "-o", str(tmp_path / "dist.h5")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)  # its own process group, so a hang is cleaned up
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    assert out.count("wrote") == 1  # one rank writes and reports
+    a, b = open_surface(tmp_path / "single.h5"), open_surface(tmp_path / "dist.h5")
+    assert a.spec == b.spec and b.done.all()
+    for m in a.values:
+        np.testing.assert_array_equal(a.values[m], b.values[m])
+    for run in a.paths:
+        np.testing.assert_array_equal(a.paths[run].coords, b.paths[run].coords)
