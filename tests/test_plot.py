@@ -100,6 +100,7 @@ def line(tmp_path_factory):
 
 def test_log_levels_are_log_spaced_with_a_top_band():
     v = np.array([0.01, 0.02, 0.5, 3.0, 50.0])
+    assert analysis.default_log_alpha(v) == pytest.approx(math.log(0.0025))  # a quarter of the minimum
     levels, top = analysis.log_levels(v, n=5, log_alpha=-4.0, vmax=3.0)
     assert len(levels) == 7 and top == 3.0
     assert levels[0] == pytest.approx(0.01) and levels[5] == pytest.approx(3.0) and levels[6] > 1e3
@@ -125,12 +126,25 @@ def test_grid_minimum_of_a_flat_bottom_is_its_centroid():
     assert val == 2.5
 
 
+def test_smoothing_finds_the_trend_minimum_of_a_noisy_surface():
+    gx, gy = np.meshgrid(X, Y, indexing="ij")
+    trend = 3.0 + 0.5 * ((gx - 2.0) ** 2 + (gy - 0.6) ** 2)
+    noisy = trend + np.random.default_rng(0).choice([0.0, 0.3], size=trend.shape)
+    noisy[1, 1] = 2.0  # one lucky grid point far from the trend's minimum
+    assert np.allclose(analysis.grid_minimum(X, Y, noisy, refine=False)[0], [X[1], Y[1]])
+    p, _ = analysis.grid_minimum(X, Y, noisy, smooth=1.0)
+    assert np.hypot(*(p - [2.0, 0.6])) < 0.6
+
+
 def test_offset_between_tilted_bowls(plane):
-    res = static.offset_of(plane)
+    res = static.offset_of(plane, smooth=0.0)
     np.testing.assert_allclose(res["train_min"], [1.0, -0.5], atol=1e-9)
     np.testing.assert_allclose(res["test_min"], [2.0, 0.5], atol=1e-9)
     assert res["length"] == pytest.approx(math.sqrt(2.0))
     assert res["test_min_value"] == pytest.approx(5.0)
+    smoothed = static.offset_of(plane)  # the default smooths over one grid cell: same minima here
+    assert smoothed["smooth"] == 1.0 and smoothed["length"] == pytest.approx(math.sqrt(2.0), abs=0.05)
+    assert smoothed["unsmoothed"]["length"] == pytest.approx(math.sqrt(2.0))
 
 
 def test_rise_distance_interpolates_and_reports_the_unreached():
@@ -186,7 +200,8 @@ def test_plane_figure_marks_checkpoints_and_points_off_the_plane(plane):
     fig = figures.plane_figure(plane)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "SGD" in labels and "SWA average" in labels and "Lookahead slow path" in labels
-    assert "SWA iterates" in labels and "Grafting net 1" in labels
+    assert "SWA iterates (projected)" in labels and "Grafting net 1" in labels
+    assert "SWA iterates (swa/iterates:0)" in labels  # the plane was made of it
     assert any(lbl.startswith("SWAP worker 0 (5 off plane)") for lbl in labels)  # far: drawn hollow
     assert len(fig.axes) == 4  # two planes, two colour bars
     near = make_plane_surface_with_far(plane, 0.1)
@@ -254,7 +269,7 @@ def test_plot_command_writes_figures_and_numbers(plane, line, tmp_path, capsys):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
     nums = json.loads((out / "numbers.json").read_text())
-    assert nums["offset"][str(plane.path)]["length"] == pytest.approx(math.sqrt(2.0))
+    assert nums["offset"][str(plane.path)]["length"] == pytest.approx(math.sqrt(2.0), abs=0.05)
     ec = nums["edge_center"][str(line.path)]
     assert set(ec) == {"sgd:10", "swa/average:5"} and set(ec["sgd:10"]["rise"]) == {"0.1", "0.5"}
     assert "1.41 weight-space units apart" in stdout and "away from swa/average:5" in stdout

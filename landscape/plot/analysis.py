@@ -25,14 +25,16 @@ from ..errors import ConfigError
 # ---------------------------------------------------------------------------------------------
 # contour levels
 
-def log_levels(values, n: int = 7, log_alpha: float = -5.0, vmax: float | None = None):
+def log_levels(values, n: int = 7, log_alpha: float | None = None, vmax: float | None = None):
     """Contour levels spaced logarithmically above the minimum.
 
     Level k (k = 0..n) is ``vmin + exp(log_alpha + k * gamma)`` with gamma chosen so that level n is
     ``top = min(max(values), vmax)``; level 0 is replaced by ``vmin`` itself. One more level far
     above (``inf`` is not accepted by matplotlib, so a huge finite number) closes the band of
     everything above ``top``, which a colour bar labels "> top". ``log_alpha`` sets how close to the
-    minimum the first band ends (``exp(log_alpha)`` above it, in the values' units).
+    minimum the first band ends (``exp(log_alpha)`` above it, in the values' units); by default
+    :func:`default_log_alpha` of the values (the SWA authors fixed -5 for CIFAR losses and -1 for
+    errors in %, which :func:`default_log_alpha` roughly reproduces for those ranges).
 
     Returns ``(levels, top)`` with ``len(levels) == n + 2``."""
     v = np.asarray(values, dtype=np.float64)
@@ -48,6 +50,8 @@ def log_levels(values, n: int = 7, log_alpha: float = -5.0, vmax: float | None =
     if not span > 0:  # constant surface: a single band around it
         span = max(abs(vmin), 1.0) * 1e-6
         top = vmin + span
+    if log_alpha is None:
+        log_alpha = default_log_alpha(v, top)
     if log_alpha >= math.log(span):  # the first band would end above the top: one e-fold per band
         log_alpha = math.log(span) - n
     gamma = (math.log(span) - log_alpha) / n
@@ -55,6 +59,19 @@ def log_levels(values, n: int = 7, log_alpha: float = -5.0, vmax: float | None =
     levels[0], levels[-1] = vmin, top
     big = top + max(abs(top), 1.0) * 1e6
     return np.concatenate([levels, [big]]), top
+
+
+def default_log_alpha(values, top: float | None = None) -> float:
+    """Where the first contour band ends: a quarter of the minimum above it (so that solutions whose
+    values differ by a factor of two fall in different bands), or 1/1000 of the drawn span when the
+    minimum is zero (e.g. train error)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    vmin = float(v.min())
+    top = float(v.max()) if top is None else float(top)
+    if vmin > 0:
+        return math.log(0.25 * vmin)
+    return math.log(max(top - vmin, 1e-12) * 1e-3)
 
 
 def default_vmax(values, quantile: float = 0.85) -> float:
@@ -68,8 +85,12 @@ def default_vmax(values, quantile: float = 0.85) -> float:
 # ---------------------------------------------------------------------------------------------
 # minima and offsets
 
-def grid_minimum(x, y, values, refine: bool = True):
+def grid_minimum(x, y, values, refine: bool = True, smooth: float = 0.0):
     """Location ``(2,)`` and value of the minimum of a plane's values.
+
+    ``smooth`` > 0 first applies a Gaussian filter of that many grid cells (standard deviation), so
+    that the minimum of a noisy surface (test error moves in steps of one test sample) is that of its
+    trend rather than of one lucky grid point; the value returned is then the smoothed one.
 
     Exact ties (a flat bottom, common for test error, which moves in steps of 100 / n_test %) are
     resolved by the centroid of the connected tied region that contains the first minimum; a unique
@@ -83,6 +104,10 @@ def grid_minimum(x, y, values, refine: bool = True):
     finite = np.isfinite(v)
     if not finite.any():
         raise ConfigError("no finite values: cannot locate a minimum")
+    if smooth > 0:
+        filled = np.where(finite, v, np.nanmax(np.where(finite, v, np.nan)))
+        v = ndimage.gaussian_filter(filled, sigma=smooth, mode="nearest")
+        finite = np.isfinite(v)
     vv = np.where(finite, v, np.inf)
     i, j = np.unravel_index(np.argmin(vv), v.shape)
     vmin = float(vv[i, j])
@@ -109,14 +134,21 @@ def grid_minimum(x, y, values, refine: bool = True):
     return point, vmin
 
 
-def offset(x, y, train_values, test_values, refine: bool = True) -> dict:
+def offset(x, y, train_values, test_values, refine: bool = True, smooth: float = 0.0) -> dict:
     """From the minimum of ``train_values`` (e.g. train loss) to that of ``test_values`` (e.g. test
-    error): both locations and values, the vector and its length (weight-space units)."""
-    a, va = grid_minimum(x, y, train_values, refine)
-    b, vb = grid_minimum(x, y, test_values, refine)
+    error): both locations and values, the vector and its length (weight-space units). With
+    ``smooth`` > 0 the minima are those of the Gaussian-smoothed surfaces (see :func:`grid_minimum`)
+    and ``unsmoothed`` holds the same numbers for the raw grid values."""
+    a, va = grid_minimum(x, y, train_values, refine, smooth)
+    b, vb = grid_minimum(x, y, test_values, refine, smooth)
     vec = b - a
-    return {"train_min": a.tolist(), "train_min_value": va, "test_min": b.tolist(), "test_min_value": vb,
-            "vector": vec.tolist(), "length": float(np.hypot(*vec))}
+    out = {"train_min": a.tolist(), "train_min_value": va, "test_min": b.tolist(), "test_min_value": vb,
+           "vector": vec.tolist(), "length": float(np.hypot(*vec)), "smooth": float(smooth)}
+    if smooth > 0:
+        raw = offset(x, y, train_values, test_values, refine, 0.0)
+        raw.pop("smooth")
+        out["unsmoothed"] = raw
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

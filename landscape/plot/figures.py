@@ -64,15 +64,20 @@ def offset_figure(surface, *, train_metric: str = "train_loss", test_metric: str
         static.draw_checkpoints(ax, surface, off_plane=off_plane, paths=())
         ax.set_title(f"{metric_title(train_metric)} vs {metric_title(test_metric).lower()}: "
                      f"minima {res['length']:.3g} {DISTANCE} apart")
-        _legend_below(fig, [ax], ncol=2)
+        handles, labels = static.dedupe_legend([ax])
+        note = (f"minima of the surfaces smoothed over {res['smooth']:g} grid cell(s) (Gaussian σ)"
+                if res.get("smooth") else "minima of the grid values")
+        fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, title=note,
+                   title_fontsize=8.5)
     return fig
 
 
 def edge_center_figure(line, rays: dict | None = None, rises=(0.1,), *, numbers: dict | None = None,
                        solutions: dict | None = None) -> Figure:
-    """Left: train loss (log) and test error along the line through the two solutions, both marked,
-    with bars showing where each solution's loss stays within ``rises[0]`` of its own. Right: train
-    loss against distance from each solution along the line (both directions) and random rays."""
+    """Left: train loss (log) and test error along the line through the two solutions, both marked
+    (the test-error axis shows up to four times its minimum). Right: train loss against distance from
+    each solution along the line (both directions) and along random rays, with the point where each
+    curve has risen by ``rises[0]`` marked and the distances listed under the panel."""
     sols = solutions if solutions is not None else static.line_solutions(line)
     numbers = numbers or static.edge_center_of(line, rays, rises, sols)
     rise = rises[0]
@@ -89,7 +94,9 @@ def edge_center_figure(line, rays: dict | None = None, rises=(0.1,), *, numbers:
             axes.append(tw)
             ax.set_zorder(tw.get_zorder() + 1)  # train loss and the markers above the test curve
             ax.patch.set_visible(False)
-        static.draw_rise_bars(ax, line, numbers, rise)
+            te = np.asarray(line.values["test_err"], float)
+            lo = np.nanmin(te)
+            tw.set_ylim(max(0.0, lo - 0.5), min(np.nanmax(te), 4 * lo + 1) * 1.05)  # detail near the minimum
         static.mark_solutions(ax, sols)
         ax.set_title("Along the line through the solutions", pad=18)
         handles, labels = static.dedupe_legend(axes)

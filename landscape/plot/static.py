@@ -34,12 +34,6 @@ def require_kind(surface, kind: str) -> None:
                               f"{'a ' if kind != 'rays' else ''}{kind}")
 
 
-def default_log_alpha(metric: str) -> float:
-    """How close to the minimum the first contour band ends, as log of the distance in the metric's
-    units (the SWA authors' plane plots use -5 for loss and -1 for error in %)."""
-    return -1.0 if metric.endswith("_err") else -5.0
-
-
 def _fmt(v: float) -> str:
     if not np.isfinite(v):
         return str(v)
@@ -57,12 +51,12 @@ def _fmt(v: float) -> str:
 def draw_plane(ax, surface, metric: str = "train_loss", *, levels: int = 7, log_alpha: float | None = None,
                vmax: float | None = None, cmap: str = CMAP, colorbar: bool = True, title: str | None = None):
     """Filled log-spaced contours of ``metric`` over a plane, with a colour bar whose top band reads
-    "> x" (values above ``vmax``, by default the 85th percentile of the plane, share one band)."""
+    "> x" (values above ``vmax``, by default the 85th percentile of the plane, share one band).
+    ``log_alpha``: see :func:`analysis.log_levels` (default: the first band ends a quarter of the
+    minimum above it)."""
     require_kind(surface, "plane")
     v = require_metric(surface, metric)
     x, y = surface.x, surface.y
-    if log_alpha is None:
-        log_alpha = default_log_alpha(metric)
     if vmax is None:
         vmax = analysis.default_vmax(v)
     lv, top = analysis.log_levels(v, levels, log_alpha, vmax)
@@ -165,7 +159,7 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
             ax.plot(c[:, 0], c[:, 1], "-", color=r.color, lw=0.8, alpha=0.9, label=f"{r.label} path", zorder=3)
         elif run == "swa/iterates":
             ax.plot(c[:, 0], c[:, 1], linestyle="none", marker=".", ms=3.5, color=r.color, alpha=0.9,
-                    label=r.label, zorder=3)
+                    label=f"{r.label} (projected)", zorder=3)
         else:
             ax.plot(c[:, 0], c[:, 1], "-", color=r.color, lw=1.6, marker=r.marker, ms=3.5,
                     label=f"{r.label} path", zorder=3, path_effects=_OUTLINE)
@@ -173,8 +167,11 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
     for name, (coords, dist) in checkpoints_of_interest(surface, skip_runs=drawn).items():
         r = role(name)
         hollow = dist > far
-        label = r.label + (f" ({dist:.2g} off plane)" if hollow else "")
-        ax.plot(coords[0], coords[1], linestyle="none", marker=r.marker, ms=r.size,
+        marker, size, label = r.marker, r.size, r.label
+        if _run_of(name) in POINT_RUNS_SKIP:  # one checkpoint of a run otherwise drawn as dots
+            marker, size, label = "o", 7, f"{r.label} ({name})"
+        label += f" ({dist:.2g} off plane)" if hollow else ""
+        ax.plot(coords[0], coords[1], linestyle="none", marker=marker, ms=size,
                 mfc="none" if hollow else r.color, mec=r.color if hollow else "white",
                 mew=2.0 if hollow else 0.9, label=label, zorder=5, path_effects=_OUTLINE)
     return ax
@@ -183,11 +180,15 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
 # ---------------------------------------------------------------------------------------------
 # train-vs-test offset
 
-def offset_of(surface, train_metric: str = "train_loss", test_metric: str = "test_err") -> dict:
-    """The offset between the minima of ``train_metric`` and ``test_metric`` over a plane."""
+SMOOTH = 1.0  # grid cells: the Gaussian filter applied before locating the minima (see analysis.grid_minimum)
+
+
+def offset_of(surface, train_metric: str = "train_loss", test_metric: str = "test_err", smooth: float = SMOOTH) -> dict:
+    """The offset between the minima of ``train_metric`` and ``test_metric`` over a plane (each
+    surface smoothed over ``smooth`` grid cells first; 0 for the raw grid minima)."""
     require_kind(surface, "plane")
     res = analysis.offset(surface.x, surface.y, require_metric(surface, train_metric),
-                          require_metric(surface, test_metric))
+                          require_metric(surface, test_metric), smooth=smooth)
     res.update({"train_metric": train_metric, "test_metric": test_metric, "units": DISTANCE})
     return res
 
@@ -201,7 +202,7 @@ def draw_offset(ax, surface, train_metric: str = "train_loss", test_metric: str 
     x, y = surface.x, surface.y
     for metric, color, ls in ((train_metric, TRAIN_COLOR, "solid"), (test_metric, TEST_COLOR, "dashed")):
         v = require_metric(surface, metric)
-        lv, _ = analysis.log_levels(v, levels, default_log_alpha(metric), analysis.default_vmax(v))
+        lv, _ = analysis.log_levels(v, levels, None, analysis.default_vmax(v))
         ax.contour(x, y, np.ma.masked_invalid(v.T), levels=lv[1:-1], colors=color, linestyles=ls,
                    linewidths=np.linspace(1.8, 0.6, len(lv) - 2), zorder=2)
     a, b = np.array(res["train_min"]), np.array(res["test_min"])
@@ -350,10 +351,16 @@ def draw_rays(ax, rays: dict, line=None, solutions: dict | None = None, rise: fl
             for sign, ls, what in ((toward, "-", f"toward {role(other[0]).label}" if other else "forward"),
                                    (-toward, "--", f"away from {role(other[0]).label}" if other else "backward")):
                 d = (line.x - t0) * sign
-                keep = d >= 0
+                keep = d > 1e-9 * max(1.0, abs(t0))
                 order = np.argsort(d[keep])
-                ax.plot(d[keep][order], v[keep][order], ls, color=r.color, lw=2.2, zorder=3,
-                        label=f"{r.label}: line {what}", path_effects=[patheffects.withStroke(linewidth=3.4, foreground="white")])
+                base = float(analysis.interp_line(line.x, v, t0))
+                dd, vv = np.concatenate([[0.0], d[keep][order]]), np.concatenate([[base], v[keep][order]])
+                ax.plot(dd, vv, ls, color=r.color, lw=2.2, zorder=3, label=f"{r.label}: line {what}",
+                        path_effects=[patheffects.withStroke(linewidth=3.4, foreground="white")])
+                if rise is not None and len(dd) > 1:
+                    hit, _ = analysis.rise_distance(dd, vv, 0.0, rise, +1)
+                    if hit is not None:
+                        ax.plot([hit], [base + rise], marker="o", ms=6, mfc="white", mec=r.color, mew=2, zorder=5)
     ax.set_yscale("log")
     ax.set_xlabel(f"distance from the solution ({DISTANCE})")
     ax.set_ylabel(metric_label("train_loss"))

@@ -121,8 +121,14 @@ def metric_title(metric: str) -> str:
 
 
 def axis_label(axis: str, spec: dict | None = None) -> str:
-    """Plane axis label with its unit, e.g. ``u: sgd → swa/average (weight-space units)``."""
+    """Plane axis label with its unit, e.g. ``u: sgd:150 → swa/average:50 (weight-space units)`` for
+    a plane through checkpoints (u points from a to b, v toward c after Gram-Schmidt)."""
     hint = ""
-    if spec:
-        hint = str(spec.get(f"{axis}_label") or "")
+    spec = spec or {}
+    ck = spec.get("checkpoints")
+    if spec.get("method") == "through" and isinstance(ck, dict):
+        if axis == "u" and "a" in ck and "b" in ck:
+            hint = f"{ck['a']} → {ck['b']}"
+        elif axis == "v" and "c" in ck:
+            hint = f"toward {ck['c']}"
     return f"{axis}{': ' + hint if hint else ''} ({DISTANCE})"
