@@ -305,3 +305,51 @@ def test_plot_bad_input_is_one_line(plane, tmp_path, capsys):
         plot_files([], tmp_path / "f")
     with pytest.raises(ConfigError, match="positive"):
         plot_files([plane], tmp_path / "f", rises=(0.0,))
+
+
+def test_rays_files_pair_with_the_line_by_their_origin(line, tmp_path):
+    d = np.linspace(0.0, 10.0, 21)
+    paths = []
+    for origin, base, widths in (("sgd:10", 3.0725, [0.5, 0.6]), ("swa/average:5", 0.01, [4.0, 5.0, 6.0])):
+        rows = np.array([base + (d / w) ** 2 for w in widths])
+        p = tmp_path / f"rays-{origin.split('/')[0].split(':')[0]}.h5"
+        w = SurfaceWriter.create(p, {"method": "ray", "origin": origin, "rays": len(widths)}, d, None,
+                                 {"origin": np.zeros(4), "u": np.eye(4)[:len(widths)]},
+                                 {origin: PointData(np.zeros(1), 0.0)}, {}, shape=rows.shape)
+        w.write(np.arange(rows.size), {m: rows.reshape(-1) for m in ("train_loss", "train_err", "test_loss", "test_err")})
+        w.close()
+        paths.append(p)
+    res = plot_files([line.path, *paths], tmp_path / "figs", formats=("png",))
+    assert [p.name for p in res.figures] == ["line-edge-center.png"]
+    ec = res.numbers["edge_center"][str(line.path)]
+    assert len(ec["sgd:10"]["rise"]["0.1"]["rays"]["distances"]) == 2
+    assert len(ec["swa/average:5"]["rise"]["0.1"]["rays"]["distances"]) == 3
+    with pytest.raises(FileFormatError, match="holds rays, not a line"):
+        static.draw_line(None, open_surface(paths[0]))
+
+
+def test_figures_of_real_planes_lines_and_rays(tiny_run, tmp_path):
+    """End to end on the shared tiny trajectory: plane, line and rays computed by landscape.surface,
+    then every figure, the numbers and the explorer."""
+    from landscape.geometry import Line, Plane
+    from landscape.plot.interactive import write_explorer
+    from landscape.store import open_trajectory
+    from landscape.surface import compute_surface
+    traj = open_trajectory(tiny_run)
+    kw = dict(quiet=True, device="cpu")
+    plane = compute_surface(traj, Plane.through(traj, "sgd", "swa/average", "swa/iterates:0"), (5, 4),
+                            out=tmp_path / "plane.h5", **kw)
+    line = compute_surface(traj, Line.through(traj, "sgd", "swa/average", range=(-1, 2)), (9,),
+                           out=tmp_path / "line.h5", **kw)
+    rays = compute_surface(traj, Line.random_rays(traj, "swa/average", 2, seed=0, max_distance=5.0), (5,),
+                           out=tmp_path / "rays.h5", **kw)
+    res = plot_files([plane.path, line.path, rays.path], tmp_path / "figs", trajectory=tiny_run,
+                     rises=(0.05,), formats=("png",))
+    assert [p.name for p in res.figures] == ["plane-landscape.png", "plane-offset.png", "line-edge-center.png"]
+    ec = res.numbers["edge_center"][str(line.path)]
+    sgd, swa = (f"sgd:{traj.num_checkpoints('sgd') - 1}", f"swa/average:{traj.num_checkpoints('swa/average') - 1}")
+    assert set(ec) == {sgd, swa}
+    assert len(ec[swa]["rise"]["0.05"]["rays"]["distances"]) == 2
+    assert res.numbers["offset"][str(plane.path)]["length"] >= 0
+    page = write_explorer([plane.path, line.path, rays.path], tmp_path / "e.html")
+    assert page.read_text().count("<section") == 3
