@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 from landscape.plot.report import FORMATS, plot_files
+from landscape.plot.static import SMOOTH
 
 from ..common import print_json
 
@@ -36,6 +37,9 @@ def add_arguments(p) -> None:
                    help="a checkpoint farther from the plane than this fraction of the plane's larger "
                         "side is drawn hollow and labelled with its distance")
     p.add_argument("--levels", type=int, default=7, help="log-spaced contour bands below the top band")
+    p.add_argument("--smooth", type=float, default=SMOOTH, metavar="CELLS",
+                   help="Gaussian smoothing (standard deviation in grid cells) of each plane before its "
+                        "train and test minima are located for the offset; 0 takes the raw grid minima")
     p.add_argument("--train-metric", default="train_loss", help="left panel and offset start")
     p.add_argument("--test-metric", default="test_err", help="right panel and offset end")
     p.add_argument("--json", action="store_true", help="print figures and numbers as JSON")
@@ -44,7 +48,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     res = plot_files(args.surfaces, args.out, trajectory=args.trajectory, rises=args.rise, formats=args.format,
                      off_plane=args.off_plane, levels=args.levels, train_metric=args.train_metric,
-                     test_metric=args.test_metric)
+                     test_metric=args.test_metric, smooth=args.smooth)
     if args.json:
         print_json({"figures": [str(p) for p in res.figures], "numbers_file": str(res.numbers_path),
                     "numbers": res.numbers})

@@ -35,13 +35,15 @@ class PlotResult:
 
 
 def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS, off_plane: float = 0.05,
-               levels: int = 7, train_metric: str = "train_loss", test_metric: str = "test_err") -> PlotResult:
+               levels: int = 7, train_metric: str = "train_loss", test_metric: str = "test_err",
+               smooth: float = static.SMOOTH) -> PlotResult:
     """Draw every figure the inputs allow into ``out_dir`` (created if missing; its parent must exist).
 
     ``surfaces``: paths of surface files or :class:`~landscape.store.Surface` objects; ``trajectory``:
     path of a trajectory file or a Trajectory (Lookahead and grafting figures); ``rises``: train-loss
     rises for the edge-vs-center distances; ``off_plane``: fraction of the plane's larger side beyond
-    which a checkpoint counts as off the plane."""
+    which a checkpoint counts as off the plane; ``smooth``: Gaussian smoothing (grid cells) of the
+    planes before their minima are located for the offset (0: the raw grid minima)."""
     from ..store import Surface, Trajectory, open_surface, open_trajectory
 
     rises = tuple(float(r) for r in rises)
@@ -52,6 +54,8 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
         raise ConfigError(f"unknown figure format {bad[0]!r}; choose from png, pdf, svg")
     if not 0 < off_plane:
         raise ConfigError(f"off-plane fraction must be positive, got {off_plane}")
+    if not smooth >= 0:
+        raise ConfigError(f"smoothing must be non-negative (grid cells), got {smooth}")
     surfs = [s if isinstance(s, Surface) else open_surface(s) for s in surfaces]
     traj = trajectory if trajectory is None or isinstance(trajectory, Trajectory) else open_trajectory(trajectory)
     out = Path(out_dir)
@@ -74,7 +78,7 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
         res.figures += figures.save(figures.plane_figure(s, train_metric=train_metric, test_metric=test_metric,
                                                          levels=levels, off_plane=off_plane),
                                     out, f"{stem}-landscape", formats)
-        off = static.offset_of(s, train_metric, test_metric)
+        off = static.offset_of(s, train_metric, test_metric, smooth)
         res.figures += figures.save(figures.offset_figure(s, train_metric=train_metric, test_metric=test_metric,
                                                           levels=levels, off_plane=off_plane, result=off),
                                     out, f"{stem}-offset", formats)

@@ -160,9 +160,10 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
         elif run == "swa/iterates":
             ax.plot(c[:, 0], c[:, 1], linestyle="none", marker=".", ms=3.5, color=r.color, alpha=0.9,
                     label=f"{r.label} (projected)", zorder=3)
-        else:
-            ax.plot(c[:, 0], c[:, 1], "-", color=r.color, lw=1.6, marker=r.marker, ms=3.5,
-                    label=f"{r.label} path", zorder=3, path_effects=_OUTLINE)
+        else:  # markers only while they stay apart; a light halo keeps the line visible on any colour
+            ax.plot(c[:, 0], c[:, 1], "-", color=r.color, lw=1.5, marker=r.marker if len(c) <= 40 else None,
+                    ms=3.5, mec="white", mew=0.5, label=f"{r.label} path", zorder=3,
+                    path_effects=[patheffects.withStroke(linewidth=2.6, foreground="white", alpha=0.6)])
     drawn = tuple(r for r in paths if r in surface.paths)
     for name, (coords, dist) in checkpoints_of_interest(surface, skip_runs=drawn).items():
         r = role(name)
@@ -173,7 +174,8 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
         label += f" ({dist:.2g} off plane)" if hollow else ""
         ax.plot(coords[0], coords[1], linestyle="none", marker=marker, ms=size,
                 mfc="none" if hollow else r.color, mec=r.color if hollow else "white",
-                mew=2.0 if hollow else 0.9, label=label, zorder=5, path_effects=_OUTLINE)
+                mew=2.0 if hollow else 0.9, label=label, zorder=5, path_effects=_OUTLINE,
+                alpha=0.65 if hollow else 1.0)
     return ax
 
 
@@ -487,8 +489,9 @@ def _legend_order(label: str) -> int:
     global _ROLE_LABELS
     if _ROLE_LABELS is None:
         names = ["sgd", "swa/average", "swa/iterates", "swap/average", "swap/phase1"] + \
-            [f"swap/worker{i}" for i in range(16)] + ["lookahead/slow", "lookahead/fast"] + \
-            [f"grafting/net{i}" for i in range(16)]
+            [f"swap/worker{i}" for i in range(16)] + \
+            ["lookahead/slow", "lookahead/fast", "lookahead-adam/slow", "lookahead-adam/fast"] + \
+            [f"grafting/net{i}" for i in range(16)] + [f"grafting/baseline{i}" for i in range(16)]
         _ROLE_LABELS = sorted(((role(n).label, role(n).order) for n in names), key=lambda lo: -len(lo[0]))
     for text, order in _ROLE_LABELS:
         if label.startswith(text):
