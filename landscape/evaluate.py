@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import time
+import types
 from dataclasses import asdict, dataclass
 
 import torch
@@ -81,6 +82,30 @@ def resolve_policy(bn, model, can_interpolate: bool, batch_size: int = 1000) -> 
     return BatchNormPolicy(name, pol.batch_size, pol.samples, pol.seed)
 
 
+def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Train-mode BatchNorm of ``x`` holding several BatchNorm batches of ``bn.stacked_batch`` samples
+    one after the other: each batch is normalized with its own mean and variance, as if it had passed
+    alone. The batches become extra channels of one native batch-norm call (momentum 1, so its
+    buffers receive each batch's mean and unbiased variance, exactly as a pass batch by batch would);
+    their merge (Chan's formula, float64) goes to the layer's running buffers."""
+    g, c, rest = bn.stacked_batch, x.shape[1], tuple(x.shape[2:])
+    m = x.shape[0] // g
+    xs = x.reshape(m, g, c, *rest).transpose(0, 1).reshape(g, m * c, *rest)  # (batch, m*C, ...)
+    # batched like x under vmap, contiguous: vmap's rule updates the buffers in place through a reshape
+    mean = torch.zeros_like(xs[0].reshape(m * c, -1)[:, 0], memory_format=torch.contiguous_format)
+    var = torch.ones_like(mean, memory_format=torch.contiguous_format)
+    w = None if bn.weight is None else bn.weight.repeat(m)
+    bias = None if bn.bias is None else bn.bias.repeat(m)
+    y = F.batch_norm(xs, mean, var, w, bias, True, 1.0, bn.eps)
+    count = g * xs[0, 0].numel()  # values per channel in one batch
+    mean, var = mean.reshape(m, c).double(), var.reshape(m, c).double()
+    total = mean.mean(0)
+    m2 = (var * (count - 1)).sum(0) + count * (mean - total).square().sum(0)
+    bn.running_mean.copy_(total)
+    bn.running_var.copy_(m2 / (m * count - 1))
+    return y.reshape(g, m, c, *rest).transpose(0, 1).reshape(x.shape)
+
+
 class Evaluator:
     """Evaluates the points given as rows of (K, P) weights and (K, B) buffers; see the module doc."""
 
@@ -97,8 +122,6 @@ class Evaluator:
         self.metrics = METRICS + (("train_loss_l2",) if weight_decay is not None else ())
         self.bn_layers = {n: m for n, m in self.model.named_modules()
                           if isinstance(m, _BatchNorm) and m.track_running_stats}
-        for m in self.bn_layers.values():
-            m.momentum = 1.0  # a train-mode pass leaves exactly that batch's statistics in the buffers
         self.var_names = [f"{n}.running_var" for n in self.bn_layers]
         self.x_bn = data.x_train
         if bn.policy == "recompute" and bn.samples is not None and bn.samples < len(data.x_train):
@@ -138,8 +161,24 @@ class Evaluator:
             return vmap(call, in_dims=(0, 0, None))(p, b, x)
         return call(p, b, x)[None]
 
+    def _bn_calls(self) -> list:
+        """The recompute pass as (slice of x_bn, BatchNorm batch size) calls: consecutive batches of
+        equal size (those of :func:`batch_slices`) stacked up to about ``batch_size`` samples a call."""
+        batches, calls, i = batch_slices(len(self.x_bn), self.bn.batch_size), [], 0
+        per_call = max(1, self.batch_size // self.bn.batch_size)
+        while i < len(batches):
+            size, j = batches[i].stop - batches[i].start, i
+            while j < len(batches) and j - i < per_call and batches[j].stop - batches[j].start == size:
+                j += 1
+            calls.append((slice(batches[i].start, batches[j - 1].stop), size))
+            i = j
+        return calls
+
     def _recompute(self, p: dict, b: dict, batched: bool) -> None:
-        """Replace the BatchNorm statistics in ``b`` by whole-training-set ones (see the module doc)."""
+        """Replace the BatchNorm statistics in ``b`` by whole-training-set ones (see the module doc).
+        Several BatchNorm batches go through the model in one call; each BatchNorm layer normalizes
+        every batch with that batch's own statistics (:func:`stacked_batch_norm`), so the result is
+        that of a pass batch by batch, with larger, faster matrix products."""
         for name in self.bn_layers:
             b[f"{name}.running_mean"].zero_()
             b[f"{name}.running_var"].fill_(1.0)
@@ -147,8 +186,11 @@ class Evaluator:
         mergers = {name: MomentMerger() for name in self.bn_layers}
         for m in self.bn_layers.values():
             m.train()
+            m.forward = types.MethodType(stacked_batch_norm, m)
         try:
-            for sl in batch_slices(len(self.x_bn), self.bn.batch_size):
+            for sl, group in self._bn_calls():
+                for m in self.bn_layers.values():
+                    m.stacked_batch = group
                 self._forward(p, b, self.x_bn[sl], batched)
                 n = sl.stop - sl.start
                 for name, merger in mergers.items():
@@ -156,6 +198,7 @@ class Evaluator:
         finally:
             for m in self.bn_layers.values():
                 m.eval()
+                del m.forward
         for name, merger in mergers.items():
             mean, var = merger.result()
             b[f"{name}.running_mean"] = mean.float()
