@@ -1,7 +1,8 @@
 """Run configuration: one frozen dataclass whose defaults are the CLI's defaults.
 
 The default is the measured MNIST-1D recipe (docs/RECIPES in the README): cnn1d, momentum SGD,
-lr 0.1, batch 64, weight decay 5e-4, 150 epochs; SWA from epoch 100 at a constant lr 0.1.
+lr 0.1, batch 64, weight decay 5e-4, 150 epochs; SWA from epoch 100 at a constant lr 0.1. The
+options of SWAP, Lookahead and Filter Grafting are documented with their sources in docs/METHODS.md.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from .data import DataSpec
 from .errors import ConfigError
 from .models import ModelSpec
 
-METHODS = ("sgd", "swa")
+METHODS = ("sgd", "swa", "swap", "lookahead", "lookahead-adam", "grafting")
+LOOKAHEAD_INNER_STATE = ("none", "reset", "pullback")
+GRAFTING_VARY = ("lr", "seed", "both")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,26 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_every: int = 0         # also record a checkpoint every N steps (0: once per epoch)
     eval_batch_size: int = 1000       # batch size for metrics and BatchNorm recomputation
+    # lookahead (SGD inner) and lookahead-adam (Adam inner), Zhang et al. 2019; budget: epochs
+    lookahead_k: int = 5              # inner steps between synchronizations
+    lookahead_alpha: float = 0.5      # slow step size: phi <- phi + alpha (theta - phi)
+    lookahead_inner_state: str = "none"  # inner momentum at a synchronization: none | reset | pullback
+    lookahead_fast_from: int = -1     # first epoch whose every inner step is recorded (-1: epochs // 2)
+    lookahead_fast_epochs: int = 1    # epochs recorded step by step in <prefix>/fast (0: none)
+    adam_lr: float = 0.003            # lookahead-adam: initial Adam learning rate (same schedule as sgd)
+    # swap, Gupta et al. 2020; its own budget: phase-1 cap + phase-2 epochs
+    swap_workers: int = 4             # W; phase 1 uses batches of W x batch_size
+    swap_phase1_lr: float = 0.2       # phase-1 (large-batch) learning rate
+    swap_threshold: float = 95.0      # phase 1 stops once training accuracy (%) reaches this
+    swap_phase1_epochs: int = 50      # phase-1 cap (a warning when the threshold is not reached)
+    swap_phase2_lr: float = 0.05      # phase-2 learning rate of every worker, decayed linearly to 0
+    swap_phase2_epochs: int = 20      # phase-2 epochs of every worker
+    # grafting, Meng et al. 2020; budget: epochs
+    grafting_nets: int = 2            # N networks in a ring; net i receives from net i-1
+    grafting_vary: str = "lr"         # what differs between the nets: lr | seed | both
+    grafting_a: float = 0.4           # A of w = A/pi arctan(c (H_own - H_other)) + 0.5
+    grafting_c: float = 500.0         # c of the same rule
+    grafting_baseline: bool = True    # also train the same nets without grafting (grafting/baseline<i>)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,4 +95,48 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be non-negative, got {self.checkpoint_every}")
         if "swa" in self.methods and not 1 <= self.swa_start <= self.epochs:
             raise ConfigError(f"swa_start must be between 1 and epochs ({self.epochs}), got {self.swa_start}")
+        self._validate_lookahead()
+        self._validate_swap()
+        self._validate_grafting()
         return self
+
+    def _validate_lookahead(self) -> None:
+        if self.lookahead_k < 1:
+            raise ConfigError(f"lookahead_k must be at least 1, got {self.lookahead_k}")
+        if not 0 < self.lookahead_alpha <= 1:
+            raise ConfigError(f"lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}")
+        if self.lookahead_inner_state not in LOOKAHEAD_INNER_STATE:
+            raise ConfigError(f"lookahead_inner_state must be one of {', '.join(LOOKAHEAD_INNER_STATE)}, "
+                              f"got {self.lookahead_inner_state!r}")
+        if not self.adam_lr > 0:
+            raise ConfigError(f"adam_lr must be positive, got {self.adam_lr}")
+        if self.lookahead_fast_epochs < 0:
+            raise ConfigError(f"lookahead_fast_epochs must be non-negative, got {self.lookahead_fast_epochs}")
+        if self.lookahead_fast_from < -1:
+            raise ConfigError(f"lookahead_fast_from must be an epoch or -1 (auto), got {self.lookahead_fast_from}")
+        if ({"lookahead", "lookahead-adam"} & set(self.methods) and self.lookahead_fast_epochs
+                and self.lookahead_fast_from >= self.epochs):
+            raise ConfigError(f"lookahead_fast_from must be below epochs ({self.epochs}), got {self.lookahead_fast_from}")
+
+    def _validate_swap(self) -> None:
+        if self.swap_workers < 2:
+            raise ConfigError(f"swap_workers must be at least 2 (SWAP averages several workers), got {self.swap_workers}")
+        if not 0 < self.swap_threshold <= 100:
+            raise ConfigError(f"swap_threshold is a training accuracy in percent, in (0, 100], got {self.swap_threshold}")
+        for name in ("swap_phase1_epochs", "swap_phase2_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("swap_phase1_lr", "swap_phase2_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def _validate_grafting(self) -> None:
+        if self.grafting_nets < 2:
+            raise ConfigError(f"grafting_nets must be at least 2 (a net receives from another), got {self.grafting_nets}")
+        if self.grafting_vary not in GRAFTING_VARY:
+            raise ConfigError(f"grafting_vary must be one of {', '.join(GRAFTING_VARY)}, got {self.grafting_vary!r}")
+        if not 0 < self.grafting_a <= 1:
+            raise ConfigError(f"grafting_a must be in (0, 1] so that the mixing weight stays in [0, 1], "
+                              f"got {self.grafting_a}")
+        if not self.grafting_c > 0:
+            raise ConfigError(f"grafting_c must be positive, got {self.grafting_c}")

@@ -5,9 +5,16 @@ Example::
     from landscape.train import train
     from landscape.config import TrainConfig
     path = train(TrainConfig(epochs=20, swa_start=15), "run.h5")
+
+Under ``torchrun`` (the environment variable WORLD_SIZE > 1), :func:`train` joins a torch.distributed
+group (gloo on CPU, NCCL on GPU, one GPU per local rank): ``swap`` runs its workers across the
+processes; every other method runs on rank 0 alone. Only rank 0 writes the file.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
 import time
 from pathlib import Path
 
@@ -22,13 +29,21 @@ from ..models import build_model
 from ..params import Layout
 from ..store import TrajectoryWriter
 from .loop import Context, evaluate, train_epoch
+from .grafting import grafting_ticks, run_grafting
+from .lookahead import Lookahead, run_lookahead, run_lookahead_adam
 from .methods import run_sgd, run_swa
+from .swap import SwapThresholdWarning, run_swap
 
 # name -> (function, number of progress ticks it makes, as a function of the config)
 METHODS = {
     "sgd": (run_sgd, lambda c: c.epochs),
     "swa": (run_swa, lambda c: c.epochs),
+    "swap": (run_swap, lambda c: c.swap_phase1_epochs + c.swap_workers * c.swap_phase2_epochs),
+    "lookahead": (run_lookahead, lambda c: c.epochs),
+    "lookahead-adam": (run_lookahead_adam, lambda c: c.epochs),
+    "grafting": (run_grafting, grafting_ticks),
 }
+DISTRIBUTED_METHODS = ("swap",)  # methods that use every process under torchrun; the others run on rank 0
 
 
 def register_method(name: str, ticks=lambda c: c.epochs):
@@ -39,30 +54,68 @@ def register_method(name: str, ticks=lambda c: c.epochs):
     return deco
 
 
+def _join_torchrun(device: torch.device):
+    """(rank, world size, device, whether we created the group) under torchrun; (0, 1, device, False)
+    otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, device, False
+    import torch.distributed as dist
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    created = False
+    if not dist.is_initialized():
+        # rank 0 alone trains the non-distributed methods while the others wait: allow hours
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=12))
+        created = True
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
 def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train every method of ``config`` from one initialization into the trajectory file ``out``.
-    Returns a summary: the path, the seconds taken and each run's final metrics."""
+    Returns a summary: the path, the seconds taken and each run's final metrics (under torchrun,
+    ranks other than 0 return ``{"rank": r}`` only)."""
     config.validate(tuple(METHODS))
     device = resolve_device(config.device)
+    rank, world_size, device, created = _join_torchrun(device)
+    try:
+        return _train(config, out, overwrite, quiet, device, rank, world_size)
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _train(config, out, overwrite, quiet, device, rank, world_size) -> dict:
     data = load_data(config.data, device)  # bad data fails before any file is created
     seed_everything(config.seed)
     init_model = build_model(config.model, data.input_shape, data.num_classes).to(device)
     layout = Layout.of(init_model)
     file_config = dict(config.to_dict(), device=str(device), landscape_version=__version__,
                        num_classes=data.num_classes, input_shape=list(data.input_shape))
+    if world_size > 1:
+        file_config["processes"] = world_size
     start = time.perf_counter()
-    with TrajectoryWriter(out, file_config, layout, overwrite=overwrite) as writer:
-        total = sum(METHODS[m][1](config) for m in config.methods)
-        with tqdm(total=total, desc="train", unit="epoch", disable=quiet, leave=False) as bar:
-            ctx = Context(config, data, layout, init_model, writer, device, bar)
-            for method in config.methods:
+    writing = rank == 0
+    opened = TrajectoryWriter(out, file_config, layout, overwrite=overwrite) if writing else contextlib.nullcontext()
+    with opened as writer:
+        methods = [m for m in config.methods if writing or m in DISTRIBUTED_METHODS]
+        total = sum(METHODS[m][1](config) for m in methods)
+        with tqdm(total=total, desc="train", unit="epoch", disable=quiet or not writing, leave=False) as bar:
+            ctx = Context(config, data, layout, init_model, writer, device, bar if writing else None)
+            for method in methods:
                 bar.set_description(f"train {method}")
                 METHODS[method][0](ctx)
-        path = writer.path
+        path = writer.path if writing else None
+    if not writing:
+        return {"rank": rank}
     finals = {}
     for run, epoch, metrics in ctx.log:
         finals[run] = dict(metrics, epoch=epoch)
     return {"path": str(Path(path)), "seconds": time.perf_counter() - start, "final": finals}
 
 
-__all__ = ["train", "register_method", "METHODS", "Context", "evaluate", "train_epoch"]
+__all__ = ["train", "register_method", "METHODS", "DISTRIBUTED_METHODS", "Context", "evaluate", "train_epoch",
+           "Lookahead", "SwapThresholdWarning"]
