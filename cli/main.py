@@ -34,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"landscape: warning: {message}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+
     from landscape.errors import LandscapeError
+    warnings.formatwarning = _one_line_warning  # our warnings are for people, not stack locations
     args = build_parser().parse_args(argv)
     try:
         return args._run(args) or 0
