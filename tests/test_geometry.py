@@ -165,7 +165,9 @@ def test_hessian_plane_eigenvectors(traj):
     def loss(w):
         return torch.nn.functional.cross_entropy(functional_call(model, (traj.layout.split_params(w), bufs), (x,)), y)
 
-    hess = torch.func.hessian(loss)(ck.params.clone()).double()
+    # reverse over reverse: torch.func.hessian (forward over reverse) loads torch's JVP decompositions,
+    # which call the deprecated torch.jit.script (18 DeprecationWarnings from torch itself)
+    hess = torch.func.jacrev(torch.func.jacrev(loss))(ck.params.clone()).double()
     evals, evecs = torch.linalg.eigh(hess)
     top = evals.abs().argsort(descending=True)[:2]
     lam = plane.derived["eigenvalues"]
