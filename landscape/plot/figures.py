@@ -31,14 +31,22 @@ def plane_figure(surface, *, train_metric: str = "train_loss", test_metric: str 
     static.require_kind(surface, "plane")
     vmax = vmax or {}
     with style():
-        fig = Figure(figsize=(11.5, 5.4), layout="constrained")
+        width = 2 * _panel_width(surface) + 0.3
+        fig = Figure(figsize=(width, 5.4), layout="constrained")
         axes = fig.subplots(1, 2)
         for ax, metric in zip(axes, (train_metric, test_metric)):
             static.draw_plane(ax, surface, metric, levels=levels, vmax=vmax.get(metric), title=metric_title(metric))
             static.draw_checkpoints(ax, surface, off_plane=off_plane)
-        _legend_below(fig, axes)
+        _legend_below(fig, axes, ncol=max(2, min(4, int(width / 2.6))))
         fig.suptitle(_plane_title(surface), fontsize=11)
     return fig
+
+
+def _panel_width(surface, height: float = 3.9, chrome: float = 1.9) -> float:
+    """Width (inches) of one plane panel: the axes keep true Euclidean proportions (equal aspect), so a
+    tall plane gets a narrow panel instead of a wide one with empty margins."""
+    aspect = (surface.y[-1] - surface.y[0]) / max(surface.x[-1] - surface.x[0], 1e-12)
+    return float(np.clip(height / aspect, 2.2, 4.6)) + chrome
 
 
 def _plane_title(surface) -> str:

@@ -131,4 +131,4 @@ def axis_label(axis: str, spec: dict | None = None) -> str:
             hint = f"{ck['a']} → {ck['b']}"
         elif axis == "v" and "c" in ck:
             hint = f"toward {ck['c']}"
-    return f"{axis}{': ' + hint if hint else ''} ({DISTANCE})"
+    return f"{axis}: {hint}\n({DISTANCE})" if hint else f"{axis} ({DISTANCE})"
