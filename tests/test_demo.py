@@ -1,0 +1,69 @@
+"""`landscape demo --quick` end to end: every method trained, every surface computed, every figure and the
+explorer written, and a rerun reuses the finished work instead of redoing it."""
+import json
+
+import numpy as np
+import pytest
+
+from landscape.store import open_surface, open_trajectory
+from landscape.store.files import sha256
+
+pytestmark = pytest.mark.slow
+
+FIGURES = ("plane-swa-landscape", "plane-swa-offset", "plane-methods-landscape", "plane-methods-offset",
+           "line-edge-center", "lookahead", "lookahead-adam", "grafting")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from cli.main import main
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--quick", "--quiet", "-o", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_every_figure_and_the_explorer(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            path = demo / "figures" / f"{name}.{ext}"
+            assert path.stat().st_size > 10_000, path
+        assert (demo / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (demo / "explore.html").read_text()
+    assert "plotly" in html and "<script" in html
+    numbers = json.loads((demo / "figures" / "numbers.json").read_text())
+    assert numbers  # offsets and edge-vs-center distances
+    assert set(summary["seconds"]) == {"train", "surfaces", "figures"}
+
+
+def test_demo_records_every_method_and_reports_its_final_error(demo):
+    traj = open_trajectory(demo / "run.h5")
+    for run in ("sgd", "swa/average", "swa/iterates", "swap/phase1", "swap/average", "lookahead/slow",
+                "lookahead/fast", "lookahead-adam/slow", "grafting/net0", "grafting/net1", "grafting/baseline0"):
+        assert run in traj.runs, run
+    summary = json.loads((demo / "summary.json").read_text())
+    for run, final in summary["final"].items():
+        assert final["test_err"] == pytest.approx(float(traj.run(run).metrics["test_err"][-1]))
+    # the SWAP average is the mean of its workers' final weights
+    workers = [r for r in traj.runs if r.startswith("swap/worker")]
+    mean = np.mean([traj.params(w, -1).astype(np.float64) for w in workers], axis=0)
+    np.testing.assert_allclose(traj.params("swap/average", -1), mean, rtol=0, atol=1e-6)
+    assert summary["swap"]["average_to_centroid"] < 1e-4
+
+
+def test_demo_surfaces_belong_to_the_trajectory_and_are_complete(demo):
+    run_sha = sha256(demo / "run.h5")
+    for path in json.loads((demo / "summary.json").read_text())["surfaces"]:
+        surface = open_surface(path)
+        assert surface.trajectory_sha256 == run_sha
+        assert surface.done.all()
+        assert np.isfinite(surface.values["train_loss"]).all()
+
+
+def test_demo_rerun_reuses_finished_work(demo, capsys):
+    from cli.main import main
+    before = {p.name: sha256(p) for p in demo.glob("*.h5")}
+    assert main(["demo", "--quick", "-o", str(demo)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing") == len(before)
+    assert {p.name: sha256(p) for p in demo.glob("*.h5")} == before
