@@ -193,14 +193,25 @@ _PLANE_JS = r"""
     if (st.scale !== 'log') { return {tickmode: 'auto', tickvals: null, ticktext: null}; }
     var lo = Infinity, hi = -Infinity;
     z.forEach(function (row) { row.forEach(function (v) { if (v !== null) { lo = Math.min(lo, v); hi = Math.max(hi, v); } }); });
-    var vals = [], text = [];
-    for (var k = Math.floor(lo) - 1; k <= Math.ceil(hi) + 1; k++) {
-      [1, 2, 5].forEach(function (f) {
-        var t = k + Math.log10(f);
-        if (t >= lo - 1e-9 && t <= hi + 1e-9) { vals.push(t); text.push(Number(Math.pow(10, t).toPrecision(2)).toString()); }
-      });
+    if (!isFinite(lo) || hi <= lo) { return {tickmode: 'auto', tickvals: null, ticktext: null}; }
+    // ticks at round values (1-2-5, finer when the range spans less than a decade), labelled with the
+    // values themselves rather than their logarithms
+    var sets = [[1, 2, 5], [1, 1.5, 2, 3, 5, 7], [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9]];
+    for (var s = 0; s < sets.length; s++) {
+      var vals = [], text = [];
+      for (var k = Math.floor(lo) - 1; k <= Math.ceil(hi) + 1; k++) {
+        sets[s].forEach(function (f) {
+          var t = k + Math.log10(f);
+          if (t >= lo - 1e-9 && t <= hi + 1e-9) { vals.push(t); text.push(Number(Math.pow(10, t).toPrecision(2)).toString()); }
+        });
+      }
+      if (vals.length >= 3) { return {tickmode: 'array', tickvals: vals, ticktext: text}; }
     }
-    if (vals.length < 2) { return {tickmode: 'auto', tickvals: null, ticktext: null}; }
+    vals = []; text = [];
+    for (var i = 0; i <= 4; i++) {
+      var t = lo + (hi - lo) * i / 4;
+      vals.push(t); text.push(Number(Math.pow(10, t).toPrecision(3)).toString());
+    }
     return {tickmode: 'array', tickvals: vals, ticktext: text};
   }
   function render() {
