@@ -1,8 +1,10 @@
 """Datasets as in-memory tensors on the training device (no DataLoader in any hot path).
 
 Built-in: ``mnist1d`` (the default), ``cifar10``, ``npz``, ``synthetic``; a user dataset is named by
-import path ``package.module:factory``, whose factory returns ``(x_train, y_train, x_test, y_test)``
-(arrays or tensors) or a dict with those keys.
+import path ``package.module:factory`` (found on ``sys.path`` or in the current folder), called with the
+dataset options as keyword arguments. It returns ``(x_train, y_train, x_test, y_test)`` (arrays or
+tensors), a dict with those keys, or ``(train, test)`` where each is an ``(x, y)`` pair or a
+map-style ``torch.utils.data.Dataset`` of ``(x, y)`` items (read once, in index order, into tensors).
 
 Example::
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +189,29 @@ def _synthetic(options: dict):
     return [x_tr, y_tr, x_te, y_te], classes
 
 
+def _split_arrays(split, name: str, which: str):
+    """One split given as an ``(x, y)`` pair or as a map-style dataset of ``(x, y)`` items."""
+    if isinstance(split, torch.utils.data.TensorDataset) and len(split.tensors) == 2:
+        return list(split.tensors)
+    if isinstance(split, (tuple, list)) and len(split) == 2 and all(hasattr(a, "__len__") for a in split) \
+            and not isinstance(split, torch.utils.data.Dataset):
+        return list(split)
+    if hasattr(split, "__len__") and hasattr(split, "__getitem__"):
+        xs, ys = [], []
+        for i in range(len(split)):
+            item = split[i]
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise DataError(f"dataset factory {name}: item {i} of the {which} set is "
+                                f"{type(item).__name__}, expected an (x, y) pair")
+            xs.append(torch.as_tensor(np.asarray(item[0].cpu() if torch.is_tensor(item[0]) else item[0])))
+            ys.append(int(item[1]))
+        if not xs:
+            raise DataError(f"dataset {name!r}: the {which} set is empty")
+        return [torch.stack(xs), torch.tensor(ys)]
+    raise DataError(f"dataset factory {name}: the {which} set is {type(split).__name__}, expected an "
+                    "(x, y) pair or a dataset of (x, y) items")
+
+
 def _user_factory(name: str, options: dict):
     fn = import_object(name, DataError, "dataset")
     try:
@@ -193,8 +219,16 @@ def _user_factory(name: str, options: dict):
     except Exception as e:
         raise DataError(f"dataset factory {name} failed: {type(e).__name__}: {e}") from None
     if isinstance(out, dict):
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in out]
+        if missing:
+            raise DataError(f"dataset factory {name} returned a dict without {', '.join(missing)}")
         out = [out[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-    arrays = [np.asarray(t.cpu() if torch.is_tensor(t) else t) for t in out]
+    elif isinstance(out, (tuple, list)) and len(out) == 2:
+        out = _split_arrays(out[0], name, "train") + _split_arrays(out[1], name, "test")
+    elif not (isinstance(out, (tuple, list)) and len(out) == 4):
+        raise DataError(f"dataset factory {name} returned {type(out).__name__}; expected (x_train, y_train, "
+                        "x_test, y_test), a dict with those keys, or (train, test) datasets")
+    arrays = [np.asarray(t.detach().cpu() if torch.is_tensor(t) else t) for t in out]
     arrays = [arrays[0].astype(np.float32), arrays[1].astype(np.int64),
               arrays[2].astype(np.float32), arrays[3].astype(np.int64)]
     return arrays, int(max(arrays[1].max(), arrays[3].max())) + 1
@@ -217,13 +251,32 @@ def import_object(path: str, error, what: str):
     if not module_name or not attr:
         raise error(f"unknown {what} {path!r}")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
     except ImportError as e:
         raise error(f"cannot import {what} module {module_name!r}: {e}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
         raise error(f"module {module_name!r} has no {what} factory {attr!r}") from None
+
+
+def _import_module(module_name: str):
+    """Import a user's module; like ``python -m``, also look in the current folder (the ``landscape``
+    console script does not put it on ``sys.path``)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module_name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as e2:
+            sys.path.remove(cwd)
+            if e2.name == e.name:  # not in the current folder either: report the first failure
+                raise e from None
+            raise
 
 
 def load_data(spec: DataSpec, device="cpu") -> Data:

@@ -122,6 +122,12 @@ class TrajectoryWriter:
         os.replace(self.tmp, self.path)
         return self.path
 
+    def leave_partial(self) -> Path:
+        """Close without completing: ``NAME.partial`` stays, with ``complete = False``, holding the
+        checkpoints appended so far (what a crashed recorder leaves; readers refuse it)."""
+        self.file.close()
+        return self.tmp
+
     def abort(self) -> None:
         """Drop the partial file (bad input or a failure before anything worth keeping)."""
         try:

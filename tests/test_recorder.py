@@ -1,0 +1,186 @@
+"""The recorder: a plain PyTorch loop writes the file `landscape train` would, and `landscape plane`
+gives the same surface on it; AveragedModel and Lookahead; a crash leaves only NAME.partial."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from _recording import (BATCH, DATA, EPOCHS, LR, MODEL, MOMENTUM, WD, assert_same_surface, plane, same_start,
+                        schedule, trained_by_landscape)
+from landscape.errors import ConfigError, FileFormatError, ModelError
+from landscape.params import Layout
+from landscape.recorder import Recorder
+from landscape.store import open_trajectory
+from landscape.train import Lookahead
+
+
+def recorder(path, **kw):
+    return Recorder(path, model=MODEL.name, model_kwargs=MODEL.kwargs, data=DATA.name, data_options=DATA.options, **kw)
+
+
+def test_plain_loop_gives_the_surface_of_landscape_train(tmp_path, tmp_path_factory):
+    trained = trained_by_landscape(tmp_path_factory)
+    data, model, order = same_start()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    step = 0
+    with recorder(tmp_path / "mine.h5") as rec:          # the lines a user adds: this one,
+        rec.record("sgd", model, epoch=0, step=step)    # this one,
+        for epoch in range(EPOCHS):
+            model.train()
+            for idx in torch.randperm(len(data.x_train), generator=order).split(BATCH):
+                loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+            sched.step()
+            rec.record("sgd", model, epoch=epoch + 1, step=step)  # and this one
+    mine, theirs = open_trajectory(tmp_path / "mine.h5"), open_trajectory(trained)
+    assert mine.layout == theirs.layout
+    np.testing.assert_array_equal(mine.params("sgd"), theirs.params("sgd"))
+    np.testing.assert_array_equal(mine.buffers("sgd"), theirs.buffers("sgd"))
+    np.testing.assert_array_equal(mine.run("sgd").step, theirs.run("sgd").step)
+    assert mine.config["model"] == theirs.config["model"] and mine.config["data"] == theirs.config["data"]
+    a = plane(tmp_path / "mine.h5", tmp_path / "mine_plane.h5", "sgd:0", "sgd:1", "sgd")
+    b = plane(trained, tmp_path / "theirs_plane.h5", "sgd:0", "sgd:1", "sgd")
+    assert_same_surface(a, b)
+    assert np.isfinite(a.values["test_loss"]).all()
+
+
+def test_averaged_model_is_recorded_unwrapped(tmp_path):
+    data, model, _ = same_start()
+    avg = AveragedModel(model)
+    with recorder(tmp_path / "swa.h5") as rec:
+        for k in range(3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1 * (k + 1))
+            avg.update_parameters(model)
+            rec.record("swa/iterates", model, epoch=k + 1)
+            rec.record("swa/average", avg, epoch=k + 1)
+    traj = open_trajectory(tmp_path / "swa.h5")
+    assert not any(e.name.startswith("module.") or e.name == "n_averaged" for e in traj.layout.buffers + traj.layout.params)
+    layout = Layout.of(model)
+    np.testing.assert_array_equal(traj.params("swa/average")[-1], layout.params_to_vector(avg.module).numpy())
+    np.testing.assert_allclose(traj.params("swa/average")[-1], traj.params("swa/iterates").mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(traj.run("swa/average").metrics["n_averaged"], [1, 2, 3])
+
+
+def test_lookahead_records_slow_and_fast_weights(tmp_path):
+    data, model, order = same_start()
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), k=3, alpha=0.5)
+    with recorder(tmp_path / "la.h5") as rec:
+        rec.record_lookahead(opt, model, epoch=0, step=0)
+        for i, idx in enumerate(torch.randperm(len(data.x_train), generator=order).split(BATCH)[:6]):
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rows = rec.record_lookahead(opt, model, step=opt.step_count, sync=opt.sync_count)
+            if i == 4:  # between synchronizations: slow and fast differ
+                slow_now = torch.cat([opt.state[p]["slow"].reshape(-1) for p in model.parameters()]).numpy()
+    traj = open_trajectory(tmp_path / "la.h5")
+    assert set(traj.runs) == {"lookahead/slow", "lookahead/fast"} and rows == {"lookahead/slow": 6, "lookahead/fast": 6}
+    slow, fast = traj.params("lookahead/slow"), traj.params("lookahead/fast")
+    np.testing.assert_array_equal(slow[5], slow_now)
+    assert not np.array_equal(slow[5], fast[5])
+    np.testing.assert_array_equal(slow[6], fast[6])  # step 6 synchronized: theta = phi
+    np.testing.assert_array_equal(slow[3], slow[5])  # phi only moves at synchronizations
+    np.testing.assert_array_equal(traj.run("lookahead/slow").metrics["sync"][1:], [0, 0, 1, 1, 1, 2])
+
+
+def test_crash_leaves_only_the_partial_file(tmp_path):
+    _, model, _ = same_start()
+    out = tmp_path / "crash.h5"
+    with pytest.raises(RuntimeError, match="boom"):
+        with recorder(out) as rec:
+            rec.record("sgd", model, epoch=0, step=0)
+            raise RuntimeError("boom")
+    assert not out.exists()
+    partial = tmp_path / "crash.h5.partial"
+    assert partial.exists()
+    with pytest.raises(FileFormatError, match="incomplete"):
+        open_trajectory(partial)
+    # close() without the context manager also finishes it atomically
+    rec = recorder(out)
+    rec.record("sgd", model, epoch=0, step=0)
+    assert not out.exists()
+    assert rec.close() == out and out.exists() and not partial.exists()
+    with pytest.raises(FileFormatError, match="already exists"):
+        recorder(out)
+
+
+def test_a_module_that_is_not_the_model_names_the_first_mismatch(tmp_path):
+    data, model, _ = same_start()
+    other = nn.Sequential(nn.Flatten(), nn.Linear(24, 4))
+    with recorder(tmp_path / "bad.h5") as rec:
+        rec.record("sgd", model)
+        with pytest.raises(ModelError, match=r"0\.weight"):
+            rec.record("sgd", other)
+        with pytest.raises(ConfigError, match="not the module itself"):
+            Recorder(tmp_path / "x.h5", model=model, data="synthetic")
+        with pytest.raises(Exception, match="':'"):
+            rec.record("sgd:1", model)
+
+
+def test_model_inside_a_wrapper_module_is_found(tmp_path):
+    """A LightningModule-like wrapper: its parameters are `model.*`; the recorder records `model`."""
+    data, model, _ = same_start()
+
+    class Wrapper(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.loss = nn.CrossEntropyLoss()
+            self.model = net
+
+    with recorder(tmp_path / "wrapped.h5") as rec:
+        rec.record("sgd", Wrapper(model), epoch=0)
+    np.testing.assert_array_equal(open_trajectory(tmp_path / "wrapped.h5").params("sgd")[0],
+                                  Layout.of(model).params_to_vector(model).numpy())
+
+
+def test_user_factory_returning_datasets_works_in_plane(tmp_path, monkeypatch):
+    """Model and data by the user's own `module:factory`; the data factory returns torch Datasets."""
+    (tmp_path / "userpkg_rec.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from torch.utils.data import TensorDataset\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, width=8):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, width), nn.ReLU(), nn.Linear(width, 3))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n"
+        "class Pairs(torch.utils.data.Dataset):\n"
+        "    def __init__(self, x, y): self.x, self.y = x, y\n"
+        "    def __len__(self): return len(self.x)\n"
+        "    def __getitem__(self, i): return self.x[i], int(self.y[i])\n"
+        "def load(n=90):\n"
+        "    g = torch.Generator().manual_seed(1)\n"
+        "    x, y = torch.randn(n, 12, generator=g), torch.randint(0, 3, (n,), generator=g)\n"
+        "    return Pairs(x[:60], y[:60]), TensorDataset(x[60:], y[60:])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import userpkg_rec
+    torch.manual_seed(0)
+    net = userpkg_rec.Net(width=5)
+    train, _ = userpkg_rec.load()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Recorder(tmp_path / "user.h5", model="userpkg_rec:Net", model_kwargs={"width": 5},
+                  data="userpkg_rec:load", data_options={"n": 90}, evaluate=True, config={"lr": 0.1}) as rec:
+        rec.record("sgd", net, epoch=0, step=0)
+        for step in range(1, 4):
+            loss = F.cross_entropy(net(torch.stack([train[i][0] for i in range(60)])), train.y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.record("sgd", net, epoch=step, step=step)
+    traj = open_trajectory(tmp_path / "user.h5")
+    assert traj.config["lr"] == 0.1 and traj.config["input_shape"] == [12] and traj.config["num_classes"] == 3
+    assert np.isfinite(traj.run("sgd").metrics["test_err"]).all()
+    surf = plane(tmp_path / "user.h5", tmp_path / "user_plane.h5", "sgd:0", "sgd:1", "sgd", grid=(3, 3))
+    assert surf.done.all()
