@@ -120,7 +120,8 @@ def run_demo(out_dir="landscape-demo", quick: bool = False, device: str = "auto"
     summary = {"out": str(out), "trajectory": str(run_path), "surfaces": [str(s) for s in surfaces],
                "figures": [str(f) for f in res.figures], "numbers": str(res.numbers_path),
                "explorer": str(explorer), "seconds": seconds, "final": _finals(traj),
-               "swap": _swap_numbers(traj), "lines": res.lines}
+               "swap": _swap_numbers(traj), "lines": res.lines,
+               "claims": _claims(res.numbers, open_surface(surfaces[0]), open_surface(surfaces[1]), cfg)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -148,3 +149,52 @@ def _swap_numbers(traj) -> dict:
     errs = [float(traj.run(w).metrics["test_err"][-1]) for w in workers]
     return {"workers_test_err": errs, "average_test_err": float(traj.run("swap/average").metrics["test_err"][-1]),
             "average_to_centroid": float(np.linalg.norm(avg - centroid)), "workers_spread": spread}
+
+
+def _claims(numbers: dict, swa_plane, methods_plane, cfg: DemoConfig) -> list:
+    """The papers' qualitative claims, each checked against this run's numbers:
+    ``{"claim", "holds", "evidence"}``. Nothing here decides what the figures show; it reads them."""
+    claims = []
+    offset = next((v for k, v in numbers.get("offset", {}).items() if "plane-swa" in k), None)
+    if offset:
+        cell = float(np.hypot(swa_plane.x[1] - swa_plane.x[0], swa_plane.y[1] - swa_plane.y[0]))
+        raw = offset.get("unsmoothed", offset)
+        claims.append({
+            "claim": "the test-error minimum is offset from the train-loss minimum (SWA plane)",
+            "holds": bool(offset["length"] > cell),
+            "evidence": f"minima {offset['length']:.3g} weight-space units apart on the smoothed surfaces "
+                        f"({raw['length']:.3g} on the raw grid; one grid cell is {cell:.3g})"})
+    line = next(iter(numbers.get("edge_center", {}).values()), None)
+    if line:
+        rise = f"{max(cfg.rises):g}"
+        sgd, swa = (line[k] for k in sorted(line, key=lambda k: line[k]["coordinate"]))
+        near = {who: min(d["distance"] for d in p["rise"][rise]["line"].values() if d["distance"] is not None)
+                for who, p in (("sgd", sgd), ("swa", swa))}
+        rays = {who: p["rise"][rise]["rays"]["mean"] for who, p in (("sgd", sgd), ("swa", swa))}
+        claims.append({
+            "claim": "along the SGD-SWA line SGD sits nearer the rim of the low-train-loss region than SWA",
+            "holds": bool(near["sgd"] < near["swa"]),
+            "evidence": f"nearest point where train loss has risen by {rise} along the line: {near['sgd']:.3g} "
+                        f"from SGD, {near['swa']:.3g} from SWA; mean over random rays {rays['sgd']:.3g} "
+                        f"vs {rays['swa']:.3g} (weight-space units)"})
+    workers = [p.coords for n, p in methods_plane.points.items() if n.startswith("swap/worker")]
+    average = next((p.coords for n, p in methods_plane.points.items() if n.startswith("swap/average")), None)
+    if len(workers) >= 3 and average is not None:
+        inside = _in_hull(np.asarray(average), np.asarray(workers))
+        claims.append({
+            "claim": "the SWAP average lies inside the hull of its workers (plane through SGD, SWA, SWAP)",
+            "holds": inside,
+            "evidence": f"average at ({average[0]:.3g}, {average[1]:.3g}); {len(workers)} workers within "
+                        f"{np.linalg.norm(np.asarray(workers) - average, axis=1).max():.3g} of it"})
+    return claims
+
+
+def _in_hull(point: np.ndarray, corners: np.ndarray) -> bool:
+    """Whether a 2-D point lies in the convex hull of ``corners`` (Delaunay test; a degenerate, collinear
+    set of corners holds only the points on its segment)."""
+    from scipy.spatial import Delaunay, QhullError
+    try:
+        return bool(Delaunay(corners).find_simplex(point) >= 0)
+    except QhullError:
+        a, b = corners.min(0), corners.max(0)
+        return bool(np.all(point >= a - 1e-9) and np.all(point <= b + 1e-9))

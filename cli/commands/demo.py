@@ -40,6 +40,9 @@ def run(args) -> int:
     print("\nheadline numbers:")
     for line in s["lines"]:
         print(f"  {line}")
+    print("\nthe papers' claims on this run:")
+    for c in s["claims"]:
+        print(f"  [{'holds' if c['holds'] else 'does not hold'}] {c['claim']}: {c['evidence']}")
     print(f"\nfigures:  {s['out']}/figures/  ({len(s['figures'])} files; numbers in {s['numbers']})")
     print(f"explorer: {s['explorer']}  (open it in a browser; works offline)")
     return 0
