@@ -1,0 +1,124 @@
+"""The Lightning callback: a Trainer run records the file `landscape train` would, `landscape plane`
+gives the same surface on it, and a crash leaves only NAME.partial. Skipped without Lightning (CI
+installs the `lightning` extra)."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _recording import (BATCH, DATA, EPOCHS, LR, MODEL, MOMENTUM, WD, assert_same_surface, plane, same_start,
+                        schedule, trained_by_landscape)
+from landscape.errors import ConfigError, FileFormatError
+from landscape.store import open_trajectory
+
+
+def test_package_imports_without_lightning(monkeypatch):
+    import landscape.lightning as ll
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.setattr(ll, "_classes", {})
+    import landscape  # noqa: F401
+    with pytest.raises(ConfigError, match=r"pip install 'landscape\[lightning\]'"):
+        ll.LandscapeCallback
+
+
+@pytest.fixture
+def pl():
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    return pl
+
+
+class SameOrder(torch.utils.data.Sampler):
+    """The data order of `landscape train`: one randperm per epoch from one generator.
+    (RandomSampler(generator=g) draws an extra permutation per epoch, so its order differs.)"""
+
+    def __init__(self, n, generator):
+        self.n, self.generator = n, generator
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def lit_module(pl, net, fail_at_epoch=None):
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            if fail_at_epoch is not None and self.current_epoch == fail_at_epoch:
+                raise RuntimeError("boom")
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("loss/train", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule)}
+
+    return Lit()
+
+
+def fit(pl, tmp_path, out, fail_at_epoch=None, **callback_kwargs):
+    from landscape.lightning import LandscapeCallback
+    data, net, order = same_start()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_train, data.y_train),
+                                         batch_size=BATCH, sampler=SameOrder(len(data.x_train), order))
+    callback = LandscapeCallback(out, model=MODEL.name, model_kwargs=MODEL.kwargs, data=DATA.name,
+                                 data_options=DATA.options, **callback_kwargs)
+    trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(lit_module(pl, net, fail_at_epoch), loader)
+    return callback
+
+
+def test_trainer_with_callback_gives_the_surface_of_landscape_train(pl, tmp_path, tmp_path_factory):
+    trained = trained_by_landscape(tmp_path_factory)
+    out = tmp_path / "lit.h5"
+    callback = fit(pl, tmp_path, out, run="sgd")
+    assert callback.written == out
+    mine, theirs = open_trajectory(out), open_trajectory(trained)
+    assert mine.config["source"] == "lightning" and mine.layout == theirs.layout
+    np.testing.assert_array_equal(mine.params("sgd"), theirs.params("sgd"))
+    np.testing.assert_array_equal(mine.buffers("sgd"), theirs.buffers("sgd"))
+    run = mine.run("sgd")
+    np.testing.assert_array_equal(run.epoch, theirs.run("sgd").epoch)  # 0 (init), 1, 2, 3
+    np.testing.assert_array_equal(run.step, theirs.run("sgd").step)
+    assert np.isnan(run.metrics["loss_train"][0]) and np.isfinite(run.metrics["loss_train"][1:]).all()
+    a = plane(out, tmp_path / "lit_plane.h5", "sgd:0", "sgd:1", "sgd")
+    b = plane(trained, tmp_path / "train_plane.h5", "sgd:0", "sgd:1", "sgd")
+    assert_same_surface(a, b)
+
+
+def test_step_checkpoints_and_evaluated_metrics(pl, tmp_path):
+    out = tmp_path / "steps.h5"
+    fit(pl, tmp_path, out, run="sgd/steps", every_n_steps=3, evaluate=True, metrics={"logged_loss": "loss/train"})
+    run = open_trajectory(out).run("sgd/steps")
+    per_epoch = 256 // BATCH
+    steps = [0] + [s for s in range(3, EPOCHS * per_epoch, 3) if s % per_epoch] + \
+        sorted(set(range(per_epoch, EPOCHS * per_epoch + 1, per_epoch)))
+    assert sorted(run.step.tolist()) == sorted(steps) and list(run.step) == sorted(run.step)
+    np.testing.assert_allclose(run.epoch, run.step / per_epoch)
+    assert np.isfinite(run.metrics["test_err"]).all()
+    assert set(run.metrics) == {"train_loss", "train_err", "test_loss", "test_err", "logged_loss"}
+
+
+def test_crash_in_fit_leaves_only_the_partial_file(pl, tmp_path):
+    out = tmp_path / "crash.h5"
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(pl, tmp_path, out, fail_at_epoch=1)
+    assert not out.exists() and (tmp_path / "crash.h5.partial").exists()
+    with pytest.raises(FileFormatError, match="incomplete"):
+        open_trajectory(tmp_path / "crash.h5.partial")
