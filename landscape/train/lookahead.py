@@ -57,7 +57,8 @@ class Lookahead(torch.optim.Optimizer):
     ``reset`` zeroes it, ``pullback`` interpolates it like the weights, m <- m_c + alpha (m - m_c),
     where m_c is its value after the previous synchronization (zero at first), then m_c <- m.
 
-    ``param_groups`` are the inner optimizer's (so learning-rate schedulers work unchanged).
+    ``param_groups`` are the inner optimizer's, looked up on every access (so learning-rate
+    schedulers and ``set_lr`` reach it, also after :meth:`load_state_dict`).
     ``state[p]`` holds ``slow`` (phi) and, with ``pullback``, ``slow_<key>`` (m_c).
     """
 
@@ -66,10 +67,8 @@ class Lookahead(torch.optim.Optimizer):
             raise ConfigError(f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_lookahead_options(k, alpha, inner_state)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        super().__init__(params, {})  # hooks and profiling of torch.optim; groups replaced below
+        super().__init__(params, {})  # hooks and profiling of torch.optim; groups delegated below
         self.optimizer = optimizer
-        self.param_groups = optimizer.param_groups
-        self.defaults = optimizer.defaults
         self.state = defaultdict(dict)
         self.k, self.alpha, self.inner_state = int(k), float(alpha), inner_state
         self._step = 0
@@ -78,6 +77,35 @@ class Lookahead(torch.optim.Optimizer):
             self._init_slow(p)
 
     # -- structure ------------------------------------------------------------------------------
+    # param_groups and defaults are the inner optimizer's, looked up on every access: its
+    # load_state_dict replaces its param_groups list, and a copy taken once would go stale (a
+    # learning-rate change after resuming would then not reach the inner optimizer).
+    @property
+    def param_groups(self) -> list:
+        inner = self.__dict__.get("optimizer")
+        return inner.param_groups if inner is not None else self.__dict__["_own_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, groups: list) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is not None:
+            inner.param_groups = groups
+        else:  # while torch.optim.Optimizer.__init__ runs
+            self.__dict__["_own_param_groups"] = groups
+
+    @property
+    def defaults(self) -> dict:
+        inner = self.__dict__.get("optimizer")
+        return inner.defaults if inner is not None else self.__dict__["_own_defaults"]
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is not None:
+            inner.defaults = value
+        else:
+            self.__dict__["_own_defaults"] = value
+
     def _params(self) -> list:
         return [p for g in self.param_groups for p in g["params"]]
 
@@ -211,10 +239,15 @@ def _adam(model, config):
 def run_lookahead_method(ctx: Context, prefix: str, inner: str) -> None:
     """Train with Lookahead around ``inner`` (``sgd`` or ``adam``) from the shared initialization and
     data order, with the sgd schedule (lr factor 1 -> lr_ratio over ``epochs``) on the inner
-    learning rate. Records ``<prefix>/slow``: row 0 the initialization, then one row after every
-    synchronization (metric ``sync``: how many so far); ``<prefix>/fast``: the fast weights after
-    every inner step within :func:`fast_window` (metric ``inner_step``, 1..k; at a synchronizing
-    step the row holds theta_k, recorded just before the slow update)."""
+    learning rate.
+
+    Records ``<prefix>/slow``: row 0 the initialization, then the slow weights after *every*
+    synchronization (metric ``sync``: how many so far). Train/test metrics are evaluated on row 0,
+    on the last synchronization of every epoch (so the run's last row has them) and on every
+    synchronization inside :func:`fast_window`; the other rows hold weights only (metrics NaN), which
+    keeps Lookahead as cheap as SGD. ``<prefix>/fast``: the fast weights after every inner step within
+    :func:`fast_window`, each with its metrics (metric ``inner_step``, 1..k; at a synchronizing step
+    the row holds theta_k, recorded just before the slow update)."""
     cfg = ctx.config
     model = ctx.fresh_model()
     inner_opt = sgd_optimizer(model, cfg) if inner == "sgd" else _adam(model, cfg)
@@ -225,25 +258,30 @@ def run_lookahead_method(ctx: Context, prefix: str, inner: str) -> None:
     first, end = fast_window(cfg)
     now = {"epoch": 0}
 
-    def when(step):
-        return now["epoch"] + (step - now["epoch"] * per_epoch) / per_epoch
+    def in_window():
+        return first <= now["epoch"] < end
 
     def on_sync(o):  # fast weights theta_k, just before the slow update
-        if first <= now["epoch"] < end:
-            ctx.record(fast_run, model, when(o.step_count), o.step_count, inner_step=o.k)
+        if in_window():
+            s = o.step_count
+            ctx.record(fast_run, model, s / per_epoch, s, inner_step=o.k)
 
     def on_step(_):
         s = opt.step_count
         if opt.synced:
-            ctx.record(slow_run, model, when(s), s, sync=opt.sync_count)
-        elif first <= now["epoch"] < end:
-            ctx.record(fast_run, model, when(s), s, inner_step=s % opt.k)
+            last_of_epoch = s + opt.k > (now["epoch"] + 1) * per_epoch
+            ctx.record(slow_run, model, s / per_epoch, s, metrics=in_window() or last_of_epoch,
+                       sync=opt.sync_count)
+        elif in_window():
+            ctx.record(fast_run, model, s / per_epoch, s, inner_step=s % opt.k)
 
     opt.register_sync_hook(on_sync)
     ctx.record(slow_run, model, 0.0, 0, sync=0)
     ctx.writer.set_attrs(slow_run, k=opt.k, alpha=opt.alpha, inner_state=opt.inner_state,
-                         inner_optimizer=type(inner_opt).__name__, lr=base_lr,
-                         rows="row 0: initialization; then one row after every synchronization")
+                         inner_optimizer=type(inner_opt).__name__, lr=base_lr, window=[first, end],
+                         rows="row 0: initialization; then one row after every synchronization; metrics on "
+                              "row 0, the last synchronization of every epoch and every synchronization in "
+                              "epochs window[0] to window[1] - 1 (NaN elsewhere)")
     for epoch in range(cfg.epochs):
         now["epoch"] = epoch
         set_lr(opt, base_lr * swa_schedule(epoch, cfg.epochs, cfg.lr_ratio))

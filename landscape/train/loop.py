@@ -66,7 +66,7 @@ def train_epoch(model: nn.Module, optimizer, data: Data, batch_size: int, genera
     return total / count
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: Data, batch_size: int = 1000) -> dict:
     """Train and test loss (mean cross-entropy) and error (%) in eval mode, sums in float64."""
     was_training = model.training
@@ -109,11 +109,16 @@ class Context:
         return len(batch_slices(len(self.data.x_train), batch_size or self.config.batch_size))
 
     def record(self, run: str, model: nn.Module, epoch: float, step: int, recompute: bool = False,
-               **extra) -> dict:
+               metrics: bool = True, **extra) -> dict:
         """Evaluate ``model`` and append it to ``run``. ``recompute`` first recomputes BatchNorm
-        statistics on the training set (for averaged weights)."""
+        statistics on the training set (for averaged weights). ``metrics=False`` appends the weights
+        without evaluating them (the row's train/test metrics read NaN) and returns ``{}``."""
         if recompute:
             recompute_bn(model, self.data.x_train, self.config.eval_batch_size)
+        if not metrics:
+            self.writer.append(run, self.layout.params_to_vector(model), self.layout.buffers_to_vector(model),
+                               epoch=epoch, step=step, **extra)
+            return {}
         metrics = evaluate(model, self.data, self.config.eval_batch_size)
         self.writer.append(run, self.layout.params_to_vector(model), self.layout.buffers_to_vector(model),
                            epoch=epoch, step=step, **metrics, **extra)
