@@ -26,8 +26,11 @@ the fast weights of a Lookahead optimizer.
 """
 from __future__ import annotations
 
+import contextlib
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -104,6 +107,19 @@ def unwrap(module: nn.Module):
             return module, extra
 
 
+@contextlib.contextmanager
+def _rng_untouched():
+    """Restore the global random generators (torch CPU, Python, NumPy) afterwards, so that building a
+    reference model and loading the data leave the user's initialization and data order as they were."""
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
 def _same_structure(a: Layout, b: Layout) -> bool:
     key = lambda entries: [(e.name, e.shape) for e in entries]  # noqa: E731 (dtypes may differ)
     return key(a.params) == key(b.params) and key(a.buffers) == key(b.buffers)
@@ -159,8 +175,9 @@ class Recorder:
         self._data_on = {}
         self._runs = []
         if check:
-            self.data = load_data(self.data_spec, "cpu")
-            reference = build_model(self.model_spec, self.data.input_shape, self.data.num_classes)
+            with _rng_untouched():  # building them must not change the user's run
+                self.data = load_data(self.data_spec, "cpu")
+                reference = build_model(self.model_spec, self.data.input_shape, self.data.num_classes)
             self.config.update(num_classes=self.data.num_classes, input_shape=list(self.data.input_shape))
             self._open(Layout.of(reference))
 

@@ -2,6 +2,8 @@
 gives the same surface on it; AveragedModel and Lookahead; a crash leaves only NAME.partial."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,16 @@ def test_plain_loop_gives_the_surface_of_landscape_train(tmp_path, tmp_path_fact
     b = plane(trained, tmp_path / "theirs_plane.h5", "sgd:0", "sgd:1", "sgd")
     assert_same_surface(a, b)
     assert np.isfinite(a.values["test_loss"]).all()
+
+
+def test_recorder_leaves_the_random_state_alone(tmp_path):
+    """Building the reference model must not shift the user's initialization or data order."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    rec = recorder(tmp_path / "rng.h5")
+    np.testing.assert_array_equal(torch.rand(3), expected)
+    rec.close_incomplete()
 
 
 def test_averaged_model_is_recorded_unwrapped(tmp_path):
@@ -184,3 +196,33 @@ def test_user_factory_returning_datasets_works_in_plane(tmp_path, monkeypatch):
     assert np.isfinite(traj.run("sgd").metrics["test_err"]).all()
     surf = plane(tmp_path / "user.h5", tmp_path / "user_plane.h5", "sgd:0", "sgd:1", "sgd", grid=(3, 3))
     assert surf.done.all()
+
+
+def test_user_data_factory_forms(tmp_path, monkeypatch):
+    """A data factory may return four arrays, a dict, (x, y) pairs or datasets; anything else is a
+    DataError; the module is also found in the current folder (as `python -m` would)."""
+    from landscape.data import DataSpec, load_data
+    from landscape.errors import DataError
+    (tmp_path / "userdata_forms.py").write_text(
+        "import numpy as np, torch\n"
+        "x, y = np.arange(40, dtype=np.float32).reshape(10, 4), np.arange(10) % 2\n"
+        "def four(): return x[:6], y[:6], x[6:], y[6:]\n"
+        "def as_dict(): return dict(x_train=x[:6], y_train=y[:6], x_test=x[6:], y_test=y[6:])\n"
+        "def pairs(): return (torch.tensor(x[:6]), torch.tensor(y[:6])), (x[6:], y[6:])\n"
+        "class D(torch.utils.data.Dataset):\n"
+        "    def __init__(self, a, b): self.a, self.b = a, b\n"
+        "    def __len__(self): return len(self.a)\n"
+        "    def __getitem__(self, i): return torch.tensor(self.a[i]), int(self.b[i])\n"
+        "def datasets(): return D(x[:6], y[:6]), torch.utils.data.TensorDataset(torch.tensor(x[6:]), torch.tensor(y[6:]))\n"
+        "def wrong(): return 42\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    for name in ("four", "as_dict", "pairs", "datasets"):
+        d = load_data(DataSpec(f"userdata_forms:{name}"))
+        assert d.x_train.shape == (6, 4) and d.x_test.shape == (4, 4) and d.num_classes == 2, name
+        assert d.x_train.dtype == torch.float32 and d.y_test.dtype == torch.int64, name
+        np.testing.assert_array_equal(d.x_test.numpy()[:, 0], [24, 28, 32, 36])
+    with pytest.raises(DataError, match="returned int"):
+        load_data(DataSpec("userdata_forms:wrong"))
+    with pytest.raises(DataError, match="cannot import dataset module 'no_such_module_here'"):
+        load_data(DataSpec("no_such_module_here:f"))
