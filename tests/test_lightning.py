@@ -70,17 +70,18 @@ def lit_module(pl, net, fail_at_epoch=None):
     return Lit()
 
 
-def fit(pl, tmp_path, out, fail_at_epoch=None, **callback_kwargs):
+def fit(pl, tmp_path, out, fail_at_epoch=None, extra_callbacks=(), **callback_kwargs):
     from landscape.lightning import LandscapeCallback
     data, net, order = same_start()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_train, data.y_train),
                                          batch_size=BATCH, sampler=SameOrder(len(data.x_train), order))
     callback = LandscapeCallback(out, model=MODEL.name, model_kwargs=MODEL.kwargs, data=DATA.name,
                                  data_options=DATA.options, **callback_kwargs)
-    trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=[callback, *extra_callbacks], accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=bool(extra_callbacks),
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(lit_module(pl, net, fail_at_epoch), loader)
+    callback.net = net
     return callback
 
 
@@ -122,3 +123,21 @@ def test_crash_in_fit_leaves_only_the_partial_file(pl, tmp_path):
     assert not out.exists() and (tmp_path / "crash.h5.partial").exists()
     with pytest.raises(FileFormatError, match="incomplete"):
         open_trajectory(tmp_path / "crash.h5.partial")
+
+
+def test_lightning_checkpoint_files_import_with_weights_only(pl, tmp_path):
+    """Lightning's own ModelCheckpoint files (keys `net.*` under "state_dict", epoch, global_step)
+    load with weights_only=True and import to the weights the callback recorded."""
+    from cli.main import main
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1)
+    fit(pl, tmp_path, tmp_path / "recorded.h5", extra_callbacks=[saver])
+    assert len(list((tmp_path / "ckpts").glob("*.ckpt"))) == EPOCHS
+    assert main(["import", str(tmp_path / "ckpts"), "--order", "epoch", "--run", "sgd", "--model", MODEL.name,
+                 "--model-arg", "channels=6", "--dataset", DATA.name, "--data-option", "n_train=256",
+                 "--data-option", "n_test=96", "--data-option", "shape=[1,24]", "--quiet",
+                 "-o", str(tmp_path / "imported.h5")]) == 0
+    imported, recorded = open_trajectory(tmp_path / "imported.h5"), open_trajectory(tmp_path / "recorded.h5")
+    np.testing.assert_array_equal(imported.params("sgd"), recorded.params("sgd")[1:])
+    np.testing.assert_array_equal(imported.buffers("sgd"), recorded.buffers("sgd")[1:])
+    np.testing.assert_array_equal(imported.run("sgd").step, recorded.run("sgd").step[1:])
+    np.testing.assert_array_equal(imported.run("sgd").epoch, np.arange(EPOCHS))  # Lightning's 0-based epoch index
