@@ -10,7 +10,8 @@ from .params import Layout  # noqa: E402
 from .store import open_surface, open_trajectory  # noqa: E402
 from .geometry import Grid, Line, Plane  # noqa: E402
 from .surface import compute_surface  # noqa: E402
+from .recorder import Recorder  # noqa: E402
 
 __all__ = ["TrainConfig", "DataSpec", "ModelSpec", "Layout", "LandscapeError", "build_model",
            "load_data", "open_trajectory", "open_surface", "Plane", "Line", "Grid", "compute_surface",
-           "__version__"]
+           "Recorder", "__version__"]
