@@ -18,18 +18,20 @@ BatchNorm policies (:class:`BatchNormPolicy`):
 - ``stored``: the origin's buffers at every point.
 - ``none``: the model has no BatchNorm.
 
-On a CPU, the number of points per call that runs fastest is found by a short measurement
-(:meth:`Evaluator.measure`); on a GPU, the same measurement settles on large K.
+On a CPU, the number of points per call that runs fastest is found by a short measurement on the
+first points of the grid (:func:`choose_points_per_call`). On a CPU it usually settles on K = 1 (vmap
+turns convolutions into grouped ones, which are slow there); on a GPU, on large K.
 
 Example::
 
     ev = Evaluator(model, layout, data, BatchNormPolicy("recompute", batch_size=1000))
-    k = ev.measure(w0, b0)                  # points per call
     out = ev(weights[:k], buffers[:k])      # {"train_loss": (k,) float64, ...}
 """
 from __future__ import annotations
 
 import copy
+import ctypes
+import platform
 import time
 import types
 from dataclasses import asdict, dataclass
@@ -84,26 +86,61 @@ def resolve_policy(bn, model, can_interpolate: bool, batch_size: int = 1000) -> 
 
 def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Train-mode BatchNorm of ``x`` holding several BatchNorm batches of ``bn.stacked_batch`` samples
-    one after the other: each batch is normalized with its own mean and variance, as if it had passed
-    alone. The batches become extra channels of one native batch-norm call (momentum 1, so its
-    buffers receive each batch's mean and unbiased variance, exactly as a pass batch by batch would);
-    their merge (Chan's formula, float64) goes to the layer's running buffers."""
-    g, c, rest = bn.stacked_batch, x.shape[1], tuple(x.shape[2:])
+    one after the other: each batch is normalized with its own mean and (biased) variance, as if it
+    had passed alone. The statistics are column sums over the batch dimension of the (m, g, C * L)
+    view, then over L, with the variance taken about the mean in a second pass; every elementwise
+    operation runs along the contiguous C * L (no transposed copy, which a native batch-norm call over
+    stacked batches would need). The batches' means and unbiased variances, merged in float64 (Chan's
+    formula), go to the layer's running buffers: what a pass batch by batch with momentum 1 leaves,
+    merged."""
+    g, c = bn.stacked_batch, x.shape[1]
     m = x.shape[0] // g
-    xs = x.reshape(m, g, c, *rest).transpose(0, 1).reshape(g, m * c, *rest)  # (batch, m*C, ...)
-    # batched like x under vmap, contiguous: vmap's rule updates the buffers in place through a reshape
-    mean = torch.zeros_like(xs[0].reshape(m * c, -1)[:, 0], memory_format=torch.contiguous_format)
-    var = torch.ones_like(mean, memory_format=torch.contiguous_format)
-    w = None if bn.weight is None else bn.weight.repeat(m)
-    bias = None if bn.bias is None else bn.bias.repeat(m)
-    y = F.batch_norm(xs, mean, var, w, bias, True, 1.0, bn.eps)
-    count = g * xs[0, 0].numel()  # values per channel in one batch
-    mean, var = mean.reshape(m, c).double(), var.reshape(m, c).double()
+    per = x[0, 0].numel()                      # values per channel per sample (the L of (N, C, L))
+    count = g * per                            # values per channel in one batch
+    cols = x.reshape(m, g, c * per)            # a view
+
+    def along(t):                              # (m or 1, C) -> (m or 1, 1, C * L), contiguous
+        return t.float()[:, :, None].expand(t.shape[0], c, per).reshape(t.shape[0], 1, c * per)
+
+    mean = cols.sum(1).reshape(m, c, per).double().sum(2) / count                      # (m, C)
+    d = cols - along(mean)
+    m2 = d.square().sum(1).reshape(m, c, per).double().sum(2)                          # (m, C)
+    scale = torch.rsqrt(m2 / count + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    if bn.bias is not None:
+        y = torch.addcmul(along(bn.bias[None]), d, along(scale))
+    else:
+        y = d.mul_(along(scale))
     total = mean.mean(0)
-    m2 = (var * (count - 1)).sum(0) + count * (mean - total).square().sum(0)
+    merged = m2.sum(0) + count * (mean - total).square().sum(0)
     bn.running_mean.copy_(total)
-    bn.running_var.copy_(m2 / (m * count - 1))
-    return y.reshape(g, m, c, *rest).transpose(0, 1).reshape(x.shape)
+    bn.running_var.copy_(merged / (m * count - 1))
+    return y.reshape(x.shape)
+
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed memory for reuse (once per process, Linux with glibc only).
+
+    The evaluator allocates the same megabyte-sized temporaries for every data batch. By default glibc
+    serves such blocks with fresh ``mmap``s (or trims them off the heap when freed), so every batch
+    page-faults its memory in again, which costs as much as the arithmetic here (measured: a 15 ms
+    point took 34 ms). Fixing M_MMAP_THRESHOLD at 32 MiB and M_TRIM_THRESHOLD at 1 GiB keeps the
+    blocks in the heap; the process keeps its peak heap size. (PyTorch's CPU tuning guide gets the
+    same effect by preloading jemalloc or tcmalloc.)"""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class Evaluator:
@@ -111,6 +148,8 @@ class Evaluator:
 
     def __init__(self, model, layout, data, bn: BatchNormPolicy = BatchNormPolicy("stored"),
                  batch_size: int = 1000, weight_decay: float | None = None):
+        if data.x_train.device.type == "cpu":
+            keep_freed_memory()
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -236,58 +275,44 @@ class Evaluator:
             out["train_loss_l2"] = out["train_loss"] + 0.5 * self.weight_decay * sq
         return out
 
-    # ------------------------------------------------------------------------------------------
-    def measure(self, params: torch.Tensor, buffers: torch.Tensor, candidates=None, budget_s: float = 3.0,
-                quiet: bool = True) -> int:
-        """The number of points per call with the highest throughput, from timing one batch of each
-        pass at K = 1, 2, 4, ... (stopping once it is much slower, out of memory or out of ``budget_s``)."""
-        device = self.data.x_train.device
-        if candidates is None:
-            candidates = (1, 2, 4, 8, 16, 32) if device.type == "cpu" else (1, 2, 4, 8, 16, 32, 64, 128, 256)
-        x = self.data.x_train[:self.batch_size]
-        xb = self.x_bn[:self.bn.batch_size]
-        # how many batches of each kind one point costs
-        n_eval = len(batch_slices(len(self.data.x_train), self.batch_size)) + \
-            len(batch_slices(len(self.data.x_test), self.batch_size))
-        n_bn = len(batch_slices(len(self.x_bn), self.bn.batch_size)) if self.bn.policy == "recompute" else 0
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        best_k, best_rate, start = 1, 0.0, time.perf_counter()
-        for k in candidates:
-            w = params.reshape(1, -1).expand(k, -1)
-            bf = buffers.reshape(1, -1).expand(k, -1)
-            try:
-                with torch.no_grad():
-                    times = []
-                    for _ in range(3):  # the first is a warm-up
-                        p, b = self._split(w, bf, k > 1)
-                        sync()
-                        t0 = time.perf_counter()
-                        if n_bn:
-                            for m in self.bn_layers.values():
-                                m.train()
-                            self._forward(p, b, xb, k > 1)
-                            for m in self.bn_layers.values():
-                                m.eval()
-                        sync()
-                        t1 = time.perf_counter()
-                        self._forward(p, b, x, k > 1)
-                        sync()
-                        times.append((t1 - t0, time.perf_counter() - t1))
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
+
+def choose_points_per_call(call, available: int, device, candidates=None, budget_s: float = 1.0,
+                           report=None) -> tuple:
+    """The number of points per call with the highest throughput, from timing real work: ``call(k)``
+    must evaluate the next ``k`` points still to do (and keep their values), so the measurement costs
+    nothing but running a few calls at a slower size. Each candidate K = 1, 2, 4, ... runs twice (the
+    first call at a new size builds kernels) and the second call is timed. It stops when two sizes in
+    a row are much slower than the best (on a CPU, vmap's grouped convolutions usually lose to one
+    point at a time), when points or ``budget_s`` run out, or on out-of-memory.
+    Returns (the best K, how many points ``call`` evaluated)."""
+    device = torch.device(device)
+    if candidates is None:
+        candidates = (1, 2, 4, 8, 16, 32) if device.type == "cpu" else (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best_k, best_rate, used, slower, start = 1, 0.0, 0, 0, time.perf_counter()
+    for k in candidates:
+        if used + 2 * k > available:
+            break
+        try:
+            call(k)
+            sync()
+            t0 = time.perf_counter()
+            call(k)
+            sync()
+            dt = max(time.perf_counter() - t0, 1e-9)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        used += 2 * k
+        rate = k / dt
+        if report is not None:
+            report(k, rate)
+        if rate > best_rate:
+            best_k, best_rate, slower = k, rate, 0
+        elif rate < 0.7 * best_rate:
+            slower += 1
+            if slower == 2:
                 break
-            finally:
-                for m in self.bn_layers.values():
-                    m.eval()
-            t_bn = min(t[0] for t in times[1:])
-            t_ev = min(t[1] for t in times[1:])
-            rate = k / (n_bn * t_bn + n_eval * t_ev)
-            if not quiet:
-                print(f"  {k:4d} points per call: {rate:8.1f} points/s")
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-            elif rate < 0.5 * best_rate and k >= 8:  # small K can dip before vmap pays off
-                break
-            if time.perf_counter() - start > budget_s:
-                break
-        return best_k
+        if time.perf_counter() - start > budget_s:
+            break
+    return best_k, used

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .device import resolve_device
 from .errors import ConfigError, LandscapeError
-from .evaluate import METRICS, BatchNormPolicy, Evaluator, resolve_policy
+from .evaluate import METRICS, BatchNormPolicy, Evaluator, choose_points_per_call, resolve_policy
 from .geometry import Grid, Line, Plane, buffers_at, weights_at
 from .store import Surface, SurfaceWriter, Trajectory, open_surface, open_trajectory
 from .store.surface import MemorySurfaceWriter
@@ -201,16 +201,35 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
         c = torch.as_tensor(geom.coefficients(grid, flat), device=device)
         return evaluator(weights_at(geom, c), buffers_at(geom, c, interpolate))
 
-    k = points_per_call
-    if k is None:
-        k = evaluator.measure(geom.origin, geom.buffers) if ranks.rank == 0 and len(todo) else 1
-        k = ranks.objects(k)
-    chunks = [todo[i:i + k] for i in range(0, len(todo), k)]
-    rounds = math.ceil(len(chunks) / ranks.world)
     bar = tqdm(total=len(todo), disable=quiet or ranks.rank != 0, unit="pt", leave=False,
                desc=f"{geom.kind} {'x'.join(map(str, shape))}")
-    pending, last_write = [], time.perf_counter()
     total = int(np.prod(shape))
+    k, measured = points_per_call, 0
+    try:
+        if k is None:
+            # rank 0 times real calls on the first points still to do and writes their values
+            if ranks.rank == 0 and len(todo):
+                def call(n):
+                    nonlocal measured
+                    idx = todo[measured:measured + n]
+                    vals = evaluate(idx)
+                    writer.write(idx, {m: vals[m] for m in metrics})
+                    measured += n
+                    bar.update(n)
+
+                k, _ = choose_points_per_call(call, len(todo), device)
+                if on_write is not None and measured:
+                    on_write(int(writer.done.sum()), total)
+            k, measured = ranks.objects((k or 1, measured))
+    except BaseException:
+        bar.close()
+        if writer is not None:
+            writer.suspend()
+        raise
+    todo = todo[measured:]
+    chunks = [todo[i:i + k] for i in range(0, len(todo), k)]
+    rounds = math.ceil(len(chunks) / ranks.world)
+    pending, last_write = [], time.perf_counter()
     try:
         for r in range(rounds):
             c = r * ranks.world + ranks.rank

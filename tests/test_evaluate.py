@@ -1,13 +1,14 @@
 """The batched evaluator gives the numbers of the one-at-a-time loop (Layout.load + recompute_bn +
 train.loop.evaluate), for every BatchNorm policy, on CPU and (when present) on CUDA."""
 import copy
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from landscape.bn import recompute_bn
-from landscape.evaluate import BatchNormPolicy, Evaluator, resolve_policy
+from landscape.evaluate import BatchNormPolicy, Evaluator, choose_points_per_call, resolve_policy
 from landscape.errors import ConfigError
 from landscape.geometry import Line, Plane, buffers_at, weights_at
 from landscape.models import ModelSpec
@@ -120,9 +121,21 @@ def test_policy_resolution_and_measure(setup):
     from landscape.models import build_model
     plain = build_model(ModelSpec("cnn1d", {"channels": 4}), data.input_shape, data.num_classes)
     assert resolve_policy("recompute", plain, True).policy == "none"
-    ev = Evaluator(model, traj.layout, data, BatchNormPolicy("recompute", 100), batch_size=128)
-    ck = traj.checkpoint("sgd")
-    assert ev.measure(ck.params, ck.buffers, candidates=(1, 2, 4), budget_s=1.0) in (1, 2, 4)
+
+
+def test_points_per_call_measured_on_real_points():
+    """Every timed call is real work handed back to the caller; the sizes stop when points run out."""
+    calls = []
+
+    def call(k):  # a fake evaluator whose throughput peaks at 4 points per call
+        calls.append(k)
+        time.sleep(0.002 * k / {1: 1, 2: 1.5, 4: 3, 8: 1.2, 16: 1.0}[k])
+
+    best, used = choose_points_per_call(call, 100, "cpu", candidates=(1, 2, 4, 8, 16, 32), budget_s=10)
+    assert best == 4 and used == sum(calls) and calls == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]  # two slower sizes: stop
+    calls.clear()
+    best, used = choose_points_per_call(call, 7, "cpu")
+    assert calls == [1, 1, 2, 2] and used == 6  # 4 + 4 would pass the 7 points available
 
 
 @pytest.mark.gpu

@@ -106,7 +106,8 @@ def test_lines_and_rays(traj, tmp_path):
                            out=tmp_path / "r.h5", quiet=True, points_per_call=5)
     assert rays.rays and rays.values["test_err"].shape == (3, 4) and rays.done.all()
     assert rays.spec["method"] == "ray" and rays.spec["rays"] == 3 and rays.x[-1] == 2.0
-    np.testing.assert_allclose(rays.values["train_loss"][:, 0], rays.values["train_loss"][0, 0])  # x = 0: origin
+    # x = 0 is the origin on every ray (to float32 rounding: the rays sit at different places in a batch)
+    np.testing.assert_allclose(rays.values["train_loss"][:, 0], rays.values["train_loss"][0, 0], rtol=1e-6)
     assert rays.basis()["u"].shape == (3, traj.layout.num_params)
 
 
