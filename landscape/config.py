@@ -41,14 +41,15 @@ class TrainConfig:
     lookahead_inner_state: str = "none"  # inner momentum at a synchronization: none | reset | pullback
     lookahead_fast_from: int = -1     # first epoch whose every inner step is recorded (-1: epochs // 2)
     lookahead_fast_epochs: int = 1    # epochs recorded step by step in <prefix>/fast (0: none)
-    adam_lr: float = 0.003            # lookahead-adam: initial Adam learning rate (same schedule as sgd)
-    # swap, Gupta et al. 2020; its own budget: phase-1 cap + phase-2 epochs
+    adam_lr: float = 0.02             # lookahead-adam: initial Adam learning rate (same schedule as sgd)
+    # swap, Gupta et al. 2020; its own budget: at most phase-1 cap + W x phase-2 epochs of gradients
+    # (50 + 4 x 25 = 150, sgd's), in at most 50 + 25 epochs of time when the workers run in parallel
     swap_workers: int = 4             # W; phase 1 uses batches of W x batch_size
-    swap_phase1_lr: float = 0.2       # phase-1 (large-batch) learning rate
-    swap_threshold: float = 95.0      # phase 1 stops once training accuracy (%) reaches this
+    swap_phase1_lr: float = 0.3       # phase-1 (large-batch) learning rate, constant
+    swap_threshold: float = 99.0      # phase 1 stops once training accuracy (%) reaches this
     swap_phase1_epochs: int = 50      # phase-1 cap (a warning when the threshold is not reached)
-    swap_phase2_lr: float = 0.05      # phase-2 learning rate of every worker, decayed linearly to 0
-    swap_phase2_epochs: int = 20      # phase-2 epochs of every worker
+    swap_phase2_lr: float = 0.12      # phase-2 learning rate of every worker, decayed linearly to 0
+    swap_phase2_epochs: int = 25      # phase-2 epochs of every worker
     # grafting, Meng et al. 2020; budget: epochs
     grafting_nets: int = 2            # N networks in a ring; net i receives from net i-1
     grafting_vary: str = "lr"         # what differs between the nets: lr | seed | both
