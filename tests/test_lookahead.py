@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
-import subprocess
-import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -197,11 +196,27 @@ def test_bad_options_are_refused(k, alpha, message):
     (["--lookahead-alpha", "0"], "lookahead_alpha must be in (0, 1]"),
     (["--lookahead-alpha", "1.5"], "lookahead_alpha must be in (0, 1]"),
 ])
-def test_cli_bad_lookahead_options_give_one_line_and_no_file(tmp_path, args, message):
-    out = tmp_path / "r.h5"
-    r = subprocess.run([sys.executable, "-m", "cli.main", "train", "-o", str(out), "--methods", "lookahead",
-                        "--dataset", "synthetic", "--epochs", "1", "--quiet", *args], capture_output=True, text=True)
-    assert r.returncode == 2
-    assert r.stderr.startswith("landscape: error:") and message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_cli_bad_lookahead_options_give_one_line_and_no_file(tmp_path, args, message, capsys, monkeypatch):
+    from cli.main import main
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own
+    rc = main(["train", "-o", str(tmp_path / "r.h5"), "--methods", "lookahead", "--dataset", "synthetic",
+               "--epochs", "1", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("landscape: error:") and message in err, err
+    assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_learning_rate_schedulers_reach_the_inner_optimizer_also_after_loading():
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = Lookahead(torch.optim.SGD([w], lr=1.0, momentum=0.9), k=2)
+    sd = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(sd)  # the inner optimizer replaces its param_groups here
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        w.sum().backward()
+        opt.step()
+        sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.25

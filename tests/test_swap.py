@@ -103,12 +103,21 @@ TINY_ARGS = ["--model", "cnn1d-bn", "--model-arg", "channels=8", "--dataset", "s
              "--data-option", "n_train=300", "--data-option", "n_test=120", "--batch-size", "32"]
 
 
-def test_cli_threshold_warning_is_one_line(tmp_path):
-    r = cli("train", "-o", tmp_path / "r.h5", "--methods", "swap", "--swap-workers", "2", "--swap-threshold", "100",
-            "--swap-phase1-epochs", "1", "--swap-phase2-epochs", "1", "--quiet", *TINY_ARGS)
-    assert r.returncode == 0, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("landscape: warning: SWAP phase 1 reached only"), r.stderr
+def in_process_cli(capsys, monkeypatch, *args):
+    """``landscape ARGS`` in this process: (exit code, stderr)."""
+    from cli.main import main
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_threshold_warning_is_one_line(tmp_path, capsys, monkeypatch):
+    rc, err = in_process_cli(capsys, monkeypatch, "train", "-o", tmp_path / "r.h5", "--methods", "swap",
+                             "--swap-workers", "2", "--swap-threshold", "100", "--swap-phase1-epochs", "1",
+                             "--swap-phase2-epochs", "1", "--quiet", *TINY_ARGS)
+    assert rc == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("landscape: warning: SWAP phase 1 reached only"), err
     assert (tmp_path / "r.h5").exists()
 
 
@@ -117,11 +126,12 @@ def test_cli_threshold_warning_is_one_line(tmp_path):
     (["--methods", "swap", "--swap-threshold", "0"], "swap_threshold is a training accuracy in percent"),
     (["--methods", "grafting", "--grafting-nets", "1"], "grafting_nets must be at least 2"),
 ])
-def test_cli_fewer_than_two_workers_or_networks_is_an_error(tmp_path, args, message):
-    r = cli("train", "-o", tmp_path / "r.h5", "--epochs", "1", "--quiet", "--dataset", "synthetic", *args)
-    assert r.returncode == 2
-    assert r.stderr.startswith("landscape: error:") and message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_cli_fewer_than_two_workers_or_networks_is_an_error(tmp_path, args, message, capsys, monkeypatch):
+    rc, err = in_process_cli(capsys, monkeypatch, "train", "-o", tmp_path / "r.h5", "--epochs", "1", "--quiet",
+                             "--dataset", "synthetic", *args)
+    assert rc == 2
+    assert err.startswith("landscape: error:") and message in err, err
+    assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 
@@ -146,3 +156,13 @@ def test_torchrun_two_processes_records_what_one_process_records(tmp_path):
         for key in ("train_loss", "test_loss"):
             np.testing.assert_allclose(ra.metrics[key], rb.metrics[key], rtol=1e-4, err_msg=f"{run} {key}")
     assert b.run("swap/average").attrs["processes"] == 2
+
+
+@pytest.mark.distributed
+def test_torchrun_workers_not_a_multiple_of_processes_is_an_error(tmp_path):
+    r = cli("train", "-o", tmp_path / "r.h5", "--methods", "sgd,swap", "--swap-workers", "3", "--device", "cpu",
+            "--quiet", *TINY_ARGS, env=dict(os.environ, OMP_NUM_THREADS="1"),
+            launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    assert r.returncode != 0
+    assert "landscape: error: swap_workers (3) must be a multiple of the number of processes (2)" in r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..config import TrainConfig
 from ..data import load_data
+from ..errors import ConfigError
 from ..device import resolve_device, seed_everything
 from ..models import build_model
 from ..params import Layout
@@ -81,6 +82,10 @@ def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False
     device = resolve_device(config.device)
     rank, world_size, device, created = _join_torchrun(device)
     try:
+        if world_size > 1 and "swap" in config.methods and config.swap_workers % world_size:
+            # checked before any training, so that rank 0 does not train other methods first
+            raise ConfigError(f"swap_workers ({config.swap_workers}) must be a multiple of the number of "
+                              f"processes ({world_size})")
         return _train(config, out, overwrite, quiet, device, rank, world_size)
     finally:
         if created:
