@@ -113,6 +113,7 @@ class _Ckpt:
     name: str              # canonical: RUN:INDEX, or FILE:RUN:INDEX for another file
     params: torch.Tensor   # (P,) float64
     buffers: torch.Tensor  # (B,) float64
+    source: str = ""       # how to load it again (another file: by the path as given)
 
 
 def load_checkpoint(traj: Trajectory, name: str) -> _Ckpt:
@@ -125,11 +126,12 @@ def load_checkpoint(traj: Trajectory, name: str) -> _Ckpt:
                              f"{other.layout.num_params:,} parameters {_first_difference(other.layout, traj.layout)}, "
                              f"{traj.path} has {traj.layout.num_params:,}")
         c = other.checkpoint(m.group("name"))
-        return _Ckpt(f"{Path(m.group('file')).name}:{c.name}", c.params.double(), c.buffers.double())
+        return _Ckpt(f"{Path(m.group('file')).name}:{c.name}", c.params.double(), c.buffers.double(),
+                     f"{m.group('file')}:{c.name}")
     if m:
         name = m.group("name")
     c = traj.checkpoint(name)
-    return _Ckpt(c.name, c.params.double(), c.buffers.double())
+    return _Ckpt(c.name, c.params.double(), c.buffers.double(), c.name)
 
 
 def _first_difference(a, b) -> str:
@@ -245,6 +247,7 @@ class Plane:
     derived: dict = field(default_factory=dict)  # computed: points, lengths, eigenvalues, ...
     extent: tuple = ((-1.0, 1.0), (-1.0, 1.0))   # region the default grid covers (before the margin)
     pad: bool = True                             # whether the default grid adds the margin to ``extent``
+    sources: dict = field(default_factory=dict, repr=False)  # checkpoint name -> how to load it again
 
     kind = "plane"
     default_shape = (21, 21)
@@ -299,8 +302,8 @@ class Plane:
         spec = {"method": "through", "origin": ca.name, "checkpoints": {"a": ca.name, "b": cb.name, "c": cc.name}}
         derived = {"points": points, "lengths": {"b-a": n1, "c-a": float((cc.params - ca.params).norm()),
                                                  "c-b": float((cc.params - cb.params).norm())}}
-        return cls(ca.params.float(), u.float(), v.float(), ca.buffers.float(), bu, bv, spec, derived,
-                   ((min(xs), max(xs)), (min(ys), max(ys))))
+        return _sourced(cls(ca.params.float(), u.float(), v.float(), ca.buffers.float(), bu, bv, spec, derived,
+                            ((min(xs), max(xs)), (min(ys), max(ys)))), [ca, cb, cc])
 
     @classmethod
     def directions(cls, traj: Trajectory, origin: str, d1, d2) -> "Plane":
@@ -329,8 +332,8 @@ class Plane:
         spec = {"method": "directions", "origin": co.name,
                 "directions": [[e1.name, s1.name], [e2.name, s2.name]]}
         derived = {"points": points, "lengths": {"d1": n1, "d2": float((e2.params - s2.params).norm())}}
-        return cls(co.params.float(), u.float(), v.float(), co.buffers.float(), bu, bv, spec, derived,
-                   ((-hx, hx), (-hy, hy)))
+        return _sourced(cls(co.params.float(), u.float(), v.float(), co.buffers.float(), bu, bv, spec, derived,
+                            ((-hx, hx), (-hy, hy))), [co, e1, s1, e2, s2])
 
     @classmethod
     def random(cls, traj: Trajectory, origin: str, seed: int = 0, filter_norm: bool = True,
@@ -347,8 +350,8 @@ class Plane:
         spec = {"method": "random", "origin": co.name, "seed": int(seed), "filter_norm": bool(filter_norm),
                 "ignore": ignore}
         derived = {"points": {co.name: [0.0, 0.0]}, "scale": [n1, s2]}
-        return cls(co.params.float(), u.float(), v.float(), co.buffers.float(), spec=spec, derived=derived,
-                   extent=((-n1, n1), (-s2, s2)), pad=False)
+        return _sourced(cls(co.params.float(), u.float(), v.float(), co.buffers.float(), spec=spec, derived=derived,
+                            extent=((-n1, n1), (-s2, s2)), pad=False), [co])
 
     @classmethod
     def pca(cls, traj: Trajectory, run: str, origin: str | None = None) -> "Plane":
@@ -377,9 +380,9 @@ class Plane:
         spec = {"method": "pca", "origin": co.name, "run": run}
         derived = {"points": {co.name: [0.0, 0.0]},
                    "explained_variance_ratio": (evals[:2] / evals.sum()).tolist()}
-        return cls(co.params.float(), u.float(), v.float(), co.buffers.float(), spec=spec, derived=derived,
-                   extent=((float(path[:, 0].min()), float(path[:, 0].max())),
-                           (float(path[:, 1].min()), float(path[:, 1].max()))))
+        return _sourced(cls(co.params.float(), u.float(), v.float(), co.buffers.float(), spec=spec, derived=derived,
+                            extent=((float(path[:, 0].min()), float(path[:, 0].max())),
+                                    (float(path[:, 1].min()), float(path[:, 1].max())))), [co])
 
     @classmethod
     def hessian(cls, traj: Trajectory, origin: str, data=None, samples: int = 2000, seed: int = 0,
@@ -397,8 +400,8 @@ class Plane:
         spec = {"method": "hessian", "origin": co.name, "samples": int(samples), "seed": int(seed),
                 "iterations": int(iterations), "tol": float(tol)}
         derived = {"points": {co.name: [0.0, 0.0]}, "eigenvalues": [l1, l2], "iterations_run": its}
-        return cls(co.params.float(), u.float().cpu(), v.float().cpu(), co.buffers.float(), spec=spec,
-                   derived=derived, extent=((-h[0], h[0]), (-h[1], h[1])), pad=False)
+        return _sourced(cls(co.params.float(), u.float().cpu(), v.float().cpu(), co.buffers.float(), spec=spec,
+                            derived=derived, extent=((-h[0], h[0]), (-h[1], h[1])), pad=False), [co])
 
 
 def _distinct(*ckpts) -> None:
@@ -422,6 +425,11 @@ def _buffer_map(e1, e2, n1, c, n2):
     bu = e1 / n1
     bv = (e2 - c * bu) / n2
     return bu.float(), bv.float()
+
+
+def _sourced(geom, loaded: list):
+    """``geom`` with the checkpoints it was made of recorded (name -> how to load each again)."""
+    return _replace(geom, sources={c.name: c.source for c in loaded})
 
 
 def _replace(obj, **changes):
@@ -449,6 +457,7 @@ class Line:
     derived: dict = field(default_factory=dict)
     extent: tuple = (0.0, 1.0)
     rays: bool = False
+    sources: dict = field(default_factory=dict, repr=False)  # checkpoint name -> how to load it again
 
     kind = "line"
     default_shape = (41,)
@@ -503,8 +512,8 @@ class Line:
         spec = {"method": "through", "origin": ca.name, "checkpoints": {"a": ca.name, "b": cb.name},
                 "range": [float(range[0]), float(range[1])]}
         derived = {"points": {ca.name: [0.0], cb.name: [length]}, "length": length}
-        return cls(ca.params.float(), (d / length).float()[None], ca.buffers.float(), bd, spec, derived,
-                   (range[0] * length, range[1] * length))
+        return _sourced(cls(ca.params.float(), (d / length).float()[None], ca.buffers.float(), bd, spec, derived,
+                            (range[0] * length, range[1] * length)), [ca, cb])
 
     @classmethod
     def random_rays(cls, traj: Trajectory, origin: str, n: int = 5, seed: int = 0, max_distance: float | None = None,
@@ -529,8 +538,8 @@ class Line:
         spec = {"method": "ray", "origin": co.name, "rays": int(n), "seed": int(seed),
                 "filter_norm": bool(filter_norm), "ignore": ignore}
         derived = {"points": {co.name: [0.0]}, "max_distance": top}
-        return cls(co.params.float(), torch.stack(dirs).float(), co.buffers.float(), None, spec, derived,
-                   (0.0, top), rays=True)
+        return _sourced(cls(co.params.float(), torch.stack(dirs).float(), co.buffers.float(), None, spec, derived,
+                            (0.0, top), rays=True), [co])
 
 
 def _project(geom, traj: Trajectory) -> tuple:
@@ -541,7 +550,7 @@ def _project(geom, traj: Trajectory) -> tuple:
     names = list(geom.derived.get("points", {})) + [n for n in _last_checkpoints(traj)]
     points = {}
     for name in dict.fromkeys(names):
-        c = load_checkpoint(traj, name)
+        c = load_checkpoint(traj, geom.sources.get(name, name))
         coords, dist = _project_rows(c.params[None], origin, basis)
         points[name] = PointData(coords[0].numpy(), float(dist[0]))
     return points, project_runs(traj, origin, basis)
