@@ -281,9 +281,10 @@ def choose_points_per_call(call, available: int, device, candidates=None, budget
     """The number of points per call with the highest throughput, from timing real work: ``call(k)``
     must evaluate the next ``k`` points still to do (and keep their values), so the measurement costs
     nothing but running a few calls at a slower size. Each candidate K = 1, 2, 4, ... runs twice (the
-    first call at a new size builds kernels) and the second call is timed. It stops when two sizes in
-    a row are much slower than the best (on a CPU, vmap's grouped convolutions usually lose to one
-    point at a time), when points or ``budget_s`` run out, or on out-of-memory.
+    first call at a new size builds kernels) and the second call is timed. It stops after two sizes in
+    a row that are no faster than the best (on a CPU, vmap's grouped convolutions usually lose to one
+    point at a time, so this ends after K = 4 with 14 points done), when points or ``budget_s`` run
+    out, or on out-of-memory.
     Returns (the best K, how many points ``call`` evaluated)."""
     device = torch.device(device)
     if candidates is None:
@@ -309,7 +310,7 @@ def choose_points_per_call(call, available: int, device, candidates=None, budget
             report(k, rate)
         if rate > best_rate:
             best_k, best_rate, slower = k, rate, 0
-        elif rate < 0.7 * best_rate:
+        else:
             slower += 1
             if slower == 2:
                 break
