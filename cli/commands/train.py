@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
                    help="number of epochs recorded step by step (0: no fast run)")
     g.add_argument("--adam-lr", type=float, default=d.adam_lr,
                    help="lookahead-adam: initial learning rate of the inner Adam (sgd's schedule)")
-    g = p.add_argument_group("swap (Gupta et al. 2020): its own budget, phase-1 cap + phase-2 epochs")
+    g = p.add_argument_group("swap (Gupta et al. 2020): budget at most phase-1 cap + workers x phase-2 epochs")
     g.add_argument("--swap-workers", type=int, default=d.swap_workers,
                    help="W workers; phase 1 uses batches of W x --batch-size")
     g.add_argument("--swap-phase1-lr", type=float, default=d.swap_phase1_lr, help="phase-1 (large-batch) learning rate")
