@@ -41,7 +41,7 @@ def test_demo_writes_every_figure_and_the_explorer(demo):
 def test_demo_records_every_method_and_reports_its_final_error(demo):
     traj = open_trajectory(demo / "run.h5")
     for run in ("sgd", "swa/average", "swa/iterates", "swap/phase1", "swap/average", "lookahead/slow",
-                "lookahead/fast", "lookahead-adam/slow", "grafting/net0", "grafting/net1", "grafting/baseline0"):
+                "lookahead/fast", "lookahead-adam/slow", "grafting/net0", "grafting/net1"):
         assert run in traj.runs, run
     summary = json.loads((demo / "summary.json").read_text())
     for run, final in summary["final"].items():

@@ -151,7 +151,7 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
     far = off_plane_threshold(surface, off_plane)
     for run in paths:
         p = surface.paths.get(run)
-        if p is None or len(p.coords) == 0:
+        if p is None or len(p.coords) == 0 or not _inside(surface, p.coords).any():
             continue
         r = role(run)
         c = np.asarray(p.coords, float)
@@ -166,6 +166,8 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
                     path_effects=[patheffects.withStroke(linewidth=2.6, foreground="white", alpha=0.6)])
     drawn = tuple(r for r in paths if r in surface.paths)
     for name, (coords, dist) in checkpoints_of_interest(surface, skip_runs=drawn).items():
+        if not _inside(surface, coords).all():  # outside the grid: no marker, no legend entry
+            continue
         r = role(name)
         hollow = dist > far
         marker, size, label = r.marker, r.size, r.label
@@ -177,6 +179,13 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
                 mew=2.0 if hollow else 0.9, label=label, zorder=5, path_effects=_OUTLINE,
                 alpha=0.65 if hollow else 1.0)
     return ax
+
+
+def _inside(surface, coords) -> np.ndarray:
+    """Which of the (..., 2) plane coordinates lie within the surface's grid."""
+    c = np.asarray(coords, float).reshape(-1, 2)
+    return ((c[:, 0] >= surface.x[0]) & (c[:, 0] <= surface.x[-1])
+            & (c[:, 1] >= surface.y[0]) & (c[:, 1] <= surface.y[-1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,8 +469,10 @@ def draw_grafting(ax, epoch, values, layers=None, *, ylabel: str = "", title: st
     cm = matplotlib.colormaps["viridis"]
     n = v.shape[1]
     for i in range(n):
-        ax.plot(e, v[:, i], lw=1.4, color=cm(0.9 * i / max(n - 1, 1)), label=layers[i] if i < len(layers) else None,
-                marker="o" if markers else None, ms=3)
+        # markers: values that jump from epoch to epoch (the mixing weights) read better as points
+        ax.plot(e, v[:, i], lw=0 if markers else 1.4, color=cm(0.9 * i / max(n - 1, 1)),
+                label=layers[i] if i < len(layers) else None, marker="o" if markers else None,
+                ms=3, alpha=0.75 if markers else 1.0)
     if hline is not None:
         ax.axhline(hline, color="0.5", lw=0.8, ls=":")
     ax.set_xlabel("epoch")
