@@ -11,6 +11,7 @@ from landscape.store.files import sha256
 pytestmark = pytest.mark.slow
 
 FIGURES = ("plane-swa-landscape", "plane-swa-offset", "plane-methods-landscape", "plane-methods-offset",
+           "plane-swap-landscape",
            "line-edge-center", "lookahead", "lookahead-adam", "grafting")
 
 

@@ -34,6 +34,16 @@ def require_kind(surface, kind: str) -> None:
                               f"{'a ' if kind != 'rays' else ''}{kind}")
 
 
+def _distinct_labels(values) -> list:
+    """Labels for increasing values with as many significant digits as it takes (up to 6) for
+    neighbours to read differently: levels packed close together stay distinguishable."""
+    for digits in range(3, 7):
+        labels = [f"{v:.{digits}g}" if 0 < abs(v) < 100 else _fmt(v) for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
 def _fmt(v: float) -> str:
     if not np.isfinite(v):
         return str(v)
@@ -69,7 +79,7 @@ def draw_plane(ax, surface, metric: str = "train_loss", *, levels: int = 7, log_
         cb = ax.figure.colorbar(cf, ax=ax, fraction=0.046, pad=0.03, spacing="uniform")
         ticks = list(lv[:-1]) + [0.5 * (lv[-2] + lv[-1])]
         cb.set_ticks(ticks)
-        cb.set_ticklabels([_fmt(t) for t in lv[:-1]] + [f"> {_fmt(top)}"])
+        cb.set_ticklabels(_distinct_labels(lv[:-1]) + [f"> {_fmt(top)}"])
         cb.ax.tick_params(labelsize=8)
         cb.set_label(metric_label(metric))
     _plane_axes(ax, surface)
@@ -146,12 +156,17 @@ def off_plane_threshold(surface, off_plane: float) -> float:
 def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, labels: bool = True):
     """Mark the checkpoints of interest on a plane (markers per method, see :func:`style.role`) and
     draw the projected paths of the runs in ``paths``. Checkpoints farther from the plane than
-    ``off_plane`` x the grid's larger side are drawn hollow and their legend entry gives the distance."""
+    ``off_plane`` x the grid's larger side are drawn hollow and their legend entry gives the distance;
+    those outside the grid or farther from the plane than the grid's larger side are left out."""
     require_kind(surface, "plane")
     far = off_plane_threshold(surface, off_plane)
+    # farther from the plane than the plane is wide, a projection says nothing about the values drawn
+    # under it: such checkpoints and paths are left out, like those outside the grid
+    too_far = off_plane_threshold(surface, 1.0)
     for run in paths:
         p = surface.paths.get(run)
-        if p is None or len(p.coords) == 0 or not _inside(surface, p.coords).any():
+        if (p is None or len(p.coords) == 0 or not _inside(surface, p.coords).any()
+                or np.min(p.distance) > too_far):
             continue
         r = role(run)
         c = np.asarray(p.coords, float)
@@ -166,7 +181,7 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
                     path_effects=[patheffects.withStroke(linewidth=2.6, foreground="white", alpha=0.6)])
     drawn = tuple(r for r in paths if r in surface.paths)
     for name, (coords, dist) in checkpoints_of_interest(surface, skip_runs=drawn).items():
-        if not _inside(surface, coords).all():  # outside the grid: no marker, no legend entry
+        if not _inside(surface, coords).all() or dist > too_far:  # no marker, no legend entry
             continue
         r = role(name)
         hollow = dist > far
