@@ -116,7 +116,13 @@ def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     merged = m2.sum(0) + count * (mean - total).square().sum(0)
     bn.running_mean.copy_(total)
     bn.running_var.copy_(merged / (m * count - 1))
+    if getattr(bn, "last_of_pass", False):  # nothing after the last BatchNorm layer matters to the pass
+        raise _PassDone
     return y.reshape(x.shape)
+
+
+class _PassDone(Exception):
+    """Raised by the last BatchNorm layer of a recompute pass to skip the rest of the forward."""
 
 
 _ALLOCATOR_TUNED = False
@@ -171,17 +177,24 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------
     def _elements_per_sample(self) -> dict:
-        """Values per channel per sample that each BatchNorm layer sees (the L of (N, C, L))."""
-        counts, hooks = {}, []
+        """Values per channel per sample that each BatchNorm layer sees (the L of (N, C, L)); also
+        finds the BatchNorm layer that runs last, after which a recompute pass can stop (none when a
+        layer runs more than once per forward)."""
+        counts, hooks, order = {}, [], []
+
+        def seen(mod, args, name):
+            counts[name] = args[0][0].numel() // args[0].shape[1]
+            order.append(name)
+
         for name, m in self.bn_layers.items():
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args, name=name: counts.__setitem__(name, args[0][0].numel() // args[0].shape[1])))
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: seen(mod, args, name)))
         try:
             with torch.no_grad():
                 self.model(self.data.x_train[:2])
         finally:
             for h in hooks:
                 h.remove()
+        self._last_bn = order[-1] if order and len(order) == len(set(order)) else None
         return counts
 
     def _split(self, params: torch.Tensor, buffers: torch.Tensor, batched: bool):
@@ -223,14 +236,18 @@ class Evaluator:
             b[f"{name}.running_var"].fill_(1.0)
             b[f"{name}.num_batches_tracked"].zero_()
         mergers = {name: MomentMerger() for name in self.bn_layers}
-        for m in self.bn_layers.values():
+        for name, m in self.bn_layers.items():
             m.train()
             m.forward = types.MethodType(stacked_batch_norm, m)
+            m.last_of_pass = name == self._last_bn
         try:
             for sl, group in self._bn_calls():
                 for m in self.bn_layers.values():
                     m.stacked_batch = group
-                self._forward(p, b, self.x_bn[sl], batched)
+                try:
+                    self._forward(p, b, self.x_bn[sl], batched)
+                except _PassDone:
+                    pass
                 n = sl.stop - sl.start
                 for name, merger in mergers.items():
                     merger.add(n * self._per_sample[name], b[f"{name}.running_mean"], b[f"{name}.running_var"])
@@ -238,6 +255,7 @@ class Evaluator:
             for m in self.bn_layers.values():
                 m.eval()
                 del m.forward
+                m.last_of_pass = False
         for name, merger in mergers.items():
             mean, var = merger.result()
             b[f"{name}.running_mean"] = mean.float()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -194,17 +195,38 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
                 None if y is None else len(y))
 
     todo = np.flatnonzero(~done.reshape(-1))
-    evaluator = Evaluator(model, traj.layout, data, policy, batch_size or default_batch, weight_decay)
     interpolate = policy.policy == "interpolate"
+    # on a CPU, W = torch.get_num_threads() single-threaded evaluators work on different points at once:
+    # intra-op threads barely speed up the small operations of one point, separate points scale
+    # (under torchrun the ranks are the workers)
+    workers = max(1, torch.get_num_threads()) if device.type == "cpu" and not ranks.distributed else 1
+    evaluators = [Evaluator(model, traj.layout, data, policy, batch_size or default_batch, weight_decay)
+                  for _ in range(workers)]
+    threads_before = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
+    k = points_per_call
 
-    def evaluate(flat: np.ndarray) -> dict:
+    def evaluate_on(evaluator, flat: np.ndarray) -> dict:
         c = torch.as_tensor(geom.coefficients(grid, flat), device=device)
         return evaluator(weights_at(geom, c), buffers_at(geom, c, interpolate))
+
+    def evaluate(flat: np.ndarray) -> dict:
+        """Values of the points ``flat``: calls of k points each, spread over the workers (every point
+        sees the same calls whatever the number of workers, so the values do not depend on it)."""
+        pieces = [flat[i:i + k] for i in range(0, len(flat), k)]
+        if pool is None or len(pieces) == 1:
+            return evaluate_on(evaluators[0], flat)
+        parts = list(pool.map(lambda j: [evaluate_on(evaluators[j], p) for p in pieces[j::workers]],
+                              range(min(workers, len(pieces)))))
+        ordered = [parts[i % workers][i // workers] for i in range(len(pieces))]
+        return {m: np.concatenate([o[m] for o in ordered]) for m in ordered[0]}
 
     bar = tqdm(total=len(todo), disable=quiet or ranks.rank != 0, unit="pt", leave=False,
                desc=f"{geom.kind} {'x'.join(map(str, shape))}")
     total = int(np.prod(shape))
-    k, measured = points_per_call, 0
+    measured = 0
+    if workers > 1:
+        torch.set_num_threads(1)
     try:
         if k is None:
             # rank 0 times real calls on the first points still to do and writes their values
@@ -212,7 +234,7 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
                 def call(n):
                     nonlocal measured
                     idx = todo[measured:measured + n]
-                    vals = evaluate(idx)
+                    vals = evaluate_on(evaluators[0], idx)
                     writer.write(idx, {m: vals[m] for m in metrics})
                     measured += n
                     bar.update(n)
@@ -223,18 +245,21 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
             k, measured = ranks.objects((k or 1, measured))
     except BaseException:
         bar.close()
+        torch.set_num_threads(threads_before)
+        if pool is not None:
+            pool.shutdown()
         if writer is not None:
             writer.suspend()
         raise
     todo = todo[measured:]
-    chunks = [todo[i:i + k] for i in range(0, len(todo), k)]
+    chunks = [todo[i:i + k * workers] for i in range(0, len(todo), k * workers)]
     rounds = math.ceil(len(chunks) / ranks.world)
     pending, last_write = [], time.perf_counter()
     try:
         for r in range(rounds):
             c = r * ranks.world + ranks.rank
             mine = chunks[c] if c < len(chunks) else np.zeros(0, np.int64)
-            rows = torch.full((k, 1 + len(metrics)), -1.0, dtype=torch.float64)
+            rows = torch.full((k * workers, 1 + len(metrics)), -1.0, dtype=torch.float64)
             if len(mine):
                 vals = evaluate(mine)
                 rows[:len(mine), 0] = torch.from_numpy(mine.astype(np.float64))
@@ -258,6 +283,9 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
         raise
     finally:
         bar.close()
+        torch.set_num_threads(threads_before)
+        if pool is not None:
+            pool.shutdown()
     surface = None
     if ranks.rank == 0:
         result = writer.close()

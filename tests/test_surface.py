@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from landscape.errors import FileFormatError
+from landscape.evaluate import Evaluator
 from landscape.geometry import Line, Plane
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import compute_surface
@@ -57,10 +58,13 @@ def test_plane_file(traj, reference, tmp_path):
         compute_surface(traj, Plane.through(traj, *THREE), (5, 4), out=out, quiet=True)
 
 
-def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path):
+def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path, monkeypatch):
     out = tmp_path / "plane.h5"
     plane = Plane.through(traj, *THREE)
     writes = []
+    evaluated = []
+    call = Evaluator.__call__
+    monkeypatch.setattr(Evaluator, "__call__", lambda self, w, b: evaluated.append(len(w)) or call(self, w, b))
 
     def stop_after_two(done, total):
         writes.append(done)
@@ -72,13 +76,31 @@ def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path):
                         on_write=stop_after_two)
     assert not out.exists() and (tmp_path / "plane.h5.partial").exists()
     with h5py.File(tmp_path / "plane.h5.partial", "r") as f:
-        assert f["done"][()].sum() == 4 and not f.attrs["complete"]
+        first = int(f["done"][()].sum())
+        assert first == writes[-1] and 0 < first < 20 and not f.attrs["complete"]  # both flushes kept
+    evaluated.clear()
     resumed = []
     surf = compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2, write_every=0,
                            on_write=lambda done, total: resumed.append(done))
-    assert resumed[0] == 6 and resumed[-1] == 20 and len(resumed) == 8  # only the 16 missing points
+    assert resumed[-1] == 20 and sum(evaluated) == 20 - first  # only the missing points
     for m in reference.values:
         np.testing.assert_array_equal(surf.values[m], reference.values[m])
+
+
+def test_worker_threads_do_not_change_the_values(traj, reference):
+    """On a CPU, torch.get_num_threads() single-threaded workers share the points; each point sees the
+    same calls, so one worker or two write the same numbers."""
+    import torch
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            surf = compute_surface(traj, Plane.through(traj, *THREE), (5, 4), quiet=True, points_per_call=2)
+            assert torch.get_num_threads() == threads  # restored
+            for m in reference.values:
+                np.testing.assert_array_equal(surf.values[m], reference.values[m])
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_different_spec_is_refused(traj, tmp_path):
