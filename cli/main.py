@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("landscape: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `landscape info run.h5 | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":
