@@ -5,9 +5,14 @@ import argparse
 import importlib
 import os
 import pkgutil
+import re
 import sys
 
 from . import commands
+
+# argparse reads "-1e9" as an option (it knows only "-1" and "-1.5" as negative numbers), so
+# `--xrange -1e9 1e9` would fail; this is the pattern newer Pythons use.
+NEGATIVE_NUMBER = re.compile(r"^-(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d[\d_]*)?$")
 
 # order of the commands in --help; commands not listed come after, alphabetically
 ORDER = ["demo", "train", "info", "plane", "line", "plot", "explore", "import"]
@@ -30,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
+        p._negative_number_matcher = NEGATIVE_NUMBER
         p.add_argument("--debug", action="store_true", help="show tracebacks for landscape's own errors")
         p.set_defaults(_run=module.run)
     return parser

@@ -106,7 +106,8 @@ def test_different_spec_on_unfinished_work_is_refused(tiny_run, tmp_path, capsys
 
 def test_overflowing_points_are_stored_and_the_run_continues(tiny_run, tmp_path, capsys):
     out = tmp_path / "far.h5"
-    assert main(["line", str(tiny_run), "sgd", "swa/average", "--range", "-1000000000", "1000000000",
+    # "-1e9" is a number, not an option
+    assert main(["line", str(tiny_run), "sgd", "swa/average", "--range", "-1e9", "1e9",
                  "--points", "5", "--bn", "stored", "-o", str(out), "--quiet"]) == 0
     surf = open_surface(out)
     assert surf.done.all() and surf.x[2] == 0.0
