@@ -80,8 +80,9 @@ def recompute_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> n
     hooks = [bn.register_forward_pre_hook(count_hook) for bn in bns]
     mergers = {bn: MomentMerger() for bn in bns}
     try:
-        model.train()
+        model.eval()  # only BatchNorm in train mode: Dropout off, as in the evaluator's recompute
         for bn in bns:
+            bn.train()
             bn.reset_running_stats()
             bn.momentum = 1.0
         batches = batch_slices(len(x), batch_size)

@@ -180,10 +180,11 @@ class Evaluator:
         """Values per channel per sample that each BatchNorm layer sees (the L of (N, C, L)); also
         finds the BatchNorm layer that runs last, after which a recompute pass can stop (none when a
         layer runs more than once per forward)."""
-        counts, hooks, order = {}, [], []
+        counts, rows, hooks, order = {}, {}, [], []
 
         def seen(mod, args, name):
             counts[name] = args[0][0].numel() // args[0].shape[1]
+            rows[name] = args[0].shape[0]
             order.append(name)
 
         for name, m in self.bn_layers.items():
@@ -195,6 +196,12 @@ class Evaluator:
             for h in hooks:
                 h.remove()
         self._last_bn = order[-1] if order and len(order) == len(set(order)) else None
+        folded = [name for name, n in rows.items() if n != 2]
+        if folded and self.bn.policy == "recompute":
+            # the batched recompute splits a BatchNorm input into batches along dimension 0
+            raise ConfigError(f"BatchNorm layer {folded[0]!r} does not see one row per sample (2 samples "
+                              f"gave {rows[folded[0]]} rows), so its statistics cannot be recomputed; "
+                              "use --bn stored or --bn interpolate")
         return counts
 
     def _split(self, params: torch.Tensor, buffers: torch.Tensor, batched: bool):
@@ -285,9 +292,11 @@ class Evaluator:
                 loss_sum += loss.double().sum(1)
                 wrong += (logits.argmax(-1) != target).sum(1)
                 nan |= logits.isnan().flatten(1).any(1)
+            # a point whose loss overflowed has no meaningful error either (argmax of inf logits)
+            bad = nan | ~torch.isfinite(loss_sum)
             err = 100.0 * wrong / len(x)
             out[f"{split}_loss"] = (loss_sum / len(x)).cpu().numpy()
-            out[f"{split}_err"] = torch.where(nan, float("nan"), err).cpu().numpy()
+            out[f"{split}_err"] = torch.where(bad, float("nan"), err).cpu().numpy()
         if self.weight_decay is not None:
             sq = params.double().pow(2).sum(1).cpu().numpy()
             out["train_loss_l2"] = out["train_loss"] + 0.5 * self.weight_decay * sq

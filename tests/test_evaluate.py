@@ -12,6 +12,7 @@ from landscape.evaluate import BatchNormPolicy, Evaluator, choose_points_per_cal
 from landscape.errors import ConfigError
 from landscape.geometry import Line, Plane, buffers_at, weights_at
 from landscape.models import ModelSpec
+from landscape.params import Layout
 from landscape.store import open_trajectory
 from landscape.train.loop import evaluate
 
@@ -151,3 +152,65 @@ def test_batched_on_cuda_equals_one_at_a_time(setup):
     ev = Evaluator(model.to(cuda), traj.layout, data.to(cuda), BatchNormPolicy("recompute", 100), batch_size=128)
     got = ev(w.to(cuda), b.to(cuda))
     _assert_same(got, ref, rtol=1e-4)
+
+
+class _UserNet(torch.nn.Module):
+    """A user model of a kind the built-in ones are not: Dropout before BatchNorm, and optionally a
+    BatchNorm that sees (samples x positions) rows instead of one row per sample."""
+
+    def __init__(self, data, fold=False):
+        super().__init__()
+        self.fold, c, length = fold, data.input_shape[0], data.input_shape[-1]
+        self.drop = torch.nn.Dropout(0.5)
+        self.proj = torch.nn.Linear(c, 6)
+        self.bn = torch.nn.BatchNorm1d(6)
+        self.head = torch.nn.Linear(6 * length, data.num_classes)
+
+    def forward(self, x):
+        h = self.proj(self.drop(x).transpose(1, 2))           # (N, L, 6)
+        if self.fold:
+            h = self.bn(h.reshape(-1, 6)).reshape(h.shape)     # rows are (sample, position) pairs
+        else:
+            h = self.bn(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h.relu().flatten(1))
+
+
+def _vectors(model):
+    layout = Layout.of(model)
+    return layout, layout.params_to_vector(model)[None], layout.buffers_to_vector(model)[None]
+
+
+def test_recompute_ignores_dropout_in_training_and_evaluation(setup):
+    """recompute_bn (used for the averages written during training) and the evaluator's recompute
+    both run Dropout in eval mode, so a surface point at an average reproduces its recorded metrics."""
+    _, data, _ = setup
+    torch.manual_seed(0)
+    model = _UserNet(data)
+    layout, w, b = _vectors(model)
+    got = Evaluator(model, layout, data, BatchNormPolicy("recompute", 100), batch_size=128)(w, b)
+    ref = _sequential(model, layout, data, w, b, 100)
+    _assert_same(got, ref)
+    torch.manual_seed(1)  # a different dropout mask would change train-mode statistics
+    again = _sequential(model, layout, data, w, b, 100)
+    assert np.array_equal(again["train_loss"], ref["train_loss"])
+
+
+def test_recompute_refuses_a_batchnorm_over_folded_rows(setup):
+    _, data, _ = setup
+    model = _UserNet(data, fold=True)
+    layout, w, b = _vectors(model)
+    with pytest.raises(ConfigError, match="one row per sample.*--bn stored"):
+        Evaluator(model, layout, data, BatchNormPolicy("recompute", 100), batch_size=128)
+    out = Evaluator(model, layout, data, BatchNormPolicy("stored"), batch_size=128)(w, b)
+    assert np.isfinite(out["train_loss"]).all()
+
+
+def test_overflowing_loss_with_finite_logits_has_no_error(setup):
+    """Logits of +-3e38 are finite but their cross-entropy is inf: the error is NaN then too."""
+    _, data, _ = setup
+    model = _UserNet(data)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([3e38, -3e38] + [0.0] * (data.num_classes - 2)))
+    layout, w, b = _vectors(model)
+    out = Evaluator(model, layout, data, BatchNormPolicy("stored"), batch_size=128)(w, b)
+    assert not np.isfinite(out["train_loss"][0]) and np.isnan(out["train_err"][0])
