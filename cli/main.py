@@ -24,6 +24,17 @@ def _command_modules():
     return [(n, importlib.import_module(f"cli.commands.{n}")) for n in names]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (their examples stay one per line); "(default: X)" only where there is
+    a default to show and the help does not already say what it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from landscape import __version__
     parser = argparse.ArgumentParser(
@@ -33,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in _command_modules():
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p._negative_number_matcher = NEGATIVE_NUMBER
         p.add_argument("--debug", action="store_true", help="show tracebacks for landscape's own errors")
@@ -58,8 +69,8 @@ def main(argv=None) -> int:
             raise
         print(f"landscape: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("landscape: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # commands that keep resumable work say where in the message
+        print(f"landscape: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `landscape info run.h5 | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -1,5 +1,5 @@
 """The whole pipeline on the embedded default, MNIST-1D, on the CPU in a few minutes: trains SGD,
-SWA, SWAP, Lookahead (SGD and Adam inner) and Filter Grafting from one initialization, evaluates two
+SWA, SWAP, Lookahead (SGD and Adam inner) and Filter Grafting from one initialization, evaluates three
 planes, the SGD-to-SWA line and random rays from both solutions, and writes every figure (PNG and
 PDF), numbers.json and explore.html into the output folder. Run it again to reuse what is done."""
 from __future__ import annotations
