@@ -94,6 +94,24 @@ def test_incomplete_file_is_refused(tmp_path):
     w.abort()
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.attrs.__delitem__("config"), "missing attribute 'config'"),
+    (lambda f: f.__delitem__("layout"), "missing group /layout"),
+    (lambda f: f.attrs.__setitem__("config", "{not json"), "not JSON"),
+    (lambda f: f["layout"].attrs.__delitem__("params"), "params"),
+])
+def test_damaged_file_is_refused_in_one_line(tiny_run, tmp_path, damage, message, capsys):
+    from cli.main import main
+    path = tmp_path / "damaged.h5"
+    path.write_bytes(tiny_run.read_bytes())
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    with pytest.raises(FileFormatError, match=f"not a valid trajectory file.*{message}"):
+        open_trajectory(path)
+    assert main(["info", str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 # -- training ----------------------------------------------------------------------------------
 
 def test_tiny_run_has_the_contract_runs(tiny_run, tiny_config):

@@ -42,20 +42,35 @@ def parse_checkpoint_name(name: str):
 
 
 class TrajectoryWriter:
-    """Appends checkpoints row by row; a run is created on its first append."""
+    """Appends checkpoints row by row; a run is created on its first append.
 
-    def __init__(self, path, config: dict, layout: Layout, overwrite: bool = False):
+    Work is kept across an interruption in parts (``landscape train``: one part per method): after
+    :meth:`finish_part`, an exception leaves ``NAME.partial`` in place instead of deleting it, and a
+    writer opened with ``resume=True`` on the same configuration and layout starts from the finished
+    parts (:attr:`finished`), dropping the rows of the part that was cut short."""
+
+    def __init__(self, path, config: dict, layout: Layout, overwrite: bool = False, resume: bool = False):
         self.path = prepare_output(path, overwrite)
         self.tmp = partial_path(self.path)
+        self.layout = layout
+        self.finished = {}  # part -> the runs it wrote, in order
+        self._runs = []     # runs created, in order
+        config_json = to_json(config)
+        if resume and self.tmp.exists():
+            if self._resumable(config_json):
+                self._restart()
+                return
+            if not overwrite:
+                raise FileFormatError(f"{self.tmp} holds interrupted work with another configuration; delete "
+                                      f"it, choose another output, or pass --overwrite to discard it")
         try:
             self.file = h5py.File(self.tmp, "w", track_order=True)
         except OSError as e:
-            raise FileFormatError(f"cannot write {self.path}: {e}") from None
-        self.layout = layout
+            raise FileFormatError(f"cannot write {self.path}: {e.strerror or e}") from None
         f = self.file
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
-        f.attrs["config"] = to_json(config)
+        f.attrs["config"] = config_json
         f.attrs["complete"] = False
         g = f.create_group("layout")
         g.attrs["params"] = to_json(layout.to_dict()["params"])
@@ -64,12 +79,56 @@ class TrajectoryWriter:
         g.attrs["num_buffers"] = layout.num_buffers
         f.create_group("runs", track_order=True)
 
+    def _resumable(self, config_json: str) -> bool:
+        """Whether ``NAME.partial`` holds finished parts of this very configuration and layout."""
+        try:
+            with h5py.File(self.tmp, "r", locking=False) as f:
+                return (f.attrs.get("format") == FORMAT and f.attrs.get("config") == config_json
+                        and "finished" in f.attrs
+                        and Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
+                        == self.layout)
+        except (OSError, KeyError, ValueError):
+            return False
+
+    def _restart(self) -> None:
+        """Continue ``NAME.partial``: copy its finished parts' runs into a fresh file (so the rows of
+        the interrupted part leave no trace, nor their space) that replaces it, and open that."""
+        fresh = self.tmp.with_name(self.tmp.name + ".new")
+        with h5py.File(self.tmp, "r", locking=False) as old, h5py.File(fresh, "w", track_order=True) as new:
+            for k, v in old.attrs.items():
+                new.attrs[k] = v
+            old.copy(old["layout"], new, "layout")
+            runs = new.create_group("runs", track_order=True)
+            self.finished = json.loads(old.attrs["finished"])
+            for part_runs in self.finished.values():
+                for run in part_runs:
+                    if "/" in run:
+                        runs.require_group(run.rpartition("/")[0])
+                    old.copy(old[f"runs/{run}"], runs, run)
+                    self._runs.append(run)
+        os.replace(fresh, self.tmp)
+        self.file = h5py.File(self.tmp, "r+")
+
+    def finish_part(self, part: str) -> None:
+        """Mark the runs created since the last finished part as ``part``'s, kept if work stops now."""
+        done = {r for runs in self.finished.values() for r in runs}
+        self.finished[part] = [r for r in self._runs if r not in done]
+        self.file.attrs["finished"] = to_json(self.finished)
+        self.file.flush()
+
+    def final(self, run: str) -> tuple:
+        """(epoch, scalar metrics) of the last row of ``run``."""
+        g = self.file[f"runs/{run}"]
+        metrics = {k: float(g[k][-1]) for k in METRICS if k in g}
+        return float(g["epoch"][-1]), metrics
+
     # ------------------------------------------------------------------------------------------
     def _run_group(self, run: str) -> h5py.Group:
         key = f"runs/{run}"
         if key in self.file:
             return self.file[key]
         g = self.file.create_group(key, track_order=True)
+        self._runs.append(run)
         P, B = self.layout.num_params, self.layout.num_buffers
         for name, width in (("params", P), ("buffers", B)):  # a model without buffers has B = 0
             g.create_dataset(name, (0, width), np.float32, maxshape=(None, width or None),
@@ -117,6 +176,8 @@ class TrajectoryWriter:
 
     def close(self) -> Path:
         """Mark the file complete and move it to its final path."""
+        if "finished" in self.file.attrs:  # bookkeeping of unfinished work only
+            del self.file.attrs["finished"]
         self.file.attrs["complete"] = True
         self.file.close()
         os.replace(self.tmp, self.path)
@@ -141,6 +202,8 @@ class TrajectoryWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
+        elif self.finished:  # finished parts are worth keeping: a resumed writer starts from them
+            self.leave_partial()
         else:
             self.abort()
         return False
@@ -186,18 +249,30 @@ class Trajectory:
         with open_read(self.path, FORMAT) as f:
             if not bool(f.attrs.get("complete", False)):
                 raise FileFormatError(f"{self.path} is incomplete (training did not finish)")
-            self.version = int(f.attrs["version"])
-            if self.version > VERSION:
-                raise FileFormatError(f"{self.path} has trajectory format version {self.version}; "
-                                      f"this landscape reads up to {VERSION}")
-            self.config = json.loads(f.attrs["config"])
-            g = f["layout"]
-            self.layout = Layout.from_dict({"params": json.loads(g.attrs["params"]),
-                                            "buffers": json.loads(g.attrs["buffers"])})
-            self.runs = []
-            f["runs"].visititems(lambda name, obj: self.runs.append(name)
-                                 if isinstance(obj, h5py.Group) and "params" in obj else None)
-            self._lengths = {r: f[f"runs/{r}/params"].shape[0] for r in self.runs}
+            missing = ([f"attribute {a!r}" for a in ("version", "config") if a not in f.attrs]
+                       + [f"group /{g}" for g in ("layout", "runs") if g not in f])
+            if missing:
+                raise FileFormatError(f"{self.path} is not a valid trajectory file: missing {', '.join(missing)}")
+            try:
+                self._read_header(f)
+            except (KeyError, ValueError, TypeError) as e:  # json errors are ValueErrors
+                what = (f"an attribute is not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else
+                        str(e.args[0] if e.args else type(e).__name__).splitlines()[0])
+                raise FileFormatError(f"{self.path} is not a valid trajectory file: {what}") from None
+
+    def _read_header(self, f: h5py.File) -> None:
+        self.version = int(f.attrs["version"])
+        if self.version > VERSION:
+            raise FileFormatError(f"{self.path} has trajectory format version {self.version}; "
+                                  f"this landscape reads up to {VERSION}")
+        self.config = json.loads(f.attrs["config"])
+        g = f["layout"]
+        self.layout = Layout.from_dict({"params": json.loads(g.attrs["params"]),
+                                        "buffers": json.loads(g.attrs["buffers"])})
+        self.runs = []
+        f["runs"].visititems(lambda name, obj: self.runs.append(name)
+                             if isinstance(obj, h5py.Group) and "params" in obj else None)
+        self._lengths = {r: f[f"runs/{r}/params"].shape[0] for r in self.runs}
 
     def __repr__(self):
         return f"Trajectory({str(self.path)!r}, runs={self.runs})"

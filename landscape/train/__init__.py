@@ -74,8 +74,20 @@ def _join_torchrun(device: torch.device):
     return dist.get_rank(), dist.get_world_size(), device, created
 
 
+def _shared(obj, world_size: int):
+    """Rank 0's ``obj`` on every process."""
+    if world_size == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train every method of ``config`` from one initialization into the trajectory file ``out``.
+    Interrupted, the methods finished so far stay in ``out.partial``; the same call again trains only
+    the others, and the file equals an uninterrupted run's (each method depends only on the seed).
     Returns a summary: the path, the seconds taken and each run's final metrics (under torchrun,
     ranks other than 0 return ``{"rank": r}`` only)."""
     config.validate(tuple(METHODS))
@@ -104,15 +116,32 @@ def _train(config, out, overwrite, quiet, device, rank, world_size) -> dict:
         file_config["processes"] = world_size
     start = time.perf_counter()
     writing = rank == 0
-    opened = TrajectoryWriter(out, file_config, layout, overwrite=overwrite) if writing else contextlib.nullcontext()
+    opened = (TrajectoryWriter(out, file_config, layout, overwrite=overwrite, resume=True) if writing
+              else contextlib.nullcontext())
     with opened as writer:
+        finished = _shared(list(writer.finished) if writing else None, world_size)
         methods = [m for m in config.methods if writing or m in DISTRIBUTED_METHODS]
         total = sum(METHODS[m][1](config) for m in methods)
         with tqdm(total=total, desc="train", unit="epoch", disable=quiet or not writing, leave=False) as bar:
             ctx = Context(config, data, layout, init_model, writer, device, bar if writing else None)
-            for method in methods:
-                bar.set_description(f"train {method}")
-                METHODS[method][0](ctx)
+            try:
+                for method in methods:
+                    if method in finished:  # kept from an interrupted run of the same command
+                        for run in writer.finished[method] if writing else ():
+                            epoch, metrics = writer.final(run)
+                            ctx.log.append((run, epoch, metrics))
+                        bar.update(METHODS[method][1](config))
+                        continue
+                    bar.set_description(f"train {method}")
+                    seed_everything(config.seed)  # each method alone decides its randomness: resumable
+                    METHODS[method][0](ctx)
+                    if writing:
+                        writer.finish_part(method)
+            except KeyboardInterrupt:
+                if writing and writer.finished:
+                    raise KeyboardInterrupt(f"{', '.join(writer.finished)} kept in {writer.tmp}; run the same "
+                                            "command again to train the rest") from None
+                raise
         path = writer.path if writing else None
     if not writing:
         return {"rank": rank}
