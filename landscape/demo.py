@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TrainConfig
+from .device import resolve_device
 from .errors import FileFormatError
 from .geometry import Line, Plane
 from .store import open_surface, open_trajectory
@@ -73,6 +74,7 @@ def run_demo(out_dir="landscape-demo", quick: bool = False, device: str = "auto"
     """Run the whole demo into ``out_dir``; return a summary (paths, numbers, seconds per step)."""
     from .plot import plot_files, write_explorer
 
+    resolve_device(device)  # a device this machine lacks is refused even when everything is reused
     cfg = DemoConfig().quick() if quick else DemoConfig()
     cfg = replace(cfg, train=replace(cfg.train, device=device))
     out = Path(out_dir)

@@ -70,3 +70,13 @@ def test_demo_rerun_reuses_finished_work(demo, capsys):
     err = capsys.readouterr().err
     assert err.count("reusing") == len(before)
     assert {p.name: sha256(p) for p in demo.glob("*.h5")} == before
+
+
+def test_demo_refuses_a_missing_device_even_when_all_is_reused(demo, capsys):
+    import torch
+
+    from cli.main import main
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["demo", "--quick", "-o", str(demo), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -259,7 +259,7 @@ def test_npz_and_synthetic_and_mnist1d(tmp_path):
     (["--model", "resnet20"], "resnet20 expects images"),
     (["--model", "mlp", "--model-arg", "hidden=[3]", "--dataset", "npz", "--data-option", "path=/no.npz"], "does not exist"),
     (["--methods", "sgd,adamw"], "unknown method 'adamw'"),
-    (["--swa-start", "0", "--swa-c", "1"], "swa_start"),
+    (["--swa-start", "0", "--swa-c", "1"], "--swa-start must be between 1 and --epochs (1), got 0"),
 ])
 def test_bad_input_gives_one_line(tmp_path, args, message):
     out = tmp_path / "r.h5"
@@ -309,3 +309,13 @@ def test_info_json(tiny_run):
     assert info["runs"]["swa/average"]["checkpoints"] == 4
     r = cli("info", tiny_run.parent / "nope.h5")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_swa_start_follows_the_epoch_budget_and_divergence_is_reported(tmp_path):
+    base = ["train", "--dataset", "synthetic", "--model", "mlp", "--quiet"]
+    r = cli(*base, "--epochs", "6", "-o", tmp_path / "a.h5")  # swa and its start from --epochs alone
+    assert r.returncode == 0, r.stderr
+    assert open_trajectory(tmp_path / "a.h5").config["swa_start"] == 4
+    r = cli(*base, "--methods", "sgd", "--epochs", "2", "--lr", "1e6", "-o", tmp_path / "b.h5")
+    assert r.returncode == 0 and "training diverged" in r.stderr and "in sgd" in r.stderr, r.stderr
+    assert np.isnan(open_trajectory(tmp_path / "b.h5").run("sgd").metrics["test_err"][-1])

@@ -6,11 +6,15 @@ processes when launched with torchrun, e.g. `torchrun --nproc_per_node 4 -m cli.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import warnings
+from dataclasses import fields
 
 from landscape.config import GRAFTING_VARY, LOOKAHEAD_INNER_STATE, TrainConfig
 from landscape.data import DataSpec
+from landscape.errors import ConfigError
 from landscape.models import ModelSpec
 from landscape.train import METHODS, SwapThresholdWarning, train
 
@@ -37,7 +41,8 @@ def add_arguments(p) -> None:
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
     p.add_argument("--lr-ratio", type=float, default=d.lr_ratio, help="sgd: final lr as a fraction of --lr")
-    p.add_argument("--swa-start", type=int, default=d.swa_start, help="swa: first averaged epoch")
+    p.add_argument("--swa-start", type=int, default=None,
+                   help=f"swa: first averaged epoch (default: 2/3 of --epochs, {d.swa_start} of {d.epochs})")
     p.add_argument("--swa-lr", type=float, default=d.swa_lr, help="swa: learning rate while averaging")
     p.add_argument("--swa-c", type=int, default=d.swa_c, help="swa: average every c epochs")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of initialization and data order")
@@ -86,7 +91,8 @@ def config_from_args(args) -> TrainConfig:
         data=DataSpec(args.dataset, parse_key_values(args.data_option, "--data-option")),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, lr_ratio=args.lr_ratio, swa_start=args.swa_start,
+        weight_decay=args.weight_decay, lr_ratio=args.lr_ratio,
+        swa_start=args.swa_start if args.swa_start is not None else max(1, round(args.epochs * 2 / 3)),
         swa_lr=args.swa_lr, swa_c=args.swa_c, seed=args.seed, device=args.device,
         checkpoint_every=args.checkpoint_every,
         lookahead_k=args.lookahead_k, lookahead_alpha=args.lookahead_alpha,
@@ -99,10 +105,20 @@ def config_from_args(args) -> TrainConfig:
         grafting_c=args.grafting_c, grafting_baseline=args.grafting_baseline)
 
 
+def _as_flags(message: str) -> str:
+    """The configuration's field names in a message as this command's flags (swa_start -> --swa-start)."""
+    names = "|".join(f.name for f in fields(TrainConfig) if f.name not in ("model", "data", "methods"))
+    return re.sub(rf"\b({names})\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def run(args) -> int:
+    try:
+        config = config_from_args(args).validate(tuple(METHODS))
+    except ConfigError as e:
+        raise ConfigError(_as_flags(str(e))) from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SwapThresholdWarning)
-        summary = train(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet)
+        summary = train(config, args.out, overwrite=args.overwrite, quiet=args.quiet)
     for w in caught:  # our warnings as one line each; anything else as Python shows it
         if issubclass(w.category, SwapThresholdWarning):
             print(f"landscape: warning: {w.message}", file=sys.stderr)
@@ -113,6 +129,10 @@ def run(args) -> int:
     if args.json:
         print_json(summary)
         return 0
+    diverged = [r for r, m in summary["final"].items() if not math.isfinite(m["train_loss"])]
+    if diverged:
+        print(f"landscape: warning: training diverged (final train loss not finite) in {', '.join(diverged)}; "
+              "try a smaller --lr", file=sys.stderr)
     print(f"wrote {summary['path']} in {summary['seconds']:.1f} s")
     for run_name, m in summary["final"].items():
         print(f"  {run_name:<16} epoch {m['epoch']:>6g}  train loss {m['train_loss']:.4f}  "

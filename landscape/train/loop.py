@@ -80,7 +80,8 @@ def evaluate(model: nn.Module, data: Data, batch_size: int = 1000) -> dict:
             loss_sum += F.cross_entropy(logits, y[sl], reduction="sum").double()
             wrong += (logits.argmax(1) != y[sl]).sum()
         out[f"{split}_loss"] = float(loss_sum / len(x))
-        out[f"{split}_err"] = float(100.0 * wrong / len(x))
+        # with a non-finite loss the argmax is meaningless: no error either (as in the evaluator)
+        out[f"{split}_err"] = float(100.0 * wrong / len(x)) if torch.isfinite(loss_sum) else float("nan")
     model.train(was_training)
     return out
 
