@@ -246,12 +246,15 @@ def import_checkpoints(runs: dict, out, model, data, *, model_kwargs=None, data_
     if order not in ORDERS:
         raise CheckpointError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     mspec, dspec = model_spec(model, model_kwargs), data_spec(data, data_options)
-    out = prepare_output(out, overwrite)
     names = []
     for run in runs:
         check_run_name(run, names)
         names.append(run)
     files = {run: find_checkpoints(sources) for run, sources in runs.items()}
+    sources = [s for srcs in runs.values() for s in srcs] + [p for paths in files.values() for p in paths]
+    if isinstance((data_options or {}).get("path"), str):  # a dataset file (npz)
+        sources.append(data_options["path"])
+    out = prepare_output(out, overwrite, inputs=sources)
     d = load_data(dspec, "cpu")
     reference = build_model(mspec, d.input_shape, d.num_classes)
     layout = Layout.of(reference)

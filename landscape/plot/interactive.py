@@ -409,17 +409,17 @@ def _describe(s) -> str:
 
 def write_explorer(surfaces, out, title: str = "landscape explorer", overwrite: bool = True) -> Path:
     """Write the explorer page to ``out`` (whole, then moved into place); return its path."""
-    out = Path(out)
-    if out.is_dir():
-        raise FileFormatError(f"output {out} is a directory")
-    if not out.parent.exists():
-        raise FileFormatError(f"cannot write {out}: directory {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise FileFormatError(f"output {out} already exists; pass --overwrite to replace it")
+    from ..store.files import prepare_output, reason
+    inputs = [s if isinstance(s, (str, os.PathLike)) else getattr(s, "path", None) for s in surfaces]
+    out = prepare_output(out, overwrite, inputs=inputs)
     page = explorer_html(surfaces, title)
     tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
     return out
 
 

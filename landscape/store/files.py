@@ -16,17 +16,49 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def prepare_output(path, overwrite: bool) -> Path:
-    """Check, before any work starts, that ``path`` may be written; return it as a Path."""
+def reason(e: OSError) -> str:
+    """Why an OS call failed, in words ("No such file or directory"), without errno numbers or the
+    HDF5 library's own wording."""
+    if e.errno:
+        return os.strerror(e.errno)
+    return e.strerror or str(e) or type(e).__name__
+
+
+def same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (hard links and symlinks included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they would be
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def prepare_output(path, overwrite: bool, inputs=()) -> Path:
+    """Check, before any work starts, that ``path`` may be written; return it as a Path.
+
+    ``inputs``: the files the command reads; writing over one of them is refused even with
+    ``overwrite`` (the input would be gone before the output is complete). A file is created and
+    removed next to ``path`` to learn whether the directory really takes new files (permissions
+    alone do not tell: read-only mounts, /proc, quotas)."""
     path = Path(path)
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            raise FileFormatError(f"output {path} is the input {source}; choose another output")
     if path.is_dir():
         raise FileFormatError(f"output {path} is a directory")
     if path.exists() and not overwrite:
         raise FileFormatError(f"output {path} already exists; pass --overwrite to replace it")
     if not path.parent.exists():
         raise FileFormatError(f"cannot write {path}: directory {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise FileFormatError(f"cannot write {path}: {path.parent} is not a directory")
     if not os.access(path.parent, os.W_OK):
         raise FileFormatError(f"cannot write {path}: directory {path.parent} is not writable")
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as e:
+        raise FileFormatError(f"cannot write {path}: {reason(e)}") from None
+    probe.unlink(missing_ok=True)
     return path
 
 
@@ -36,9 +68,13 @@ def open_read(path, expected_format: str) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise FileFormatError(f"file {path} does not exist")
+    if path.is_dir():
+        raise FileFormatError(f"{path} is a directory, not a {expected_format.split('.')[-1]} file")
     try:
         f = h5py.File(path, "r", locking=False)
-    except OSError:
+    except OSError as e:
+        if not os.access(path, os.R_OK):
+            raise FileFormatError(f"cannot read {path}: {reason(e)}") from None
         raise FileFormatError(f"{path} is not an HDF5 file") from None
     fmt = f.attrs.get("format")
     if fmt != expected_format:

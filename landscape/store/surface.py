@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError
-from .files import open_read, partial_path, prepare_output, sha256, to_json
+from .files import open_read, partial_path, prepare_output, reason, sha256, to_json
 
 FORMAT = "landscape.surface"
 VERSION = 1
@@ -54,21 +54,23 @@ class SurfaceWriter:
 
     @classmethod
     def create(cls, path, spec: dict, x, y, basis: dict, points: dict, paths: dict,
-               trajectory=None, metrics=METRICS, overwrite: bool = False, shape=None) -> "SurfaceWriter":
+               trajectory=None, metrics=METRICS, overwrite: bool = False, shape=None,
+               inputs=()) -> "SurfaceWriter":
         """Start a new surface file, or resume ``path.partial`` when it holds the same spec (``derived``
         aside) and comes from the same trajectory file.
 
         ``basis``: {"origin", "u", "v" (planes only)} float32 (P,) arrays (``u`` is (R, P) for rays);
         ``points``: name -> PointData; ``paths``: run -> PathData; ``metrics``: the value datasets to
-        create; ``shape``: of the values, when not (nx,) or (nx, ny) (rays: (R, nx))."""
-        path = prepare_output(path, overwrite)
+        create; ``shape``: of the values, when not (nx,) or (nx, ny) (rays: (R, nx)); ``inputs``:
+        further files the values are computed from (``trajectory`` is one), never to be written over."""
+        path = prepare_output(path, overwrite, inputs=(trajectory, *inputs))
         tmp = partial_path(path)
         spec_json = to_json(spec)
         if tmp.exists() and not overwrite:
             try:
                 f = h5py.File(tmp, "r+")
             except OSError as e:
-                raise FileFormatError(f"cannot resume from {tmp} ({e}); delete it to start over") from None
+                raise FileFormatError(f"cannot resume from {tmp} ({reason(e)}); delete it to start over") from None
             if f.attrs.get("format") != FORMAT or _compared(f.attrs.get("spec")) != _compared(spec_json):
                 f.close()
                 raise FileFormatError(f"{tmp} holds unfinished work for a different spec; delete it, "
@@ -81,7 +83,7 @@ class SurfaceWriter:
         try:
             f = h5py.File(tmp, "w", track_order=True)
         except OSError as e:
-            raise FileFormatError(f"cannot write {path}: {e}") from None
+            raise FileFormatError(f"cannot write {path}: {reason(e)}") from None
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
         f.attrs["spec"] = spec_json
@@ -261,16 +263,21 @@ def open_surface(path) -> Surface:
                        f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"))
 
 
-def export_loss_landscape(surface: Surface, out, overwrite: bool = False) -> Path:
+def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs=()) -> Path:
     """Write ``surface`` in the layout tomgoldstein/loss-landscape's plotting scripts read: root
     datasets ``xcoordinates``, ``ycoordinates`` (planes), ``train_loss``, ``train_acc``,
-    ``test_loss``, ``test_acc`` (accuracy in %), 2-D arrays shaped (ny, nx) and indexed [iy, ix]."""
+    ``test_loss``, ``test_acc`` (accuracy in %), 2-D arrays shaped (ny, nx) and indexed [iy, ix].
+    ``inputs``: files that ``out`` must not be (the surface file itself is always one)."""
     if surface.y is None and np.ndim(surface.done) != 1:
         raise FileFormatError("loss-landscape files hold one line or one plane; this file holds "
                               f"{surface.done.shape[0]} rays")
-    out = prepare_output(out, overwrite)
+    out = prepare_output(out, overwrite, inputs=(surface.path, *inputs))
     tmp = partial_path(out)
-    with h5py.File(tmp, "w") as f:
+    try:
+        f = h5py.File(tmp, "w")
+    except OSError as e:
+        raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
+    with f:
         f.create_dataset("xcoordinates", data=surface.x)
         if surface.y is not None:
             f.create_dataset("ycoordinates", data=surface.y)
