@@ -42,6 +42,8 @@ from .store import PathData, PointData, Trajectory, open_trajectory
 
 # a direction shorter than this fraction of the weights' norm counts as zero (duplicate checkpoints)
 DEGENERATE = 1e-6
+# random rays are held in memory (and stored) as R x P float32 directions: at most 4 GiB of them
+MAX_RAY_VALUES = 2 ** 30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,8 +58,7 @@ class Grid:
     ny: int | None = None
 
     def __post_init__(self):
-        n = self.nx * (self.ny if self.yrange is not None else 1)
-        if n < 1:
+        if self.nx < 1 or (self.yrange is not None and (self.ny is None or self.ny < 1)):
             shape = f"{self.nx} x {self.ny}" if self.yrange is not None else f"{self.nx}"
             raise ConfigError(f"grid {shape} has no points; give at least one point per axis")
         for r in (self.xrange, self.yrange):
@@ -391,6 +392,12 @@ class Plane:
         by subspace iteration on Hessian-vector products over ``samples`` training samples (eval-mode
         BatchNorm with the origin's buffers). The default grid spans +-2 sqrt(2 / |lambda|) per axis,
         where the quadratic model predicts a loss rise of 4."""
+        if not samples >= 1:
+            raise ConfigError(f"Hessian samples must be at least 1, got {samples}")
+        if not iterations >= 1:
+            raise ConfigError(f"Hessian iterations must be at least 1, got {iterations}")
+        if not tol >= 0:
+            raise ConfigError(f"Hessian tolerance must be non-negative, got {tol}")
         co = load_checkpoint(traj, origin)
         data = data if data is not None else traj.build_data(device)
         model = traj.build_model(data, device)
@@ -523,6 +530,9 @@ class Line:
         (default: half the norm of the origin's weights)."""
         if n < 1:
             raise ConfigError(f"number of rays must be at least 1, got {n}")
+        if n * traj.layout.num_params > MAX_RAY_VALUES:
+            raise ConfigError(f"{n:,} rays of {traj.layout.num_params:,} parameters are more than "
+                              f"{MAX_RAY_VALUES * 4 / 2 ** 30:.0f} GiB of directions; give fewer rays")
         co = load_checkpoint(traj, origin)
         g = torch.Generator().manual_seed(int(seed))
         dirs = []

@@ -33,9 +33,50 @@ from tqdm import tqdm
 from .device import resolve_device
 from .errors import ConfigError, LandscapeError
 from .evaluate import METRICS, BatchNormPolicy, Evaluator, choose_points_per_call, resolve_policy
-from .geometry import Grid, Line, Plane, buffers_at, weights_at
+from .geometry import _OTHER_FILE, Grid, Line, Plane, buffers_at, weights_at
 from .store import Surface, SurfaceWriter, Trajectory, open_surface, open_trajectory
 from .store.surface import MemorySurfaceWriter
+
+
+# The most points one surface may have. A surface file holds a float64 array of this many values per
+# metric (five with --weight-decay) plus the done mask, and every flush reads and rewrites them whole:
+# 10^7 points are 80 MB per array, about 0.5 GB in memory, and weeks of evaluation on a small model.
+MAX_POINTS = 10 ** 7
+
+
+def check_points(shape, what: str = "surface") -> int:
+    """The number of points of values shaped ``shape``; refuses none and more than MAX_POINTS."""
+    shape = tuple(int(n) for n in shape)
+    if any(n < 1 for n in shape):
+        raise ConfigError(f"{what} {' x '.join(map(str, shape))} has no points; give at least one point per axis")
+    n = math.prod(shape)
+    if n > MAX_POINTS:
+        raise ConfigError(f"{what} {' x '.join(map(str, shape))} has {n:,} points, more than the limit of "
+                          f"{MAX_POINTS:,} (every point is a pass over the data, and the file holds "
+                          f"several float64 arrays of that size)")
+    return n
+
+
+def check_evaluation_options(batch_size=None, bn_batch_size=None, bn_samples=None, weight_decay=None,
+                             points_per_call=None) -> None:
+    """Refuse evaluation options no computation can use (None: the default), before anything starts."""
+    for name, value, least in (("batch size", batch_size, 1), ("BatchNorm batch size", bn_batch_size, 2),
+                               ("BatchNorm samples", bn_samples, 2), ("points per call", points_per_call, 1)):
+        if value is not None and not value >= least:
+            raise ConfigError(f"{name} must be at least {least}, got {value}")
+    if weight_decay is not None and not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight decay must be a non-negative number, got {weight_decay}")
+
+
+def input_files(traj, geom) -> list:
+    """The files a surface of ``geom`` is computed from: the trajectory and any other trajectory
+    file a checkpoint was taken from (``OTHER.h5:RUN:INDEX``)."""
+    files = [traj.path]
+    for source in getattr(geom, "sources", {}).values():
+        m = _OTHER_FILE.match(source)
+        if m:
+            files.append(m.group("file"))
+    return files
 
 
 def make_grid(geom, grid=None, margin: float = 0.2, xrange=None, yrange=None) -> Grid:
@@ -131,10 +172,12 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
     the trajectory's eval batch size) and ``bn_samples`` refine ``recompute``. ``batch_size``: data
     batch of the metric passes. ``weight_decay``: also store ``train_loss_l2``. ``points_per_call``:
     None measures it. ``on_write(done, total)`` is called after every flush of the file."""
+    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call)
     traj = traj if isinstance(traj, Trajectory) else open_trajectory(traj)
     if not isinstance(geom, (Plane, Line)):
         raise ConfigError(f"compute_surface needs a Plane or a Line, got {type(geom).__name__}")
     grid = make_grid(geom, grid, margin, xrange, yrange)
+    check_points(geom.values_shape(grid), geom.kind)
     ranks = Ranks(resolve_device(device))
     try:
         return _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_batch_size, bn_samples,
@@ -147,10 +190,10 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
              weight_decay, points_per_call, write_every, on_write):
     device = ranks.device
     default_batch = int(traj.config.get("eval_batch_size", 1000))
+    if batch_size is None:
+        batch_size = default_batch
     if not isinstance(bn, BatchNormPolicy):
-        bn = BatchNormPolicy(bn or "auto", bn_batch_size or default_batch, bn_samples)
-    if points_per_call is not None and points_per_call < 1:
-        raise ConfigError(f"points per call must be at least 1, got {points_per_call}")
+        bn = BatchNormPolicy(bn or "auto", default_batch if bn_batch_size is None else bn_batch_size, bn_samples)
     data = traj.build_data(device)
     model = traj.build_model(data, device)
     policy = resolve_policy(bn, model, geom.buffer_basis is not None)
@@ -172,7 +215,8 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
                 writer = MemorySurfaceWriter(spec, grid.x, grid.y, basis, points, paths, metrics, shape)
             else:
                 writer = SurfaceWriter.create(out, spec, grid.x, grid.y, basis, points, paths, trajectory=traj.path,
-                                              metrics=metrics, overwrite=overwrite, shape=shape)
+                                              metrics=metrics, overwrite=overwrite, shape=shape,
+                                              inputs=input_files(traj, geom)[1:])
         except LandscapeError as e:
             failure = e
     if ranks.objects(failure is not None):
@@ -200,11 +244,12 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
     # intra-op threads barely speed up the small operations of one point, separate points scale
     # (under torchrun the ranks are the workers)
     workers = max(1, torch.get_num_threads()) if device.type == "cpu" and not ranks.distributed else 1
-    evaluators = [Evaluator(model, traj.layout, data, policy, batch_size or default_batch, weight_decay)
+    evaluators = [Evaluator(model, traj.layout, data, policy, batch_size, weight_decay)
                   for _ in range(workers)]
     threads_before = torch.get_num_threads()
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
-    k = points_per_call
+    total = int(np.prod(shape))
+    k = None if points_per_call is None else min(points_per_call, total)  # more than every point: the same calls
 
     def evaluate_on(evaluator, flat: np.ndarray) -> dict:
         c = torch.as_tensor(geom.coefficients(grid, flat), device=device)
@@ -223,7 +268,6 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
 
     bar = tqdm(total=len(todo), disable=quiet or ranks.rank != 0, unit="pt", leave=False,
                desc=f"{geom.kind} {'x'.join(map(str, shape))}")
-    total = int(np.prod(shape))
     measured = 0
     if workers > 1:
         torch.set_num_threads(1)
@@ -243,13 +287,14 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
                 if on_write is not None and measured:
                     on_write(int(writer.done.sum()), total)
             k, measured = ranks.objects((k or 1, measured))
-    except BaseException:
+    except BaseException as e:
         bar.close()
         torch.set_num_threads(threads_before)
         if pool is not None:
             pool.shutdown()
-        if writer is not None:
-            writer.suspend()
+        kept = _suspend(writer, e, total)
+        if kept is not None:
+            raise kept from None
         raise
     todo = todo[measured:]
     chunks = [todo[i:i + k * workers] for i in range(0, len(todo), k * workers)]
@@ -277,9 +322,13 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
                 pending, last_write = [], time.perf_counter()
                 if on_write is not None:
                     on_write(int(writer.done.sum()), total)
-    except BaseException:
-        if writer is not None:
-            writer.suspend()  # what was written stays resumable in OUT.partial
+    except BaseException as e:
+        if writer is not None and pending and isinstance(e, KeyboardInterrupt):
+            block = np.concatenate(pending)  # computed but not yet flushed: keep it too
+            writer.write(block[:, 0].astype(np.int64), {m: block[:, 1 + i] for i, m in enumerate(metrics)})
+        kept = _suspend(writer, e, total)  # what was written stays resumable in OUT.partial
+        if kept is not None:
+            raise kept from None
         raise
     finally:
         bar.close()
@@ -294,3 +343,17 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
     if surface is None and out is not None:
         surface = open_surface(out)
     return surface
+
+
+def _suspend(writer, error: BaseException, total: int) -> KeyboardInterrupt | None:
+    """Close a failed computation's writer, its points kept in OUT.partial. For an interruption
+    (Ctrl-C, SIGTERM) of a file being written, return the KeyboardInterrupt to raise instead: it
+    says how many points were kept where, and how to finish."""
+    if writer is None:
+        return None
+    done = int(writer.done.sum()) if isinstance(writer, SurfaceWriter) and writer.file.id.valid else None
+    writer.suspend()
+    if isinstance(error, KeyboardInterrupt) and done is not None:
+        return KeyboardInterrupt(f"{done} of {total} points kept in {writer.tmp}; run the same command "
+                                 f"again to finish")
+    return None
