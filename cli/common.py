@@ -1,9 +1,50 @@
 """Argument helpers shared by several commands."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from landscape.errors import ConfigError
+
+SEED_LIMIT = 2 ** 63  # torch.Generator.manual_seed takes a 64-bit integer; numpy and JSON readers stay exact
+
+
+def seed_int(text: str) -> int:
+    """argparse ``type=`` of a seed: a whole number from 0 to 2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be a whole number, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed must be from 0 to 2**63 - 1, got {text}")
+    return value
+
+
+class Given(argparse.Action):
+    """Stores the option's value like ``store`` and notes that it was on the command line, so that
+    :func:`given` can tell ``--seed 0`` from the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, "_given", getattr(namespace, "_given", frozenset()) | {self.dest})
+
+
+def given(args, dest: str) -> bool:
+    """Whether an option stored with ``action=Given`` (or a flag, by its value) was given."""
+    value = getattr(args, dest, None)
+    if isinstance(value, bool):
+        return value
+    return dest in getattr(args, "_given", ())
+
+
+def refuse_inapplicable(args, options: dict, applies: bool, where: str) -> None:
+    """One error for the first option of ``options`` ({dest: "--flag"}) that was given although it
+    does not apply: "--seed applies only to --random and --hessian"."""
+    if applies:
+        return
+    for dest, flag in options.items():
+        if given(args, dest):
+            raise ConfigError(f"{flag} applies only to {where}")
 
 
 def parse_key_values(pairs, what: str) -> dict:

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from landscape.errors import ConfigError
+from landscape.geometry import _OTHER_FILE
 from landscape.store import export_loss_landscape
-from landscape.surface import compute_surface
+from landscape.store.files import prepare_output, same_file
+from landscape.surface import check_evaluation_options, compute_surface
 
 from ..common import add_output_flags, print_json
 
@@ -50,6 +52,44 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def named_files(args, *names) -> list:
+    """The trajectory file and any other file named by a checkpoint (``OTHER.h5:RUN:INDEX``) among
+    ``names`` (strings, lists of them, or None): the inputs the output must not replace."""
+    files, flat = [args.file], []
+    for n in names:
+        if isinstance(n, (list, tuple)):
+            flat += [x for item in n for x in (item if isinstance(item, (list, tuple)) else [item])]
+        elif n is not None:
+            flat.append(n)
+    for n in flat:
+        m = _OTHER_FILE.match(str(n))
+        if m:
+            files.append(m.group("file"))
+    return files
+
+
+def check_outputs(args, inputs, rays: bool = False) -> None:
+    """Refuse, before any file is opened or anything is computed, evaluation options no computation can
+    use and outputs that cannot or must not be written (an input, an unwritable place, the export
+    over the surface file)."""
+    check_evaluation_options(args.batch_size, args.bn_batch_size, args.bn_samples, args.weight_decay,
+                             args.points_per_call)
+    if args.bn in ("interpolate", "stored"):
+        for dest, flag in (("bn_batch_size", "--bn-batch-size"), ("bn_samples", "--bn-samples")):
+            if getattr(args, dest) is not None:
+                raise ConfigError(f"{flag} applies only to --bn recompute (or auto), not --bn {args.bn}")
+    if args.export_out is not None and not args.export:
+        raise ConfigError("--export-out applies only to --export (give --export loss-landscape)")
+    if rays and args.export:
+        raise ConfigError("--export loss-landscape writes one line or one plane; rays have no such format")
+    out = prepare_output(args.out, args.overwrite, inputs=inputs)
+    exported = export_path(args)
+    if exported is not None:
+        if same_file(exported, out):
+            raise ConfigError(f"--export-out {exported} is the surface file -o {out}; choose another path")
+        prepare_output(exported, args.overwrite, inputs=inputs)
+
+
 def export_path(args) -> Path | None:
     if not args.export:
         return None
@@ -58,12 +98,11 @@ def export_path(args) -> Path | None:
 
 
 def run_surface(args, traj, geom, grid) -> int:
-    """Compute, export, report. SIGTERM is handled like Ctrl-C, so a killed run stays resumable."""
+    """Compute, export, report (the outputs checked by :func:`check_outputs` first). SIGTERM is
+    handled like Ctrl-C, so a killed run stays resumable."""
     if getattr(geom, "rays", False) and args.export:
         raise ConfigError("--export loss-landscape writes one line or one plane; rays have no such format")
     exported = export_path(args)
-    if exported is not None and exported.exists() and not args.overwrite:
-        raise ConfigError(f"export {exported} already exists; pass --overwrite to replace it")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     start = time.perf_counter()
     try:
@@ -77,7 +116,7 @@ def run_surface(args, traj, geom, grid) -> int:
     if surf is None or int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     if exported is not None:
-        export_loss_landscape(surf, exported, overwrite=args.overwrite)
+        export_loss_landscape(surf, exported, overwrite=args.overwrite, inputs=[traj.path])
     summary = summarize(surf, seconds)
     if exported is not None:
         summary["export"] = str(exported)

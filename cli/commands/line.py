@@ -16,9 +16,10 @@ from __future__ import annotations
 from landscape.errors import ConfigError
 from landscape.geometry import Line
 from landscape.store import open_trajectory
-from landscape.surface import make_grid
+from landscape.surface import check_points, make_grid
 
-from ._surface import add_evaluation_arguments, run_surface
+from ..common import Given, refuse_inapplicable, seed_int
+from ._surface import add_evaluation_arguments, check_outputs, named_files, run_surface
 
 HELP = "evaluate loss and error along a line through two checkpoints, or along random rays"
 
@@ -27,14 +28,14 @@ def add_arguments(p) -> None:
     p.add_argument("file", help="trajectory file (.h5)")
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="two checkpoints A B: the line through them")
     p.add_argument("-o", "--out", default="line.h5", help="surface file to write")
-    p.add_argument("--range", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LO", "HI"),
+    p.add_argument("--range", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LO", "HI"), action=Given,
                    help="A B: the part of the line, in units of the segment A -> B (0 = A, 1 = B)")
     p.add_argument("--points", type=int, default=Line.default_shape[0], help="points along the line (per ray)")
     r = p.add_argument_group("random rays (instead of two checkpoints)")
     r.add_argument("--ray-from", metavar="CKPT", help="the checkpoint the rays start from")
-    r.add_argument("--rays", type=int, default=5, help="number of random directions")
-    r.add_argument("--seed", type=int, default=0, help="seed of the random directions")
-    r.add_argument("--max-distance", type=float, default=None,
+    r.add_argument("--rays", type=int, default=5, action=Given, help="number of random directions")
+    r.add_argument("--seed", type=seed_int, default=0, action=Given, help="seed of the random directions")
+    r.add_argument("--max-distance", type=float, default=None, action=Given,
                    help="how far along each ray (weight-space distance; default: half the norm of the "
                         "checkpoint's weights)")
     r.add_argument("--filter-norm", action="store_true",
@@ -42,18 +43,36 @@ def add_arguments(p) -> None:
     add_evaluation_arguments(p)
 
 
-def make_line(args, traj) -> Line:
+def check_line(args) -> None:
+    """Refuse a missing or doubled choice of line, options that do not apply to it and too many points,
+    before any file is read."""
     if args.ray_from and args.checkpoints:
         raise ConfigError("give two checkpoints or --ray-from CKPT, not both")
+    if not args.ray_from and len(args.checkpoints) != 2:
+        raise ConfigError(f"a line needs two checkpoints A B (or --ray-from CKPT), got {len(args.checkpoints)}")
+    refuse_inapplicable(args, {"range": "--range"}, not args.ray_from,
+                        "a line through two checkpoints (rays run from 0 to --max-distance)")
+    refuse_inapplicable(args, {"rays": "--rays", "seed": "--seed", "max_distance": "--max-distance",
+                               "filter_norm": "--filter-norm"}, bool(args.ray_from), "--ray-from")
+    if args.ray_from:
+        if args.rays < 1:
+            raise ConfigError(f"number of rays must be at least 1, got {args.rays}")
+        check_points((args.rays, args.points), "rays x points")
+    else:
+        check_points((args.points,), "line")
+
+
+def make_line(args, traj) -> Line:
+    check_line(args)
     if args.ray_from:
         return Line.random_rays(traj, args.ray_from, args.rays, args.seed, args.max_distance,
                                 filter_norm=args.filter_norm, ignore="biasbn" if args.filter_norm else "none")
-    if len(args.checkpoints) != 2:
-        raise ConfigError(f"a line needs two checkpoints A B (or --ray-from CKPT), got {len(args.checkpoints)}")
     return Line.through(traj, *args.checkpoints, range=tuple(args.range))
 
 
 def run(args) -> int:
+    check_line(args)
+    check_outputs(args, named_files(args, args.checkpoints, args.ray_from), rays=bool(args.ray_from))
     traj = open_trajectory(args.file)
     line = make_line(args, traj)
     grid = make_grid(line, (args.points,))

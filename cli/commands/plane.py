@@ -19,9 +19,10 @@ from __future__ import annotations
 from landscape.errors import ConfigError
 from landscape.geometry import Plane
 from landscape.store import open_trajectory
-from landscape.surface import make_grid
+from landscape.surface import check_points, make_grid
 
-from ._surface import add_evaluation_arguments, run_surface
+from ..common import Given, given, refuse_inapplicable, seed_int
+from ._surface import add_evaluation_arguments, check_outputs, named_files, run_surface
 
 HELP = "evaluate loss and error over a plane through checkpoints or directions"
 
@@ -38,21 +39,23 @@ def add_arguments(p) -> None:
                    help="END [START]: a direction END - START (START defaults to the origin); give it twice")
     d.add_argument("--random", action="store_true",
                    help="two random Gaussian directions, filter-normalized (Li et al. 2018)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the random directions (--random, --hessian)")
+    d.add_argument("--seed", type=seed_int, default=0, action=Given,
+                   help="seed of the random directions (--random, --hessian)")
     d.add_argument("--no-filter-norm", action="store_true", help="--random: plain Gaussian directions")
-    d.add_argument("--ignore", choices=("biasbn", "none"), default="biasbn",
+    d.add_argument("--ignore", choices=("biasbn", "none"), default="biasbn", action=Given,
                    help="--random: zero the directions of biases and BatchNorm parameters (biasbn), or "
                         "treat them as Li et al. do without ignore (none)")
     d.add_argument("--pca", metavar="RUN", help="the first two principal components of RUN's checkpoints")
     d.add_argument("--hessian", action="store_true",
                    help="the two Hessian eigenvectors with the largest |eigenvalue| at the origin")
-    d.add_argument("--hessian-samples", type=int, default=2000,
+    d.add_argument("--hessian-samples", type=int, default=2000, action=Given,
                    help="--hessian: training samples of the loss whose Hessian is taken")
-    d.add_argument("--hessian-iterations", type=int, default=100, help="--hessian: most subspace iterations")
+    d.add_argument("--hessian-iterations", type=int, default=100, action=Given,
+                   help="--hessian: most subspace iterations")
     g = p.add_argument_group("grid")
     g.add_argument("--grid", nargs=2, type=int, default=list(Plane.default_shape), metavar=("NX", "NY"),
                    help="points along u and along v")
-    g.add_argument("--margin", type=float, default=0.2,
+    g.add_argument("--margin", type=float, default=0.2, action=Given,
                    help="space around the checkpoints (or PCA path), as a fraction of their extent per side")
     g.add_argument("--xrange", nargs=2, type=float, default=None, metavar=("LO", "HI"),
                    help="coordinates along u (distances; default from the checkpoints)")
@@ -61,25 +64,52 @@ def add_arguments(p) -> None:
     add_evaluation_arguments(p)
 
 
-def make_plane(args, traj) -> Plane:
+def plane_mode(args) -> str:
+    """Which plane the options ask for (three checkpoints, --dir, --random, --pca, --hessian); refuses
+    a missing or doubled choice and options that do not apply to it, before any file is read."""
     modes = [m for m, on in (("three checkpoints", bool(args.checkpoints)), ("--dir", bool(args.dir)),
                              ("--random", args.random), ("--pca", bool(args.pca)), ("--hessian", args.hessian)) if on]
     if len(modes) != 1:
         raise ConfigError("give three checkpoints, or --origin with one of --dir (twice), --random, --hessian, "
                           "or --pca RUN" + (f" (got {' and '.join(modes)})" if modes else ""))
+    mode = modes[0]
     if args.checkpoints:
         if len(args.checkpoints) != 3:
             raise ConfigError(f"a plane through checkpoints needs three of them, got {len(args.checkpoints)}")
         if args.origin:
             raise ConfigError("--origin is the first of the three checkpoints; give one or the other")
+    elif not args.pca and not args.origin:
+        raise ConfigError(f"{mode} needs --origin CKPT")
+    if args.dir and len(args.dir) != 2:
+        raise ConfigError(f"give --dir twice (two directions), got {len(args.dir)}")
+    refuse_inapplicable(args, {"seed": "--seed"}, mode in ("--random", "--hessian"), "--random and --hessian")
+    refuse_inapplicable(args, {"no_filter_norm": "--no-filter-norm", "ignore": "--ignore"}, mode == "--random",
+                        "--random")
+    refuse_inapplicable(args, {"hessian_samples": "--hessian-samples", "hessian_iterations": "--hessian-iterations"},
+                        mode == "--hessian", "--hessian")
+    if mode in ("--random", "--hessian"):
+        refuse_inapplicable(args, {"margin": "--margin"}, False,
+                            f"planes through checkpoints, --dir and --pca ({mode} sets its grid from the "
+                            f"directions' scale; give --xrange/--yrange instead)")
+    elif args.xrange is not None and args.yrange is not None and given(args, "margin"):
+        raise ConfigError("--margin pads the ranges taken from the checkpoints; with --xrange and --yrange "
+                          "both given it has no effect")
+    if mode == "--hessian":
+        for flag, value in (("--hessian-samples", args.hessian_samples),
+                            ("--hessian-iterations", args.hessian_iterations)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+    check_points(args.grid, "plane grid")
+    return mode
+
+
+def make_plane(args, traj) -> Plane:
+    plane_mode(args)
+    if args.checkpoints:
         return Plane.through(traj, *args.checkpoints)
     if args.pca:
         return Plane.pca(traj, args.pca, args.origin)
-    if not args.origin:
-        raise ConfigError(f"{modes[0]} needs --origin CKPT")
     if args.dir:
-        if len(args.dir) != 2:
-            raise ConfigError(f"give --dir twice (two directions), got {len(args.dir)}")
         return Plane.directions(traj, args.origin, *args.dir)
     if args.random:
         return Plane.random(traj, args.origin, args.seed, not args.no_filter_norm, args.ignore)
@@ -89,6 +119,8 @@ def make_plane(args, traj) -> Plane:
 
 
 def run(args) -> int:
+    plane_mode(args)
+    check_outputs(args, named_files(args, args.checkpoints, args.origin, args.dir, args.pca))
     traj = open_trajectory(args.file)
     plane = make_plane(args, traj)
     grid = make_grid(plane, tuple(args.grid), args.margin, args.xrange, args.yrange)
