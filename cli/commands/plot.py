@@ -14,7 +14,7 @@ Examples:
 """
 from __future__ import annotations
 
-from landscape.plot.report import FORMATS, plot_files
+from landscape.plot.report import FORMATS, MAX_LEVELS, plot_files
 from landscape.plot.static import SMOOTH
 
 from ..common import print_json
@@ -36,10 +36,12 @@ def add_arguments(p) -> None:
     p.add_argument("--off-plane", type=float, default=0.05,
                    help="a checkpoint farther from the plane than this fraction of the plane's larger "
                         "side is drawn hollow and labelled with its distance")
-    p.add_argument("--levels", type=int, default=7, help="log-spaced contour bands below the top band")
+    p.add_argument("--levels", type=int, default=7,
+                   help=f"log-spaced contour bands below the top band (1 to {MAX_LEVELS})")
     p.add_argument("--smooth", type=float, default=SMOOTH, metavar="CELLS",
                    help="Gaussian smoothing (standard deviation in grid cells) of each plane before its "
-                        "train and test minima are located for the offset; 0 takes the raw grid minima")
+                        "train and test minima are located for the offset; 0 takes the raw grid minima, "
+                        "at most the plane's larger number of grid points")
     p.add_argument("--train-metric", default="train_loss", help="left panel and offset start")
     p.add_argument("--test-metric", default="test_err", help="right panel and offset end")
     p.add_argument("--json", action="store_true", help="print figures and numbers as JSON")

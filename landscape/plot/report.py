@@ -15,15 +15,21 @@ also stores in ``numbers.json`` next to the figures:
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FileFormatError
+from ..store.files import reason, same_file
 from . import figures, static
 from .analysis import format_rise
 
 FORMATS = ("png", "pdf")
+# more contour bands than this cannot be told apart by colour, nor labelled on a colour bar
+MAX_LEVELS = 50
+STAGING = ".landscape-plot.partial"  # figures are drawn here, then moved into place together
 
 
 @dataclass
@@ -43,7 +49,12 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
     path of a trajectory file or a Trajectory (Lookahead and grafting figures); ``rises``: train-loss
     rises for the edge-vs-center distances; ``off_plane``: fraction of the plane's larger side beyond
     which a checkpoint counts as off the plane; ``smooth``: Gaussian smoothing (grid cells) of the
-    planes before their minima are located for the offset (0: the raw grid minima)."""
+    planes before their minima are located for the offset (0: the raw grid minima; at most the
+    larger side of every plane's grid, beyond which the plane is flat).
+
+    Everything is checked before ``out_dir`` is touched; the figures are drawn into a hidden folder
+    inside it and moved into place, ``numbers.json`` last, only when every one is drawn, so a failure
+    leaves the folder as it was."""
     from ..store import Surface, Trajectory, open_surface, open_trajectory
 
     rises = tuple(float(r) for r in rises)
@@ -54,17 +65,69 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
         raise ConfigError(f"unknown figure format {bad[0]!r}; choose from png, pdf, svg")
     if not 0 < off_plane:
         raise ConfigError(f"off-plane fraction must be positive, got {off_plane}")
-    if not smooth >= 0:
-        raise ConfigError(f"smoothing must be non-negative (grid cells), got {smooth}")
+    if isinstance(levels, bool) or not (1 <= levels <= MAX_LEVELS and int(levels) == levels):
+        raise ConfigError(f"contour levels must be a whole number from 1 to {MAX_LEVELS}, got {levels}")
+    if not (smooth >= 0 and math.isfinite(smooth)):
+        raise ConfigError(f"smoothing must be a non-negative number of grid cells, got {smooth}")
     surfs = [s if isinstance(s, Surface) else open_surface(s) for s in surfaces]
+    for s in surfs:
+        if s.kind == "plane":
+            static.require_metric(s, train_metric)
+            static.require_metric(s, test_metric)
+        if s.kind == "plane" and smooth > max(s.done.shape):
+            raise ConfigError(f"smoothing of {smooth:g} grid cells is more than {_key(s)}'s grid of "
+                              f"{' x '.join(map(str, s.done.shape))}; give at most {max(s.done.shape)}")
     traj = trajectory if trajectory is None or isinstance(trajectory, Trajectory) else open_trajectory(trajectory)
     out = Path(out_dir)
+    created = _prepare_dir(out)
+    staging = out / STAGING
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        res = _draw(surfs, traj, staging, rises, formats, off_plane, levels, train_metric, test_metric, smooth)
+        inputs = [s.path for s in surfs if s.path is not None] + ([traj.path] if traj is not None else [])
+        names = [p.name for p in res.figures] + ["numbers.json"]
+        for name in names:
+            for source in inputs:
+                if (out / name).exists() and same_file(out / name, source):
+                    raise FileFormatError(f"figure {out / name} would replace the input {source}; "
+                                          f"choose another output folder")
+        res.numbers_path = _write_json(staging / "numbers.json", res.numbers)
+        for name in names:  # numbers.json last: a folder with a new numbers.json holds every new figure
+            os.replace(staging / name, out / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    staging.rmdir()
+    res.figures = [out / p.name for p in res.figures]
+    res.numbers_path = out / "numbers.json"
+    return res
+
+
+def _prepare_dir(out: Path) -> bool:
+    """Make sure figures can be written into ``out``; create it if missing (return whether it was)."""
     if out.exists() and not out.is_dir():
         raise FileFormatError(f"output {out} exists and is not a directory")
+    if out.is_dir():
+        probe = out / f".{STAGING}.{os.getpid()}.probe"
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except OSError as e:
+            raise FileFormatError(f"cannot write figures into {out}: {reason(e)}") from None
+        probe.unlink(missing_ok=True)
+        return False
     if not out.parent.exists():
         raise FileFormatError(f"cannot create {out}: directory {out.parent} does not exist")
-    out.mkdir(exist_ok=True)
+    try:
+        out.mkdir()
+    except OSError as e:
+        raise FileFormatError(f"cannot create {out}: {reason(e)}") from None
+    return True
 
+
+def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, test_metric, smooth) -> PlotResult:
     res = PlotResult()
     stems = _stems(surfs)
     planes = [s for s in surfs if s.kind == "plane"]
@@ -123,7 +186,6 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
     res.numbers["rises"] = list(rises)
     res.numbers["units"] = {"distance": "weight-space units (Euclidean norm of the weight difference)",
                             "error": "%"}
-    res.numbers_path = _write_json(out / "numbers.json", res.numbers)
     return res
 
 
