@@ -18,8 +18,34 @@ def add_arguments(p) -> None:
     add_output_flags(p)
 
 
+def check_out_dir(out) -> None:
+    """Refuse an output folder that cannot be made or written, before anything is trained: the
+    nearest existing folder on the way must take a new entry (tried with a short-lived one)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from landscape.errors import FileFormatError
+    from landscape.store.files import reason
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileFormatError(f"output {out} exists and is not a directory")
+    base = out
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise FileFormatError(f"cannot create {out}: {base} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".landscape-demo-", suffix=".probe", dir=base)
+    except OSError as e:
+        raise FileFormatError(f"cannot {'write into' if base == out else 'create'} {out}: {reason(e)}") from None
+    os.rmdir(probe)
+
+
 def run(args) -> int:
     import sys
+    check_out_dir(args.out)
     log = (lambda *a: None) if (args.quiet or args.json) else (lambda *a: print(*a, file=sys.stderr))
     s = run_demo(args.out, quick=args.quick, device=args.device, quiet=args.quiet, log=log)
     if args.json:
