@@ -17,6 +17,7 @@ import importlib
 import os
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,16 +156,32 @@ def _npz(options: dict):
     path = options.get("path")
     if not path:
         raise DataError("dataset 'npz' needs its file: --data-option path=FILE.npz")
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    not_npz = f"{path} is not an .npz file with {', '.join(keys)} (np.savez)"
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(f"npz file {path} does not exist")
+    if file.is_dir():
+        raise DataError(f"npz file {path} is a directory")
     try:
-        with np.load(Path(path).expanduser(), allow_pickle=False) as f:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
-            if missing:
-                raise DataError(f"npz file {path} lacks {', '.join(missing)}")
-            arrays = [f[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-    except FileNotFoundError:
-        raise DataError(f"npz file {path} does not exist") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot read npz file {path}: {e}") from None
+        loaded = np.load(file, allow_pickle=False)  # never unpickle what a user hands us
+    except OSError as e:
+        raise DataError(f"cannot read npz file {path}: {e.strerror or e}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile):  # not .npz/.npy (numpy would try it as a pickle)
+        raise DataError(not_npz) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array
+        raise DataError(not_npz)
+    with loaded as f:
+        missing = [k for k in keys if k not in f]
+        if missing:
+            raise DataError(f"npz file {path} lacks {', '.join(missing)}")
+        try:
+            arrays = [f[k] for k in keys]
+        except ValueError:
+            raise DataError(f"npz file {path} holds object arrays, which are not read (they would be "
+                            f"unpickled); save numeric arrays") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read npz file {path}: {e}") from None
     arrays = [arrays[0].astype(np.float32), arrays[1].astype(np.int64),
               arrays[2].astype(np.float32), arrays[3].astype(np.int64)]
     return arrays, int(max(arrays[1].max(), arrays[3].max())) + 1
