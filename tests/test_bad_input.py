@@ -1,0 +1,278 @@
+"""Bad input to plane, line, plot, explore, import, info and demo: one `landscape: error:` line, exit
+status 2, before anything is computed, and no output (nor `.partial`) left behind. An output that is
+one of the command's inputs is refused even with --overwrite. An interrupted surface says what it kept."""
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli.common import seed_int
+from cli.main import main
+from landscape.data import DataSpec, load_data
+from landscape.errors import DataError
+from landscape.evaluate import Evaluator
+from landscape.geometry import Plane
+from landscape.store import open_surface, open_trajectory
+from landscape.surface import MAX_POINTS, compute_surface
+
+THREE = ("sgd", "swa/average", "swa/iterates:0")
+PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only cost here
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def surfaces(tmp_path_factory, tiny_run):
+    """A 3 x 3 plane and a 3-point line of the tiny run."""
+    d = tmp_path_factory.mktemp("surfaces")
+    traj = open_trajectory(tiny_run)
+    plane = d / "plane.h5"
+    compute_surface(traj, Plane.through(traj, *THREE), (3, 3), out=plane, quiet=True, points_per_call=9)
+    line = d / "line.h5"
+    assert main(["line", str(tiny_run), "sgd", "swa/average", "--points", "3", "-o", str(line), "--quiet"]) == 0
+    return plane, line
+
+
+def _error(capsys, argv, *words):
+    """Exit status 2 and exactly one stderr line, `landscape: error: ...`, holding every word."""
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("landscape: error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert "Errno" not in err and "errno" not in err, err
+    return err
+
+
+def _nothing_left(folder: Path, before: set) -> None:
+    assert set(folder.iterdir()) == before, set(folder.iterdir()) ^ before
+    assert not list(folder.glob("**/*.partial")) and not list(folder.glob("**/*.probe"))
+
+
+# ---------------------------------------------------------------------------------------------
+# plane and line: options
+
+SURFACE_CASES = [
+    # too many points: refused up front, with the count and the cap
+    (["plane", "{run}", *THREE, "--grid", "100000", "100000"], ["10,000,000,000 points", f"{MAX_POINTS:,}"]),
+    (["plane", "{run}", *THREE, "--grid", "-3", "-3"], ["no points"]),
+    (["line", "{run}", "sgd", "swa/average", "--points", "10000000000"], ["10,000,000,000 points"]),
+    (["line", "{run}", "--ray-from", "sgd", "--rays", "100000", "--points", "100000"], ["10,000,000,000 points"]),
+    # evaluation options no computation can use
+    (["plane", "{run}", *THREE, "--batch-size", "0"], ["batch size", "at least 1"]),
+    (["plane", "{run}", *THREE, "--batch-size", "-5"], ["batch size", "at least 1"]),
+    (["line", "{run}", "sgd", "swa/average", "--weight-decay", "-1"], ["weight decay", "non-negative"]),
+    (["line", "{run}", "sgd", "swa/average", "--weight-decay", "nan"], ["weight decay"]),
+    (["plane", "{run}", *THREE, "--bn-samples", "0"], ["BatchNorm samples", "at least 2"]),
+    (["plane", "{run}", *THREE, "--bn-batch-size", "0"], ["BatchNorm batch size", "at least 2"]),
+    (["plane", "{run}", *THREE, "--points-per-call", "0"], ["points per call", "at least 1"]),
+    (["plane", "{run}", "--origin", "sgd", "--hessian", "--hessian-samples", "0"], ["--hessian-samples", "at least 1"]),
+    (["plane", "{run}", "--origin", "sgd", "--hessian", "--hessian-samples", "-1"], ["--hessian-samples"]),
+    (["plane", "{run}", "--origin", "sgd", "--hessian", "--hessian-iterations", "0"], ["--hessian-iterations"]),
+    # options that do not apply
+    (["line", "{run}", "--ray-from", "sgd", "--range", "0", "1"], ["--range applies only to"]),
+    (["line", "{run}", "sgd", "swa/average", "--rays", "3", "--seed", "5"], ["--rays applies only to --ray-from"]),
+    (["line", "{run}", "sgd", "swa/average", "--seed", "5"], ["--seed applies only to --ray-from"]),
+    (["line", "{run}", "sgd", "swa/average", "--max-distance", "2"], ["--max-distance applies only to --ray-from"]),
+    (["line", "{run}", "sgd", "swa/average", "--filter-norm"], ["--filter-norm applies only to --ray-from"]),
+    (["plane", "{run}", *THREE, "--seed", "7"], ["--seed applies only to --random and --hessian"]),
+    (["plane", "{run}", *THREE, "--no-filter-norm"], ["--no-filter-norm applies only to --random"]),
+    (["plane", "{run}", *THREE, "--ignore", "none"], ["--ignore applies only to --random"]),
+    (["plane", "{run}", "--origin", "sgd", "--random", "--hessian-iterations", "3"], ["--hessian-iterations"]),
+    (["plane", "{run}", "--origin", "sgd", "--random", "--margin", "0.1"], ["--margin applies only to"]),
+    (["plane", "{run}", *THREE, "--xrange", "0", "1", "--yrange", "0", "1", "--margin", "0.1"],
+     ["--margin", "no effect"]),
+    (["plane", "{run}", *THREE, "--bn", "stored", "--bn-samples", "10"],
+     ["--bn-samples applies only to --bn recompute"]),
+    (["plane", "{run}", *THREE, "--export-out", "{tmp}/e.h5"], ["--export-out applies only to --export"]),
+    (["line", "{run}", "--ray-from", "sgd", "--export", "loss-landscape"], ["rays"]),
+    # outputs that are inputs, even with --overwrite
+    (["plane", "{run}", *THREE, "-o", "{run}", "--overwrite"], ["is the input"]),
+    (["line", "{run}", "sgd", "swa/average", "-o", "{run}", "--overwrite"], ["is the input"]),
+    (["line", "{run}", "sgd", "{copy}:sgd:0", "-o", "{copy}", "--overwrite"], ["is the input"]),
+    (["plane", "{run}", *THREE, "--export", "loss-landscape", "--export-out", "{run}", "--overwrite"],
+     ["is the input"]),
+    (["plane", "{run}", *THREE, "--export", "loss-landscape", "--export-out", "{tmp}/out.h5"],
+     ["is the surface file"]),
+]
+
+
+@pytest.mark.parametrize("args, words", SURFACE_CASES)
+def test_surface_options_are_one_line_errors(tiny_run, tmp_path, capsys, monkeypatch, args, words):
+    import landscape.surface
+    monkeypatch.setattr(landscape.surface, "_compute", lambda *a, **k: pytest.fail("computed despite bad input"))
+    monkeypatch.setattr(Plane, "hessian", classmethod(lambda *a, **k: pytest.fail("Hessian despite bad input")))
+    copy = tmp_path / "copy.h5"
+    shutil.copy(tiny_run, copy)
+    argv = [a.format(run=tiny_run, tmp=tmp_path, copy=copy) for a in args]
+    if "-o" not in argv:
+        argv += ["-o", tmp_path / "out.h5"]
+    sha = open_trajectory(tiny_run).sha256()
+    before = set(tmp_path.iterdir())
+    _error(capsys, argv + ["--quiet"], *words)
+    _nothing_left(tmp_path, before)
+    assert open_trajectory(tiny_run).sha256() == sha
+
+
+def test_seed_must_fit_64_bits(tiny_run, tmp_path, capsys):
+    assert seed_int("0") == 0 and seed_int(str(2 ** 63 - 1)) == 2 ** 63 - 1
+    for bad in ("-1", str(2 ** 63), "99999999999999999999", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="seed"):
+            seed_int(bad)
+    for argv in (["plane", tiny_run, "--origin", "sgd", "--random"], ["line", tiny_run, "--ray-from", "sgd"]):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv] + ["--seed", "99999999999999999999", "-o", str(tmp_path / "o.h5")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--seed" in err and "2**63" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# places that cannot be written
+
+@PROC
+@pytest.mark.parametrize("args, words", [
+    (["plane", "{run}", *THREE, "--grid", "2", "2", "-o", "/proc/out.h5"],
+     ["cannot write /proc/out.h5", "No such file"]),
+    (["plane", "{run}", *THREE, "--grid", "2", "2", "-o", "/proc/x/out.h5"], ["cannot write /proc/x/out.h5"]),
+    (["plane", "{run}", *THREE, "--grid", "2", "2", "-o", "{tmp}/p.h5", "--export", "loss-landscape",
+      "--export-out", "/proc/e.h5"], ["cannot write /proc/e.h5"]),
+    (["plane", "{run}", *THREE, "--grid", "2", "2", "-o", "{tmp}/p.h5", "--export", "loss-landscape",
+      "--export-out", "/proc/x/e.h5"], ["cannot write /proc/x/e.h5"]),
+    (["plot", "{plane}", "-o", "/proc/figs"], ["cannot create /proc/figs"]),
+    (["plot", "{plane}", "-o", "/proc/x/figs"], ["cannot create /proc/x/figs"]),
+    (["explore", "{plane}", "-o", "/proc/e.html"], ["cannot write /proc/e.html"]),
+    (["explore", "{plane}", "-o", "/proc/x/e.html"], ["cannot write /proc/x/e.html"]),
+    (["demo", "-o", "/proc/d"], ["cannot create /proc/d"]),
+    (["demo", "-o", "/proc/x/d"], ["cannot create /proc/x/d"]),
+    (["demo", "-o", "{run}"], ["not a directory"]),
+])
+def test_unwritable_outputs_are_refused_before_work(tiny_run, surfaces, tmp_path, capsys, monkeypatch, args, words):
+    import cli.commands.demo
+    import landscape.surface
+    monkeypatch.setattr(landscape.surface, "_compute", lambda *a, **k: pytest.fail("computed despite bad output"))
+    monkeypatch.setattr(cli.commands.demo, "run_demo", lambda *a, **k: pytest.fail("demo ran despite bad output"))
+    argv = [a.format(run=tiny_run, tmp=tmp_path, plane=surfaces[0]) for a in args]
+    _error(capsys, argv, *words)
+    assert not list(tmp_path.iterdir())
+
+
+def test_misleading_messages(tiny_run, tmp_path, capsys):
+    _error(capsys, ["info", tmp_path], "is a directory")
+    text = tmp_path / "notnpz.npz"
+    text.write_text("x_train,y_train\n1,2\n")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    for path in (text, tmp_path / "one.npy"):
+        with pytest.raises(DataError, match=r"is not an \.npz file with x_train, y_train, x_test, y_test") as e:
+            load_data(DataSpec("npz", {"path": str(path)}))
+        assert "pickle" not in str(e.value)
+    np.savez(tmp_path / "obj.npz", x_train=np.array([{}], dtype=object), y_train=np.zeros(1), x_test=np.zeros(1),
+             y_test=np.zeros(1))
+    with pytest.raises(DataError, match="object arrays"):
+        load_data(DataSpec("npz", {"path": str(tmp_path / "obj.npz")}))
+
+
+# ---------------------------------------------------------------------------------------------
+# plot, explore, import: inputs kept, bounds checked first
+
+@pytest.mark.parametrize("extra, words", [
+    (["--levels", "100000"], ["contour levels", "1 to 50"]),
+    (["--levels", "0"], ["contour levels"]),
+    (["--smooth", "1e9"], ["smoothing", "3 x 3", "at most 3"]),
+    (["--smooth", "-1"], ["smoothing", "non-negative"]),
+    (["--smooth", "inf"], ["smoothing"]),
+    (["--train-metric", "nope"], ["no 'nope' values"]),
+])
+def test_plot_bounds_leave_no_figures(surfaces, tmp_path, capsys, extra, words):
+    out = tmp_path / "figs"
+    _error(capsys, ["plot", surfaces[0], "-o", out, *extra], *words)
+    assert not out.exists()
+
+
+def test_plot_failure_keeps_the_previous_set(surfaces, tmp_path, capsys, monkeypatch):
+    from landscape.plot import figures
+    out = tmp_path / "figs"
+    assert main(["plot", str(surfaces[0]), "-o", str(out), "--levels", "3"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "numbers.json" in before and "plane-landscape.png" in before
+    calls = []
+    real = figures.save
+
+    def fail_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(figures, "save", fail_second)
+    with pytest.raises(OSError):
+        main(["plot", str(surfaces[0]), str(surfaces[1]), "-o", str(out), "--levels", "9"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new figure next to the old numbers
+
+
+def test_plot_does_not_replace_its_input(surfaces, tmp_path, capsys):
+    out = tmp_path / "figs"
+    out.mkdir()
+    named = out / "numbers.json"  # a surface file that happens to have the name of the numbers file
+    shutil.copy(surfaces[0], named)
+    data = named.read_bytes()
+    _error(capsys, ["plot", named, "-o", out], "would replace the input")
+    assert named.read_bytes() == data and [p.name for p in out.iterdir()] == ["numbers.json"]
+
+
+def test_explore_and_import_do_not_replace_their_input(surfaces, tiny_run, tmp_path, capsys):
+    plane = tmp_path / "plane.h5"
+    shutil.copy(surfaces[0], plane)
+    _error(capsys, ["explore", plane, "-o", plane, "--overwrite"], "is the input")
+    assert open_surface(plane).done.all()
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    traj = open_trajectory(tiny_run)
+    for i in range(2):
+        torch.save({"w": traj.checkpoint(f"sgd:{i}").params[:3].clone()}, ckpts / f"epoch{i}.pt")
+    data = (ckpts / "epoch1.pt").read_bytes()
+    for out in (ckpts / "epoch1.pt", ckpts):
+        _error(capsys, ["import", ckpts, "--model", "mlp", "--dataset", "synthetic", "-o", out, "--overwrite",
+                        "--quiet"], "is the input")
+    assert (ckpts / "epoch1.pt").read_bytes() == data and len(list(ckpts.iterdir())) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# interruption
+
+def test_interruption_says_what_was_kept(tiny_run, tmp_path, capsys, monkeypatch):
+    traj = open_trajectory(tiny_run)
+    out = tmp_path / "p.h5"
+    with pytest.raises(KeyboardInterrupt, match=r"^2 of 9 points kept in .*p\.h5\.partial; run the same command "
+                                                r"again to finish$"):
+        compute_surface(traj, Plane.through(traj, *THREE), (3, 3), out=out, quiet=True, points_per_call=2,
+                        write_every=0, on_write=lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    out.with_name("p.h5.partial").unlink()
+
+    # through the CLI, Ctrl-C during the third call: the two points computed before it are kept too,
+    # although the file was not due for a flush yet
+    calls = []
+    real = Evaluator.__call__
+
+    def third_interrupts(self, w, b):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, w, b)
+
+    monkeypatch.setattr(Evaluator, "__call__", third_interrupts)
+    argv = ["plane", str(tiny_run), *THREE, "--grid", "3", "3", "--points-per-call", "1", "-o", str(out), "--quiet"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err == f"landscape: interrupted: 2 of 9 points kept in {out}.partial; run the same command again to finish\n"
+    monkeypatch.setattr(Evaluator, "__call__", real)
+    assert main(argv) == 0 and open_surface(out).done.all()
