@@ -252,6 +252,9 @@ def _user_factory(name: str, options: dict):
 
 
 DATASETS = {"mnist1d": _mnist1d, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic}
+# the options each built-in dataset reads: any other is a typo, refused rather than recorded unused
+OPTIONS = {"mnist1d": (), "cifar10": ("root", "augment"), "npz": ("path", "augment"),
+           "synthetic": ("n_train", "n_test", "classes", "shape", "seed", "noise", "augment")}
 
 
 def register_dataset(name: str):
@@ -298,6 +301,10 @@ def _import_module(module_name: str):
 
 def load_data(spec: DataSpec, device="cpu") -> Data:
     if spec.name in DATASETS:
+        unknown = sorted(set(spec.options) - set(OPTIONS.get(spec.name, spec.options)))
+        if unknown:
+            raise DataError(f"dataset {spec.name!r} has no option {unknown[0]!r}; its options: "
+                            f"{', '.join(OPTIONS[spec.name]) or 'none'}")
         arrays, num_classes = DATASETS[spec.name](spec.options)
     elif ":" in spec.name:
         arrays, num_classes = _user_factory(spec.name, spec.options)
@@ -312,5 +319,9 @@ def load_data(spec: DataSpec, device="cpu") -> Data:
                         f"{x_te.shape[1:]} differ in shape")
     if len(x_tr) < 2 or len(x_te) < 1:
         raise DataError(f"dataset {spec.name!r} is empty")
+    augment = bool(spec.options.get("augment", False))
+    if augment and x_tr.ndim != 4:
+        raise DataError(f"dataset {spec.name!r}: augment (random crop and flip) needs images (N, C, H, W), "
+                        f"got inputs of shape {tuple(x_tr.shape[1:])}")
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-    return Data(*tensors, num_classes=num_classes, augment=bool(spec.options.get("augment", False))).to(device)
+    return Data(*tensors, num_classes=num_classes, augment=augment).to(device)

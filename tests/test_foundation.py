@@ -259,6 +259,9 @@ def test_npz_and_synthetic_and_mnist1d(tmp_path):
     (["--model", "resnet20"], "resnet20 expects images"),
     (["--model", "mlp", "--model-arg", "hidden=[3]", "--dataset", "npz", "--data-option", "path=/no.npz"], "does not exist"),
     (["--methods", "sgd,adamw"], "unknown method 'adamw'"),
+    (["--dataset", "synthetic", "--data-option", "n_trian=20"], "dataset 'synthetic' has no option 'n_trian'"),
+    (["--data-option", "augment=true"], "dataset 'mnist1d' has no option 'augment'; its options: none"),
+    (["--dataset", "synthetic", "--data-option", "augment=true"], "augment (random crop and flip) needs images"),
     (["--swa-start", "0", "--swa-c", "1"], "--swa-start must be between 1 and --epochs (1), got 0"),
 ])
 def test_bad_input_gives_one_line(tmp_path, args, message):

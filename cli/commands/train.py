@@ -18,7 +18,7 @@ from landscape.errors import ConfigError
 from landscape.models import ModelSpec
 from landscape.train import METHODS, SwapThresholdWarning, train
 
-from ..common import add_output_flags, parse_key_values, print_json
+from ..common import add_output_flags, parse_key_values, print_json, seed_int
 
 HELP = "train SGD/SWA/SWAP/Lookahead/Filter Grafting and record the trajectory file"
 
@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
                    help=f"swa: first averaged epoch (default: 2/3 of --epochs, {d.swa_start} of {d.epochs})")
     p.add_argument("--swa-lr", type=float, default=d.swa_lr, help="swa: learning rate while averaging")
     p.add_argument("--swa-c", type=int, default=d.swa_c, help="swa: average every c epochs")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialization and data order")
+    p.add_argument("--seed", type=seed_int, default=d.seed, help="seed of initialization and data order")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="also record every N steps (0: once per epoch)")
