@@ -192,9 +192,9 @@ def test_bad_options_are_refused(k, alpha, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lookahead-k", "0"], "lookahead_k must be at least 1"),
-    (["--lookahead-alpha", "0"], "lookahead_alpha must be in (0, 1]"),
-    (["--lookahead-alpha", "1.5"], "lookahead_alpha must be in (0, 1]"),
+    (["--lookahead-k", "0"], "--lookahead-k must be at least 1"),
+    (["--lookahead-alpha", "0"], "--lookahead-alpha must be in (0, 1]"),
+    (["--lookahead-alpha", "1.5"], "--lookahead-alpha must be in (0, 1]"),
 ])
 def test_cli_bad_lookahead_options_give_one_line_and_no_file(tmp_path, args, message, capsys, monkeypatch):
     from cli.main import main

@@ -122,9 +122,9 @@ def test_cli_threshold_warning_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "swap", "--swap-workers", "1"], "swap_workers must be at least 2"),
-    (["--methods", "swap", "--swap-threshold", "0"], "swap_threshold is a training accuracy in percent"),
-    (["--methods", "grafting", "--grafting-nets", "1"], "grafting_nets must be at least 2"),
+    (["--methods", "swap", "--swap-workers", "1"], "--swap-workers must be at least 2"),
+    (["--methods", "swap", "--swap-threshold", "0"], "--swap-threshold is a training accuracy in percent"),
+    (["--methods", "grafting", "--grafting-nets", "1"], "--grafting-nets must be at least 2"),
 ])
 def test_cli_fewer_than_two_workers_or_networks_is_an_error(tmp_path, args, message, capsys, monkeypatch):
     rc, err = in_process_cli(capsys, monkeypatch, "train", "-o", tmp_path / "r.h5", "--epochs", "1", "--quiet",
@@ -164,5 +164,5 @@ def test_torchrun_workers_not_a_multiple_of_processes_is_an_error(tmp_path):
             "--quiet", *TINY_ARGS, env=dict(os.environ, OMP_NUM_THREADS="1"),
             launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     assert r.returncode != 0
-    assert "landscape: error: swap_workers (3) must be a multiple of the number of processes (2)" in r.stderr
+    assert "landscape: error: --swap-workers (3) must be a multiple of the number of processes (2)" in r.stderr
     assert list(tmp_path.iterdir()) == []

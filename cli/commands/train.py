@@ -112,13 +112,12 @@ def _as_flags(message: str) -> str:
 
 
 def run(args) -> int:
-    try:
-        config = config_from_args(args).validate(tuple(METHODS))
-    except ConfigError as e:
-        raise ConfigError(_as_flags(str(e))) from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SwapThresholdWarning)
-        summary = train(config, args.out, overwrite=args.overwrite, quiet=args.quiet)
+        try:
+            summary = train(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet)
+        except ConfigError as e:
+            raise ConfigError(_as_flags(str(e))) from None
     for w in caught:  # our warnings as one line each; anything else as Python shows it
         if issubclass(w.category, SwapThresholdWarning):
             print(f"landscape: warning: {w.message}", file=sys.stderr)
