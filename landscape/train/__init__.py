@@ -98,7 +98,11 @@ def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False
             # checked before any training, so that rank 0 does not train other methods first
             raise ConfigError(f"swap_workers ({config.swap_workers}) must be a multiple of the number of "
                               f"processes ({world_size})")
-        return _train(config, out, overwrite, quiet, device, rank, world_size)
+        summary = _train(config, out, overwrite, quiet, device, rank, world_size)
+        if world_size > 1:  # no process tears the group down while another still uses it
+            import torch.distributed as dist
+            dist.barrier()
+        return summary
     finally:
         if created:
             import torch.distributed as dist
