@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FileFormatError
-from ..store.files import reason, same_file
+from ..store.files import probe_writable, reason, same_file
 from . import figures, static
 from .analysis import format_rise
 
@@ -111,12 +111,7 @@ def _prepare_dir(out: Path) -> bool:
     if out.exists() and not out.is_dir():
         raise FileFormatError(f"output {out} exists and is not a directory")
     if out.is_dir():
-        probe = out / f".{STAGING}.{os.getpid()}.probe"
-        try:
-            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        except OSError as e:
-            raise FileFormatError(f"cannot write figures into {out}: {reason(e)}") from None
-        probe.unlink(missing_ok=True)
+        probe_writable(out, f"figures into {out}")
         return False
     if not out.parent.exists():
         raise FileFormatError(f"cannot create {out}: directory {out.parent} does not exist")

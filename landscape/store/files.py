@@ -36,9 +36,7 @@ def prepare_output(path, overwrite: bool, inputs=()) -> Path:
     """Check, before any work starts, that ``path`` may be written; return it as a Path.
 
     ``inputs``: the files the command reads; writing over one of them is refused even with
-    ``overwrite`` (the input would be gone before the output is complete). A file is created and
-    removed next to ``path`` to learn whether the directory really takes new files (permissions
-    alone do not tell: read-only mounts, /proc, quotas)."""
+    ``overwrite`` (the input would be gone before the output is complete)."""
     path = Path(path)
     for source in inputs:
         if source is not None and same_file(path, source):
@@ -53,13 +51,19 @@ def prepare_output(path, overwrite: bool, inputs=()) -> Path:
         raise FileFormatError(f"cannot write {path}: {path.parent} is not a directory")
     if not os.access(path.parent, os.W_OK):
         raise FileFormatError(f"cannot write {path}: directory {path.parent} is not writable")
-    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    probe_writable(path.parent, str(path))
+    return path
+
+
+def probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: whether it really takes new files, which permissions
+    alone do not tell (read-only mounts, /proc, quotas, running as root)."""
+    probe = Path(folder) / f".landscape.{os.getpid()}.probe"
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError as e:
-        raise FileFormatError(f"cannot write {path}: {reason(e)}") from None
+        raise FileFormatError(f"cannot write {what}: {reason(e)}") from None
     probe.unlink(missing_ok=True)
-    return path
 
 
 def open_read(path, expected_format: str) -> h5py.File:
