@@ -109,6 +109,12 @@ def _padded(lo: float, hi: float, margin: float) -> tuple:
 _OTHER_FILE = re.compile(r"^(?P<file>.+\.(?:h5|hdf5)):(?P<name>[^:].*)$")
 
 
+def checkpoint_file(name: str):
+    """The other trajectory file a checkpoint name ``OTHER.h5:RUN[:INDEX]`` points into, else None."""
+    m = _OTHER_FILE.match(str(name))
+    return m.group("file") if m else None
+
+
 @dataclass
 class _Ckpt:
     name: str              # canonical: RUN:INDEX, or FILE:RUN:INDEX for another file

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .device import resolve_device
 from .errors import ConfigError, LandscapeError
 from .evaluate import METRICS, BatchNormPolicy, Evaluator, choose_points_per_call, resolve_policy
-from .geometry import _OTHER_FILE, Grid, Line, Plane, buffers_at, weights_at
+from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
 from .store import Surface, SurfaceWriter, Trajectory, open_surface, open_trajectory
 from .store.surface import MemorySurfaceWriter
 
@@ -71,12 +71,8 @@ def check_evaluation_options(batch_size=None, bn_batch_size=None, bn_samples=Non
 def input_files(traj, geom) -> list:
     """The files a surface of ``geom`` is computed from: the trajectory and any other trajectory
     file a checkpoint was taken from (``OTHER.h5:RUN:INDEX``)."""
-    files = [traj.path]
-    for source in getattr(geom, "sources", {}).values():
-        m = _OTHER_FILE.match(source)
-        if m:
-            files.append(m.group("file"))
-    return files
+    others = (checkpoint_file(source) for source in getattr(geom, "sources", {}).values())
+    return [traj.path] + [f for f in others if f]
 
 
 def make_grid(geom, grid=None, margin: float = 0.2, xrange=None, yrange=None) -> Grid:

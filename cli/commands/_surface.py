@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from landscape.errors import ConfigError
-from landscape.geometry import _OTHER_FILE
+from landscape.geometry import checkpoint_file
 from landscape.store import export_loss_landscape
 from landscape.store.files import prepare_output, same_file
 from landscape.surface import check_evaluation_options, compute_surface
@@ -61,11 +61,7 @@ def named_files(args, *names) -> list:
             flat += [x for item in n for x in (item if isinstance(item, (list, tuple)) else [item])]
         elif n is not None:
             flat.append(n)
-    for n in flat:
-        m = _OTHER_FILE.match(str(n))
-        if m:
-            files.append(m.group("file"))
-    return files
+    return files + [f for f in map(checkpoint_file, flat) if f]
 
 
 def check_outputs(args, inputs, rays: bool = False) -> None:
