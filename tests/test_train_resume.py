@@ -1,5 +1,5 @@
-"""An interrupted `landscape train` keeps the methods it finished and, run again, trains only the
-rest; the file equals an uninterrupted run's."""
+"""An interrupted `landscape train` keeps what it finished: whole methods, and the epochs done of the
+method under way. Run again, it trains only the rest, and the file equals an uninterrupted run's."""
 import h5py
 import numpy as np
 import pytest
@@ -10,24 +10,42 @@ from landscape.store import open_trajectory
 from landscape.train import METHODS, train
 from landscape.train.loop import Context
 
-METHODS_RUN = ("sgd", "lookahead", "swa")  # swa last, cut short in the middle
+METHODS_RUN = ("sgd", "lookahead", "swa", "grafting")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def config(tiny_config):
-    return tiny_config.replace(methods=METHODS_RUN, epochs=4, swa_start=2, lookahead_fast_epochs=1)
+    return tiny_config.replace(methods=METHODS_RUN, epochs=4, swa_start=2, lookahead_fast_epochs=1,
+                               grafting_baseline=True)
 
 
-def _interrupt_at(monkeypatch, run_name):
-    """Ctrl-C the first time ``run_name`` is recorded (so that run already has rows)."""
-    record = Context.record
+@pytest.fixture(scope="module")
+def whole(config, tmp_path_factory):
+    return train(config, tmp_path_factory.mktemp("whole") / "whole.h5", quiet=True)["path"]
+
+
+def _interrupt_at(monkeypatch, run_name, nth=1):
+    """Ctrl-C right after the ``nth`` checkpoint of ``run_name`` is recorded."""
+    record, seen = Context.record, [0]
 
     def record_then_stop(self, run, *args, **kwargs):
         out = record(self, run, *args, **kwargs)
         if run == run_name:
-            raise KeyboardInterrupt
+            seen[0] += 1
+            if seen[0] == nth:
+                raise KeyboardInterrupt
         return out
     monkeypatch.setattr(Context, "record", record_then_stop)
+
+
+def _count_records(monkeypatch) -> dict:
+    record, counts = Context.record, {}
+
+    def counting(self, run, *args, **kwargs):
+        counts[run] = counts.get(run, 0) + 1
+        return record(self, run, *args, **kwargs)
+    monkeypatch.setattr(Context, "record", counting)
+    return counts
 
 
 def _contents(path):
@@ -40,25 +58,36 @@ def _contents(path):
     return out
 
 
-def test_interrupted_training_resumes_to_the_uninterrupted_file(config, tmp_path, monkeypatch, capsys):
-    whole = train(config, tmp_path / "whole.h5", quiet=True)["path"]
-
+@pytest.mark.parametrize("run, nth, kept", [
+    ("sgd", 3, ()),                       # in the first method's third epoch
+    ("lookahead/slow", 4, ("sgd",)),      # mid-epoch, at a synchronization
+    ("swa/average", 2, ("sgd", "lookahead")),
+    ("grafting/net1", 4, ("sgd", "lookahead", "swa")),        # between the two nets' grafts
+    ("grafting/baseline0", 3, ("sgd", "lookahead", "swa")),   # grafted nets done, baseline under way
+])
+def test_interrupted_training_resumes_to_the_uninterrupted_file(config, whole, tmp_path, monkeypatch, run, nth,
+                                                                kept):
     out = tmp_path / "cut.h5"
     with monkeypatch.context() as m:
-        _interrupt_at(m, "swa/average")
-        with pytest.raises(KeyboardInterrupt, match="sgd, lookahead kept in .*cut.h5.partial"):
+        _interrupt_at(m, run, nth)
+        with pytest.raises(KeyboardInterrupt) as e:
             train(config, out, quiet=True)
     assert not out.exists() and out.with_name("cut.h5.partial").exists()
+    said = str(e.value)
+    assert said.startswith(", ".join(kept)) and " up to epoch " in said and "kept in" in said, said
 
     def must_not_run(ctx):
         raise AssertionError("a finished method was trained again")
-    monkeypatch.setitem(METHODS, "sgd", (must_not_run, METHODS["sgd"][1]))
-    monkeypatch.setitem(METHODS, "lookahead", (must_not_run, METHODS["lookahead"][1]))
+    for method in kept:
+        monkeypatch.setitem(METHODS, method, (must_not_run, METHODS[method][1]))
+    counts = _count_records(monkeypatch)
     summary = train(config, out, quiet=True)
     assert not out.with_name("cut.h5.partial").exists()
+    # the interrupted method went on from its last finished epoch, not from the start
+    assert 0 < counts[run] < open_trajectory(whole).num_checkpoints(run)
 
     a, b = _contents(whole), _contents(out)
-    assert a.keys() == b.keys() and "finished" not in b["attrs"]
+    assert a.keys() == b.keys() and "finished" not in b["attrs"] and "progress" not in b
     for key in a:
         if isinstance(a[key], np.ndarray):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -71,7 +100,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_file(config, tmp_path
 def test_interrupted_partial_of_another_configuration(config, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cut.h5"
     with monkeypatch.context() as m:
-        _interrupt_at(m, "lookahead/slow")
+        _interrupt_at(m, "lookahead/slow", 4)
         with pytest.raises(KeyboardInterrupt):
             train(config, out, quiet=True)
     other = config.replace(lr=0.05)
@@ -82,9 +111,9 @@ def test_interrupted_partial_of_another_configuration(config, tmp_path, monkeypa
     assert open_trajectory(out).config["lr"] == 0.05
 
 
-def test_nothing_finished_leaves_nothing(config, tmp_path, monkeypatch, capsys):
+def test_nothing_done_leaves_nothing(config, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cut.h5"
-    _interrupt_at(monkeypatch, "sgd")
+    _interrupt_at(monkeypatch, "sgd")  # at the initialization, before any epoch
     argv = ["train", "--dataset", "synthetic", "--model", "mlp", "--methods", "sgd", "--epochs", "2",
             "-o", str(out), "--quiet"]
     assert main(argv) == 130
@@ -99,5 +128,5 @@ def test_cli_says_what_was_kept(tmp_path, monkeypatch, capsys):
             "--swa-start", "2", "-o", str(out), "--quiet"]
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert err.startswith("landscape: interrupted: sgd kept in ") and "run the same command again" in err
+    assert err.startswith("landscape: interrupted: sgd, swa up to epoch 1 kept in ") and "run the same command" in err
     assert err.count("\n") == 1

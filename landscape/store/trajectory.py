@@ -12,8 +12,11 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +47,12 @@ def parse_checkpoint_name(name: str):
 class TrajectoryWriter:
     """Appends checkpoints row by row; a run is created on its first append.
 
-    Work is kept across an interruption in parts (``landscape train``: one part per method): after
-    :meth:`finish_part`, an exception leaves ``NAME.partial`` in place instead of deleting it, and a
-    writer opened with ``resume=True`` on the same configuration and layout starts from the finished
-    parts (:attr:`finished`), dropping the rows of the part that was cut short."""
+    Work is kept across an interruption in parts (``landscape train``: one part per method). After
+    :meth:`finish_part` or :meth:`save_progress`, an exception leaves ``NAME.partial`` in place instead
+    of deleting it, and a writer opened with ``resume=True`` on the same configuration and layout
+    starts from there: the finished parts' runs (:attr:`finished`) whole, the runs of the part that was
+    cut short truncated to the rows they had at its last :meth:`save_progress` (whose state
+    :meth:`progress` returns), nothing else."""
 
     def __init__(self, path, config: dict, layout: Layout, overwrite: bool = False, resume: bool = False):
         self.path = prepare_output(path, overwrite)
@@ -84,7 +89,7 @@ class TrajectoryWriter:
         try:
             with h5py.File(self.tmp, "r", locking=False) as f:
                 return (f.attrs.get("format") == FORMAT and f.attrs.get("config") == config_json
-                        and "finished" in f.attrs
+                        and ("finished" in f.attrs or "progress_rows" in f.attrs)
                         and Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
                         == self.layout)
         except (OSError, KeyError, ValueError):
@@ -99,28 +104,70 @@ class TrajectoryWriter:
                 new.attrs[k] = v
             old.copy(old["layout"], new, "layout")
             runs = new.create_group("runs", track_order=True)
-            self.finished = json.loads(old.attrs["finished"])
-            for part_runs in self.finished.values():
-                for run in part_runs:
-                    if "/" in run:
-                        runs.require_group(run.rpartition("/")[0])
-                    old.copy(old[f"runs/{run}"], runs, run)
-                    self._runs.append(run)
+            self.finished = json.loads(old.attrs.get("finished", "{}"))
+            in_progress = json.loads(old.attrs.get("progress_rows", "{}"))
+            kept = [(r, None) for part_runs in self.finished.values() for r in part_runs]
+            for run, rows in kept + list(in_progress.items()):
+                if "/" in run:
+                    runs.require_group(run.rpartition("/")[0])
+                old.copy(old[f"runs/{run}"], runs, run)
+                if rows is not None:  # rows written after the last progress point go
+                    for ds in runs[run].values():
+                        ds.resize(rows, axis=0)
+                self._runs.append(run)
+            if "progress" in old:
+                old.copy(old["progress"], new, "progress")
         os.replace(fresh, self.tmp)
         self.file = h5py.File(self.tmp, "r+")
 
+    def _unfinished_runs(self) -> list:
+        done = {r for runs in self.finished.values() for r in runs}
+        return [r for r in self._runs if r not in done]
+
     def finish_part(self, part: str) -> None:
         """Mark the runs created since the last finished part as ``part``'s, kept if work stops now."""
-        done = {r for runs in self.finished.values() for r in runs}
-        self.finished[part] = [r for r in self._runs if r not in done]
-        self.file.attrs["finished"] = to_json(self.finished)
-        self.file.flush()
+        with _interrupts_deferred():
+            self.finished[part] = self._unfinished_runs()
+            self.file.attrs["finished"] = to_json(self.finished)
+            self._drop_progress()
+            self.file.flush()
 
-    def final(self, run: str) -> tuple:
-        """(epoch, scalar metrics) of the last row of ``run``."""
+    def save_progress(self, key: str, state: bytes) -> None:
+        """Keep ``state`` (opaque bytes: where the part in progress stands) under ``key``, with the row
+        count of every run the part has written so far; both are what a resumed writer starts from."""
+        data = np.frombuffer(state, np.uint8)
+        with _interrupts_deferred():  # the state and the row counts change together or not at all
+            name = f"progress/{key}"
+            if name not in self.file:
+                self.file.create_dataset(name, (0,), np.uint8, maxshape=(None,), chunks=(1 << 16,),
+                                         track_times=False)
+            ds = self.file[name]
+            ds.resize(len(data), axis=0)
+            ds[:] = data
+            self.file.attrs["progress_rows"] = to_json(
+                {r: self.file[f"runs/{r}/params"].shape[0] for r in self._unfinished_runs()})
+            self.file.flush()
+
+    def progress(self, key: str):
+        """The bytes last given to :meth:`save_progress` under ``key`` (kept by an interrupted run), or None."""
+        name = f"progress/{key}"
+        return self.file[name][()].tobytes() if name in self.file else None
+
+    def _drop_progress(self) -> None:
+        if "progress" in self.file:
+            del self.file["progress"]
+        if "progress_rows" in self.file.attrs:
+            del self.file.attrs["progress_rows"]
+
+    @property
+    def runs(self) -> list:
+        """The runs written so far, in the order they were created."""
+        return list(self._runs)
+
+    def final(self, run: str) -> dict:
+        """The epoch and scalar metrics of the last row of ``run``."""
         g = self.file[f"runs/{run}"]
-        metrics = {k: float(g[k][-1]) for k in METRICS if k in g}
-        return float(g["epoch"][-1]), metrics
+        return dict({k: float(g[k][-1]) for k in METRICS if k in g}, epoch=float(g["epoch"][-1]))
 
     # ------------------------------------------------------------------------------------------
     def _run_group(self, run: str) -> h5py.Group:
@@ -178,6 +225,7 @@ class TrajectoryWriter:
         """Mark the file complete and move it to its final path."""
         if "finished" in self.file.attrs:  # bookkeeping of unfinished work only
             del self.file.attrs["finished"]
+        self._drop_progress()
         self.file.attrs["complete"] = True
         self.file.close()
         os.replace(self.tmp, self.path)
@@ -202,11 +250,28 @@ class TrajectoryWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        elif self.finished:  # finished parts are worth keeping: a resumed writer starts from them
+        elif self.finished or "progress_rows" in self.file.attrs:  # worth keeping: a resumed writer starts there
             self.leave_partial()
         else:
             self.abort()
         return False
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold back Ctrl-C (SIGINT) while bookkeeping that must not be half done is written; it is
+    raised right after. Outside the main thread signals cannot be handled, and nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(*caught[0])
 
 
 def _as_numpy(x):

@@ -86,8 +86,9 @@ def _shared(obj, world_size: int):
 
 def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train every method of ``config`` from one initialization into the trajectory file ``out``.
-    Interrupted, the methods finished so far stay in ``out.partial``; the same call again trains only
-    the others, and the file equals an uninterrupted run's (each method depends only on the seed).
+    Interrupted, the methods finished so far and the finished epochs of the one under way stay in
+    ``out.partial``; the same call again goes on from there, and the file equals an uninterrupted
+    run's (each method depends only on the seed and restores its state exactly).
     Returns a summary: the path, the seconds taken and each run's final metrics (under torchrun,
     ranks other than 0 return ``{"rank": r}`` only)."""
     config.validate(tuple(METHODS))
@@ -131,9 +132,6 @@ def _train(config, out, overwrite, quiet, device, rank, world_size) -> dict:
             try:
                 for method in methods:
                     if method in finished:  # kept from an interrupted run of the same command
-                        for run in writer.finished[method] if writing else ():
-                            epoch, metrics = writer.final(run)
-                            ctx.log.append((run, epoch, metrics))
                         bar.update(METHODS[method][1](config))
                         continue
                     bar.set_description(f"train {method}")
@@ -142,16 +140,17 @@ def _train(config, out, overwrite, quiet, device, rank, world_size) -> dict:
                     if writing:
                         writer.finish_part(method)
             except KeyboardInterrupt:
-                if writing and writer.finished:
-                    raise KeyboardInterrupt(f"{', '.join(writer.finished)} kept in {writer.tmp}; run the same "
-                                            "command again to train the rest") from None
+                kept = list(writer.finished) if writing else []
+                if writing and ctx.last_epoch_done is not None and ctx.last_epoch_done[0] not in kept:
+                    kept.append("{} up to epoch {}".format(*ctx.last_epoch_done))
+                if kept:
+                    raise KeyboardInterrupt(f"{', '.join(kept)} kept in {writer.tmp}; run the same command "
+                                            "again to train the rest") from None
                 raise
+        finals = {run: writer.final(run) for run in writer.runs} if writing else {}
         path = writer.path if writing else None
     if not writing:
         return {"rank": rank}
-    finals = {}
-    for run, epoch, metrics in ctx.log:
-        finals[run] = dict(metrics, epoch=epoch)
     return {"path": str(Path(path)), "seconds": time.perf_counter() - start, "final": finals}
 
 

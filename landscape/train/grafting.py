@@ -140,10 +140,13 @@ def _train_nets(ctx: Context, prefix: str, grafting: bool) -> None:
     per_epoch = ctx.steps_per_epoch()
     bn = has_batchnorm(models[0])
     runs = [f"{prefix}{i}" for i in range(len(nets))]
+    state = {f"{what}{i}": obj for i, (model, gen, _, _) in enumerate(nets)
+             for what, obj in (("model", model), ("opt", opts[i]), ("gen", gen))}
+    start = ctx.resume_point(prefix, ticks_per_epoch=len(nets), **state)
     for i, (model, _, factor, init) in enumerate(nets):
-        extra = dict(grafted=0, entropy=layer_entropies(model, groups), donor_entropy=nan, graft_weight=nan) \
-            if grafting else dict(entropy=layer_entropies(model, groups))
-        ctx.record(runs[i], model, 0.0, 0, lr=cfg.lr * factor, **extra)
+        if start == 0:
+            extra = dict(grafted=0, donor_entropy=nan, graft_weight=nan) if grafting else {}
+            ctx.record(runs[i], model, 0.0, 0, lr=cfg.lr * factor, entropy=layer_entropies(model, groups), **extra)
         attrs = dict(layers=[name for name, _, _ in groups],
                      groups=[[ctx.layout.params[j].name for j in members] for _, _, members in groups],
                      lr=cfg.lr * factor, lr_factor=factor, init=init, vary=cfg.grafting_vary, bins=BINS)
@@ -151,7 +154,7 @@ def _train_nets(ctx: Context, prefix: str, grafting: bool) -> None:
             attrs.update(donor=runs[(i - 1) % len(nets)], A=cfg.grafting_a, c=cfg.grafting_c,
                          rows="row 0: initialization; per epoch two rows: trained (grafted 0), grafted (grafted 1)")
         ctx.writer.set_attrs(runs[i], **attrs)
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         factor_t = swa_schedule(epoch, cfg.epochs, cfg.lr_ratio)
         for (model, gen, factor, _), opt in zip(nets, opts):
             set_lr(opt, cfg.lr * factor * factor_t)
@@ -162,14 +165,15 @@ def _train_nets(ctx: Context, prefix: str, grafting: bool) -> None:
             extra = dict(grafted=0, donor_entropy=nan, graft_weight=nan) if grafting else {}
             ctx.record(runs[i], model, epoch + 1.0, step, lr=cfg.lr * factor * factor_t,
                        entropy=layer_entropies(model, groups), **extra)
-        if not grafting:
-            continue
-        _, donor_h, weights = graft(models, groups, cfg.grafting_a, cfg.grafting_c)
-        for i, (model, _, factor, _) in enumerate(nets):
-            if bn:
-                recompute_bn(model, ctx.data.x_train, cfg.eval_batch_size)
-            ctx.record(runs[i], model, epoch + 1.0, step, lr=cfg.lr * factor * factor_t, grafted=1,
-                       entropy=layer_entropies(model, groups), donor_entropy=donor_h[i], graft_weight=weights[i])
+        if grafting:
+            _, donor_h, weights = graft(models, groups, cfg.grafting_a, cfg.grafting_c)
+            for i, (model, _, factor, _) in enumerate(nets):
+                if bn:
+                    recompute_bn(model, ctx.data.x_train, cfg.eval_batch_size)
+                ctx.record(runs[i], model, epoch + 1.0, step, lr=cfg.lr * factor * factor_t, grafted=1,
+                           entropy=layer_entropies(model, groups), donor_entropy=donor_h[i],
+                           graft_weight=weights[i])
+        ctx.epoch_done(prefix, epoch + 1, **state)
 
 
 def run_grafting(ctx: Context) -> None:

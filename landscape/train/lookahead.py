@@ -276,17 +276,21 @@ def run_lookahead_method(ctx: Context, prefix: str, inner: str) -> None:
             ctx.record(fast_run, model, s / per_epoch, s, inner_step=s % opt.k)
 
     opt.register_sync_hook(on_sync)
-    ctx.record(slow_run, model, 0.0, 0, sync=0)
+    state = dict(model=model, opt=opt, gen=gen)
+    start = ctx.resume_point(prefix, **state)
+    if start == 0:
+        ctx.record(slow_run, model, 0.0, 0, sync=0)
     ctx.writer.set_attrs(slow_run, k=opt.k, alpha=opt.alpha, inner_state=opt.inner_state,
                          inner_optimizer=type(inner_opt).__name__, lr=base_lr, window=[first, end],
                          rows="row 0: initialization; then one row after every synchronization; metrics on "
                               "row 0, the last synchronization of every epoch and every synchronization in "
                               "epochs window[0] to window[1] - 1 (NaN elsewhere)")
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         now["epoch"] = epoch
         set_lr(opt, base_lr * swa_schedule(epoch, cfg.epochs, cfg.lr_ratio))
         train_epoch(model, opt, ctx.data, cfg.batch_size, gen, on_step)
         ctx.tick()
+        ctx.epoch_done(prefix, epoch + 1, **state)
     if end > first:
         ctx.writer.set_attrs(fast_run, window=[first, end], k=opt.k,
                              rows="fast weights after every inner step of epochs window[0] to window[1] - 1")

@@ -3,12 +3,15 @@
 A method is a function ``run(ctx: Context) -> None`` that builds a model from ``ctx.fresh_model()``
 (every method starts from the same initialization), draws its data order from ``ctx.generator()``
 (the same order for every method given the seed), trains with :func:`train_epoch` and records
-checkpoints with :meth:`Context.record`.
+checkpoints with :meth:`Context.record`. A method that calls :meth:`Context.epoch_done` after every
+epoch, and starts from :meth:`Context.resume_point`, loses at most one epoch to an interruption;
+one that does not is trained again from its start.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import io
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +99,7 @@ class Context:
     writer: TrajectoryWriter
     device: torch.device
     progress: tqdm = None
-    log: list = field(default_factory=list)  # (run, epoch, metrics) of every recorded checkpoint
+    last_epoch_done: tuple = None  # (key, epoch) of the last epoch_done
 
     def fresh_model(self) -> nn.Module:
         """A copy of the shared initialization."""
@@ -123,7 +126,6 @@ class Context:
         metrics = evaluate(model, self.data, self.config.eval_batch_size)
         self.writer.append(run, self.layout.params_to_vector(model), self.layout.buffers_to_vector(model),
                            epoch=epoch, step=step, **metrics, **extra)
-        self.log.append((run, epoch, metrics))
         if self.progress is not None:
             self.progress.set_postfix_str(f"{run} test err {metrics['test_err']:.1f}%", refresh=False)
         return metrics
@@ -138,6 +140,47 @@ class Context:
                 self.record(run, model, epoch + i / per_epoch, global_step[0])
         return on_step
 
-    def tick(self) -> None:
+    def tick(self, n: int = 1) -> None:
         if self.progress is not None:
-            self.progress.update(1)
+            self.progress.update(n)
+
+    # epoch-level resume ---------------------------------------------------------------------------
+    def resume_point(self, key: str, ticks_per_epoch: int = 1, **state) -> int:
+        """Restore ``state`` in place from the last :meth:`epoch_done` of ``key`` that an interrupted
+        run of the same configuration kept, and return the epoch to continue from (0: start afresh).
+        ``state``: what the loop carries from epoch to epoch: modules and optimizers (their
+        state_dicts), ``torch.Generator`` s, and dicts or lists of plain values."""
+        blob = self.writer.progress(key) if self.writer is not None else None
+        if blob is None:
+            return 0
+        saved = torch.load(io.BytesIO(blob), weights_only=True)  # our own bytes, and still no pickled code
+        for name, obj in state.items():
+            value = saved["state"][name]
+            if isinstance(obj, torch.Generator):
+                obj.set_state(value)
+            elif isinstance(obj, dict):
+                obj.clear()
+                obj.update(value)
+            elif isinstance(obj, list):
+                obj[:] = value
+            else:
+                obj.load_state_dict(value)
+        self.tick(saved["epoch"] * ticks_per_epoch)
+        return saved["epoch"]
+
+    def epoch_done(self, key: str, epoch: int, **state) -> None:
+        """Keep ``state`` (as for :meth:`resume_point`) after ``epoch`` epochs, with the rows written
+        so far, so that an interruption loses at most the epoch under way."""
+        if self.writer is None:
+            return
+
+        def dump(obj):
+            if isinstance(obj, torch.Generator):
+                return obj.get_state()
+            if isinstance(obj, (dict, list)):
+                return copy.copy(obj)
+            return obj.state_dict()
+        buf = io.BytesIO()
+        torch.save({"epoch": epoch, "state": {name: dump(obj) for name, obj in state.items()}}, buf)
+        self.writer.save_progress(key, buf.getvalue())
+        self.last_epoch_done = (key, epoch)

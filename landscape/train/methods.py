@@ -14,12 +14,16 @@ def run_sgd(ctx: Context) -> None:
     model = ctx.fresh_model()
     opt = sgd_optimizer(model, cfg)
     gen, step = ctx.generator(), [0]
-    ctx.record("sgd", model, 0.0, 0)
-    for epoch in range(cfg.epochs):
+    state = dict(model=model, opt=opt, gen=gen, step=step)
+    start = ctx.resume_point("sgd", **state)
+    if start == 0:
+        ctx.record("sgd", model, 0.0, 0)
+    for epoch in range(start, cfg.epochs):
         set_lr(opt, cfg.lr * swa_schedule(epoch, cfg.epochs, cfg.lr_ratio))
         train_epoch(model, opt, ctx.data, cfg.batch_size, gen, ctx.step_recorder("sgd", model, epoch, step))
         ctx.record("sgd", model, epoch + 1.0, step[0])
         ctx.tick()
+        ctx.epoch_done("sgd", epoch + 1, **state)
 
 
 def run_swa(ctx: Context) -> None:
@@ -32,7 +36,8 @@ def run_swa(ctx: Context) -> None:
     opt = sgd_optimizer(model, cfg)
     average = AveragedModel(model, use_buffers=False)  # buffers are recomputed, not averaged
     gen, per_epoch = ctx.generator(), ctx.steps_per_epoch()
-    for epoch in range(cfg.epochs):
+    state = dict(model=model, opt=opt, average=average, gen=gen)
+    for epoch in range(ctx.resume_point("swa", **state), cfg.epochs):
         set_lr(opt, cfg.lr * swa_schedule(epoch, cfg.swa_start, cfg.swa_lr / cfg.lr))
         train_epoch(model, opt, ctx.data, cfg.batch_size, gen)
         if epoch + 1 >= cfg.swa_start and (epoch + 1 - cfg.swa_start) % cfg.swa_c == 0:
@@ -42,3 +47,4 @@ def run_swa(ctx: Context) -> None:
             ctx.record("swa/average", average.module, epoch + 1.0, step, recompute=True,
                        n_averaged=int(average.n_averaged))
         ctx.tick()
+        ctx.epoch_done("swa", epoch + 1, **state)

@@ -111,7 +111,6 @@ def _append(ctx: Context, run: str, vec: torch.Tensor, meta: torch.Tensor, **ext
     metrics = {k: float(v) for k, v in zip(METRIC_KEYS, meta[2:6].tolist())}
     epoch, step = float(meta[0]), int(meta[1])
     ctx.writer.append(run, vec[:P], vec[P:], epoch=epoch, step=step, **metrics, **extra)
-    ctx.log.append((run, epoch, metrics))
     if ctx.progress is not None:
         ctx.progress.set_postfix_str(f"{run} test err {metrics['test_err']:.1f}%", refresh=False)
 
