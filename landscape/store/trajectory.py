@@ -85,7 +85,7 @@ class TrajectoryWriter:
         f.create_group("runs", track_order=True)
 
     def _resumable(self, config_json: str) -> bool:
-        """Whether ``NAME.partial`` holds finished parts of this very configuration and layout."""
+        """Whether ``NAME.partial`` holds work kept for this very configuration and layout."""
         try:
             with h5py.File(self.tmp, "r", locking=False) as f:
                 return (f.attrs.get("format") == FORMAT and f.attrs.get("config") == config_json
@@ -96,8 +96,9 @@ class TrajectoryWriter:
             return False
 
     def _restart(self) -> None:
-        """Continue ``NAME.partial``: copy its finished parts' runs into a fresh file (so the rows of
-        the interrupted part leave no trace, nor their space) that replaces it, and open that."""
+        """Continue ``NAME.partial``: copy into a fresh file the finished parts' runs and the rows the
+        part under way had at its last progress point, with that progress (so what came after leaves
+        no trace, nor its space); the fresh file replaces the old one and is opened."""
         fresh = self.tmp.with_name(self.tmp.name + ".new")
         with h5py.File(self.tmp, "r", locking=False) as old, h5py.File(fresh, "w", track_order=True) as new:
             for k, v in old.attrs.items():
