@@ -146,7 +146,8 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
     buttons_s = [dict(label=s, method="skip", args=[None], name=f"scale:{s}") for s in ("log", "linear")]
     menus = [dict(type="buttons", direction="right", x=0.0, xanchor="left", y=1.17, yanchor="bottom",
                   buttons=buttons_m, active=metrics.index(metric), showactive=True, pad=dict(r=4, t=2)),
-             dict(type="buttons", direction="right", x=1.0, xanchor="right", y=1.17, yanchor="bottom",
+             # left, next to the metric buttons: plotly's toolbar takes the top right corner
+             dict(type="buttons", direction="right", x=0.3, xanchor="left", y=1.17, yanchor="bottom",
                   buttons=buttons_s, active=0 if scale == "log" else 1, showactive=True, pad=dict(r=4, t=2))]
     sliders = []
     if epochs:
@@ -157,17 +158,16 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
     xr, yr = float(x[-1] - x[0]) or 1.0, float(y[-1] - y[0]) or 1.0
     big = max(xr, yr)
     fig.update_layout(
-        title=dict(text=title or "", x=0.01, y=0.98), height=860, margin=dict(l=20, r=90, t=110, b=230),
+        title=dict(text=title or "", x=0.01, y=0.98), height=900, margin=dict(l=20, r=90, t=150, b=230),
         updatemenus=menus, sliders=sliders, meta=meta, template="plotly_white",
         legend=dict(orientation="h", x=0.5, xanchor="center", y=-0.3, yanchor="top", font=dict(size=11)),
         scene=dict(xaxis_title=f"u ({DISTANCE})", yaxis_title=f"v ({DISTANCE})", zaxis_title=metric_label(metric),
                    aspectmode="manual", aspectratio=dict(x=xr / big * 1.2, y=yr / big * 1.2, z=0.7),
                    camera=dict(eye=dict(x=1.3, y=-1.5, z=1.0))),
         annotations=list(fig.layout.annotations) + [
-            dict(text="metric", x=0.0, y=1.24, xref="paper", yref="paper", showarrow=False, xanchor="left",
-                 font=dict(size=11, color="#555")),
-            dict(text="colour scale", x=1.0, y=1.24, xref="paper", yref="paper", showarrow=False, xanchor="right",
-                 font=dict(size=11, color="#555"))])
+            dict(text=label, x=left, y=1.232, xref="paper", yref="paper", showarrow=False, xanchor="left",
+                 yanchor="bottom", font=dict(size=11, color="#555"))
+            for label, left in (("metric", 0.0), ("colour scale", 0.3))])
     fig.update_xaxes(title_text=f"u ({DISTANCE})", range=[float(x[0]), float(x[-1])], row=1, col=2,
                      constrain="domain")
     fig.update_yaxes(title_text=f"v ({DISTANCE})", range=[float(y[0]), float(y[-1])], row=1, col=2,
@@ -315,8 +315,9 @@ def line_figure(surface, *, title: str | None = None):
         dist = float(surface.points[n].distance)
         shapes.append(dict(type="line", x0=t0, x1=t0, yref="paper", y0=0, y1=1,
                            line=dict(color=r.color, width=1.5, dash="dot" if dist > far else "solid")))
-        annotations.append(dict(x=t0, y=1.0, yref="paper", text=n, showarrow=False, textangle=-60,
-                                xanchor="left", yanchor="bottom", font=dict(size=10, color=r.color)))
+        if dist <= far:  # far-off checkpoints' projections pile up unreadably: a dotted line says enough
+            annotations.append(dict(x=t0, y=1.0, yref="paper", text=n, showarrow=False, textangle=-60,
+                                    xanchor="left", yanchor="bottom", font=dict(size=10, color=r.color)))
     n_tr = len(fig.data)
     buttons = []
     for m in metrics:
@@ -331,12 +332,13 @@ def line_figure(surface, *, title: str | None = None):
         f"distance along the line from {surface.spec.get('origin', 'its origin')} ({DISTANCE})"
     fig.update_layout(
         title=dict(text=title or "", x=0.01), height=520, template="plotly_white", shapes=shapes,
-        annotations=annotations + [dict(text="metric", x=0.0, y=1.3, xref="paper", yref="paper", showarrow=False,
-                                        xanchor="left", font=dict(size=11, color="#555"))],
+        annotations=annotations + [dict(text=label, x=left, y=1.32, xref="paper", yref="paper", showarrow=False,
+                                        xanchor="left", yanchor="bottom", font=dict(size=11, color="#555"))
+                                   for label, left in (("metric", 0.0), ("scale", 0.3))],
         margin=dict(l=60, r=20, t=150, b=60),
         updatemenus=[dict(type="buttons", direction="right", x=0.0, xanchor="left", y=1.2, yanchor="bottom",
                           buttons=buttons, active=0),
-                     dict(type="buttons", direction="right", x=1.0, xanchor="right", y=1.2, yanchor="bottom",
+                     dict(type="buttons", direction="right", x=0.3, xanchor="left", y=1.2, yanchor="bottom",
                           buttons=scale_buttons, active=0 if metrics[0].endswith("loss") else 1)],
         xaxis=dict(title=xlabel), yaxis=dict(title=metric_label(metrics[0]),
                                              type="log" if metrics[0].endswith("loss") else "linear"))
