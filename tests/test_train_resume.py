@@ -10,13 +10,15 @@ from landscape.store import open_trajectory
 from landscape.train import METHODS, train
 from landscape.train.loop import Context
 
-METHODS_RUN = ("sgd", "lookahead", "swa", "grafting")
+METHODS_RUN = ("sgd", "lookahead", "swa", "grafting", "swap")
+EARLIER = ("sgd", "lookahead", "swa", "grafting")
 
 
 @pytest.fixture(scope="module")
 def config(tiny_config):
     return tiny_config.replace(methods=METHODS_RUN, epochs=4, swa_start=2, lookahead_fast_epochs=1,
-                               grafting_baseline=True)
+                               grafting_baseline=True, swap_workers=3, swap_threshold=90.0, swap_phase1_epochs=6,
+                               swap_phase2_epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +60,25 @@ def _contents(path):
     return out
 
 
+def _assert_same_file(whole, resumed):
+    """The same datasets, values and attributes, the runs in the same order, no resume bookkeeping."""
+    a, b = _contents(whole), _contents(resumed)
+    assert a.keys() == b.keys() and "finished" not in b["attrs"] and "progress" not in b
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+    assert open_trajectory(whole).runs == open_trajectory(resumed).runs
+
+
 @pytest.mark.parametrize("run, nth, kept", [
     ("sgd", 3, ()),                       # in the first method's third epoch
     ("lookahead/slow", 4, ("sgd",)),      # mid-epoch, at a synchronization
     ("swa/average", 2, ("sgd", "lookahead")),
     ("grafting/net1", 4, ("sgd", "lookahead", "swa")),        # between the two nets' grafts
     ("grafting/baseline0", 3, ("sgd", "lookahead", "swa")),   # grafted nets done, baseline under way
+    ("swap/phase1", 3, EARLIER),
 ])
 def test_interrupted_training_resumes_to_the_uninterrupted_file(config, whole, tmp_path, monkeypatch, run, nth,
                                                                 kept):
@@ -86,15 +101,26 @@ def test_interrupted_training_resumes_to_the_uninterrupted_file(config, whole, t
     # the interrupted method went on from its last finished epoch, not from the start
     assert 0 < counts[run] < open_trajectory(whole).num_checkpoints(run)
 
-    a, b = _contents(whole), _contents(out)
-    assert a.keys() == b.keys() and "finished" not in b["attrs"] and "progress" not in b
-    for key in a:
-        if isinstance(a[key], np.ndarray):
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-        else:
-            assert a[key] == b[key], key
-    assert open_trajectory(whole).runs == open_trajectory(out).runs  # same order too
+    _assert_same_file(whole, out)
     assert set(summary["final"]) == set(open_trajectory(out).runs)  # kept runs are reported as well
+
+
+def test_swap_interrupted_in_phase_2_keeps_its_finished_workers(config, whole, tmp_path, monkeypatch):
+    from landscape.train import swap
+    out, calls, train_worker = tmp_path / "cut.h5", [], swap.train_worker
+
+    def worker(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 3:  # workers 0 and 1 are done
+            raise KeyboardInterrupt
+        return train_worker(*args, **kwargs)
+    monkeypatch.setattr(swap, "train_worker", worker)
+    with pytest.raises(KeyboardInterrupt, match="swap/phase2 up to epoch 2"):
+        train(config, out, quiet=True)
+    calls.clear()
+    train(config, out, quiet=True)
+    assert calls == [2]  # only the worker that did not finish
+    _assert_same_file(whole, out)
 
 
 def test_interrupted_partial_of_another_configuration(config, tmp_path, monkeypatch, capsys):

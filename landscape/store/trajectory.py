@@ -165,6 +165,10 @@ class TrajectoryWriter:
         """The runs written so far, in the order they were created."""
         return list(self._runs)
 
+    def last_params(self, run: str) -> np.ndarray:
+        """(P,) float32 parameters of the last row of ``run``."""
+        return self.file[f"runs/{run}/params"][-1]
+
     def final(self, run: str) -> dict:
         """The epoch and scalar metrics of the last row of ``run``."""
         g = self.file[f"runs/{run}"]

@@ -164,15 +164,21 @@ def run_swap(ctx: Context) -> None:
     gen = ctx.generator(0)
     big = W * cfg.batch_size
     per_big = len(large_batches(len(ctx.data.x_train), big, W))
-    if writer:
+    # one process resumes from its last finished phase-1 epoch and phase-2 worker (under torchrun only
+    # rank 0 has the file, so there the method starts over)
+    resumable = world_size == 1
+    phase1 = {"epochs": 0, "acc": float("nan"), "reached": False}
+    state = dict(model=model, opt=opt, gen=gen, phase1=phase1)
+    if resumable:
+        ctx.resume_point("swap/phase1", **state)
+    if writer and phase1["epochs"] == 0:
         ctx.record("swap/phase1", model, 0.0, 0)
-    reached, epochs1, acc = False, 0, float("nan")
-    for epoch in range(cfg.swap_phase1_epochs):
+    while not phase1["reached"] and phase1["epochs"] < cfg.swap_phase1_epochs:
         phase1_epoch(model, opt, ctx.data, W, cfg.batch_size, gen, rank, world_size)
-        epochs1 = epoch + 1
+        phase1["epochs"] += 1
         flag = torch.zeros(2, dtype=torch.float64)
         if writer:
-            m = ctx.record("swap/phase1", model, float(epochs1), epochs1 * per_big)
+            m = ctx.record("swap/phase1", model, float(phase1["epochs"]), phase1["epochs"] * per_big)
             flag[0] = 100.0 - m["train_err"]
             flag[1] = float(flag[0] >= cfg.swap_threshold)
         ctx.tick()
@@ -180,9 +186,10 @@ def run_swap(ctx: Context) -> None:
             flag = flag.to(device)
             dist.broadcast(flag, 0)  # every rank stops with rank 0
             flag = flag.cpu()
-        acc, reached = float(flag[0]), bool(flag[1])
-        if reached:
-            break
+        phase1.update(acc=float(flag[0]), reached=bool(flag[1]))
+        if resumable:
+            ctx.epoch_done("swap/phase1", phase1["epochs"], **state)
+    epochs1, acc, reached = phase1["epochs"], phase1["acc"], phase1["reached"]
     if writer:
         if ctx.progress is not None:  # the epochs phase 1 did not need
             ctx.progress.update(cfg.swap_phase1_epochs - epochs1)
@@ -205,7 +212,10 @@ def run_swap(ctx: Context) -> None:
     # -- phase 2: every worker on its own; rank r trains workers r, r + R, ...
     step0 = epochs1 * per_big
     total = torch.zeros(ctx.layout.num_params, dtype=torch.float64, device=device)
-    for first in range(0, W, world_size):
+    done = ctx.resume_point("swap/phase2", ticks_per_epoch=cfg.swap_phase2_epochs) if resumable else 0
+    for i in range(done):  # workers an interrupted run finished: their final weights are in the file
+        total += torch.as_tensor(ctx.writer.last_params(f"swap/worker{i}"), device=device).double()
+    for first in range(done, W, world_size):
         i = first + rank
         vecs, metas, final = train_worker(ctx, model, i, step0, float(epochs1))
         total += ctx.layout.params_to_vector(final).double()
@@ -224,6 +234,8 @@ def run_swap(ctx: Context) -> None:
                                      batch_size=cfg.batch_size)
                 if r != 0 and ctx.progress is not None:
                     ctx.progress.update(cfg.swap_phase2_epochs)
+        if resumable:
+            ctx.epoch_done("swap/phase2", first + 1)  # "epochs" of phase 2: finished workers
 
     # -- phase 3: the average of the workers, BatchNorm recomputed
     if world_size > 1:
