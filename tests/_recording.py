@@ -44,6 +44,20 @@ def same_start():
     return data, model, torch.Generator().manual_seed(SEED * 1_000_003)
 
 
+def sgd_epoch(model, opt, data, order) -> int:
+    """One epoch of the plain loop, in the data order drawn from ``order``; returns its step count."""
+    import torch.nn.functional as F
+    model.train()
+    steps = 0
+    for idx in torch.randperm(len(data.x_train), generator=order).split(BATCH):
+        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    return steps
+
+
 def plane(path, out, *checkpoints, grid=(5, 4)):
     """`landscape plane FILE A B C` on a small grid; returns the surface."""
     assert main(["plane", str(path), *checkpoints, "-o", str(out), "--grid", *map(str, grid), "--quiet",

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from _recording import (BATCH, DATA, EPOCHS, LR, MODEL, MOMENTUM, WD, assert_same_surface, plane, same_start,
-                        schedule, trained_by_landscape)
+from _recording import (DATA, EPOCHS, LR, MODEL, MOMENTUM, WD, assert_same_surface, plane, same_start,
+                        schedule, sgd_epoch, trained_by_landscape)
 from cli.main import main
 from landscape.importer import natural_key
 from landscape.models import ModelSpec, build_model
@@ -57,12 +56,7 @@ def plain_loop_with_checkpoints(folder: Path, average_to: Path | None = None) ->
     saved, step = [], 0
     for epoch in range(EPOCHS + 1):
         if epoch:
-            for idx in torch.randperm(len(data.x_train), generator=order).split(BATCH):
-                loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
+            step += sgd_epoch(model, opt, data, order)
             sched.step()
             avg.update_parameters(model)
         how = hows[epoch % len(hows)]

@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from _recording import (BATCH, DATA, EPOCHS, LR, MODEL, MOMENTUM, WD, assert_same_surface, plane, same_start,
-                        schedule, trained_by_landscape)
+                        schedule, sgd_epoch, trained_by_landscape)
 from landscape.errors import ConfigError, FileFormatError, ModelError
 from landscape.params import Layout
 from landscape.recorder import Recorder
@@ -33,13 +33,7 @@ def test_plain_loop_gives_the_surface_of_landscape_train(tmp_path, tmp_path_fact
     with recorder(tmp_path / "mine.h5") as rec:          # the lines a user adds: this one,
         rec.record("sgd", model, epoch=0, step=step)    # this one,
         for epoch in range(EPOCHS):
-            model.train()
-            for idx in torch.randperm(len(data.x_train), generator=order).split(BATCH):
-                loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
+            step += sgd_epoch(model, opt, data, order)
             sched.step()
             rec.record("sgd", model, epoch=epoch + 1, step=step)  # and this one
     mine, theirs = open_trajectory(tmp_path / "mine.h5"), open_trajectory(trained)
