@@ -96,8 +96,6 @@ def export_path(args) -> Path | None:
 def run_surface(args, traj, geom, grid) -> int:
     """Compute, export, report (the outputs checked by :func:`check_outputs` first). SIGTERM is
     handled like Ctrl-C, so a killed run stays resumable."""
-    if getattr(geom, "rays", False) and args.export:
-        raise ConfigError("--export loss-landscape writes one line or one plane; rays have no such format")
     exported = export_path(args)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     start = time.perf_counter()
