@@ -63,7 +63,7 @@ def check_line(args) -> None:
 
 
 def make_line(args, traj) -> Line:
-    check_line(args)
+    """The geometry the (already checked) options ask for."""
     if args.ray_from:
         return Line.random_rays(traj, args.ray_from, args.rays, args.seed, args.max_distance,
                                 filter_norm=args.filter_norm, ignore="biasbn" if args.filter_norm else "none")

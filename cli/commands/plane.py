@@ -104,7 +104,7 @@ def plane_mode(args) -> str:
 
 
 def make_plane(args, traj) -> Plane:
-    plane_mode(args)
+    """The geometry the (already checked) options ask for."""
     if args.checkpoints:
         return Plane.through(traj, *args.checkpoints)
     if args.pca:
