@@ -70,3 +70,33 @@ def add_output_flags(p, json_flag: bool = True) -> None:
 
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def add_trust_arguments(p) -> None:
+    """The consent flags of every command that rebuilds a file's model and data (landscape.trust)."""
+    g = p.add_argument_group("code named by the file (see README: Sharing files safely)")
+    g.add_argument("--trust-code", action="store_true",
+                   help="run the import paths (package.module:factory) the file records for its model and "
+                        "dataset; without it only built-in models and datasets are rebuilt (environment: "
+                        "LANDSCAPE_TRUST_CODE=1)")
+    g.add_argument("--model", metavar="PATH", default=None,
+                   help="allow the file's model import path, typed out (must be the one the file records)")
+    g.add_argument("--dataset", metavar="PATH", default=None,
+                   help="allow the file's dataset import path, typed out (must be the one the file records)")
+
+
+def open_trusted_trajectory(args):
+    """The trajectory file ``args.file`` with the user's consent from :func:`add_trust_arguments`,
+    checked at once: a refused or mistyped import path stops the command before any work."""
+    from landscape.errors import TrustError
+    from landscape.store import open_trajectory
+    from landscape.trust import RECORDED_IMPORTS
+
+    traj = open_trajectory(args.file, trust_code=args.trust_code, allow=[args.model, args.dataset])
+    for what, typed in (("model", args.model), ("dataset", args.dataset)):
+        key, field = RECORDED_IMPORTS[what]
+        recorded = (traj.config.get(key) or {}).get(field)
+        if typed is not None and typed != recorded:
+            raise TrustError(f"--{what} {typed} does not match {traj.path}, which records the {what} {recorded!r}")
+    traj.check_trusted()
+    return traj

@@ -19,12 +19,14 @@ import pickle
 import sys
 import zipfile
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import DataError
+from .options import Option, check_options
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,9 @@ def _synthetic(options: dict):
     n_test = int(options.get("n_test", 256))
     classes = int(options.get("classes", 4))
     shape = tuple(options.get("shape", (1, 24)))
+    if (n_train + n_test) * prod(shape) > SYNTHETIC_MAX_VALUES:
+        raise DataError(f"dataset 'synthetic': {n_train + n_test} samples of shape {list(shape)} exceed "
+                        f"{SYNTHETIC_MAX_VALUES:,} input values")
     g = torch.Generator().manual_seed(int(options.get("seed", 0)))
     centers = torch.randn(classes, *shape, generator=g)
 
@@ -252,9 +257,17 @@ def _user_factory(name: str, options: dict):
 
 
 DATASETS = {"mnist1d": _mnist1d, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic}
-# the options each built-in dataset reads: any other is a typo, refused rather than recorded unused
-OPTIONS = {"mnist1d": (), "cifar10": ("root", "augment"), "npz": ("path", "augment"),
-           "synthetic": ("n_train", "n_test", "classes", "shape", "seed", "noise", "augment")}
+# the options each built-in dataset reads, with their types and ranges: any other is a typo, refused
+# rather than recorded unused; a value from a file cannot size more than a test-sized dataset
+_AUGMENT = Option("bool")
+OPTIONS = {"mnist1d": {},
+           "cifar10": {"root": Option("str"), "augment": _AUGMENT},
+           "npz": {"path": Option("str"), "augment": _AUGMENT},
+           "synthetic": {"n_train": Option("int", 2, 10 ** 6), "n_test": Option("int", 1, 10 ** 6),
+                         "classes": Option("int", 2, 10 ** 4), "shape": Option("ints", 1, 4096, length=3),
+                         "seed": Option("int", 0, 2 ** 63 - 1), "noise": Option("float", 0, 1e6),
+                         "augment": _AUGMENT}}
+SYNTHETIC_MAX_VALUES = 1 << 27  # 512 MiB of float32 inputs
 
 
 def register_dataset(name: str):
@@ -301,10 +314,8 @@ def _import_module(module_name: str):
 
 def load_data(spec: DataSpec, device="cpu") -> Data:
     if spec.name in DATASETS:
-        unknown = sorted(set(spec.options) - set(OPTIONS.get(spec.name, spec.options)))
-        if unknown:
-            raise DataError(f"dataset {spec.name!r} has no option {unknown[0]!r}; its options: "
-                            f"{', '.join(OPTIONS[spec.name]) or 'none'}")
+        if spec.name in OPTIONS:
+            check_options(spec.options, OPTIONS[spec.name], f"dataset {spec.name!r}", DataError)
         arrays, num_classes = DATASETS[spec.name](spec.options)
     elif ":" in spec.name:
         arrays, num_classes = _user_factory(spec.name, spec.options)

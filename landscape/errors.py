@@ -28,3 +28,7 @@ class GeometryError(LandscapeError):
 
 class CheckpointError(LandscapeError):
     """A run or checkpoint name does not exist in a trajectory file."""
+
+
+class TrustError(LandscapeError):
+    """A file names code (an import path) that the user has not allowed to run."""

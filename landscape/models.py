@@ -17,6 +17,7 @@ from torch import nn
 
 from .data import import_object
 from .errors import ModelError
+from .options import Option, check_options
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,13 @@ class ModelSpec:
         return cls(d["name"], dict(d.get("kwargs", {})))
 
 
+MLP_MAX_WEIGHTS = 1 << 28  # 1 GiB of float32 weights: a width from a file cannot ask for more
+
+
 def mlp(input_shape, num_classes, hidden=(100, 100)):
+    widths = [prod(input_shape), *hidden, num_classes]
+    if sum(a * b for a, b in zip(widths, widths[1:])) > MLP_MAX_WEIGHTS:
+        raise ModelError(f"mlp with hidden widths {list(hidden)} would hold more than {MLP_MAX_WEIGHTS:,} weights")
     layers, width = [nn.Flatten()], prod(input_shape)
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
@@ -133,6 +140,12 @@ def vgg16(input_shape, num_classes):
 
 
 MODELS = {"mlp": mlp, "cnn1d": cnn1d, "cnn1d-bn": cnn1d_bn, "resnet20": resnet20, "vgg16": vgg16}
+# the keyword arguments each built-in model takes, with types and ranges (they may come from a file)
+_WIDTH = 1 << 14
+OPTIONS = {"mlp": {"hidden": Option("ints", 1, _WIDTH, length=16)},
+           "cnn1d": {"channels": Option("int", 1, _WIDTH), "batchnorm": Option("bool")},
+           "cnn1d-bn": {"channels": Option("int", 1, _WIDTH)},
+           "resnet20": {}, "vgg16": {}}
 
 
 def register_model(name: str):
@@ -149,6 +162,8 @@ def build_model(spec: ModelSpec, input_shape, num_classes: int) -> nn.Module:
     input_shape = tuple(input_shape)
     if spec.name in MODELS:
         factory = MODELS[spec.name]
+        if spec.name in OPTIONS:
+            check_options(spec.kwargs, OPTIONS[spec.name], f"model {spec.name!r}", ModelError)
     elif ":" in spec.name:
         factory = import_object(spec.name, ModelError, "model")
     else:

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from landscape.errors import ConfigError
 from landscape.geometry import Line
-from landscape.store import open_trajectory
 from landscape.surface import check_points, make_grid
 
-from ..common import Given, refuse_inapplicable, seed_int
+from ..common import Given, add_trust_arguments, open_trusted_trajectory, refuse_inapplicable, seed_int
 from ._surface import add_evaluation_arguments, check_outputs, named_files, run_surface
 
 HELP = "evaluate loss and error along a line through two checkpoints, or along random rays"
@@ -41,6 +40,7 @@ def add_arguments(p) -> None:
     r.add_argument("--filter-norm", action="store_true",
                    help="filter-normalize the directions to the checkpoint's weights before making them unit")
     add_evaluation_arguments(p)
+    add_trust_arguments(p)
 
 
 def check_line(args) -> None:
@@ -73,7 +73,7 @@ def make_line(args, traj) -> Line:
 def run(args) -> int:
     check_line(args)
     check_outputs(args, named_files(args, args.checkpoints, args.ray_from), rays=bool(args.ray_from))
-    traj = open_trajectory(args.file)
+    traj = open_trusted_trajectory(args)
     line = make_line(args, traj)
     grid = make_grid(line, (args.points,))
     return run_surface(args, traj, line, grid)

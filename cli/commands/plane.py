@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from landscape.errors import ConfigError
 from landscape.geometry import Plane
-from landscape.store import open_trajectory
 from landscape.surface import check_points, make_grid
 
-from ..common import Given, given, refuse_inapplicable, seed_int
+from ..common import Given, add_trust_arguments, given, open_trusted_trajectory, refuse_inapplicable, seed_int
 from ._surface import add_evaluation_arguments, check_outputs, named_files, run_surface
 
 HELP = "evaluate loss and error over a plane through checkpoints or directions"
@@ -62,6 +61,7 @@ def add_arguments(p) -> None:
     g.add_argument("--yrange", nargs=2, type=float, default=None, metavar=("LO", "HI"),
                    help="coordinates along v")
     add_evaluation_arguments(p)
+    add_trust_arguments(p)
 
 
 def plane_mode(args) -> str:
@@ -121,7 +121,7 @@ def make_plane(args, traj) -> Plane:
 def run(args) -> int:
     plane_mode(args)
     check_outputs(args, named_files(args, args.checkpoints, args.origin, args.dir, args.pca))
-    traj = open_trajectory(args.file)
+    traj = open_trusted_trajectory(args)
     plane = make_plane(args, traj)
     grid = make_grid(plane, tuple(args.grid), args.margin, args.xrange, args.yrange)
     return run_surface(args, traj, plane, grid)

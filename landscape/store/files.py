@@ -80,12 +80,72 @@ def open_read(path, expected_format: str) -> h5py.File:
         if not os.access(path, os.R_OK):
             raise FileFormatError(f"cannot read {path}: {reason(e)}") from None
         raise FileFormatError(f"{path} is not an HDF5 file") from None
-    fmt = f.attrs.get("format")
-    if fmt != expected_format:
+    try:
+        fmt = f.attrs.get("format")
+        if fmt != expected_format:
+            raise FileFormatError(f"{path} is not a {expected_format.split('.')[-1]} file "
+                                  f"(format attribute is {fmt!r}, expected {expected_format!r})")
+        check_self_contained(f, path)
+    except BaseException:
         f.close()
-        raise FileFormatError(f"{path} is not a {expected_format.split('.')[-1]} file "
-                              f"(format attribute is {fmt!r}, expected {expected_format!r})")
+        raise
     return f
+
+
+# A dataset we write may declare rows it never wrote (metrics read NaN there, unfinished surfaces), so
+# its declared size may exceed what the file holds, by far less than this.
+UNWRITTEN_ALLOWANCE = 1 << 30
+
+
+def check_self_contained(f: h5py.File, path) -> None:
+    """Refuse a file that reaches outside itself (external links, external raw storage, virtual
+    datasets: each reads another file, which a file handed to us may name at will) or declares a
+    dataset larger than it can hold, before anything is read or allocated."""
+    problems = []
+
+    def visit(name, link):
+        if isinstance(link, h5py.ExternalLink):
+            problems.append(f"/{name} is an external link to {link.filename}:{link.path}")
+        elif isinstance(link, h5py.HardLink) and isinstance(f.get(name), h5py.Dataset):
+            problems.extend(_dataset_problems(f[name], name, path))
+
+    f.visititems_links(visit)
+    if problems:
+        raise FileFormatError(f"{path} is refused: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def _dataset_problems(ds: h5py.Dataset, name: str, path) -> list:
+    if ds.is_virtual:
+        return [f"/{name} is a virtual dataset (it reads other files)"]
+    if ds.external:
+        return [f"/{name} keeps its data in an external file ({ds.external[0][0]!r})"]
+    declared = int(np.prod(ds.shape, dtype=np.float64) * ds.dtype.itemsize) if ds.shape else ds.dtype.itemsize
+    filtered = ds.id.get_create_plist().get_nfilters() > 0  # compressed: may legitimately hold less
+    limit = available_memory() if filtered else Path(path).stat().st_size + UNWRITTEN_ALLOWANCE
+    if declared > limit:
+        return [f"/{name} declares {ds.shape} values ({_size(declared)}), more than the file "
+                f"{'could expand to in memory' if filtered else 'holds'} ({_size(limit)})"]
+    return []
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def sha256(path) -> str:

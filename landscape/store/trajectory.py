@@ -26,6 +26,7 @@ import torch
 
 from ..errors import CheckpointError, FileFormatError
 from ..params import Layout
+from ..trust import Trust, check_recorded_config
 from .files import open_read, partial_path, prepare_output, sha256, to_json
 
 FORMAT = "landscape.trajectory"
@@ -312,10 +313,14 @@ class RunData:
 
 
 class Trajectory:
-    """A trajectory file opened for reading. Cheap to create; reads on demand."""
+    """A trajectory file opened for reading. Cheap to create; reads on demand.
 
-    def __init__(self, path):
+    ``trust_code`` and ``allow`` are the user's consent to run import paths the file records for its
+    model and dataset (see :mod:`landscape.trust`); reading arrays never needs it."""
+
+    def __init__(self, path, trust_code: bool = False, allow=()):
         self.path = Path(path)
+        self.trust = Trust.of(trust_code, allow)
         with open_read(self.path, FORMAT) as f:
             if not bool(f.attrs.get("complete", False)):
                 raise FileFormatError(f"{self.path} is incomplete (training did not finish)")
@@ -412,13 +417,20 @@ class Trajectory:
             raise FileFormatError(f"{self.path} does not record its dataset; cannot rebuild it")
         return DataSpec.from_dict(self.config["data"])
 
+    def check_trusted(self) -> None:
+        """Refuse, before anything is rebuilt, import paths the file records that the user has not
+        allowed (:mod:`landscape.trust`); built-in names always pass."""
+        check_recorded_config(self.config, file=self.path, trust=self.trust)
+
     def build_data(self, device="cpu"):
         from ..data import load_data
+        self.check_trusted()
         return load_data(self.data_spec(), device)
 
     def build_model(self, data=None, device="cpu"):
         """The model of this file, on ``device``; its layout is checked against the file's."""
         from ..models import build_model
+        self.check_trusted()
         data = data if data is not None else self.build_data()
         model = build_model(self.model_spec(), data.input_shape, data.num_classes).to(device)
         self.layout.check_module(model)
@@ -437,5 +449,8 @@ class Trajectory:
                 "runs": runs, "config": self.config}
 
 
-def open_trajectory(path) -> Trajectory:
-    return Trajectory(path)
+def open_trajectory(path, trust_code: bool = False, allow=()) -> Trajectory:
+    """Open a trajectory file for reading. Import paths it records for its model and dataset run only
+    with ``trust_code=True`` or when ``allow`` names them (module prefixes or exact paths); see
+    :mod:`landscape.trust`."""
+    return Trajectory(path, trust_code, allow)
