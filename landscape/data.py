@@ -312,6 +312,26 @@ def _import_module(module_name: str):
             raise
 
 
+def as_data(data, device=None) -> Data:
+    """A :class:`Data` from what a user holds: a Data, or its four tensors or arrays
+    ``(x_train, y_train, x_test, y_test)`` (class labels; the number of classes is the largest
+    label + 1). ``device``: where the tensors go (None: where they are)."""
+    if not isinstance(data, Data):
+        if not (isinstance(data, (tuple, list)) and len(data) == 4):
+            raise DataError(f"data is a {type(data).__name__}; give a landscape Data or the four tensors "
+                            "(x_train, y_train, x_test, y_test)")
+        x_tr, y_tr, x_te, y_te = (torch.as_tensor(np.asarray(t) if not torch.is_tensor(t) else t) for t in data)
+        if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or len(x_tr) < 2 or len(x_te) < 1:
+            raise DataError(f"data: {len(x_tr)} train inputs with {len(y_tr)} labels and {len(x_te)} test inputs "
+                            f"with {len(y_te)} labels; give equally long inputs and labels, none empty")
+        if x_tr.shape[1:] != x_te.shape[1:]:
+            raise DataError(f"data: train inputs {tuple(x_tr.shape[1:])} and test inputs {tuple(x_te.shape[1:])} "
+                            "differ in shape")
+        classes = int(max(y_tr.max(), y_te.max())) + 1
+        data = Data(x_tr.float(), y_tr.long(), x_te.float(), y_te.long(), classes)
+    return data if device is None else data.to(device)
+
+
 def load_data(spec: DataSpec, device="cpu") -> Data:
     if spec.name in DATASETS:
         if spec.name in OPTIONS:

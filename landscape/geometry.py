@@ -12,7 +12,12 @@ travelled from the origin along each of them. Ways to make them:
 - ``Plane.pca(traj, run)``: the first two principal components of a run's checkpoints (Li et al. 2018);
 - ``Plane.hessian(traj, origin)``: the top two Hessian eigenvectors, from Hessian-vector products;
 - ``Line.through(traj, a, b)``: the segment a -> b extended on both sides (Izmailov et al. 2018);
-- ``Line.rays(traj, origin, n, seed)``: random directions from a checkpoint (Izmailov et al. 2018).
+- ``Line.random_rays(traj, origin, n, seed)``: random directions from a checkpoint (Izmailov et al. 2018).
+
+Live objects instead of a trajectory and names: ``Plane.through(net, swa_model, state_dict)``,
+``Line.through(a, b)``, ``Plane.random(net)``, ``Line.random_rays(net)``, ``Plane.pca([states], model=net)``,
+``Plane.hessian(net, data=data)`` take ``nn.Module``s (wrappers unwrapped), state_dicts or flat parameter
+tensors, read against one module of their architecture (``model=``, default the first module given).
 
 ``spec`` holds the inputs that define the geometry (compared when a computation resumes); ``derived``
 holds what was computed from them (lengths, eigenvalues, where the checkpoints sit), written to the
@@ -28,8 +33,10 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import as_data
 from .errors import ConfigError, GeometryError, ModelError
+from .params import Layout, match_state_dict, unwrap
+from .rebuild import rebuild_data, rebuild_model
 from .store import PathData, PointData, Trajectory, open_trajectory
 
 # a direction shorter than this fraction of the weights' norm counts as zero (duplicate checkpoints)
@@ -139,6 +149,69 @@ def load_checkpoint(traj: Trajectory, name: str) -> _Ckpt:
         name = m.group("name")
     c = traj.checkpoint(name)
     return _Ckpt(c.name, c.params.double(), c.buffers.double(), c.name)
+
+
+def live_checkpoint(obj, name: str, model: torch.nn.Module) -> _Ckpt:
+    """A checkpoint given as a live object, read against ``model`` (the architecture, unwrapped):
+    an ``nn.Module`` of that architecture (an ``AveragedModel``, ``DataParallel`` or compiled wrapper
+    is unwrapped), a ``state_dict`` of it (wrapper prefixes such as ``module.`` removed), or a flat
+    (P,) tensor of parameters in ``model.parameters()`` order (its buffers are then the model's)."""
+    layout = Layout.of(model)
+    if isinstance(obj, torch.nn.Module):
+        module, _ = unwrap(obj)
+        layout.check_module(module)
+        return _Ckpt(name, layout.params_to_vector(module).double(), layout.buffers_to_vector(module).double(), name)
+    if isinstance(obj, Mapping):
+        params, buffers, _ = match_state_dict(obj, model, f"state_dict {name!r}")
+        flat = lambda d: torch.cat([t.detach().reshape(-1).double().cpu() for t in d.values()]) if d \
+            else torch.zeros(0, dtype=torch.float64)  # noqa: E731
+        return _Ckpt(name, flat(params), flat(buffers), name)
+    if torch.is_tensor(obj) or isinstance(obj, np.ndarray):
+        v = torch.as_tensor(obj).detach().reshape(-1).double().cpu()
+        if len(v) != layout.num_params:
+            raise ModelError(f"checkpoint {name!r} holds {len(v):,} values; the model has {layout.num_params:,} "
+                             "parameters")
+        return _Ckpt(name, v, layout.buffers_to_vector(model).double().cpu(), name)
+    raise ConfigError(f"checkpoint {name!r} is a {type(obj).__name__}; give a checkpoint name with a trajectory, "
+                      "an nn.Module, a state_dict or a flat parameter tensor")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a geometry's checkpoints come from: names in a trajectory file, or live objects read
+    against one model (their ``names`` label them in surfaces and figures)."""
+    traj: Trajectory | None
+    model: torch.nn.Module | None
+
+    @property
+    def layout(self) -> Layout:
+        return self.traj.layout if self.traj is not None else Layout.of(self.model)
+
+    def load(self, obj, name: str | None = None) -> _Ckpt:
+        if self.traj is not None:
+            return load_checkpoint(self.traj, obj)
+        return live_checkpoint(obj, name, self.model)
+
+
+def checkpoints_of(args: tuple, count: int, names=None, model=None) -> tuple:
+    """``(Checkpoints, the checkpoints, their names)`` from a constructor's arguments: ``(traj, name, ...)``
+    or ``(obj, ...)`` of live objects, read against ``model`` (default: the first nn.Module given)."""
+    if args and isinstance(args[0], Trajectory):
+        traj, rest = args[0], tuple(args[1:])
+        if len(rest) != count:
+            raise ConfigError(f"give {count} checkpoint names after the trajectory, got {len(rest)}")
+        return Checkpoints(traj, None), rest, [None] * count
+    if len(args) != count:
+        raise ConfigError(f"give {count} checkpoints, got {len(args)}")
+    if model is None:
+        model = next((unwrap(a)[0] for a in args if isinstance(a, torch.nn.Module)), None)
+    if model is None:
+        raise ConfigError("checkpoints given as state_dicts or tensors need model= (an nn.Module of their "
+                          "architecture) to say which entries are parameters")
+    names = list(names) if names is not None else [chr(ord("a") + i) for i in range(count)]
+    if len(names) != count:
+        raise ConfigError(f"give {count} names, got {len(names)}")
+    return Checkpoints(None, unwrap(model)[0]), args, names
 
 
 def _first_difference(a, b) -> str:
@@ -255,6 +328,8 @@ class Plane:
     extent: tuple = ((-1.0, 1.0), (-1.0, 1.0))   # region the default grid covers (before the margin)
     pad: bool = True                             # whether the default grid adds the margin to ``extent``
     sources: dict = field(default_factory=dict, repr=False)  # checkpoint name -> how to load it again
+    live: dict = field(default_factory=dict, repr=False)     # live checkpoints: name -> (P,) weights
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the module live checkpoints fit
 
     kind = "plane"
     default_shape = (21, 21)
@@ -279,10 +354,12 @@ class Plane:
         i, j = np.divmod(np.asarray(flat), grid.ny)
         return np.stack([grid.x[i], grid.y[j]], axis=1)
 
-    def project(self, traj: Trajectory) -> tuple:
+    def project(self, traj: Trajectory | None = None, checkpoints=None, paths=None) -> tuple:
         """(points, paths): the checkpoints that made the plane and every run's last checkpoint, and
-        every checkpoint of every run, with coordinates and distance from the plane."""
-        return _project(self, traj)
+        every checkpoint of every run, with coordinates and distance from the plane. Made of live
+        objects: the checkpoints that made it, plus ``checkpoints`` ({name: module, state_dict or
+        tensor}) and ``paths`` ({run: [states in order]})."""
+        return _project(self, traj, checkpoints, paths)
 
     def values_shape(self, grid: Grid) -> tuple:
         return grid.shape
@@ -296,9 +373,13 @@ class Plane:
 
     # ways to make one ---------------------------------------------------------------------------
     @classmethod
-    def through(cls, traj: Trajectory, a: str, b: str, c: str) -> "Plane":
-        """The plane through three checkpoints: origin a, u along b - a, v by Gram-Schmidt of c - a."""
-        ca, cb, cc = (load_checkpoint(traj, n) for n in (a, b, c))
+    def through(cls, *checkpoints, names=None, model=None) -> "Plane":
+        """The plane through three checkpoints: origin a, u along b - a, v by Gram-Schmidt of c - a.
+        ``Plane.through(traj, "sgd", "swa/average", "swa/iterates:0")`` names them in a trajectory;
+        ``Plane.through(sgd_net, swa_model, early_state, names=("sgd", "swa", "early"))`` takes live
+        modules, state_dicts or flat tensors (read against ``model``, default the first module given)."""
+        src, objs, labels = checkpoints_of(checkpoints, 3, names, model)
+        ca, cb, cc = (src.load(o, n) for o, n in zip(objs, labels))
         _distinct(ca, cb, cc)
         u, v, (n1, cu, n2) = _orthonormalize(cb.params - ca.params, cc.params - ca.params,
                                              (f"{cb.name} - {ca.name}", f"{cc.name} - {ca.name}"),
@@ -310,7 +391,7 @@ class Plane:
         derived = {"points": points, "lengths": {"b-a": n1, "c-a": float((cc.params - ca.params).norm()),
                                                  "c-b": float((cc.params - cb.params).norm())}}
         return _sourced(cls(ca.params.float(), u.float(), v.float(), ca.buffers.float(), bu, bv, spec, derived,
-                            ((min(xs), max(xs)), (min(ys), max(ys)))), [ca, cb, cc])
+                            ((min(xs), max(xs)), (min(ys), max(ys)))), [ca, cb, cc], src)
 
     @classmethod
     def directions(cls, traj: Trajectory, origin: str, d1, d2) -> "Plane":
@@ -340,17 +421,19 @@ class Plane:
                 "directions": [[e1.name, s1.name], [e2.name, s2.name]]}
         derived = {"points": points, "lengths": {"d1": n1, "d2": float((e2.params - s2.params).norm())}}
         return _sourced(cls(co.params.float(), u.float(), v.float(), co.buffers.float(), bu, bv, spec, derived,
-                            ((-hx, hx), (-hy, hy))), [co, e1, s1, e2, s2])
+                            ((-hx, hx), (-hy, hy))), [co, e1, s1, e2, s2], Checkpoints(traj, None))
 
     @classmethod
-    def random(cls, traj: Trajectory, origin: str, seed: int = 0, filter_norm: bool = True,
-               ignore: str = "biasbn") -> "Plane":
+    def random(cls, source, origin: str | None = None, seed: int = 0, filter_norm: bool = True,
+               ignore: str = "biasbn", *, model=None, name: str = "origin") -> "Plane":
         """Two Gaussian directions drawn from ``seed``, filter-normalized to the origin's weights (Li
-        et al. 2018), orthonormalized. The default grid spans +-|d1| by +-|d2|: Li et al.'s [-1, 1]^2."""
-        co = load_checkpoint(traj, origin)
+        et al. 2018), orthonormalized. The default grid spans +-|d1| by +-|d2|: Li et al.'s [-1, 1]^2.
+        ``Plane.random(traj, "swa/average", seed=0)``, or ``Plane.random(net, seed=0)`` around a live
+        module (or a state_dict or flat tensor, with ``model=``)."""
+        src, co = _origin_of(source, origin, model, name)
         g = torch.Generator().manual_seed(int(seed))
-        d1 = random_direction(traj.layout, co.params, g, filter_norm, ignore)
-        d2 = random_direction(traj.layout, co.params, g, filter_norm, ignore)
+        d1 = random_direction(src.layout, co.params, g, filter_norm, ignore)
+        d2 = random_direction(src.layout, co.params, g, filter_norm, ignore)
         u, v, (n1, _, n2) = _orthonormalize(d1, d2, ("random direction 1", "random direction 2"),
                                             float(co.params.norm()))
         s2 = float(d2.norm())
@@ -358,18 +441,28 @@ class Plane:
                 "ignore": ignore}
         derived = {"points": {co.name: [0.0, 0.0]}, "scale": [n1, s2]}
         return _sourced(cls(co.params.float(), u.float(), v.float(), co.buffers.float(), spec=spec, derived=derived,
-                            extent=((-n1, n1), (-s2, s2)), pad=False), [co])
+                            extent=((-n1, n1), (-s2, s2)), pad=False), [co], src)
 
     @classmethod
-    def pca(cls, traj: Trajectory, run: str, origin: str | None = None) -> "Plane":
-        """The first two principal components of ``run``'s checkpoints relative to its last one (Li et
+    def pca(cls, source, run: str | None = None, origin=None, *, model=None, name: str = "run") -> "Plane":
+        """The first two principal components of a run's checkpoints relative to its last one (Li et
         al. 2018), through ``origin`` (default: that last checkpoint). Signs are fixed so that the
-        run's first checkpoint has non-positive coordinates."""
-        n = traj.num_checkpoints(run)
+        run's first checkpoint has non-positive coordinates. ``Plane.pca(traj, "sgd")``, or
+        ``Plane.pca([state0, state1, ...], model=net)`` over live states (``name`` labels the run)."""
+        if isinstance(source, Trajectory):
+            src, n = Checkpoints(source, None), source.num_checkpoints(run)
+            rows = lambda: torch.from_numpy(source.params(run)).double()  # noqa: E731
+            co = load_checkpoint(source, origin or f"{run}:{n - 1}") if n >= 3 else None
+        else:
+            states = list(source)
+            run, n = name, len(states)
+            src, _, _ = checkpoints_of(tuple(states[:1]), 1, model=model)
+            loaded = [src.load(s, f"{name}:{i}") for i, s in enumerate(states)]
+            rows = lambda: torch.stack([c.params for c in loaded])  # noqa: E731
+            co = (src.load(origin, "origin") if origin is not None else loaded[-1]) if n >= 3 else None
         if n < 3:
             raise GeometryError(f"PCA of run {run!r} needs at least 3 checkpoints, it has {n}")
-        co = load_checkpoint(traj, origin or f"{run}:{n - 1}")
-        w = torch.from_numpy(traj.params(run)).double()
+        w = rows()
         m = w - w[-1]
         m = m - m.mean(0)
         gram = m @ m.T  # (T, T): no (P, P) matrix
@@ -389,32 +482,40 @@ class Plane:
                    "explained_variance_ratio": (evals[:2] / evals.sum()).tolist()}
         return _sourced(cls(co.params.float(), u.float(), v.float(), co.buffers.float(), spec=spec, derived=derived,
                             extent=((float(path[:, 0].min()), float(path[:, 0].max())),
-                                    (float(path[:, 1].min()), float(path[:, 1].max())))), [co])
+                                    (float(path[:, 1].min()), float(path[:, 1].max())))), [co], src)
 
     @classmethod
-    def hessian(cls, traj: Trajectory, origin: str, data=None, samples: int = 2000, seed: int = 0,
-                iterations: int = 100, tol: float = 1e-4, batch_size: int = 1000, device="cpu") -> "Plane":
+    def hessian(cls, source, origin: str | None = None, data=None, samples: int = 2000, seed: int = 0,
+                iterations: int = 100, tol: float = 1e-4, batch_size: int = 1000, device="cpu", *,
+                model=None, name: str = "origin") -> "Plane":
         """The two eigenvectors of the train-loss Hessian at ``origin`` with the largest |eigenvalue|,
         by subspace iteration on Hessian-vector products over ``samples`` training samples (eval-mode
         BatchNorm with the origin's buffers). The default grid spans +-2 sqrt(2 / |lambda|) per axis,
-        where the quadratic model predicts a loss rise of 4."""
+        where the quadratic model predicts a loss rise of 4. ``Plane.hessian(traj, "sgd")`` rebuilds the
+        file's model and data; ``Plane.hessian(net, data=data)`` takes a live module (or a state_dict
+        or flat tensor with ``model=``) and a :class:`~landscape.data.Data` or its four tensors."""
         if not samples >= 1:
             raise ConfigError(f"Hessian samples must be at least 1, got {samples}")
         if not iterations >= 1:
             raise ConfigError(f"Hessian iterations must be at least 1, got {iterations}")
         if not tol >= 0:
             raise ConfigError(f"Hessian tolerance must be non-negative, got {tol}")
-        co = load_checkpoint(traj, origin)
-        data = data if data is not None else traj.build_data(device)
-        model = traj.build_model(data, device)
-        (l1, l2), (u, v), its = top_hessian_eigen(model, traj.layout, co.params.float(), co.buffers.float(), data,
+        src, co = _origin_of(source, origin, model, name)
+        if src.traj is not None:
+            data = data if data is not None else rebuild_data(src.traj, device)
+            net = rebuild_model(src.traj, data, device)
+        elif data is None:
+            raise ConfigError("a Hessian plane of a live model needs its data: data=(x_train, y_train, x_test, y_test)")
+        else:
+            data, net = as_data(data, device), copy.deepcopy(src.model).to(device)
+        (l1, l2), (u, v), its = top_hessian_eigen(net, src.layout, co.params.float(), co.buffers.float(), data,
                                                   samples, seed, iterations, tol, batch_size)
         h = [2 * math.sqrt(2 / max(abs(l), 1e-12)) for l in (l1, l2)]
         spec = {"method": "hessian", "origin": co.name, "samples": int(samples), "seed": int(seed),
                 "iterations": int(iterations), "tol": float(tol)}
         derived = {"points": {co.name: [0.0, 0.0]}, "eigenvalues": [l1, l2], "iterations_run": its}
         return _sourced(cls(co.params.float(), u.float().cpu(), v.float().cpu(), co.buffers.float(), spec=spec,
-                            derived=derived, extent=((-h[0], h[0]), (-h[1], h[1])), pad=False), [co])
+                            derived=derived, extent=((-h[0], h[0]), (-h[1], h[1])), pad=False), [co], src)
 
 
 def _distinct(*ckpts) -> None:
@@ -440,9 +541,23 @@ def _buffer_map(e1, e2, n1, c, n2):
     return bu.float(), bv.float()
 
 
-def _sourced(geom, loaded: list):
-    """``geom`` with the checkpoints it was made of recorded (name -> how to load each again)."""
-    return _replace(geom, sources={c.name: c.source for c in loaded})
+def _sourced(geom, loaded: list, src: "Checkpoints"):
+    """``geom`` with the checkpoints it was made of recorded: name -> how to load each again from a
+    trajectory, or, for live objects, their weights (to project them) and the model they fit."""
+    if src.traj is not None:
+        return _replace(geom, sources={c.name: c.source for c in loaded})
+    return _replace(geom, live={c.name: c.params.float() for c in loaded}, model=src.model)
+
+
+def _origin_of(source, origin, model, name: str):
+    """(Checkpoints, the origin): a checkpoint name in the trajectory ``source``, or ``source`` itself
+    as a live object read against ``model`` (default: ``source``, which must then be a module)."""
+    if isinstance(source, Trajectory):
+        if origin is None:
+            raise ConfigError("give the origin checkpoint's name after the trajectory")
+        return Checkpoints(source, None), load_checkpoint(source, origin)
+    src, objs, labels = checkpoints_of((source,), 1, [name], model)
+    return src, src.load(objs[0], labels[0])
 
 
 def _replace(obj, **changes):
@@ -471,6 +586,8 @@ class Line:
     extent: tuple = (0.0, 1.0)
     rays: bool = False
     sources: dict = field(default_factory=dict, repr=False)  # checkpoint name -> how to load it again
+    live: dict = field(default_factory=dict, repr=False)     # live checkpoints: name -> (P,) weights
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the module live checkpoints fit
 
     kind = "line"
     default_shape = (41,)
@@ -500,8 +617,8 @@ class Line:
     def values_shape(self, grid: Grid) -> tuple:
         return (len(self.directions), grid.nx) if self.rays else (grid.nx,)
 
-    def project(self, traj: Trajectory) -> tuple:
-        return _project(self, traj)
+    def project(self, traj: Trajectory | None = None, checkpoints=None, paths=None) -> tuple:
+        return _project(self, traj, checkpoints, paths)
 
     def with_basis(self, origin, basis) -> "Line":
         return _replace(self, origin=origin, directions=basis.reshape(len(self.directions), -1))
@@ -510,10 +627,13 @@ class Line:
         return _replace(self, **_moved(self, ("origin", "directions", "buffers", "buffer_directions"), device))
 
     @classmethod
-    def through(cls, traj: Trajectory, a: str, b: str, range=(-0.5, 1.5)) -> "Line":
+    def through(cls, *checkpoints, range=(-0.5, 1.5), names=None, model=None) -> "Line":
         """The line a -> b; the default grid runs from ``range[0]`` to ``range[1]`` times the segment
-        (-0.5 to 1.5: the SWA paper's line beyond both ends). ``x`` is the distance from a."""
-        ca, cb = load_checkpoint(traj, a), load_checkpoint(traj, b)
+        (-0.5 to 1.5: the SWA paper's line beyond both ends). ``x`` is the distance from a.
+        ``Line.through(traj, "sgd", "swa/average")``, or live objects as for :meth:`Plane.through`:
+        ``Line.through(sgd_net, swa_model, names=("sgd", "swa"))``."""
+        src, objs, labels = checkpoints_of(checkpoints, 2, names, model)
+        ca, cb = (src.load(o, n) for o, n in zip(objs, labels))
         _distinct(ca, cb)
         d = cb.params - ca.params
         length = float(d.norm())
@@ -526,24 +646,26 @@ class Line:
                 "range": [float(range[0]), float(range[1])]}
         derived = {"points": {ca.name: [0.0], cb.name: [length]}, "length": length}
         return _sourced(cls(ca.params.float(), (d / length).float()[None], ca.buffers.float(), bd, spec, derived,
-                            (range[0] * length, range[1] * length)), [ca, cb])
+                            (range[0] * length, range[1] * length)), [ca, cb], src)
 
     @classmethod
-    def random_rays(cls, traj: Trajectory, origin: str, n: int = 5, seed: int = 0, max_distance: float | None = None,
-                    filter_norm: bool = False, ignore: str = "none") -> "Line":
+    def random_rays(cls, source, origin: str | None = None, n: int = 5, seed: int = 0,
+                    max_distance: float | None = None, filter_norm: bool = False, ignore: str = "none", *,
+                    model=None, name: str = "origin") -> "Line":
         """``n`` random unit directions from ``origin`` (uniform on the sphere, as in the SWA paper;
         optionally filter-normalized first). The default grid runs from 0 to ``max_distance``
-        (default: half the norm of the origin's weights)."""
+        (default: half the norm of the origin's weights). ``Line.random_rays(traj, "sgd", n=5)``, or
+        ``Line.random_rays(net, n=5)`` from a live module (a state_dict or flat tensor with ``model=``)."""
         if n < 1:
             raise ConfigError(f"number of rays must be at least 1, got {n}")
-        if n * traj.layout.num_params > MAX_RAY_VALUES:
-            raise ConfigError(f"{n:,} rays of {traj.layout.num_params:,} parameters are more than "
+        src, co = _origin_of(source, origin, model, name)
+        if n * src.layout.num_params > MAX_RAY_VALUES:
+            raise ConfigError(f"{n:,} rays of {src.layout.num_params:,} parameters are more than "
                               f"{MAX_RAY_VALUES * 4 / 2 ** 30:.0f} GiB of directions; give fewer rays")
-        co = load_checkpoint(traj, origin)
         g = torch.Generator().manual_seed(int(seed))
         dirs = []
         for k in range(n):
-            d = random_direction(traj.layout, co.params, g, filter_norm, ignore)
+            d = random_direction(src.layout, co.params, g, filter_norm, ignore)
             norm = d.norm()
             if norm == 0:
                 raise GeometryError("a random direction is zero (every parameter ignored?)")
@@ -555,21 +677,37 @@ class Line:
                 "filter_norm": bool(filter_norm), "ignore": ignore}
         derived = {"points": {co.name: [0.0]}, "max_distance": top}
         return _sourced(cls(co.params.float(), torch.stack(dirs).float(), co.buffers.float(), None, spec, derived,
-                            (0.0, top), rays=True), [co])
+                            (0.0, top), rays=True), [co], src)
 
 
-def _project(geom, traj: Trajectory) -> tuple:
-    """Points: the checkpoints named in the geometry and the last checkpoint of every run."""
+def _project(geom, traj: Trajectory | None, checkpoints=None, paths=None) -> tuple:
+    """Points: the checkpoints named in the geometry and the last checkpoint of every run of ``traj``
+    (or, for live objects, the given ``checkpoints``); paths: every run's checkpoints."""
     if getattr(geom, "rays", False):  # projecting onto several half-lines says little: the origin only
         return {geom.spec["origin"]: PointData(np.zeros(1), 0.0)}, {}
-    origin, basis = geom.origin.double(), geom.basis.double()
-    names = list(geom.derived.get("points", {})) + [n for n in _last_checkpoints(traj)]
-    points = {}
-    for name in dict.fromkeys(names):
-        c = load_checkpoint(traj, geom.sources.get(name, name))
-        coords, dist = _project_rows(c.params[None], origin, basis)
-        points[name] = PointData(coords[0].numpy(), float(dist[0]))
-    return points, project_runs(traj, origin, basis)
+    origin, basis = geom.origin.double().cpu(), geom.basis.double().cpu()
+
+    def point(params: torch.Tensor) -> PointData:
+        coords, dist = _project_rows(params.double().cpu()[None], origin, basis)
+        return PointData(coords[0].numpy(), float(dist[0]))
+
+    if traj is not None:
+        names = list(geom.derived.get("points", {})) + [n for n in _last_checkpoints(traj)]
+        points = {name: point(load_checkpoint(traj, geom.sources.get(name, name)).params)
+                  for name in dict.fromkeys(names)}
+        return points, project_runs(traj, origin, basis)
+    if (checkpoints or paths) and geom.model is None:
+        raise ConfigError("checkpoints and paths are projected onto geometry made of live objects; "
+                          "this one was made from a trajectory: pass the trajectory")
+    load = lambda obj, name: live_checkpoint(obj, name, geom.model).params  # noqa: E731
+    points = {name: point(w) for name, w in geom.live.items()}
+    points.update({name: point(load(obj, name)) for name, obj in (checkpoints or {}).items()})
+    runs = {}
+    for run, states in (paths or {}).items():
+        rows = torch.stack([load(s, f"{run}:{i}") for i, s in enumerate(states)])
+        coords, dist = _project_rows(rows, origin, basis)
+        runs[run] = PathData(coords.numpy(), dist.numpy(), np.arange(len(states), dtype=float))
+    return points, runs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -131,3 +131,85 @@ class Layout:
         """Yield (entry, slice) for every parameter tensor."""
         for e in self.params:
             yield e, slice(e.offset, e.offset + e.numel)
+
+
+# ----------------------------------------------------------------------------------------------
+# live objects: wrapped modules and state_dicts
+
+def unwrap(module: nn.Module):
+    """(the trained module inside wrappers, extra metrics): AveragedModel -> its ``module`` (and
+    ``n_averaged``), DataParallel/DistributedDataParallel -> ``module``, torch.compile -> ``_orig_mod``."""
+    from torch.optim.swa_utils import AveragedModel
+    extra = {}
+    while True:
+        if isinstance(module, AveragedModel):
+            extra.setdefault("n_averaged", int(module.n_averaged))
+            module = module.module
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module, extra
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _model_entries(model: torch.nn.Module) -> list:
+    """(name, tensor, required): every parameter and buffer; non-persistent buffers are not in a
+    state_dict and keep the freshly built model's values."""
+    persistent = set(model.state_dict().keys())
+    out = [(n, t, True) for n, t in model.named_parameters()]
+    out += [(n, t, n in persistent) for n, t in model.named_buffers()]
+    return out
+
+
+def match_state_dict(state: dict, model: torch.nn.Module, path, model_name: str = "the model") -> tuple:
+    """Map a checkpoint's tensors onto ``model``'s parameters and buffers. Returns ``(params,
+    buffers, extra)``: name -> tensor dicts in the model's order, and metrics found on the way
+    (``n_averaged``). Raises ModelError naming the first key that does not match."""
+    extra = {}
+    state = dict(state)
+    if "n_averaged" in state and any(k.startswith("module.") for k in state):  # AveragedModel
+        extra["n_averaged"] = int(state.pop("n_averaged").item())
+    stripped = {}
+    for k, v in state.items():
+        stripped.setdefault(_strip(k), v)
+    entries = _model_entries(model)
+    required = [n for n, _, req in entries if req]
+    prefix = ""
+    if required and not all(n in stripped for n in required):
+        first = required[0]
+        for k in stripped:  # a wrapper's prefix, e.g. "model." of a LightningModule
+            if k.endswith("." + first):
+                candidate = k[:-len(first)]
+                if all(candidate + n in stripped for n in required):
+                    prefix = candidate
+                    break
+    keys = {k[len(prefix):]: v for k, v in stripped.items() if k.startswith(prefix)}
+    where = f"checkpoint {path} does not match model {model_name!r}"
+    for name, tensor, req in entries:
+        if name not in keys:
+            if not req:
+                continue
+            sample = ", ".join(list(keys)[:5]) + (", ..." if len(keys) > 5 else "")
+            raise ModelError(f"{where}: key {name!r} {list(tensor.shape)} is missing from the checkpoint "
+                             f"(its keys: {sample or 'none'})")
+        if tuple(keys[name].shape) != tuple(tensor.shape):
+            raise ModelError(f"{where}: key {name!r} has shape {list(keys[name].shape)} in the checkpoint, "
+                             f"{list(tensor.shape)} in the model")
+    known = {n for n, _, _ in entries}
+    for k in keys:
+        if k not in known:
+            raise ModelError(f"{where}: key {prefix + k!r} is not in the model")
+    params = {n: keys[n] for n, _, _ in entries[:len(list(model.parameters()))]}
+    buffers = {n: (keys[n] if n in keys else t) for n, t, _ in entries[len(params):]}
+    return params, buffers, extra

@@ -38,7 +38,7 @@ from . import __version__
 from .data import DataSpec, load_data
 from .errors import CheckpointError, ConfigError, ModelError
 from .models import ModelSpec, build_model
-from .params import Layout
+from .params import Layout, unwrap
 from .store import TrajectoryWriter
 from .store.files import prepare_output
 
@@ -88,23 +88,6 @@ def check_run_name(run: str, existing=()) -> str:
         if other != run and (other.startswith(run + "/") or run.startswith(other + "/")):
             raise CheckpointError(f"run {run!r} cannot sit beside run {other!r} (one would contain the other)")
     return run
-
-
-def unwrap(module: nn.Module):
-    """(the trained module inside wrappers, extra metrics): AveragedModel -> its ``module`` (and
-    ``n_averaged``), DataParallel/DistributedDataParallel -> ``module``, torch.compile -> ``_orig_mod``."""
-    from torch.optim.swa_utils import AveragedModel
-    extra = {}
-    while True:
-        if isinstance(module, AveragedModel):
-            extra.setdefault("n_averaged", int(module.n_averaged))
-            module = module.module
-        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
-        else:
-            return module, extra
 
 
 @contextlib.contextmanager
@@ -226,7 +209,7 @@ class Recorder:
         """Train/test loss and error of ``module`` as ``landscape train`` records them (or nothing)."""
         if not self.evaluate:
             return {}
-        from .train.loop import evaluate
+        from .evaluate import evaluate_model as evaluate
         device = next(module.parameters()).device
         if device not in self._data_on:
             self._data_on = {device: self.data.to(device)}

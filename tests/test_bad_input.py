@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cli.common import seed_int
-from cli.main import main
+from landscape.cli.common import seed_int
+from landscape.cli.main import main
 from landscape.data import DataSpec, load_data
 from landscape.errors import DataError
 from landscape.evaluate import Evaluator
@@ -108,7 +108,7 @@ SURFACE_CASES = [
 @pytest.mark.parametrize("args, words", SURFACE_CASES)
 def test_surface_options_are_one_line_errors(tiny_run, tmp_path, capsys, monkeypatch, args, words):
     import landscape.surface
-    monkeypatch.setattr(landscape.surface, "_compute", lambda *a, **k: pytest.fail("computed despite bad input"))
+    monkeypatch.setattr(landscape.surface, "_fill", lambda *a, **k: pytest.fail("computed despite bad input"))
     monkeypatch.setattr(Plane, "hessian", classmethod(lambda *a, **k: pytest.fail("Hessian despite bad input")))
     copy = tmp_path / "copy.h5"
     shutil.copy(tiny_run, copy)
@@ -157,10 +157,10 @@ def test_seed_must_fit_64_bits(tiny_run, tmp_path, capsys):
     (["demo", "-o", "{run}"], ["not a directory"]),
 ])
 def test_unwritable_outputs_are_refused_before_work(tiny_run, surfaces, tmp_path, capsys, monkeypatch, args, words):
-    import cli.commands.demo
+    import landscape.cli.commands.demo
     import landscape.surface
-    monkeypatch.setattr(landscape.surface, "_compute", lambda *a, **k: pytest.fail("computed despite bad output"))
-    monkeypatch.setattr(cli.commands.demo, "run_demo", lambda *a, **k: pytest.fail("demo ran despite bad output"))
+    monkeypatch.setattr(landscape.surface, "_fill", lambda *a, **k: pytest.fail("computed despite bad output"))
+    monkeypatch.setattr(landscape.cli.commands.demo, "run_demo", lambda *a, **k: pytest.fail("demo ran despite bad output"))
     argv = [a.format(run=tiny_run, tmp=tmp_path, plane=surfaces[0]) for a in args]
     _error(capsys, argv, *words)
     assert not list(tmp_path.iterdir())

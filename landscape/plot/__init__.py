@@ -8,7 +8,8 @@ Pure functions of what the store reads: nothing here evaluates a loss.
   ``edge_center_figure``, ``lookahead_figure``, ``grafting_figure``) and ``save`` (PNG + PDF);
 - :mod:`.analysis`: the numbers behind them (minima, offset, distance to a loss rise), numpy only;
 - :mod:`.report`: ``plot_files``, every figure a set of files allows, plus ``numbers.json``;
-- :mod:`.interactive`: ``write_explorer``, the offline HTML explorer.
+- :mod:`.interactive`: ``write_explorer``, the offline HTML explorer, and ``interactive_figure``, one
+  surface as a plotly Figure (inline in Jupyter).
 
 Example::
 
@@ -18,7 +19,7 @@ Example::
 """
 from .figures import (edge_center_figure, grafting_figure, grafting_figure_from, lookahead_figure,
                       lookahead_figure_from, offset_figure, plane_figure, rays_figure, save)
-from .interactive import explorer_html, write_explorer
+from .interactive import explorer_html, interactive_figure, write_explorer
 from .report import PlotResult, plot_files
 from .static import (draw_checkpoints, draw_grafting, draw_line, draw_lookahead, draw_offset, draw_plane, draw_rays,
                      edge_center_of, offset_of)
@@ -27,5 +28,5 @@ plot_plane = plane_figure  # the name DESIGN.md's example uses
 
 __all__ = ["plane_figure", "plot_plane", "offset_figure", "edge_center_figure", "rays_figure", "lookahead_figure",
            "grafting_figure", "lookahead_figure_from", "grafting_figure_from", "save", "plot_files", "PlotResult",
-           "write_explorer", "explorer_html", "draw_plane", "draw_checkpoints", "draw_offset", "draw_line",
+           "write_explorer", "explorer_html", "interactive_figure", "draw_plane", "draw_checkpoints", "draw_offset", "draw_line",
            "draw_rays", "draw_lookahead", "draw_grafting", "offset_of", "edge_center_of"]

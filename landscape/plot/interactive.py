@@ -348,6 +348,12 @@ def line_figure(surface, *, title: str | None = None):
 # ---------------------------------------------------------------------------------------------
 # the page
 
+def interactive_figure(surface, **options):
+    """The plotly Figure of a plane or line surface (from a file or from ``landscape.evaluate_surface``); in
+    Jupyter it displays inline. ``options`` go to :func:`plane_figure` or :func:`line_figure`."""
+    return (plane_figure if surface.kind == "plane" else line_figure)(surface, **options)
+
+
 def explorer_html(surfaces, title: str = "landscape explorer") -> str:
     """The whole page as a string: plotly.js embedded once, one section per surface."""
     import plotly.io as pio

@@ -55,14 +55,16 @@ class SurfaceWriter:
     @classmethod
     def create(cls, path, spec: dict, x, y, basis: dict, points: dict, paths: dict,
                trajectory=None, metrics=METRICS, overwrite: bool = False, shape=None,
-               inputs=()) -> "SurfaceWriter":
+               inputs=(), recorded=None) -> "SurfaceWriter":
         """Start a new surface file, or resume ``path.partial`` when it holds the same spec (``derived``
         aside) and comes from the same trajectory file.
 
         ``basis``: {"origin", "u", "v" (planes only)} float32 (P,) arrays (``u`` is (R, P) for rays);
         ``points``: name -> PointData; ``paths``: run -> PathData; ``metrics``: the value datasets to
         create; ``shape``: of the values, when not (nx,) or (nx, ny) (rays: (R, nx)); ``inputs``:
-        further files the values are computed from (``trajectory`` is one), never to be written over."""
+        further files the values are computed from (``trajectory`` is one), never to be written over;
+        ``recorded``: (path, SHA-256) of the trajectory to record instead of ``trajectory``'s (a surface
+        saved from memory keeps the fingerprint taken when it was computed)."""
         path = prepare_output(path, overwrite, inputs=(trajectory, *inputs))
         tmp = partial_path(path)
         spec_json = to_json(spec)
@@ -89,8 +91,9 @@ class SurfaceWriter:
         f.attrs["spec"] = spec_json
         f.attrs["complete"] = False
         if trajectory is not None:
-            f.attrs["trajectory"] = str(trajectory)
-            f.attrs["trajectory_sha256"] = sha256(trajectory)
+            recorded = (str(trajectory), sha256(trajectory))
+        if recorded is not None and recorded[0] is not None:
+            f.attrs["trajectory"], f.attrs["trajectory_sha256"] = recorded
         x = np.asarray(x, np.float64)
         shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
         f.create_dataset("grid/x", data=x, track_times=False)
@@ -128,6 +131,21 @@ class SurfaceWriter:
         return {k: self.file[f"basis/{k}"][()] for k in self.file["basis"]}
 
     @property
+    def metrics(self) -> tuple:
+        return tuple(self.file["values"])
+
+    @property
+    def points_per_call(self) -> int | None:
+        """The points per batched call the values are computed with (kept, so that a resumed
+        computation uses the same and its values equal an uninterrupted one's bit for bit)."""
+        k = self.file.attrs.get("points_per_call")
+        return None if k is None else int(k)
+
+    @points_per_call.setter
+    def points_per_call(self, k: int) -> None:
+        self.file.attrs["points_per_call"] = int(k)
+
+    @property
     def done(self) -> np.ndarray:
         return self.file["done"][()]
 
@@ -159,6 +177,11 @@ class SurfaceWriter:
         if self.file.id.valid:
             self.file.close()
 
+    def abort(self) -> None:
+        """Close and delete the .partial file (nothing in it is worth keeping)."""
+        self.suspend()
+        self.tmp.unlink(missing_ok=True)
+
 
 def _compared(spec) -> dict:
     """The part of a spec that must match for a computation to resume: everything but ``derived``
@@ -171,13 +194,17 @@ def _compared(spec) -> dict:
 class MemorySurfaceWriter:
     """The SurfaceWriter interface without a file (``compute_surface(..., out=None)``)."""
 
-    def __init__(self, spec: dict, x, y, basis: dict, points: dict, paths: dict, metrics=METRICS, shape=None):
+    def __init__(self, spec: dict, x, y, basis: dict, points: dict, paths: dict, metrics=METRICS, shape=None,
+                 trajectory=None):
         x = np.asarray(x, np.float64)
         shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
         self.spec, self.x, self.y, self._basis = spec, x, None if y is None else np.asarray(y, np.float64), basis
         self.points, self.paths, self.path = points, paths, None
+        self.metrics, self.points_per_call = tuple(metrics), None
         self.values = {m: np.full(shape, np.nan) for m in metrics}
         self._done = np.zeros(shape, bool)
+        self.trajectory = None if trajectory is None else str(trajectory)
+        self.trajectory_sha256 = None if trajectory is None else sha256(trajectory)
 
     @property
     def shape(self) -> tuple:
@@ -201,7 +228,8 @@ class MemorySurfaceWriter:
 
     def close(self) -> "Surface":
         return Surface(None, json.loads(to_json(self.spec)), self.x, self.y, self.values, self._done,
-                       self.points, self.paths)
+                       self.points, self.paths, self.trajectory, self.trajectory_sha256,
+                       {k: np.asarray(v, np.float32) for k, v in self._basis.items()}, self.points_per_call)
 
     def suspend(self) -> None:
         pass
@@ -220,6 +248,8 @@ class Surface:
     paths: dict = field(default_factory=dict)   # run -> PathData
     trajectory: str | None = None
     trajectory_sha256: str | None = None
+    vectors: dict | None = field(default=None, repr=False)  # the basis, held when not read from a file
+    points_per_call: int | None = None
 
     @property
     def kind(self) -> str:
@@ -231,8 +261,28 @@ class Surface:
         return self.y is None and np.ndim(self.done) == 2
 
     def basis(self) -> dict:
+        """origin, u, v (planes) or u (lines): float32 (P,) vectors ((R, P) for rays)."""
+        if self.vectors is not None:
+            return self.vectors
         with open_read(self.path, FORMAT) as f:
             return {k: f[f"basis/{k}"][()] for k in f["basis"]}
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write this surface as a surface file (docs/FORMAT.md), the file ``landscape plane`` or
+        ``line`` writes for the same values; returns its path. :func:`open_surface` reads it back."""
+        if not self.done.all():
+            raise FileFormatError(f"this surface misses {int((~self.done).sum())} points; a saved file is complete")
+        writer = SurfaceWriter.create(path, self.spec, self.x, self.y, self.basis(), self.points, self.paths,
+                                      metrics=tuple(self.values), overwrite=overwrite, shape=self.done.shape,
+                                      inputs=[self.path], recorded=(self.trajectory, self.trajectory_sha256))
+        try:
+            writer.write(np.arange(self.done.size), {k: v.reshape(-1) for k, v in self.values.items()})
+            if self.points_per_call is not None:
+                writer.points_per_call = self.points_per_call
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
 
 
 def _walk(group: h5py.Group) -> dict:
@@ -260,7 +310,8 @@ def open_surface(path) -> Surface:
         return Surface(Path(path), json.loads(f.attrs["spec"]), f["grid/x"][()],
                        f["grid/y"][()] if "grid/y" in f else None,
                        {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
-                       f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"))
+                       f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
+                       points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None)
 
 
 def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs=()) -> Path:

@@ -1,0 +1,175 @@
+"""The in-memory core: geometry from live modules, state_dicts and tensors; evaluate_surface without a
+file; Surface.save writing the file compute_surface writes; a resumed surface equal to an uninterrupted
+one bit for bit whatever points per call the measurement picked."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from landscape import evaluate_surface
+from landscape.errors import ConfigError, ModelError
+from landscape.geometry import Line, Plane
+from landscape.plot import interactive_figure
+from landscape.store import open_surface, open_trajectory
+from landscape.surface import compute_surface
+from landscape.rebuild import rebuild_data, rebuild_model
+
+THREE = ("sgd", "swa/average", "swa/iterates:0")
+
+
+@pytest.fixture(scope="module")
+def traj(tiny_run):
+    return open_trajectory(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def live(traj):
+    """The tiny run's model and data, and its three checkpoints as modules (what a notebook holds)."""
+    data = rebuild_data(traj)
+    nets = []
+    for name in THREE:
+        c = traj.checkpoint(name)
+        nets.append(traj.layout.load(rebuild_model(traj, data), c.params, c.buffers))
+    return data, nets
+
+
+@pytest.fixture(scope="module")
+def reference(traj):
+    return compute_surface(traj, Plane.through(traj, *THREE), (5, 4), quiet=True, points_per_call=2)
+
+
+def _same_vectors(a, b):
+    for name in ("origin", "u", "v", "buffers"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_a_plane_of_modules_state_dicts_or_tensors_is_the_plane_of_the_checkpoints(traj, live):
+    data, (a, b, c) = live
+    named = Plane.through(traj, *THREE)
+    _same_vectors(Plane.through(a, b, c), named)
+    swa = AveragedModel(b)  # a wrapper is unwrapped; its state_dict's "module." prefix is removed
+    _same_vectors(Plane.through(a.state_dict(), swa, c, model=a), named)
+    flat = traj.layout.params_to_vector(c)
+    _same_vectors(Plane.through(a, swa.state_dict(), flat), named)  # a tensor's buffers are the model's (a)
+    line = Line.through(a, b, names=("sgd", "swa"))
+    assert torch.equal(line.directions, Line.through(traj, "sgd", "swa/average").directions)
+    assert line.spec["checkpoints"] == {"a": "sgd", "b": "swa"}
+
+
+def test_evaluated_in_memory_equals_the_trajectory_surface(live, reference):
+    data, (a, b, c) = live
+    plane = Plane.through(a, b, c, names=("sgd", "swa", "early"))
+    surf = evaluate_surface(a, plane, (data.x_train, data.y_train, data.x_test, data.y_test), (5, 4),
+                            points_per_call=2, batch_size=128)  # the tiny run's eval batch size
+    assert surf.path is None and surf.done.all() and surf.kind == "plane"
+    np.testing.assert_array_equal(surf.x, reference.x)
+    np.testing.assert_array_equal(surf.y, reference.y)
+    for m in reference.values:
+        np.testing.assert_array_equal(surf.values[m], reference.values[m])
+    assert set(surf.points) == {"sgd", "swa", "early"} and surf.points["swa"].distance < 1e-4
+    assert surf.spec["bn"]["policy"] == "recompute" and "dataset" not in surf.spec
+
+
+def test_checkpoints_and_paths_are_projected(live):
+    data, (a, b, c) = live
+    plane = Plane.through(a, b, c)
+    mid = {k: (v1 + v2) / 2 if v1.is_floating_point() else v1
+           for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values())}
+    points, paths = plane.project(checkpoints={"mid": mid}, paths={"walk": [a, mid, b]})
+    np.testing.assert_allclose(points["mid"].coords, (points["a"].coords + points["b"].coords) / 2, atol=1e-5)
+    np.testing.assert_allclose(paths["walk"].coords[1], points["mid"].coords)
+    assert paths["walk"].coords.shape == (3, 2) and list(paths["walk"].epoch) == [0, 1, 2]
+
+
+def test_saved_surface_is_the_file_compute_surface_writes(traj, tmp_path):
+    plane = Plane.through(traj, *THREE)
+    in_memory = compute_surface(traj, plane, (3, 4), quiet=True, points_per_call=3)
+    saved = in_memory.save(tmp_path / "saved.h5")
+    written = tmp_path / "written.h5"
+    compute_surface(traj, plane, (3, 4), out=written, quiet=True, points_per_call=3)
+    with h5py.File(saved, "r") as f, h5py.File(written, "r") as g:
+        assert dict(f.attrs) == dict(g.attrs)
+        names = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert names and names == [n for n in names if n in g]
+        for n in names:
+            np.testing.assert_array_equal(f[n][()], g[n][()], err_msg=n)
+        assert len(names) == sum(1 for _ in _datasets(g))
+    back = open_surface(saved)
+    for m in in_memory.values:
+        np.testing.assert_array_equal(back.values[m], in_memory.values[m])
+    assert back.points_per_call == 3 and set(back.points) == set(in_memory.points)
+
+
+def _datasets(f):
+    out = []
+    f.visititems(lambda n, o: out.append(n) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def test_a_live_surface_saves_and_opens(live, tmp_path):
+    data, (a, b, c) = live
+    surf = evaluate_surface(a, Line.through(a, b, names=("sgd", "swa")), data, (6,), points_per_call=2)
+    back = open_surface(surf.save(tmp_path / "line.h5"))
+    assert back.trajectory is None and back.kind == "line"
+    np.testing.assert_array_equal(back.values["test_err"], surf.values["test_err"])
+    np.testing.assert_array_equal(back.basis()["u"], surf.basis()["u"])
+    fig = interactive_figure(back)
+    assert len(fig.data) >= 1 and type(fig).__name__ == "Figure"
+
+
+def test_random_pca_and_hessian_planes_of_live_objects(traj, live):
+    data, (a, b, c) = live
+    p = Plane.random(b, seed=3)
+    q = Plane.random(traj, "swa/average", seed=3)
+    _same_vectors(p, q)
+    assert torch.equal(Line.random_rays(b, n=2, seed=1, max_distance=1.0).directions,
+                       Line.random_rays(traj, "swa/average", n=2, seed=1, max_distance=1.0).directions)
+    states = [traj.layout.load(rebuild_model(traj, data), torch.from_numpy(w), torch.from_numpy(bf))
+              for w, bf in zip(traj.params("sgd"), traj.buffers("sgd"))]
+    pca = Plane.pca([s.state_dict() for s in states], model=a)
+    _same_vectors(pca, Plane.pca(traj, "sgd"))
+    h = Plane.hessian(b, data=data, samples=100, iterations=5)
+    assert h.derived["eigenvalues"][0] == pytest.approx(
+        Plane.hessian(traj, "swa/average", data=data, samples=100, iterations=5).derived["eigenvalues"][0])
+
+
+def test_live_objects_that_do_not_fit_are_one_line_errors(live):
+    data, (a, b, c) = live
+    with pytest.raises(ConfigError, match="need model="):
+        Plane.through(a.state_dict(), b.state_dict(), c.state_dict())
+    with pytest.raises(ModelError, match="holds 3 values"):
+        Plane.through(a, b, torch.zeros(3))
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(24, 4))
+    with pytest.raises(ModelError, match="mismatch"):
+        Plane.through(a, b, other)
+    with pytest.raises(ModelError, match="parameters; the plane was made for"):
+        evaluate_surface(other, Plane.through(a, b, c), data, (2, 2))
+    with pytest.raises(ConfigError, match="needs its data"):
+        Plane.hessian(a)
+
+
+def test_resume_after_a_measured_start_is_bit_identical(traj, tmp_path):
+    """The measurement picks the points per call; the file keeps it, a resumed run uses it, and every
+    call holds exactly that many points, so the file equals an uninterrupted run at that K."""
+    out = tmp_path / "plane.h5"
+    plane = Plane.through(traj, *THREE)
+    flushes = []
+
+    def stop_after_first(done, total):
+        flushes.append(done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compute_surface(traj, plane, (7, 5), out=out, quiet=True, write_every=0, on_write=stop_after_first)
+    with h5py.File(tmp_path / "plane.h5.partial", "r") as f:
+        k = int(f.attrs["points_per_call"])
+        assert 0 < int(f["done"][()].sum()) < 35
+    resumed = compute_surface(traj, plane, (7, 5), out=out, quiet=True)
+    assert resumed.points_per_call == k
+    uninterrupted = compute_surface(traj, plane, (7, 5), quiet=True, points_per_call=k)
+    for m in uninterrupted.values:
+        np.testing.assert_array_equal(resumed.values[m], uninterrupted.values[m])
