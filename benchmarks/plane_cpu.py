@@ -58,6 +58,7 @@ from landscape.models import ModelSpec  # noqa: E402
 from landscape.store import open_trajectory  # noqa: E402
 import landscape.surface as surface_module  # noqa: E402
 from landscape.surface import compute_surface  # noqa: E402
+from landscape.rebuild import rebuild_data, rebuild_model
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
@@ -240,8 +241,8 @@ surface_module.choose_points_per_call = _recording_choice
 
 def run_workload(model_name, workdir, epochs, shape, contenders, repeats):
     traj = open_trajectory(trajectory(model_name, workdir, epochs))
-    data = traj.build_data("cpu")
-    model = traj.build_model(data)
+    data = rebuild_data(traj, "cpu")
+    model = rebuild_model(traj, data)
     plane = Plane.through(traj, *THREE)
     grid = plane.default_grid(shape)
     points = int(np.prod(shape))

@@ -1,4 +1,5 @@
-"""Entry point: ``landscape COMMAND ...``. Library errors become one line on stderr and exit 2."""
+"""Entry point: ``landscape COMMAND ...`` (also ``python -m landscape``). Library errors become one line on
+stderr and exit 2. Installed as ``landscape.cli``."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ ORDER = ["demo", "train", "info", "plane", "line", "plot", "explore", "import"]
 def _command_modules():
     names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
     names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
-    return [(n, importlib.import_module(f"cli.commands.{n}")) for n in names]
+    return [(n, importlib.import_module(f"{commands.__name__}.{n}")) for n in names]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -303,6 +303,28 @@ class Evaluator:
         return out
 
 
+@torch.inference_mode()
+def evaluate_model(model, data, batch_size: int = 1000) -> dict:
+    """Train and test loss (mean cross-entropy) and error (%) of one model in eval mode, sums in
+    float64: the one evaluation of single models (training, the recorder, the importer). Agrees with
+    :class:`Evaluator` at the same weights."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        wrong = torch.zeros((), dtype=torch.float64, device=x.device)
+        for sl in batch_slices(len(x), batch_size):
+            logits = model(x[sl])
+            loss_sum += F.cross_entropy(logits, y[sl], reduction="sum").double()
+            wrong += (logits.argmax(1) != y[sl]).sum()
+        out[f"{split}_loss"] = float(loss_sum / len(x))
+        # with a non-finite loss the argmax is meaningless: no error either (as in the evaluator)
+        out[f"{split}_err"] = float(100.0 * wrong / len(x)) if torch.isfinite(loss_sum) else float("nan")
+    model.train(was_training)
+    return out
+
+
 def choose_points_per_call(call, available: int, device, candidates=None, budget_s: float = 1.0,
                            report=None) -> tuple:
     """The number of points per call with the highest throughput, from timing real work: ``call(k)``

@@ -15,6 +15,7 @@ from landscape.models import ModelSpec
 from landscape.params import Layout
 from landscape.store import open_trajectory
 from landscape.train.loop import evaluate
+from landscape.rebuild import rebuild_data, rebuild_model
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 
@@ -22,8 +23,8 @@ THREE = ("sgd", "swa/average", "swa/iterates:0")
 @pytest.fixture(scope="module")
 def setup(tiny_run):
     traj = open_trajectory(tiny_run)
-    data = traj.build_data()
-    return traj, data, traj.build_model(data)
+    data = rebuild_data(traj)
+    return traj, data, rebuild_model(traj, data)
 
 
 def _points(geom, shape, n):

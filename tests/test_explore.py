@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from cli.main import main
+from landscape.cli.main import main
 from landscape.errors import ConfigError, FileFormatError
 from landscape.plot.interactive import explorer_html, plane_figure, slider_epochs, write_explorer
 from test_plot import make_line, make_plane

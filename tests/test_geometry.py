@@ -10,6 +10,7 @@ from landscape.models import ModelSpec, build_model
 from landscape.params import Layout
 from landscape.store import TrajectoryWriter, open_trajectory
 from landscape.surface import make_grid
+from landscape.rebuild import rebuild_data, rebuild_model
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 
@@ -37,8 +38,8 @@ def crafted(tmp_path_factory, traj, tiny_config):
     and a file of another architecture."""
     d = tmp_path_factory.mktemp("crafted")
     a, b = _ckpt(traj, "sgd:1").float(), _ckpt(traj, "sgd").float()
-    data = traj.build_data()
-    model = traj.build_model(data)
+    data = rebuild_data(traj)
+    model = rebuild_model(traj, data)
     same = _write_traj(d / "same.h5", tiny_config, model, [a, b, a + 2 * (b - a)])
     other_cfg = tiny_config.replace(model=ModelSpec("cnn1d-bn", {"channels": 4}))
     other_model = build_model(other_cfg.model, data.input_shape, data.num_classes)
@@ -153,9 +154,9 @@ def test_pca_plane_spans_top_components(traj):
 
 def test_hessian_plane_eigenvectors(traj):
     from torch.func import functional_call
-    data = traj.build_data()
+    data = rebuild_data(traj)
     plane = Plane.hessian(traj, "swa/average", data=data, samples=200, iterations=200, tol=1e-7)
-    model = traj.build_model(data).eval()
+    model = rebuild_model(traj, data).eval()
     ck = traj.checkpoint("swa/average")
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(data.x_train), generator=g)[:200]

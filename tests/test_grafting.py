@@ -12,6 +12,7 @@ from landscape.bn import recompute_bn
 from landscape.store import open_trajectory
 from landscape.train import train
 from landscape.train.grafting import lr_factors
+from landscape.rebuild import rebuild_data, rebuild_model
 
 N, EPOCHS, A, C = 3, 3, 0.4, 500.0
 
@@ -97,8 +98,8 @@ def test_every_mix_is_the_entropy_rule_applied_to_the_recorded_entropies(graft_r
 
 def test_grafted_batchnorm_statistics_are_recomputed(graft_run):
     cfg, t = graft_run
-    data = t.build_data()
-    model = t.build_model(data)
+    data = rebuild_data(t)
+    model = rebuild_model(t, data)
     ckpt = t.checkpoint("grafting/net1:2")  # the first graft of net 1
     assert ckpt.metrics["grafted"] == 1
     t.layout.load(model, ckpt.params, torch.zeros_like(ckpt.buffers))

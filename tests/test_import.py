@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from _recording import (DATA, EPOCHS, LR, MODEL, MOMENTUM, WD, assert_same_surface, plane, same_start,
                         schedule, sgd_epoch, trained_by_landscape)
-from cli.main import main
+from landscape.cli.main import main
 from landscape.importer import natural_key
 from landscape.models import ModelSpec, build_model
 from landscape.params import Layout

@@ -128,7 +128,7 @@ def test_crash_in_fit_leaves_only_the_partial_file(pl, tmp_path):
 def test_lightning_checkpoint_files_import_with_weights_only(pl, tmp_path):
     """Lightning's own ModelCheckpoint files (keys `net.*` under "state_dict", epoch, global_step)
     load with weights_only=True and import to the weights the callback recorded."""
-    from cli.main import main
+    from landscape.cli.main import main
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1)
     fit(pl, tmp_path, tmp_path / "recorded.h5", extra_callbacks=[saver])
     assert len(list((tmp_path / "ckpts").glob("*.ckpt"))) == EPOCHS

@@ -14,6 +14,7 @@ from landscape.errors import ConfigError
 from landscape.store import open_trajectory
 from landscape.train import Lookahead, train
 from landscape.train.loop import set_lr, swa_schedule, train_epoch
+from landscape.rebuild import rebuild_data, rebuild_model
 
 K, ALPHA, EPOCHS = 3, 0.5, 4  # 300 samples / batch 32 = 10 steps per epoch: epoch ends fall mid-cycle
 PREFIXES = ("lookahead", "lookahead-adam")
@@ -93,10 +94,10 @@ def _replay(t, cfg, prefix, interrupt_after=None):
     """Train ``prefix`` again from the file's initialization with the library's own pieces, optionally
     stopping after epoch ``interrupt_after``, saving everything to bytes and resuming in new objects.
     Returns (final parameters, final slow weights) as flat numpy vectors."""
-    data = t.build_data()
+    data = rebuild_data(t)
 
     def build(state=None):
-        model = t.build_model(data)
+        model = rebuild_model(t, data)
         row0 = t.checkpoint(f"{prefix}/slow:0")
         t.layout.load(model, row0.params, row0.buffers)
         if prefix == "lookahead":
@@ -197,7 +198,7 @@ def test_bad_options_are_refused(k, alpha, message):
     (["--lookahead-alpha", "1.5"], "--lookahead-alpha must be in (0, 1]"),
 ])
 def test_cli_bad_lookahead_options_give_one_line_and_no_file(tmp_path, args, message, capsys, monkeypatch):
-    from cli.main import main
+    from landscape.cli.main import main
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own
     rc = main(["train", "-o", str(tmp_path / "r.h5"), "--methods", "lookahead", "--dataset", "synthetic",
                "--epochs", "1", "--quiet", *args])

@@ -3,7 +3,7 @@ import sys
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "landscape", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def test_help_lists_commands():

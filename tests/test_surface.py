@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "landscape", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, **kw)
 
 
@@ -155,7 +155,7 @@ def test_cli_plane_export_non_square(tiny_run, tmp_path):
     (["--origin", "sgd", "--random", "--bn", "interpolate"], "interpolate"),
 ])
 def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, args, message):
-    from cli.main import main
+    from landscape.cli.main import main
     assert main(["plane", str(tiny_run), *args, "-o", str(tmp_path / "p.h5"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("landscape: error: ") and err.count("\n") == 1 and message in err
@@ -176,7 +176,7 @@ def test_cli_killed_and_run_again(tiny_run, tmp_path):
     out = tmp_path / "p.h5"
     args = ["plane", tiny_run, *THREE, "-o", out, "--grid", 30, 30, "--points-per-call", 1, "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "landscape", *map(str, args)], cwd=ROOT, env=env,
                             stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "p.h5.partial"
     deadline = time.time() + 120
@@ -212,7 +212,7 @@ def test_torchrun_two_cpu_processes_write_the_single_process_file(tiny_run, tmp_
     single = run_cli(*args, "-o", tmp_path / "single.h5", env=env)
     assert single.returncode == 0, single.stderr
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cli.main", *map(str, args), "-o", str(tmp_path / "dist.h5")]
+           "-m", "landscape", *map(str, args), "-o", str(tmp_path / "dist.h5")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
                             start_new_session=True)  # its own process group, so a hang is cleaned up
     try:

@@ -7,12 +7,13 @@ import h5py
 import numpy as np
 import pytest
 
-from cli.main import main
+from landscape.cli.main import main
 from landscape.geometry import Plane
 from landscape.models import ModelSpec, build_model
 from landscape.params import Layout
 from landscape.store import TrajectoryWriter, open_surface, open_trajectory
 from landscape.surface import compute_surface
+from landscape.rebuild import rebuild_data, rebuild_model
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 
@@ -40,8 +41,8 @@ def crafted(tmp_path_factory, tiny_run, tiny_config):
     d = tmp_path_factory.mktemp("crafted")
     traj = open_trajectory(tiny_run)
     a, b = traj.checkpoint("sgd:1").params, traj.checkpoint("sgd").params
-    data = traj.build_data()
-    same = _write_traj(d / "same.h5", tiny_config, traj.build_model(data), [a, b, a + 2 * (b - a)])
+    data = rebuild_data(traj)
+    same = _write_traj(d / "same.h5", tiny_config, rebuild_model(traj, data), [a, b, a + 2 * (b - a)])
     other_cfg = tiny_config.replace(model=ModelSpec("cnn1d-bn", {"channels": 4}))
     other_model = build_model(other_cfg.model, data.input_shape, data.num_classes)
     other = _write_traj(d / "other.h5", other_cfg, other_model, [Layout.of(other_model).params_to_vector(other_model)])
@@ -69,7 +70,7 @@ def test_defaults_recorded_in_the_file(tiny_run, tmp_path, capsys):
     assert spec["grid"] == {"x": [pytest.approx(-s[0]), pytest.approx(s[0]), 3],
                             "y": [pytest.approx(-s[1]), pytest.approx(s[1]), 2]}
     # the CLI's defaults: 21 x 21 with a 0.2 margin (planes), -0.5 .. 1.5 of the segment with 41 points (lines)
-    from cli.commands import line, plane
+    from landscape.cli.commands import line, plane
     import argparse
     p = argparse.ArgumentParser()
     plane.add_arguments(p)

@@ -16,6 +16,7 @@ import torch
 from landscape.bn import recompute_bn
 from landscape.store import open_trajectory
 from landscape.train import SwapThresholdWarning, train
+from landscape.rebuild import rebuild_data, rebuild_model
 
 ROOT = Path(__file__).resolve().parents[1]
 W = 3
@@ -65,8 +66,8 @@ def test_swap_average_is_the_mean_of_the_recorded_worker_finals_with_batchnorm_r
     np.testing.assert_allclose(avg.params.numpy(), finals.mean(0), rtol=0, atol=1e-6)
     # the average's BatchNorm buffers are neither the workers' nor their mean: they are the training
     # set's statistics under the averaged weights (whole-set mean and unbiased variance)
-    data = t.build_data()
-    model = t.build_model(data)
+    data = rebuild_data(t)
+    model = rebuild_model(t, data)
     t.layout.load(model, avg.params, torch.zeros_like(avg.buffers))
     recompute_bn(model, data.x_train, cfg.eval_batch_size)
     expected = t.layout.buffers_to_vector(model).numpy()
@@ -95,7 +96,7 @@ def test_threshold_never_reached_warns_and_is_recorded(tmp_path, tiny_config):
 
 
 def cli(*args, env=None, launcher=()):
-    return subprocess.run([sys.executable, *launcher, "-m", "cli.main", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, *launcher, "-m", "landscape", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, env=env)
 
 
@@ -105,7 +106,7 @@ TINY_ARGS = ["--model", "cnn1d-bn", "--model-arg", "channels=8", "--dataset", "s
 
 def in_process_cli(capsys, monkeypatch, *args):
     """``landscape ARGS`` in this process: (exit code, stderr)."""
-    from cli.main import main
+    from landscape.cli.main import main
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own
     rc = main([str(a) for a in args])
     return rc, capsys.readouterr().err

@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cli.main import main
+from landscape.cli.main import main
 from landscape.errors import FileFormatError
 from landscape.store import open_trajectory
 from landscape.train import METHODS, train

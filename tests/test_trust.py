@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
+from landscape.cli.main import main
 from landscape.data import DataSpec, load_data
 from landscape.errors import DataError, FileFormatError, ModelError, TrustError
 from landscape.geometry import Plane
@@ -23,6 +23,7 @@ from landscape.models import ModelSpec, build_model
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import compute_surface
 from landscape.trust import RECORDED_IMPORTS, Trust, check_recorded_import
+from landscape.rebuild import rebuild_data, rebuild_model
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 
@@ -166,14 +167,14 @@ def test_python_api_has_the_same_rule(tiny_run, tmp_path, evil):
     crafted = _craft(tiny_run, tmp_path / "crafted.h5", {"model": f"{module}:make"})
     traj = open_trajectory(crafted)
     plane = Plane.through(traj, *THREE)  # geometry reads arrays only
-    for build in (traj.build_model, traj.build_data,
+    for build in (lambda: rebuild_model(traj), lambda: rebuild_data(traj),
                   lambda: compute_surface(traj, plane, (2, 2), quiet=True, points_per_call=4)):
         with pytest.raises(TrustError, match=f"{module}:make"):
             build()
     assert not marker.exists()
     trusted = open_trajectory(crafted, trust_code=True)
-    assert isinstance(trusted.build_model(), torch.nn.Module) and marker.read_text() == "model built"
-    assert open_trajectory(crafted, allow=[module]).build_model() is not None
+    assert isinstance(rebuild_model(trusted), torch.nn.Module) and marker.read_text() == "model built"
+    assert rebuild_model(open_trajectory(crafted, allow=[module])) is not None
 
 
 def test_readers_never_import_what_a_file_names(tiny_run, tmp_path, evil, capsys):
@@ -335,7 +336,7 @@ def test_the_refusal_is_one_line_from_the_installed_command(tiny_run, tmp_path):
     crafted = _craft(tiny_run, tmp_path / "crafted.h5", {"model": f"{name}:make"})
     env = dict(os.environ, EVIL_MARKER=str(tmp_path / "marker"))
     env.pop("LANDSCAPE_TRUST_CODE", None)
-    r = subprocess.run([sys.executable, "-m", "cli.main", "line", str(crafted), "sgd:0", "sgd", "-o", "l.h5"],
+    r = subprocess.run([sys.executable, "-m", "landscape", "line", str(crafted), "sgd:0", "sgd", "-o", "l.h5"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "marker").exists()

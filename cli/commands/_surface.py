@@ -1,13 +1,13 @@
 """What `landscape plane` and `landscape line` share: evaluation options, running, reporting."""
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
 
+from landscape.dist import launch_rank
 from landscape.errors import ConfigError
 from landscape.geometry import checkpoint_file
 from landscape.store import export_loss_landscape
@@ -107,7 +107,7 @@ def run_surface(args, traj, geom, grid) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     seconds = time.perf_counter() - start
-    if surf is None or int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    if surf is None or launch_rank() != 0:  # under torchrun, rank 0 reports
         return 0
     if exported is not None:
         export_loss_landscape(surf, exported, overwrite=args.overwrite, inputs=[traj.path])

@@ -1,7 +1,7 @@
 """Train one or more methods from the same initialization and data order and record every
 checkpoint to an HDF5 trajectory file. Defaults are the measured MNIST-1D recipe. The methods and
 their options are described with their sources in docs/METHODS.md. SWAP runs its workers as real
-processes when launched with torchrun, e.g. `torchrun --nproc_per_node 4 -m cli.main train
+processes when launched with torchrun, e.g. `torchrun --nproc_per_node 4 -m landscape train
 --methods swap` (gloo on CPU, NCCL on GPU; rank 0 writes the file)."""
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def add_arguments(p) -> None:
     g.add_argument("--swap-phase1-epochs", type=int, default=d.swap_phase1_epochs,
                    help="phase-1 epoch cap (a warning if the threshold is not reached)")
     g.add_argument("--swap-phase2-lr", type=float, default=d.swap_phase2_lr,
-                   help="phase-2 learning rate of every worker, decayed linearly to 0")
+                   help="phase-2 learning rate of every worker, decayed linearly toward 0 (epoch e of E at lr (1 - e/E), the last at lr/E)")
     g.add_argument("--swap-phase2-epochs", type=int, default=d.swap_phase2_epochs, help="phase-2 epochs of every worker")
     g = p.add_argument_group("grafting (Meng et al. 2020)")
     g.add_argument("--grafting-nets", type=int, default=d.grafting_nets,

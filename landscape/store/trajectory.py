@@ -404,37 +404,11 @@ class Trajectory:
     def sha256(self) -> str:
         return sha256(self.path)
 
-    # what later commands need to rebuild the model and the data --------------------------------
-    def model_spec(self):
-        from ..models import ModelSpec
-        if "model" not in self.config:
-            raise FileFormatError(f"{self.path} does not record its model; cannot rebuild it")
-        return ModelSpec.from_dict(self.config["model"])
-
-    def data_spec(self):
-        from ..data import DataSpec
-        if "data" not in self.config:
-            raise FileFormatError(f"{self.path} does not record its dataset; cannot rebuild it")
-        return DataSpec.from_dict(self.config["data"])
-
     def check_trusted(self) -> None:
         """Refuse, before anything is rebuilt, import paths the file records that the user has not
-        allowed (:mod:`landscape.trust`); built-in names always pass."""
+        allowed (:mod:`landscape.trust`); built-in names always pass. (Rebuilding is
+        :mod:`landscape.rebuild`'s: the store only reads.)"""
         check_recorded_config(self.config, file=self.path, trust=self.trust)
-
-    def build_data(self, device="cpu"):
-        from ..data import load_data
-        self.check_trusted()
-        return load_data(self.data_spec(), device)
-
-    def build_model(self, data=None, device="cpu"):
-        """The model of this file, on ``device``; its layout is checked against the file's."""
-        from ..models import build_model
-        self.check_trusted()
-        data = data if data is not None else self.build_data()
-        model = build_model(self.model_spec(), data.input_shape, data.num_classes).to(device)
-        self.layout.check_module(model)
-        return model
 
     def info(self) -> dict:
         """Everything ``landscape info`` shows, as plain data."""

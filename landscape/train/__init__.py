@@ -13,12 +13,9 @@ processes; every other method runs on rank 0 alone. Only rank 0 writes the file.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from .. import __version__
@@ -26,6 +23,7 @@ from ..config import TrainConfig
 from ..data import load_data
 from ..errors import ConfigError
 from ..device import resolve_device, seed_everything
+from ..dist import Group
 from ..models import build_model
 from ..params import Layout
 from ..store import TrajectoryWriter
@@ -55,35 +53,6 @@ def register_method(name: str, ticks=lambda c: c.epochs):
     return deco
 
 
-def _join_torchrun(device: torch.device):
-    """(rank, world size, device, whether we created the group) under torchrun; (0, 1, device, False)
-    otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1, device, False
-    import torch.distributed as dist
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    created = False
-    if not dist.is_initialized():
-        # rank 0 alone trains the non-distributed methods while the others wait: allow hours
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=12))
-        created = True
-    return dist.get_rank(), dist.get_world_size(), device, created
-
-
-def _shared(obj, world_size: int):
-    """Rank 0's ``obj`` on every process."""
-    if world_size == 1:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train every method of ``config`` from one initialization into the trajectory file ``out``.
     Interrupted, the methods finished so far and the finished epochs of the one under way stay in
@@ -92,25 +61,16 @@ def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False
     Returns a summary: the path, the seconds taken and each run's final metrics (under torchrun,
     ranks other than 0 return ``{"rank": r}`` only)."""
     config.validate(tuple(METHODS))
-    device = resolve_device(config.device)
-    rank, world_size, device, created = _join_torchrun(device)
-    try:
-        if world_size > 1 and "swap" in config.methods and config.swap_workers % world_size:
+    with Group.join(resolve_device(config.device)) as group:
+        if group.distributed and "swap" in config.methods and config.swap_workers % group.world:
             # checked before any training, so that rank 0 does not train other methods first
             raise ConfigError(f"swap_workers ({config.swap_workers}) must be a multiple of the number of "
-                              f"processes ({world_size})")
-        summary = _train(config, out, overwrite, quiet, device, rank, world_size)
-        if world_size > 1:  # no process tears the group down while another still uses it
-            import torch.distributed as dist
-            dist.barrier()
-        return summary
-    finally:
-        if created:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+                              f"processes ({group.world})")
+        return _train(config, out, overwrite, quiet, group)
 
 
-def _train(config, out, overwrite, quiet, device, rank, world_size) -> dict:
+def _train(config, out, overwrite, quiet, group: Group) -> dict:
+    device, rank, world_size = group.device, group.rank, group.world
     data = load_data(config.data, device)  # bad data fails before any file is created
     seed_everything(config.seed)
     init_model = build_model(config.model, data.input_shape, data.num_classes).to(device)
@@ -124,11 +84,11 @@ def _train(config, out, overwrite, quiet, device, rank, world_size) -> dict:
     opened = (TrajectoryWriter(out, file_config, layout, overwrite=overwrite, resume=True) if writing
               else contextlib.nullcontext())
     with opened as writer:
-        finished = _shared(list(writer.finished) if writing else None, world_size)
+        finished = group.objects(list(writer.finished) if writing else None)
         methods = [m for m in config.methods if writing or m in DISTRIBUTED_METHODS]
         total = sum(METHODS[m][1](config) for m in methods)
         with tqdm(total=total, desc="train", unit="epoch", disable=quiet or not writing, leave=False) as bar:
-            ctx = Context(config, data, layout, init_model, writer, device, bar if writing else None)
+            ctx = Context(config, data, layout, init_model, writer, device, bar if writing else None, group=group)
             try:
                 for method in methods:
                     if method in finished:  # kept from an interrupted run of the same command

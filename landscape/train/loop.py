@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from ..bn import batch_slices, recompute_bn
 from ..config import TrainConfig
+from ..evaluate import evaluate_model as evaluate  # noqa: F401 (methods use it under this name)
+from ..dist import Group
 from ..data import Data, augment_batch
 from ..params import Layout
 from ..store import TrajectoryWriter
@@ -69,26 +71,6 @@ def train_epoch(model: nn.Module, optimizer, data: Data, batch_size: int, genera
     return total / count
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, data: Data, batch_size: int = 1000) -> dict:
-    """Train and test loss (mean cross-entropy) and error (%) in eval mode, sums in float64."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-        wrong = torch.zeros((), dtype=torch.float64, device=x.device)
-        for sl in batch_slices(len(x), batch_size):
-            logits = model(x[sl])
-            loss_sum += F.cross_entropy(logits, y[sl], reduction="sum").double()
-            wrong += (logits.argmax(1) != y[sl]).sum()
-        out[f"{split}_loss"] = float(loss_sum / len(x))
-        # with a non-finite loss the argmax is meaningless: no error either (as in the evaluator)
-        out[f"{split}_err"] = float(100.0 * wrong / len(x)) if torch.isfinite(loss_sum) else float("nan")
-    model.train(was_training)
-    return out
-
-
 @dataclass
 class Context:
     """What a method needs: configuration, data, the shared initialization, the file, progress."""
@@ -100,6 +82,11 @@ class Context:
     device: torch.device
     progress: tqdm = None
     last_epoch_done: tuple = None  # (key, epoch) of the last epoch_done
+    group: Group = None  # the torchrun processes (SWAP's workers); one process when None
+
+    def __post_init__(self):
+        if self.group is None:
+            self.group = Group.single(self.device)
 
     def fresh_model(self) -> nn.Module:
         """A copy of the shared initialization."""

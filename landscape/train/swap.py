@@ -5,8 +5,8 @@ Phase 1: W workers train one model synchronously with a large batch (W x batch_s
 computing the gradient of its W-th of it, summed by an all-reduce) until the *training* accuracy
 reaches ``swap_threshold`` (or ``swap_phase1_epochs`` pass: then a :class:`SwapThresholdWarning`).
 Phase 2: every worker continues from there on its own, with batch_size, a fresh momentum buffer, its
-own data order and seed, for ``swap_phase2_epochs`` with the learning rate decaying linearly from
-``swap_phase2_lr`` to 0. Phase 3: the average of the W final weights, BatchNorm statistics
+own data order and seed, for ``swap_phase2_epochs`` = E epochs with the learning rate decaying linearly
+from ``swap_phase2_lr`` toward 0 (epoch e at lr (1 - e/E), the last at lr/E). Phase 3: the average of the W final weights, BatchNorm statistics
 recomputed on the training set (every sample weighted equally).
 
 Two ways to run, which record the same weights up to floating-point rounding:
@@ -28,11 +28,11 @@ import copy
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..bn import batch_slices
 from ..data import augment_batch
+from ..dist import Group
 from ..errors import ConfigError
 from .loop import Context, evaluate, set_lr, train_epoch
 
@@ -42,13 +42,6 @@ METRIC_KEYS = ("train_loss", "train_err", "test_loss", "test_err")
 
 class SwapThresholdWarning(UserWarning):
     """Phase 1 of SWAP hit its epoch cap before the training accuracy reached the threshold."""
-
-
-def world() -> tuple:
-    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def worker_seed(config, i: int) -> int:
@@ -65,12 +58,14 @@ def large_batches(n: int, size: int, workers: int) -> list:
 
 
 def phase1_epoch(model, optimizer, data, workers: int, batch_size: int, generator: torch.Generator,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 group: Group | None = None) -> None:
     """One synchronous large-batch epoch: batches of ``workers * batch_size`` in the order drawn from
     ``generator``; shard j of a batch (``torch.tensor_split``) is worker j's. This process computes
     the shards rank, rank + world_size, ...; the summed gradient is sum_j sum_{x in shard j} grad
     loss(x) / |batch|, the gradient of the whole batch's mean loss. BatchNorm buffers keep the update
     of this process's first shard only (worker ``rank``), as on separate devices."""
+    group = group or Group.single(data.x_train.device)
+    rank, world_size = group.rank, group.world
     model.train()
     order = torch.randperm(len(data.x_train), generator=generator).to(data.x_train.device)
     params = list(model.parameters())
@@ -89,20 +84,12 @@ def phase1_epoch(model, optimizer, data, workers: int, batch_size: int, generato
                 with torch.no_grad():
                     for b, s in zip(model.buffers(), saved):
                         b.copy_(s)
-        if world_size > 1:
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if group.distributed:
+            flat = group.sum(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                        for p in params]))
             for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
                 p.grad = g.view_as(p).clone()
         optimizer.step()
-
-
-def gather_to_writer(tensor: torch.Tensor, device, rank: int, world_size: int):
-    """Rank 0 gets every rank's ``tensor`` (as CPU tensors, in rank order); other ranks get None."""
-    t = tensor.to(device)
-    out = [torch.empty_like(t) for _ in range(world_size)] if rank == 0 else None
-    dist.gather(t, out, dst=0)
-    return [o.cpu() for o in out] if rank == 0 else None
 
 
 def _append(ctx: Context, run: str, vec: torch.Tensor, meta: torch.Tensor, **extra) -> None:
@@ -150,7 +137,8 @@ def train_worker(ctx: Context, start, i: int, step0: int, epoch0: float) -> tupl
 
 def run_swap(ctx: Context) -> None:
     cfg = ctx.config
-    rank, world_size = world()
+    group = ctx.group
+    rank, world_size = group.rank, group.world
     W = cfg.swap_workers
     if W % world_size:
         raise ConfigError(f"swap_workers ({W}) must be a multiple of the number of processes ({world_size})")
@@ -174,7 +162,7 @@ def run_swap(ctx: Context) -> None:
     if writer and phase1["epochs"] == 0:
         ctx.record("swap/phase1", model, 0.0, 0)
     while not phase1["reached"] and phase1["epochs"] < cfg.swap_phase1_epochs:
-        phase1_epoch(model, opt, ctx.data, W, cfg.batch_size, gen, rank, world_size)
+        phase1_epoch(model, opt, ctx.data, W, cfg.batch_size, gen, group)
         phase1["epochs"] += 1
         flag = torch.zeros(2, dtype=torch.float64)
         if writer:
@@ -182,10 +170,7 @@ def run_swap(ctx: Context) -> None:
             flag[0] = 100.0 - m["train_err"]
             flag[1] = float(flag[0] >= cfg.swap_threshold)
         ctx.tick()
-        if world_size > 1:
-            flag = flag.to(device)
-            dist.broadcast(flag, 0)  # every rank stops with rank 0
-            flag = flag.cpu()
+        flag = group.tensor(flag).cpu()  # every rank stops with rank 0
         phase1.update(acc=float(flag[0]), reached=bool(flag[1]))
         if resumable:
             ctx.epoch_done("swap/phase1", phase1["epochs"], **state)
@@ -204,10 +189,10 @@ def run_swap(ctx: Context) -> None:
         ctx.writer.set_attrs("swap/phase1", warning=message)
 
     # every worker starts from rank 0's weights and BatchNorm buffers
-    if world_size > 1:
+    if group.distributed:
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t.data, 0)
+                t.data.copy_(group.tensor(t.data))
 
     # -- phase 2: every worker on its own; rank r trains workers r, r + R, ...
     step0 = epochs1 * per_big
@@ -219,18 +204,14 @@ def run_swap(ctx: Context) -> None:
         i = first + rank
         vecs, metas, final = train_worker(ctx, model, i, step0, float(epochs1))
         total += ctx.layout.params_to_vector(final).double()
-        if world_size > 1:
-            gathered_v = gather_to_writer(vecs, device, rank, world_size)
-            gathered_m = gather_to_writer(metas, device, rank, world_size)
-        else:
-            gathered_v, gathered_m = [vecs], [metas]
+        gathered_v, gathered_m = group.gather_list(vecs), group.gather_list(metas)
         if writer:
             for r in range(world_size):
                 run = f"swap/worker{first + r}"
                 for v, m in zip(gathered_v[r], gathered_m[r]):
                     _append(ctx, run, v, m)
                 ctx.writer.set_attrs(run, worker=first + r, seed=worker_seed(cfg, first + r),
-                                     lr=cfg.swap_phase2_lr, schedule="linear to 0", epochs=cfg.swap_phase2_epochs,
+                                     lr=cfg.swap_phase2_lr, schedule="linear toward 0, last epoch at lr/E", epochs=cfg.swap_phase2_epochs,
                                      batch_size=cfg.batch_size)
                 if r != 0 and ctx.progress is not None:
                     ctx.progress.update(cfg.swap_phase2_epochs)
@@ -238,8 +219,7 @@ def run_swap(ctx: Context) -> None:
             ctx.epoch_done("swap/phase2", first + 1)  # "epochs" of phase 2: finished workers
 
     # -- phase 3: the average of the workers, BatchNorm recomputed
-    if world_size > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    group.sum(total)
     average = copy.deepcopy(model)
     ctx.layout.vector_to_params((total / W).float(), average)
     if writer:
