@@ -1,6 +1,6 @@
 """Run configuration: one frozen dataclass whose defaults are the CLI's defaults.
 
-The default is the measured MNIST-1D recipe (docs/RECIPES in the README): cnn1d, momentum SGD,
+The default is the measured MNIST-1D recipe (README, "The default recipe"): cnn1d, momentum SGD,
 lr 0.1, batch 64, weight decay 5e-4, 150 epochs; SWA from epoch 100 at a constant lr 0.1. The
 options of SWAP, Lookahead and Filter Grafting are documented with their sources in docs/METHODS.md.
 """
@@ -48,7 +48,7 @@ class TrainConfig:
     swap_phase1_lr: float = 0.3       # phase-1 (large-batch) learning rate, constant
     swap_threshold: float = 99.0      # phase 1 stops once training accuracy (%) reaches this
     swap_phase1_epochs: int = 50      # phase-1 cap (a warning when the threshold is not reached)
-    swap_phase2_lr: float = 0.12      # phase-2 learning rate of every worker, decayed linearly to 0
+    swap_phase2_lr: float = 0.12      # phase-2 learning rate of every worker: epoch e of E at lr (1 - e/E), the last at lr/E
     swap_phase2_epochs: int = 25      # phase-2 epochs of every worker
     # grafting, Meng et al. 2020; budget: epochs
     grafting_nets: int = 2            # N networks in a ring; net i receives from net i-1

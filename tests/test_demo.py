@@ -17,7 +17,7 @@ FIGURES = ("plane-swa-landscape", "plane-swa-offset", "plane-methods-landscape",
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from cli.main import main
+    from landscape.cli.main import main
     out = tmp_path_factory.mktemp("demo") / "out"
     assert main(["demo", "--quick", "--quiet", "-o", str(out)]) == 0
     return out
@@ -33,7 +33,11 @@ def test_demo_writes_every_figure_and_the_explorer(demo):
     html = (demo / "explore.html").read_text()
     assert "plotly" in html and "<script" in html
     numbers = json.loads((demo / "figures" / "numbers.json").read_text())
-    assert numbers  # offsets and edge-vs-center distances
+    # an offset for each of the three planes, edge-vs-center distances for the line's two solutions
+    assert len(numbers["offset"]) == 3 and all(o["length"] >= 0 and len(o["vector"]) == 2
+                                               for o in numbers["offset"].values())
+    (line,) = numbers["edge_center"].values()
+    assert {name.split(":")[0] for name in line} == {"sgd", "swa/average"}
     assert set(summary["seconds"]) == {"train", "surfaces", "figures"}
     # the three claims are checked against the run's numbers (on this tiny run they need not hold)
     assert [type(c["holds"]) for c in summary["claims"]] == [bool] * 3
@@ -64,7 +68,7 @@ def test_demo_surfaces_belong_to_the_trajectory_and_are_complete(demo):
 
 
 def test_demo_rerun_reuses_finished_work(demo, capsys):
-    from cli.main import main
+    from landscape.cli.main import main
     before = {p.name: sha256(p) for p in demo.glob("*.h5")}
     assert main(["demo", "--quick", "-o", str(demo)]) == 0
     err = capsys.readouterr().err
@@ -75,7 +79,7 @@ def test_demo_rerun_reuses_finished_work(demo, capsys):
 def test_demo_refuses_a_missing_device_even_when_all_is_reused(demo, capsys):
     import torch
 
-    from cli.main import main
+    from landscape.cli.main import main
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert main(["demo", "--quick", "-o", str(demo), "--device", "cuda"]) == 2

@@ -15,10 +15,11 @@ from landscape.models import ModelSpec, build_model
 from landscape.params import Layout
 from landscape.store import TrajectoryWriter, open_trajectory
 from landscape.train import train
+from landscape.rebuild import rebuild_data, rebuild_model
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "landscape", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 # -- layout and files --------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def test_incomplete_file_is_refused(tmp_path):
     (lambda f: f["layout"].attrs.__delitem__("params"), "params"),
 ])
 def test_damaged_file_is_refused_in_one_line(tiny_run, tmp_path, damage, message, capsys):
-    from cli.main import main
+    from landscape.cli.main import main
     path = tmp_path / "damaged.h5"
     path.write_bytes(tiny_run.read_bytes())
     with h5py.File(path, "r+") as f:
@@ -143,8 +144,8 @@ def test_swa_average_is_the_mean_of_the_recorded_iterates(tiny_run):
 
 def test_swa_average_batchnorm_is_recomputed_on_the_training_set(tiny_run):
     t = open_trajectory(tiny_run)
-    data = t.build_data()
-    model = t.build_model(data)
+    data = rebuild_data(t)
+    model = rebuild_model(t, data)
     ckpt = t.checkpoint("swa/average")
     t.layout.load(model, ckpt.params, torch.zeros_like(ckpt.buffers))
     recompute_bn(model, data.x_train, t.config["eval_batch_size"])
@@ -235,8 +236,17 @@ def test_cifar10_pickle_that_runs_code_is_refused(tmp_path):
 def test_augmentation_crops_and_flips_images():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
     from landscape.data import augment_batch
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     out = augment_batch(x, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape and not torch.equal(out, x)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    seen = set()
+    for i in range(len(x)):  # every image is a 32 x 32 window of the 4-padded input, maybe mirrored
+        matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                   if torch.equal(out[i], (lambda w: w.flip(-1) if flip else w)(padded[i, :, dy:dy + 32, dx:dx + 32]))]
+        assert matches, f"image {i} is not a crop of its padded input"
+        seen.update(matches[:1])
+    assert {f for _, _, f in seen} == {False, True} and len({(dy, dx) for dy, dx, _ in seen}) > 20
 
 
 def test_npz_and_synthetic_and_mnist1d(tmp_path):

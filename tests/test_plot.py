@@ -16,7 +16,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from cli.main import main  # noqa: E402
+from landscape.cli.main import main  # noqa: E402
 from landscape.errors import ConfigError, FileFormatError  # noqa: E402
 from landscape.params import Layout  # noqa: E402
 from landscape.plot import analysis, figures, static  # noqa: E402
@@ -350,6 +350,9 @@ def test_figures_of_real_planes_lines_and_rays(tiny_run, tmp_path):
     sgd, swa = (f"sgd:{traj.num_checkpoints('sgd') - 1}", f"swa/average:{traj.num_checkpoints('swa/average') - 1}")
     assert set(ec) == {sgd, swa}
     assert len(ec[swa]["rise"]["0.05"]["rays"]["distances"]) == 2
-    assert res.numbers["offset"][str(plane.path)]["length"] >= 0
+    off = res.numbers["offset"][str(plane.path)]
+    assert off["length"] == pytest.approx(float(np.hypot(*np.subtract(off["test_min"], off["train_min"]))))
+    for end in ("train_min", "test_min"):  # both minima lie on the plane's grid
+        assert plane.x[0] <= off[end][0] <= plane.x[-1] and plane.y[0] <= off[end][1] <= plane.y[-1]
     page = write_explorer([plane.path, line.path, rays.path], tmp_path / "e.html")
     assert page.read_text().count("<section") == 3

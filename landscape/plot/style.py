@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import zlib
 from dataclasses import dataclass
 
 import matplotlib
@@ -96,7 +97,14 @@ def role(name: str) -> Role:
         if m.group(1) == "net":
             return Role(f"Grafting net {i}", shades[i % len(shades)], "P", 8, 9 + i)
         return Role(f"Grafting baseline {i}", shades[i % len(shades)], "x", 7, 30 + i)
-    return Role(run, "#777777", "X", 7, 99)
+    # any other name (a user's run, a checkpoint named in a notebook): a marker and a shade of its own,
+    # the same for the same name in every figure
+    h = zlib.crc32(run.encode())
+    return Role(run, OTHER_SHADES[h % len(OTHER_SHADES)], OTHER_MARKERS[(h // 7) % len(OTHER_MARKERS)], 8, 99)
+
+
+OTHER_SHADES = ("#777777", "#332288", "#117733", "#AA4499", "#44AA99", "#999933")  # Paul Tol's muted
+OTHER_MARKERS = ("X", "h", "d", "p", "<", ">")
 
 
 def metric_label(metric: str) -> str:
