@@ -28,7 +28,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_ratio: float = 0.01            # sgd: final lr = lr_ratio * lr (SWA paper's schedule, t = epoch/epochs)
-    swa_start: int = 100              # swa: first epoch that is averaged (schedule t = epoch/swa_start)
+    swa_start: int | None = None      # swa: first averaged epoch (schedule t = epoch/swa_start); None: 2/3 of epochs
     swa_lr: float = 0.1               # swa: learning rate from 0.9 * swa_start on
     swa_c: int = 1                    # swa: average every c epochs
     seed: int = 0
@@ -56,6 +56,10 @@ class TrainConfig:
     grafting_a: float = 0.4           # A of w = A/pi arctan(c (H_own - H_other)) + 0.5
     grafting_c: float = 500.0         # c of the same rule
     grafting_baseline: bool = True    # also train the same nets without grafting (grafting/baseline<i>)
+
+    def __post_init__(self):
+        if self.swa_start is None:  # the library's default is the command line's: 2/3 of the budget (100 of 150)
+            object.__setattr__(self, "swa_start", max(1, round(self.epochs * 2 / 3)))
 
     def to_dict(self) -> dict:
         d = asdict(self)

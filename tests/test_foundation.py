@@ -332,3 +332,16 @@ def test_swa_start_follows_the_epoch_budget_and_divergence_is_reported(tmp_path)
     r = cli(*base, "--methods", "sgd", "--epochs", "2", "--lr", "1e6", "-o", tmp_path / "b.h5")
     assert r.returncode == 0 and "training diverged" in r.stderr and "in sgd" in r.stderr, r.stderr
     assert np.isnan(open_trajectory(tmp_path / "b.h5").run("sgd").metrics["test_err"][-1])
+
+
+def test_library_and_command_line_defaults_agree():
+    """TrainConfig(epochs=20) is what `landscape train --epochs 20` trains (SWA from 2/3 of the budget)."""
+    import argparse
+
+    from landscape.cli.commands import train as train_command
+    from landscape.config import TrainConfig
+    p = argparse.ArgumentParser()
+    train_command.add_arguments(p)
+    from_cli = train_command.config_from_args(p.parse_args(["--epochs", "20"]))
+    assert TrainConfig(epochs=20).validate() == from_cli
+    assert TrainConfig().swa_start == 100 and TrainConfig(epochs=20).swa_start == 13

@@ -92,7 +92,7 @@ def config_from_args(args) -> TrainConfig:
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, lr_ratio=args.lr_ratio,
-        swa_start=args.swa_start if args.swa_start is not None else max(1, round(args.epochs * 2 / 3)),
+        swa_start=args.swa_start,  # None: the library's default, 2/3 of --epochs
         swa_lr=args.swa_lr, swa_c=args.swa_c, seed=args.seed, device=args.device,
         checkpoint_every=args.checkpoint_every,
         lookahead_k=args.lookahead_k, lookahead_alpha=args.lookahead_alpha,
