@@ -58,7 +58,7 @@ from landscape.models import ModelSpec  # noqa: E402
 from landscape.store import open_trajectory  # noqa: E402
 import landscape.surface as surface_module  # noqa: E402
 from landscape.surface import compute_surface  # noqa: E402
-from landscape.rebuild import rebuild_data, rebuild_model
+from landscape.rebuild import rebuild_data, rebuild_model  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")

@@ -54,7 +54,7 @@ def train_epoch(model: nn.Module, optimizer, data: Data, batch_size: int, genera
     ``on_step(step_in_epoch)`` is called after every optimizer step."""
     model.train()
     order = torch.randperm(len(data.x_train), generator=generator).to(data.x_train.device)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=data.x_train.device), 0
     for i, sl in enumerate(batch_slices(len(order), batch_size)):
         idx = order[sl]
         x, y = data.x_train[idx], data.y_train[idx]
@@ -64,11 +64,11 @@ def train_epoch(model: nn.Module, optimizer, data: Data, batch_size: int, genera
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx)
+        total += loss.detach().double() * len(idx)  # no host synchronization per step
         count += len(idx)
         if on_step is not None:
             on_step(i + 1)
-    return total / count
+    return float(total / count)
 
 
 @dataclass
