@@ -115,7 +115,6 @@ def run_workload(name, model, data, device, shape, ref_points, plane_51, mm):
     layout = Layout.of(model)
     a, b, c = short_runs(model, data, device, epochs=1)
     plane = Plane.through(a, b, c, names=("init", "run1", "run2")).to(device)
-    grid = plane.default_grid(shape)
     images = 2 * len(data.x_train) + len(data.x_test)
     flops = flops_per_sample(model.cpu(), Data(data.x_train[:100].cpu(), data.y_train[:100].cpu(),
                                                data.x_test[:10].cpu(), data.y_test[:10].cpu(), 10)) * images

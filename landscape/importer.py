@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .data import load_data
-from .errors import CheckpointError, FileFormatError, ModelError
+from .errors import CheckpointError, FileFormatError
 from .models import build_model
 from .params import Layout, match_state_dict
 from .recorder import check_run_name, data_spec, model_spec

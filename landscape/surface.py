@@ -208,6 +208,10 @@ class _PointEvaluator:
         if self.pool is not None:
             self.pool.shutdown()
 
+    @property
+    def metrics(self) -> tuple:
+        return self.evaluators[0].metrics
+
     def with_basis(self, origin, vecs, grid) -> None:
         """Evaluate on exactly these vectors and this grid (those of a file being resumed)."""
         self.geom, self.grid = self.geom.with_basis(origin, vecs).to(self.device), grid
@@ -237,7 +241,7 @@ def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, qui
     being resumed keeps the K it started with), else measures it on the first points. The one handler
     of interruptions: what was computed is written, and the writer is suspended."""
     grid, done = ranks.objects((writer.grid(), writer.done) if ranks.rank == 0 else None)
-    total, metrics = done.size, writer.metrics
+    total, metrics = done.size, points_of.metrics
     todo = np.flatnonzero(~done.reshape(-1))
     bar = tqdm(total=len(todo), disable=quiet or ranks.rank != 0, unit="pt", leave=False,
                desc=f"{points_of.geom.kind} {'x'.join(map(str, done.shape))}")
@@ -299,22 +303,22 @@ def _rounds(points_of, todo, k, ranks, keep, flush, write_every) -> None:
     step = k * points_of.workers
     chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
     rounds = math.ceil(len(chunks) / ranks.world)
-    metrics_count = len(points_of.evaluators[0].metrics)
+    metrics = points_of.metrics
     last_write = time.perf_counter()
     for r in range(rounds):
         c = r * ranks.world + ranks.rank
         mine = chunks[c] if c < len(chunks) else np.zeros(0, np.int64)
-        rows = torch.full((step, 1 + metrics_count), -1.0, dtype=torch.float64)
+        rows = torch.full((step, 1 + len(metrics)), -1.0, dtype=torch.float64)
         if len(mine):
             vals = points_of(mine, k)
             rows[:len(mine), 0] = torch.from_numpy(mine.astype(np.float64))
-            rows[:len(mine), 1:] = torch.from_numpy(np.stack([vals[m] for m in points_of.evaluators[0].metrics], 1))
+            rows[:len(mine), 1:] = torch.from_numpy(np.stack([vals[m] for m in metrics], 1))
         rows = ranks.gather(rows.to(points_of.device if ranks.distributed else "cpu"))
         if ranks.rank != 0:
             continue
         rows = rows.cpu().numpy()
         rows = rows[rows[:, 0] >= 0]
-        keep(rows[:, 0].astype(np.int64), {m: rows[:, 1 + i] for i, m in enumerate(points_of.evaluators[0].metrics)})
+        keep(rows[:, 0].astype(np.int64), {m: rows[:, 1 + i] for i, m in enumerate(metrics)})
         if time.perf_counter() - last_write >= write_every:
             flush()
             last_write = time.perf_counter()

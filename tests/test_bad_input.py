@@ -18,6 +18,8 @@ from landscape.geometry import Plane
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import MAX_POINTS, compute_surface
 
+from _cli import nothing_left, one_line_error
+
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
 
@@ -40,21 +42,6 @@ def surfaces(tmp_path_factory, tiny_run):
     line = d / "line.h5"
     assert main(["line", str(tiny_run), "sgd", "swa/average", "--points", "3", "-o", str(line), "--quiet"]) == 0
     return plane, line
-
-
-def _error(capsys, argv, *words):
-    """Exit status 2 and exactly one stderr line, `landscape: error: ...`, holding every word."""
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("landscape: error: ") and err.count("\n") == 1, err
-    assert all(w in err for w in words), err
-    assert "Errno" not in err and "errno" not in err, err
-    return err
-
-
-def _nothing_left(folder: Path, before: set) -> None:
-    assert set(folder.iterdir()) == before, set(folder.iterdir()) ^ before
-    assert not list(folder.glob("**/*.partial")) and not list(folder.glob("**/*.probe"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +104,8 @@ def test_surface_options_are_one_line_errors(tiny_run, tmp_path, capsys, monkeyp
         argv += ["-o", tmp_path / "out.h5"]
     sha = open_trajectory(tiny_run).sha256()
     before = set(tmp_path.iterdir())
-    _error(capsys, argv + ["--quiet"], *words)
-    _nothing_left(tmp_path, before)
+    one_line_error(capsys, argv + ["--quiet"], *words)
+    nothing_left(tmp_path, before)
     assert open_trajectory(tiny_run).sha256() == sha
 
 
@@ -162,12 +149,12 @@ def test_unwritable_outputs_are_refused_before_work(tiny_run, surfaces, tmp_path
     monkeypatch.setattr(landscape.surface, "_fill", lambda *a, **k: pytest.fail("computed despite bad output"))
     monkeypatch.setattr(landscape.cli.commands.demo, "run_demo", lambda *a, **k: pytest.fail("demo ran despite bad output"))
     argv = [a.format(run=tiny_run, tmp=tmp_path, plane=surfaces[0]) for a in args]
-    _error(capsys, argv, *words)
+    one_line_error(capsys, argv, *words)
     assert not list(tmp_path.iterdir())
 
 
 def test_misleading_messages(tiny_run, tmp_path, capsys):
-    _error(capsys, ["info", tmp_path], "is a directory")
+    one_line_error(capsys, ["info", tmp_path], "is a directory")
     text = tmp_path / "notnpz.npz"
     text.write_text("x_train,y_train\n1,2\n")
     np.save(tmp_path / "one.npy", np.zeros(3))
@@ -194,7 +181,7 @@ def test_misleading_messages(tiny_run, tmp_path, capsys):
 ])
 def test_plot_bounds_leave_no_figures(surfaces, tmp_path, capsys, extra, words):
     out = tmp_path / "figs"
-    _error(capsys, ["plot", surfaces[0], "-o", out, *extra], *words)
+    one_line_error(capsys, ["plot", surfaces[0], "-o", out, *extra], *words)
     assert not out.exists()
 
 
@@ -225,14 +212,14 @@ def test_plot_does_not_replace_its_input(surfaces, tmp_path, capsys):
     named = out / "numbers.json"  # a surface file that happens to have the name of the numbers file
     shutil.copy(surfaces[0], named)
     data = named.read_bytes()
-    _error(capsys, ["plot", named, "-o", out], "would replace the input")
+    one_line_error(capsys, ["plot", named, "-o", out], "would replace the input")
     assert named.read_bytes() == data and [p.name for p in out.iterdir()] == ["numbers.json"]
 
 
 def test_explore_and_import_do_not_replace_their_input(surfaces, tiny_run, tmp_path, capsys):
     plane = tmp_path / "plane.h5"
     shutil.copy(surfaces[0], plane)
-    _error(capsys, ["explore", plane, "-o", plane, "--overwrite"], "is the input")
+    one_line_error(capsys, ["explore", plane, "-o", plane, "--overwrite"], "is the input")
     assert open_surface(plane).done.all()
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
@@ -241,7 +228,7 @@ def test_explore_and_import_do_not_replace_their_input(surfaces, tiny_run, tmp_p
         torch.save({"w": traj.checkpoint(f"sgd:{i}").params[:3].clone()}, ckpts / f"epoch{i}.pt")
     data = (ckpts / "epoch1.pt").read_bytes()
     for out in (ckpts / "epoch1.pt", ckpts):
-        _error(capsys, ["import", ckpts, "--model", "mlp", "--dataset", "synthetic", "-o", out, "--overwrite",
+        one_line_error(capsys, ["import", ckpts, "--model", "mlp", "--dataset", "synthetic", "-o", out, "--overwrite",
                         "--quiet"], "is the input")
     assert (ckpts / "epoch1.pt").read_bytes() == data and len(list(ckpts.iterdir())) == 2
 

@@ -1,7 +1,5 @@
 """Foundation: layout, trajectory files, SGD/SWA training, BatchNorm recompute, datasets, bad input."""
 import pickle
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -14,12 +12,10 @@ from landscape.errors import CheckpointError, DataError, FileFormatError, ModelE
 from landscape.models import ModelSpec, build_model
 from landscape.params import Layout
 from landscape.store import TrajectoryWriter, open_trajectory
-from landscape.train import train
 from landscape.rebuild import rebuild_data, rebuild_model
+from landscape.train import train
 
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "landscape", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+from _cli import run_cli
 
 
 # -- layout and files --------------------------------------------------------------------------
@@ -190,7 +186,7 @@ def test_checkpoint_every_n_steps(tmp_path, tiny_config):
 @pytest.mark.slow
 def test_default_recipe_reaches_93_percent(tmp_path):
     """The README's claim: cnn1d on MNIST-1D with SGD reaches >= 93 % test accuracy."""
-    r = cli("train", "--methods", "sgd", "-o", tmp_path / "r.h5", "--quiet", "--json")
+    r = run_cli("train", "--methods", "sgd", "-o", tmp_path / "r.h5", "--quiet", "--json")
     assert r.returncode == 0, r.stderr
     t = open_trajectory(tmp_path / "r.h5")
     assert t.run("sgd").metrics["test_err"][-1] <= 7.0
@@ -276,7 +272,7 @@ def test_npz_and_synthetic_and_mnist1d(tmp_path):
 ])
 def test_bad_input_gives_one_line(tmp_path, args, message):
     out = tmp_path / "r.h5"
-    r = cli("train", "-o", out, "--epochs", "1", "--swa-start", "1", "--quiet", *args)
+    r = run_cli("train", "-o", out, "--epochs", "1", "--swa-start", "1", "--quiet", *args)
     assert r.returncode == 2
     assert r.stderr.startswith("landscape: error:") and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -286,7 +282,7 @@ def test_bad_input_gives_one_line(tmp_path, args, message):
 def test_malformed_cifar_directory(tmp_path):
     folder = _write_cifar(tmp_path / "cifar-10-batches-py")
     (folder / "data_batch_3").write_bytes(b"not a pickle")
-    r = cli("train", "-o", tmp_path / "r.h5", "--dataset", "cifar10", "--data-option", f"root={tmp_path}")
+    r = run_cli("train", "-o", tmp_path / "r.h5", "--dataset", "cifar10", "--data-option", f"root={tmp_path}")
     assert r.returncode == 2 and "data_batch_3 is not a CIFAR-10 batch file" in r.stderr
     assert not (tmp_path / "r.h5").exists()
 
@@ -295,12 +291,12 @@ def test_existing_output_and_unwritable_output(tmp_path):
     out = tmp_path / "r.h5"
     out.write_bytes(b"precious")
     base = ["train", "--dataset", "synthetic", "--epochs", "1", "--methods", "sgd", "--quiet"]
-    r = cli(*base, "-o", out)
+    r = run_cli(*base, "-o", out)
     assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
     assert out.read_bytes() == b"precious"
-    r = cli(*base, "-o", tmp_path / "missing" / "r.h5")
+    r = run_cli(*base, "-o", tmp_path / "missing" / "r.h5")
     assert r.returncode == 2 and "does not exist" in r.stderr
-    r = cli(*base, "-o", out, "--overwrite")
+    r = run_cli(*base, "-o", out, "--overwrite")
     assert r.returncode == 0, r.stderr
     with h5py.File(out, "r") as f:
         assert f.attrs["complete"]
@@ -317,19 +313,19 @@ def wrong_head(input_shape, num_classes):
 
 def test_info_json(tiny_run):
     import json
-    r = cli("info", tiny_run, "--json")
+    r = run_cli("info", tiny_run, "--json")
     info = json.loads(r.stdout)
     assert info["runs"]["swa/average"]["checkpoints"] == 4
-    r = cli("info", tiny_run.parent / "nope.h5")
+    r = run_cli("info", tiny_run.parent / "nope.h5")
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
 def test_swa_start_follows_the_epoch_budget_and_divergence_is_reported(tmp_path):
     base = ["train", "--dataset", "synthetic", "--model", "mlp", "--quiet"]
-    r = cli(*base, "--epochs", "6", "-o", tmp_path / "a.h5")  # swa and its start from --epochs alone
+    r = run_cli(*base, "--epochs", "6", "-o", tmp_path / "a.h5")  # swa and its start from --epochs alone
     assert r.returncode == 0, r.stderr
     assert open_trajectory(tmp_path / "a.h5").config["swa_start"] == 4
-    r = cli(*base, "--methods", "sgd", "--epochs", "2", "--lr", "1e6", "-o", tmp_path / "b.h5")
+    r = run_cli(*base, "--methods", "sgd", "--epochs", "2", "--lr", "1e6", "-o", tmp_path / "b.h5")
     assert r.returncode == 0 and "training diverged" in r.stderr and "in sgd" in r.stderr, r.stderr
     assert np.isnan(open_trajectory(tmp_path / "b.h5").run("sgd").metrics["test_err"][-1])
 

@@ -1,9 +1,4 @@
-import subprocess
-import sys
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "landscape", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+from _cli import run_cli
 
 
 def test_help_lists_commands():

@@ -16,13 +16,12 @@ from landscape.geometry import Line, Plane
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import compute_surface
 
+from _cli import run_cli
+
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "landscape", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, **kw)
 
 
 @pytest.fixture(scope="module")

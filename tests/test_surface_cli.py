@@ -15,6 +15,8 @@ from landscape.store import TrajectoryWriter, open_surface, open_trajectory
 from landscape.surface import compute_surface
 from landscape.rebuild import rebuild_data, rebuild_model
 
+from _cli import one_line_error
+
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 
 
@@ -47,14 +49,6 @@ def crafted(tmp_path_factory, tiny_run, tiny_config):
     other_model = build_model(other_cfg.model, data.input_shape, data.num_classes)
     other = _write_traj(d / "other.h5", other_cfg, other_model, [Layout.of(other_model).params_to_vector(other_model)])
     return same, other
-
-
-def _error(capsys, argv, message):
-    """The command fails with exit status 2 and exactly one stderr line naming ``message``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("landscape: error: ") and err.count("\n") == 1 and message in err, err
-    return err
 
 
 def test_defaults_recorded_in_the_file(tiny_run, tmp_path, capsys):
@@ -98,8 +92,8 @@ def test_different_spec_on_unfinished_work_is_refused(tiny_run, tmp_path, capsys
     partial = tmp_path / "p.h5.partial"
     before = partial.read_bytes()
     argv = ["plane", str(tiny_run), *THREE, "--grid", "3", "3", "-o", str(out), "--quiet"]
-    _error(capsys, argv + ["--bn", "stored"], "different spec")
-    _error(capsys, ["plane", str(tiny_run), *THREE, "--grid", "3", "4", "-o", str(out), "--quiet"], "different spec")
+    one_line_error(capsys, argv + ["--bn", "stored"], "different spec")
+    one_line_error(capsys, ["plane", str(tiny_run), *THREE, "--grid", "3", "4", "-o", str(out), "--quiet"], "different spec")
     assert partial.read_bytes() == before and not out.exists()  # nothing mixed in
     assert main(argv) == 0  # the same spec finishes it
     assert open_surface(out).done.all() and not partial.exists()
@@ -145,12 +139,12 @@ def test_bad_input_is_one_line(tiny_run, crafted, tmp_path, capsys, args, messag
     if message is None:
         assert main(argv) == 0 and out.exists()
         return
-    _error(capsys, argv, message)
+    one_line_error(capsys, argv, message)
     assert not out.exists() and not (tmp_path / "out.h5.partial").exists()
 
 
 def test_export_refuses_rays_and_keeps_loss_landscape_order(tiny_run, tmp_path, capsys):
-    _error(capsys, ["line", str(tiny_run), "--ray-from", "sgd", "--rays", "2", "--points", "2", "--export",
+    one_line_error(capsys, ["line", str(tiny_run), "--ray-from", "sgd", "--rays", "2", "--points", "2", "--export",
                     "loss-landscape", "-o", str(tmp_path / "r.h5"), "--quiet"], "rays")
     out = tmp_path / "l.h5"
     assert main(["line", str(tiny_run), "sgd", "swa/average", "--points", "3", "--export", "loss-landscape",

@@ -4,8 +4,6 @@ recorded trajectory files."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +15,8 @@ from landscape.bn import recompute_bn
 from landscape.store import open_trajectory
 from landscape.train import SwapThresholdWarning, train
 from landscape.rebuild import rebuild_data, rebuild_model
+
+from _cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 W = 3
@@ -95,9 +95,6 @@ def test_threshold_never_reached_warns_and_is_recorded(tmp_path, tiny_config):
     assert attrs["threshold_reached"] is False and "warning" in attrs
 
 
-def cli(*args, env=None, launcher=()):
-    return subprocess.run([sys.executable, *launcher, "-m", "landscape", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=env)
 
 
 TINY_ARGS = ["--model", "cnn1d-bn", "--model-arg", "channels=8", "--dataset", "synthetic",
@@ -141,9 +138,9 @@ def test_torchrun_two_processes_records_what_one_process_records(tmp_path):
     common = ["--methods", "swap", "--swap-workers", "2", "--swap-phase1-lr", "0.1", "--swap-threshold", "100",
               "--swap-phase1-epochs", "2", "--swap-phase2-epochs", "2", "--device", "cpu", "--quiet", *TINY_ARGS]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = cli("train", "-o", tmp_path / "one.h5", *common, env=env)
+    one = run_cli("train", "-o", tmp_path / "one.h5", *common, env=env)
     assert one.returncode == 0, one.stderr
-    two = cli("train", "-o", tmp_path / "two.h5", *common, env=env,
+    two = run_cli("train", "-o", tmp_path / "two.h5", *common, env=env,
               launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     assert two.returncode == 0, two.stderr
     a, b = open_trajectory(tmp_path / "one.h5"), open_trajectory(tmp_path / "two.h5")
@@ -161,7 +158,7 @@ def test_torchrun_two_processes_records_what_one_process_records(tmp_path):
 
 @pytest.mark.distributed
 def test_torchrun_workers_not_a_multiple_of_processes_is_an_error(tmp_path):
-    r = cli("train", "-o", tmp_path / "r.h5", "--methods", "sgd,swap", "--swap-workers", "3", "--device", "cpu",
+    r = run_cli("train", "-o", tmp_path / "r.h5", "--methods", "sgd,swap", "--swap-workers", "3", "--device", "cpu",
             "--quiet", *TINY_ARGS, env=dict(os.environ, OMP_NUM_THREADS="1"),
             launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     assert r.returncode != 0

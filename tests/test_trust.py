@@ -23,6 +23,8 @@ from landscape.models import ModelSpec, build_model
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import compute_surface
 from landscape.trust import RECORDED_IMPORTS, Trust, check_recorded_import
+
+from _cli import crafted_copy, one_line_error
 from landscape.rebuild import rebuild_data, rebuild_model
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
@@ -71,22 +73,13 @@ def evil(tmp_path, monkeypatch):
 
 def _craft(tiny_run, path: Path, names: dict) -> Path:
     """A copy of the tiny run whose configuration names other code: {kind: import path}."""
-    path.write_bytes(tiny_run.read_bytes())
-    with h5py.File(path, "r+") as f:
+    def rename(f):
         config = json.loads(f.attrs["config"])
         for kind, name in names.items():
             key, field = RECORDED_IMPORTS[kind]
             config[key][field] = name
         f.attrs["config"] = json.dumps(config, sort_keys=True)
-    return path
-
-
-def _refused(capsys, argv, *words) -> str:
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("landscape: error: ") and err.count("\n") == 1, err
-    assert all(w in err for w in words), err
-    return err
+    return crafted_copy(tiny_run, path, rename)
 
 
 COMMANDS = {  # every command that rebuilds a file's model or data, with arguments after the file
@@ -109,7 +102,7 @@ def test_every_command_refuses_a_recorded_import_and_runs_nothing(tiny_run, tmp_
     crafted = _craft(tiny_run, tmp_path / "crafted.h5", {kind: path})
     out = tmp_path / "out.h5"
     argv = [a.format(f=crafted) for a in COMMANDS[command]] + ["-o", out, "--quiet"]
-    _refused(capsys, argv, str(crafted), repr(path), "--trust-code", f"--{kind} {path}")
+    one_line_error(capsys, argv, str(crafted), repr(path), "--trust-code", f"--{kind} {path}")
     assert not marker.exists(), marker.read_text()
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
@@ -123,7 +116,7 @@ def test_the_attack_as_a_user_tried_it(tiny_run, tmp_path, capsys, monkeypatch):
         config = json.loads(f.attrs["config"])
         config["data"]["options"] = {"args": ["touch", str(marker)]}
         f.attrs["config"] = json.dumps(config)
-    _refused(capsys, ["line", crafted, "sgd:0", "sgd", "-o", tmp_path / "l.h5"], "'subprocess:call'")
+    one_line_error(capsys, ["line", crafted, "sgd:0", "sgd", "-o", tmp_path / "l.h5"], "'subprocess:call'")
     assert not marker.exists()
 
 
@@ -155,9 +148,9 @@ def test_allowing_one_kind_does_not_allow_the_other(tiny_run, tmp_path, evil, ca
     module, marker = evil
     names = {"model": f"{module}:make", "dataset": f"{module}:data"}
     crafted = _craft(tiny_run, tmp_path / "crafted.h5", names)
-    _refused(capsys, ["line", crafted, "sgd", "swa/average", "--model", names["model"], "-o", tmp_path / "l.h5"],
+    one_line_error(capsys, ["line", crafted, "sgd", "swa/average", "--model", names["model"], "-o", tmp_path / "l.h5"],
              "dataset", repr(names["dataset"]))
-    _refused(capsys, ["line", crafted, "sgd", "swa/average", "--model", "othermod:make", "-o", tmp_path / "l.h5"],
+    one_line_error(capsys, ["line", crafted, "sgd", "swa/average", "--model", "othermod:make", "-o", tmp_path / "l.h5"],
              "--model othermod:make does not match", repr(names["model"]))
     assert not marker.exists()
 
@@ -257,7 +250,7 @@ def test_a_recorded_huge_model_is_one_line(tiny_run, tmp_path, capsys):
         config = json.loads(f.attrs["config"])
         config["model"]["kwargs"] = {"channels": 10 ** 9}
         f.attrs["config"] = json.dumps(config)
-    _refused(capsys, ["line", crafted, "sgd", "swa/average", "-o", tmp_path / "l.h5"], "channels=1000000000")
+    one_line_error(capsys, ["line", crafted, "sgd", "swa/average", "-o", tmp_path / "l.h5"], "channels=1000000000")
 
 
 # -- HDF5 features that reach outside the file, and declared sizes ---------------------------------
@@ -311,7 +304,7 @@ def test_files_that_reach_outside_or_declare_too_much_are_refused(tiny_run, tmp_
         open_trajectory(crafted)
     for argv in (["info", crafted], ["line", crafted, "sgd", "swa/average", "-o", tmp_path / "l.h5"],
                  ["plane", crafted, *THREE, "-o", tmp_path / "p.h5"]):
-        _refused(capsys, argv, str(crafted), *words)
+        one_line_error(capsys, argv, str(crafted), *words)
     assert not (tmp_path / "l.h5").exists() and not (tmp_path / "p.h5.partial").exists()
 
 
@@ -325,7 +318,7 @@ def test_surface_files_are_held_to_the_same_rule(tiny_run, tmp_path, capsys):
     with pytest.raises(FileFormatError, match="external link"):
         open_surface(surface)
     for argv in (["plot", surface, "-o", tmp_path / "fig"], ["explore", surface, "-o", tmp_path / "x.html"]):
-        _refused(capsys, argv, "external link")
+        one_line_error(capsys, argv, "external link")
 
 
 @pytest.mark.slow

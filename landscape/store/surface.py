@@ -131,10 +131,6 @@ class SurfaceWriter:
         return {k: self.file[f"basis/{k}"][()] for k in self.file["basis"]}
 
     @property
-    def metrics(self) -> tuple:
-        return tuple(self.file["values"])
-
-    @property
     def points_per_call(self) -> int | None:
         """The points per batched call the values are computed with (kept, so that a resumed
         computation uses the same and its values equal an uninterrupted one's bit for bit)."""
@@ -200,7 +196,7 @@ class MemorySurfaceWriter:
         shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
         self.spec, self.x, self.y, self._basis = spec, x, None if y is None else np.asarray(y, np.float64), basis
         self.points, self.paths, self.path = points, paths, None
-        self.metrics, self.points_per_call = tuple(metrics), None
+        self.points_per_call = None
         self.values = {m: np.full(shape, np.nan) for m in metrics}
         self._done = np.zeros(shape, bool)
         self.trajectory = None if trajectory is None else str(trajectory)

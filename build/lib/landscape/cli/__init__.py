@@ -1,0 +1,1 @@
+"""The ``landscape`` command: thin argument parsing over the library."""

@@ -1,0 +1,33 @@
+"""Show what a trajectory file holds: its runs, checkpoint counts, final metrics and configuration."""
+from __future__ import annotations
+
+import json
+
+from landscape.store import open_trajectory
+
+from ..common import print_json
+
+HELP = "show runs, checkpoints, metrics and configuration of a file"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("file", help="trajectory file (.h5)")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+
+
+def run(args) -> int:
+    info = open_trajectory(args.file).info()
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"{info['path']}: trajectory v{info['version']}, {info['num_params']:,} parameters, "
+          f"{info['num_buffers']:,} buffer values")
+    print(f"{'run':<18}{'ckpts':>6}{'epochs':>14}{'train loss':>12}{'train err':>11}{'test loss':>11}{'test err':>10}")
+    for name, r in info["runs"].items():
+        f = r["final"]
+        ep = f"{r['epochs'][0]:g}-{r['epochs'][1]:g}" if r["epochs"] else "-"
+        cell = lambda k, fmt: format(f[k], fmt) if k in f else "-"  # noqa: E731
+        print(f"{name:<18}{r['checkpoints']:>6}{ep:>14}{cell('train_loss', '.4f'):>12}"
+              f"{cell('train_err', '.2f') + '%':>11}{cell('test_loss', '.4f'):>11}{cell('test_err', '.2f') + '%':>10}")
+    print("config:", json.dumps(info["config"], sort_keys=True))
+    return 0

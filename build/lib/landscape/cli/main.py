@@ -1,0 +1,82 @@
+"""Entry point: ``landscape COMMAND ...`` (also ``python -m landscape``). Library errors become one line on
+stderr and exit 2. Installed as ``landscape.cli``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import re
+import sys
+
+from . import commands
+
+# argparse reads "-1e9" as an option (it knows only "-1" and "-1.5" as negative numbers), so
+# `--xrange -1e9 1e9` would fail; this is the pattern newer Pythons use.
+NEGATIVE_NUMBER = re.compile(r"^-(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d[\d_]*)?$")
+
+# order of the commands in --help; commands not listed come after, alphabetically
+ORDER = ["demo", "train", "info", "plane", "line", "plot", "explore", "import"]
+
+
+def _command_modules():
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return [(n, importlib.import_module(f"{commands.__name__}.{n}")) for n in names]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (their examples stay one per line); "(default: X)" only where there is
+    a default to show and the help does not already say what it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from landscape import __version__
+    parser = argparse.ArgumentParser(
+        prog="landscape",
+        description="Train with weight averaging, record trajectories, evaluate and draw loss landscapes.")
+    parser.add_argument("--version", action="version", version=f"landscape {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in _command_modules():
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=HelpFormatter)
+        module.add_arguments(p)
+        p._negative_number_matcher = NEGATIVE_NUMBER
+        p.add_argument("--debug", action="store_true", help="show tracebacks for landscape's own errors")
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"landscape: warning: {message}\n"
+
+
+def main(argv=None) -> int:
+    import warnings
+
+    from landscape.errors import LandscapeError
+    warnings.formatwarning = _one_line_warning  # our warnings are for people, not stack locations
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except LandscapeError as e:
+        if args.debug:
+            raise
+        print(f"landscape: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # commands that keep resumable work say where in the message
+        print(f"landscape: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `landscape info run.h5 | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Datasets as in-memory tensors on the training device (no DataLoader in any hot path).
+
+Built-in: ``mnist1d`` (the default), ``cifar10``, ``npz``, ``synthetic``; a user dataset is named by
+import path ``package.module:factory`` (found on ``sys.path`` or in the current folder), called with the
+dataset options as keyword arguments. It returns ``(x_train, y_train, x_test, y_test)`` (arrays or
+tensors), a dict with those keys, or ``(train, test)`` where each is an ``(x, y)`` pair or a
+map-style ``torch.utils.data.Dataset`` of ``(x, y)`` items (read once, in index order, into tensors).
+
+Example::
+
+    data = load_data(DataSpec("mnist1d"), device="cpu")
+    data.x_train.shape   # torch.Size([4000, 1, 40])
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .options import Option, check_options
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which dataset and its options, e.g. ``DataSpec("cifar10", {"root": "~/data", "augment": True})``."""
+    name: str = "mnist1d"
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSpec":
+        return cls(d["name"], dict(d.get("options", {})))
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    augment: bool = False  # random crop (padding 4) + horizontal flip, for images
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device) -> "Data":
+        return Data(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                    self.y_test.to(device), self.num_classes, self.augment)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding and random horizontal flip of an (N, C, H, W) batch."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 9, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    idx_n = torch.arange(n, device=x.device)[:, None, None, None]
+    idx_c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[idx_n, idx_c, rows, cols]
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in datasets
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LANDSCAPE_CACHE", Path.home() / ".cache" / "landscape"))
+
+
+def _mnist1d(options: dict):
+    """MNIST-1D from the ``mnist1d`` package's own generator with its default arguments
+    (4000 train, 1000 test, length 40); generated once, then read from the cache."""
+    path = cache_dir() / "mnist1d-default.npz"
+    if not path.exists():
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError:
+            raise DataError("dataset 'mnist1d' needs the 'mnist1d' package (pip install mnist1d)") from None
+        raw = make_dataset(get_dataset_args())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, x_train=raw["x"].astype(np.float32), y_train=raw["y"].astype(np.int64),
+                 x_test=raw["x_test"].astype(np.float32), y_test=raw["y_test"].astype(np.int64))
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a cache file
+    with np.load(path) as f:
+        arrays = [f[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    arrays[0], arrays[2] = arrays[0][:, None, :], arrays[2][:, None, :]  # (N, 1, 40) for Conv1d
+    return arrays, 10
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR-10 python layout is pickled; allow only the numpy classes it needs, so a
+    crafted file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _read_cifar_batch(path: Path):
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[b"labels"], dtype=np.int64)
+    except FileNotFoundError:
+        raise DataError(f"cifar10: missing file {path}") from None
+    except Exception as e:  # malformed pickle, wrong keys, wrong sizes
+        raise DataError(f"cifar10: {path} is not a CIFAR-10 batch file ({type(e).__name__}: {e})") from None
+    if len(x) != len(y):
+        raise DataError(f"cifar10: {path} has {len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def _cifar10(options: dict):
+    root = options.get("root")
+    if not root:
+        raise DataError("dataset 'cifar10' needs its directory: --data-option root=PATH "
+                        "(the folder holding or being cifar-10-batches-py)")
+    root = Path(root).expanduser()
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    if not folder.is_dir():
+        raise DataError(f"cifar10: directory {root} does not exist")
+    parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    x_test, y_test = _read_cifar_batch(folder / "test_batch")
+    x_train = np.concatenate([p[0] for p in parts])
+    y_train = np.concatenate([p[1] for p in parts])
+    mean = np.asarray(CIFAR_MEAN, np.float32)[None, :, None, None]
+    std = np.asarray(CIFAR_STD, np.float32)[None, :, None, None]
+    norm = lambda x: ((x.astype(np.float32) / 255.0) - mean) / std  # noqa: E731
+    return [norm(x_train), y_train, norm(x_test), y_test], 10
+
+
+def _npz(options: dict):
+    path = options.get("path")
+    if not path:
+        raise DataError("dataset 'npz' needs its file: --data-option path=FILE.npz")
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    not_npz = f"{path} is not an .npz file with {', '.join(keys)} (np.savez)"
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(f"npz file {path} does not exist")
+    if file.is_dir():
+        raise DataError(f"npz file {path} is a directory")
+    try:
+        loaded = np.load(file, allow_pickle=False)  # never unpickle what a user hands us
+    except OSError as e:
+        raise DataError(f"cannot read npz file {path}: {e.strerror or e}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile):  # not .npz/.npy (numpy would try it as a pickle)
+        raise DataError(not_npz) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array
+        raise DataError(not_npz)
+    with loaded as f:
+        missing = [k for k in keys if k not in f]
+        if missing:
+            raise DataError(f"npz file {path} lacks {', '.join(missing)}")
+        try:
+            arrays = [f[k] for k in keys]
+        except ValueError:
+            raise DataError(f"npz file {path} holds object arrays, which are not read (they would be "
+                            f"unpickled); save numeric arrays") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read npz file {path}: {e}") from None
+    arrays = [arrays[0].astype(np.float32), arrays[1].astype(np.int64),
+              arrays[2].astype(np.float32), arrays[3].astype(np.int64)]
+    return arrays, int(max(arrays[1].max(), arrays[3].max())) + 1
+
+
+def _synthetic(options: dict):
+    """Gaussian class clusters: tiny and fast, for tests."""
+    n_train = int(options.get("n_train", 512))
+    n_test = int(options.get("n_test", 256))
+    classes = int(options.get("classes", 4))
+    shape = tuple(options.get("shape", (1, 24)))
+    if (n_train + n_test) * prod(shape) > SYNTHETIC_MAX_VALUES:
+        raise DataError(f"dataset 'synthetic': {n_train + n_test} samples of shape {list(shape)} exceed "
+                        f"{SYNTHETIC_MAX_VALUES:,} input values")
+    g = torch.Generator().manual_seed(int(options.get("seed", 0)))
+    centers = torch.randn(classes, *shape, generator=g)
+
+    def make(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = centers[y] + float(options.get("noise", 1.0)) * torch.randn(n, *shape, generator=g)
+        return x.numpy(), y.numpy()
+
+    x_tr, y_tr = make(n_train)
+    x_te, y_te = make(n_test)
+    return [x_tr, y_tr, x_te, y_te], classes
+
+
+def _split_arrays(split, name: str, which: str):
+    """One split given as an ``(x, y)`` pair or as a map-style dataset of ``(x, y)`` items."""
+    if isinstance(split, torch.utils.data.TensorDataset) and len(split.tensors) == 2:
+        return list(split.tensors)
+    if isinstance(split, (tuple, list)) and len(split) == 2 and all(hasattr(a, "__len__") for a in split) \
+            and not isinstance(split, torch.utils.data.Dataset):
+        return list(split)
+    if hasattr(split, "__len__") and hasattr(split, "__getitem__"):
+        xs, ys = [], []
+        for i in range(len(split)):
+            item = split[i]
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise DataError(f"dataset factory {name}: item {i} of the {which} set is "
+                                f"{type(item).__name__}, expected an (x, y) pair")
+            xs.append(torch.as_tensor(np.asarray(item[0].cpu() if torch.is_tensor(item[0]) else item[0])))
+            ys.append(int(item[1]))
+        if not xs:
+            raise DataError(f"dataset {name!r}: the {which} set is empty")
+        return [torch.stack(xs), torch.tensor(ys)]
+    raise DataError(f"dataset factory {name}: the {which} set is {type(split).__name__}, expected an "
+                    "(x, y) pair or a dataset of (x, y) items")
+
+
+def _user_factory(name: str, options: dict):
+    fn = import_object(name, DataError, "dataset")
+    try:
+        out = fn(**options)
+    except Exception as e:
+        raise DataError(f"dataset factory {name} failed: {type(e).__name__}: {e}") from None
+    if isinstance(out, dict):
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in out]
+        if missing:
+            raise DataError(f"dataset factory {name} returned a dict without {', '.join(missing)}")
+        out = [out[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    elif isinstance(out, (tuple, list)) and len(out) == 2:
+        out = _split_arrays(out[0], name, "train") + _split_arrays(out[1], name, "test")
+    elif not (isinstance(out, (tuple, list)) and len(out) == 4):
+        raise DataError(f"dataset factory {name} returned {type(out).__name__}; expected (x_train, y_train, "
+                        "x_test, y_test), a dict with those keys, or (train, test) datasets")
+    arrays = [np.asarray(t.detach().cpu() if torch.is_tensor(t) else t) for t in out]
+    arrays = [arrays[0].astype(np.float32), arrays[1].astype(np.int64),
+              arrays[2].astype(np.float32), arrays[3].astype(np.int64)]
+    return arrays, int(max(arrays[1].max(), arrays[3].max())) + 1
+
+
+DATASETS = {"mnist1d": _mnist1d, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic}
+# the options each built-in dataset reads, with their types and ranges: any other is a typo, refused
+# rather than recorded unused; a value from a file cannot size more than a test-sized dataset
+_AUGMENT = Option("bool")
+OPTIONS = {"mnist1d": {},
+           "cifar10": {"root": Option("str"), "augment": _AUGMENT},
+           "npz": {"path": Option("str"), "augment": _AUGMENT},
+           "synthetic": {"n_train": Option("int", 2, 10 ** 6), "n_test": Option("int", 1, 10 ** 6),
+                         "classes": Option("int", 2, 10 ** 4), "shape": Option("ints", 1, 4096, length=3),
+                         "seed": Option("int", 0, 2 ** 63 - 1), "noise": Option("float", 0, 1e6),
+                         "augment": _AUGMENT}}
+SYNTHETIC_MAX_VALUES = 1 << 27  # 512 MiB of float32 inputs
+
+
+def register_dataset(name: str):
+    """Decorator adding a dataset: ``fn(options) -> ([x_train, y_train, x_test, y_test], num_classes)``."""
+    def deco(fn):
+        DATASETS[name] = fn
+        return fn
+    return deco
+
+
+def import_object(path: str, error, what: str):
+    """Resolve ``package.module:attribute``."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise error(f"unknown {what} {path!r}")
+    try:
+        module = _import_module(module_name)
+    except ImportError as e:
+        raise error(f"cannot import {what} module {module_name!r}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise error(f"module {module_name!r} has no {what} factory {attr!r}") from None
+
+
+def _import_module(module_name: str):
+    """Import a user's module; like ``python -m``, also look in the current folder (the ``landscape``
+    console script does not put it on ``sys.path``)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module_name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as e2:
+            sys.path.remove(cwd)
+            if e2.name == e.name:  # not in the current folder either: report the first failure
+                raise e from None
+            raise
+
+
+def as_data(data, device=None) -> Data:
+    """A :class:`Data` from what a user holds: a Data, or its four tensors or arrays
+    ``(x_train, y_train, x_test, y_test)`` (class labels; the number of classes is the largest
+    label + 1). ``device``: where the tensors go (None: where they are)."""
+    if not isinstance(data, Data):
+        if not (isinstance(data, (tuple, list)) and len(data) == 4):
+            raise DataError(f"data is a {type(data).__name__}; give a landscape Data or the four tensors "
+                            "(x_train, y_train, x_test, y_test)")
+        x_tr, y_tr, x_te, y_te = (torch.as_tensor(np.asarray(t) if not torch.is_tensor(t) else t) for t in data)
+        if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or len(x_tr) < 2 or len(x_te) < 1:
+            raise DataError(f"data: {len(x_tr)} train inputs with {len(y_tr)} labels and {len(x_te)} test inputs "
+                            f"with {len(y_te)} labels; give equally long inputs and labels, none empty")
+        if x_tr.shape[1:] != x_te.shape[1:]:
+            raise DataError(f"data: train inputs {tuple(x_tr.shape[1:])} and test inputs {tuple(x_te.shape[1:])} "
+                            "differ in shape")
+        classes = int(max(y_tr.max(), y_te.max())) + 1
+        data = Data(x_tr.float(), y_tr.long(), x_te.float(), y_te.long(), classes)
+    return data if device is None else data.to(device)
+
+
+def load_data(spec: DataSpec, device="cpu") -> Data:
+    if spec.name in DATASETS:
+        if spec.name in OPTIONS:
+            check_options(spec.options, OPTIONS[spec.name], f"dataset {spec.name!r}", DataError)
+        arrays, num_classes = DATASETS[spec.name](spec.options)
+    elif ":" in spec.name:
+        arrays, num_classes = _user_factory(spec.name, spec.options)
+    else:
+        raise DataError(f"unknown dataset {spec.name!r}; built-in datasets: {', '.join(DATASETS)} "
+                        "(or package.module:factory)")
+    x_tr, y_tr, x_te, y_te = arrays
+    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
+        raise DataError(f"dataset {spec.name!r}: inputs and labels differ in length")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"dataset {spec.name!r}: train inputs {x_tr.shape[1:]} and test inputs "
+                        f"{x_te.shape[1:]} differ in shape")
+    if len(x_tr) < 2 or len(x_te) < 1:
+        raise DataError(f"dataset {spec.name!r} is empty")
+    augment = bool(spec.options.get("augment", False))
+    if augment and x_tr.ndim != 4:
+        raise DataError(f"dataset {spec.name!r}: augment (random crop and flip) needs images (N, C, H, W), "
+                        f"got inputs of shape {tuple(x_tr.shape[1:])}")
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    return Data(*tensors, num_classes=num_classes, augment=augment).to(device)

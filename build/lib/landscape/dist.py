@@ -1,0 +1,124 @@
+"""torchrun in one place: joining the process group, rank and world size, one device per local rank,
+and the few collectives the library uses (broadcast, gather, sum, barrier).
+
+Without torchrun (WORLD_SIZE unset or 1) every call is the identity of one process, so callers write
+one code path. Training (SWAP's workers as processes) and surfaces (the grid shared among processes)
+both go through :class:`Group`.
+
+Example::
+
+    with Group.join(resolve_device("auto")) as group:
+        todo = group.objects(todo if group.rank == 0 else None)   # rank 0's value everywhere
+        rows = group.gather(my_rows)                               # stacked on rank 0, None elsewhere
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# Ranks wait for rank 0 while it alone works (trains the methods that are not distributed, measures
+# a surface's points per call, writes files): the default 30 minutes would end a long run.
+TIMEOUT = datetime.timedelta(hours=12)
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun); valid before and after the group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+class Group:
+    """The torchrun process group (joined by :meth:`join`), or one process (:meth:`single`)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, started: bool):
+        self.rank, self.world, self.device, self.started = rank, world, device, started
+
+    @classmethod
+    def join(cls, device: torch.device) -> "Group":
+        """Join the group torchrun describes (creating it unless the caller already has), with one
+        CUDA device per local rank when ``device`` is CUDA without an index; one process otherwise."""
+        if not launched():
+            return cls.single(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        started = not dist.is_initialized()
+        if started:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        return cls(dist.get_rank(), dist.get_world_size(), device, started)
+
+    @classmethod
+    def single(cls, device) -> "Group":
+        """One process, whatever torchrun set (e.g. an in-memory evaluation, never sharded)."""
+        return cls(0, 1, torch.device(device), False)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def objects(self, obj):
+        """Rank 0's ``obj`` on every rank (small picklable things: status, grid, masks)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor on every rank (in place; the same shape everywhere)."""
+        if not self.distributed:
+            return t
+        t = t.to(self.device).contiguous()
+        dist.broadcast(t, src=0)
+        return t
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's equally shaped ``rows`` stacked in rank order on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return rows
+        parts = [torch.empty_like(rows) for _ in range(self.world)]
+        dist.all_gather(parts, rows.contiguous())
+        return torch.cat(parts) if self.rank == 0 else None
+
+    def gather_list(self, t: torch.Tensor) -> list | None:
+        """Every rank's ``t`` as a list of CPU tensors on rank 0, in rank order (None elsewhere)."""
+        if not self.distributed:
+            return [t.cpu()]
+        t = t.to(self.device)
+        out = [torch.empty_like(t) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(t, out, dst=0)
+        return [o.cpu() for o in out] if self.rank == 0 else None
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, in place, on every rank."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self, wait: bool = True) -> None:
+        """Leave the group if :meth:`join` created it; ``wait``: after a barrier, so that no rank
+        leaves while another still communicates (not after a failure, when others may never come)."""
+        if self.started and dist.is_initialized():
+            if wait:
+                dist.barrier()
+            dist.destroy_process_group()
+            self.started = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(wait=exc_type is None)
+        return False

@@ -1,0 +1,34 @@
+"""One exception family. The library raises these with a message a user can act on;
+only the CLI catches them (prints ``landscape: error: <message>``, exits non-zero)."""
+
+
+class LandscapeError(Exception):
+    """Base class of every error the library reports to users."""
+
+
+class ConfigError(LandscapeError):
+    """An option or configuration value is invalid."""
+
+
+class DataError(LandscapeError):
+    """A dataset is unknown, missing or malformed."""
+
+
+class ModelError(LandscapeError):
+    """A model is unknown, cannot be built, or does not fit the data."""
+
+
+class FileFormatError(LandscapeError):
+    """A file is missing, unreadable, not of the expected format, or would be overwritten."""
+
+
+class GeometryError(LandscapeError):
+    """A plane or line is degenerate (duplicate or collinear checkpoints, zero direction)."""
+
+
+class CheckpointError(LandscapeError):
+    """A run or checkpoint name does not exist in a trajectory file."""
+
+
+class TrustError(LandscapeError):
+    """A file names code (an import path) that the user has not allowed to run."""

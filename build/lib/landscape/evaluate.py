@@ -1,0 +1,368 @@
+"""The batched evaluator: train and test loss and error at many points of weight space per call.
+
+Points arrive as the rows of a (K, P) weight matrix (and (K, B) buffers). For K > 1 one call runs
+``torch.func.functional_call`` under ``torch.func.vmap`` over the K rows, so every data batch passes
+through K models at once; K = 1 runs the plain model. Data stays on the device as tensors, losses are
+summed per sample in float64, errors are in percent, and a point whose logits turn NaN gets NaN error.
+
+BatchNorm policies (:class:`BatchNormPolicy`):
+
+- ``recompute``: fresh statistics from the training set (or a fixed subset), every *sample* weighted
+  equally, exactly as :func:`landscape.bn.recompute_bn` does for one model: BatchNorm layers run in
+  train mode with momentum 1.0, so after each data batch their running buffers hold that batch's mean
+  and unbiased variance; :class:`~landscape.bn.MomentMerger` merges them (Chan's formula, float64, a
+  leading K dimension) into whole-set statistics; then the metrics are computed in eval mode. Results
+  depend on the batch size of this pass (deeper layers see batch-normalized inputs), so it is part of
+  the policy.
+- ``interpolate``: buffers combined like the weights (running variances clipped at 0).
+- ``stored``: the origin's buffers at every point.
+- ``none``: the model has no BatchNorm.
+
+On a CPU, the number of points per call that runs fastest is found by a short measurement on the
+first points of the grid (:func:`choose_points_per_call`). On a CPU it usually settles on K = 1 (vmap
+turns convolutions into grouped ones, which are slow there); on a GPU, on large K.
+
+Example::
+
+    ev = Evaluator(model, layout, data, BatchNormPolicy("recompute", batch_size=1000))
+    out = ev(weights[:k], buffers[:k])      # {"train_loss": (k,) float64, ...}
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import platform
+import time
+import types
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .bn import MomentMerger, batch_slices, has_batchnorm
+from .errors import ConfigError
+
+POLICIES = ("recompute", "interpolate", "stored")
+METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+
+
+@dataclass(frozen=True)
+class BatchNormPolicy:
+    policy: str = "recompute"   # recompute | interpolate | stored | none
+    batch_size: int = 1000      # batches of the recompute pass (the results depend on it)
+    samples: int | None = None  # recompute from a fixed random subset of this many training samples
+    seed: int = 0               # which subset
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.policy != "recompute":  # the other fields mean nothing then
+            d = {"policy": self.policy}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BatchNormPolicy":
+        return cls(**d)
+
+
+def resolve_policy(bn, model, can_interpolate: bool, batch_size: int = 1000) -> BatchNormPolicy:
+    """``bn``: a policy name (``auto`` = recompute when the model has BatchNorm) or a BatchNormPolicy."""
+    pol = bn if isinstance(bn, BatchNormPolicy) else BatchNormPolicy(bn or "auto", batch_size)
+    if not has_batchnorm(model):
+        return BatchNormPolicy("none")
+    name = "recompute" if pol.policy == "auto" else pol.policy
+    if name not in POLICIES:
+        raise ConfigError(f"unknown BatchNorm policy {pol.policy!r}; use auto, {', '.join(POLICIES)}")
+    if name == "interpolate" and not can_interpolate:
+        raise ConfigError("BatchNorm policy 'interpolate' needs a plane or line made of checkpoints "
+                          "(through, directions); use recompute or stored")
+    if pol.batch_size < 2:
+        raise ConfigError(f"BatchNorm batch size must be at least 2, got {pol.batch_size}")
+    if pol.samples is not None and pol.samples < 2:
+        raise ConfigError(f"BatchNorm samples must be at least 2, got {pol.samples}")
+    return BatchNormPolicy(name, pol.batch_size, pol.samples, pol.seed)
+
+
+def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Train-mode BatchNorm of ``x`` holding several BatchNorm batches of ``bn.stacked_batch`` samples
+    one after the other: each batch is normalized with its own mean and (biased) variance, as if it
+    had passed alone. The statistics are column sums over the batch dimension of the (m, g, C * L)
+    view, then over L, with the variance taken about the mean in a second pass; every elementwise
+    operation runs along the contiguous C * L (no transposed copy, which a native batch-norm call over
+    stacked batches would need). The batches' means and unbiased variances, merged in float64 (Chan's
+    formula), go to the layer's running buffers: what a pass batch by batch with momentum 1 leaves,
+    merged."""
+    g, c = bn.stacked_batch, x.shape[1]
+    m = x.shape[0] // g
+    per = x[0, 0].numel()                      # values per channel per sample (the L of (N, C, L))
+    count = g * per                            # values per channel in one batch
+    cols = x.reshape(m, g, c * per)            # a view
+
+    def along(t):                              # (m or 1, C) -> (m or 1, 1, C * L), contiguous
+        return t.float()[:, :, None].expand(t.shape[0], c, per).reshape(t.shape[0], 1, c * per)
+
+    mean = cols.sum(1).reshape(m, c, per).double().sum(2) / count                      # (m, C)
+    d = cols - along(mean)
+    m2 = d.square().sum(1).reshape(m, c, per).double().sum(2)                          # (m, C)
+    scale = torch.rsqrt(m2 / count + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    if bn.bias is not None:
+        y = torch.addcmul(along(bn.bias[None]), d, along(scale))
+    else:
+        y = d.mul_(along(scale))
+    total = mean.mean(0)
+    merged = m2.sum(0) + count * (mean - total).square().sum(0)
+    bn.running_mean.copy_(total)
+    bn.running_var.copy_(merged / (m * count - 1))
+    if getattr(bn, "last_of_pass", False):  # nothing after the last BatchNorm layer matters to the pass
+        raise _PassDone
+    return y.reshape(x.shape)
+
+
+class _PassDone(Exception):
+    """Raised by the last BatchNorm layer of a recompute pass to skip the rest of the forward."""
+
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed memory for reuse (once per process, Linux with glibc only).
+
+    The evaluator allocates the same megabyte-sized temporaries for every data batch. By default glibc
+    serves such blocks with fresh ``mmap``s (or trims them off the heap when freed), so every batch
+    page-faults its memory in again, which costs as much as the arithmetic here (measured: a 15 ms
+    point took 34 ms). Fixing M_MMAP_THRESHOLD at 32 MiB and M_TRIM_THRESHOLD at 1 GiB keeps the
+    blocks in the heap; the process keeps its peak heap size. (PyTorch's CPU tuning guide gets the
+    same effect by preloading jemalloc or tcmalloc.)"""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+class Evaluator:
+    """Evaluates the points given as rows of (K, P) weights and (K, B) buffers; see the module doc."""
+
+    def __init__(self, model, layout, data, bn: BatchNormPolicy = BatchNormPolicy("stored"),
+                 batch_size: int = 1000, weight_decay: float | None = None):
+        if data.x_train.device.type == "cpu":
+            keep_freed_memory()
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.layout, self.data, self.bn = layout, data, bn
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        self.weight_decay = weight_decay
+        self.metrics = METRICS + (("train_loss_l2",) if weight_decay is not None else ())
+        self.bn_layers = {n: m for n, m in self.model.named_modules()
+                          if isinstance(m, _BatchNorm) and m.track_running_stats}
+        self.var_names = [f"{n}.running_var" for n in self.bn_layers]
+        self.x_bn = data.x_train
+        if bn.policy == "recompute" and bn.samples is not None and bn.samples < len(data.x_train):
+            g = torch.Generator().manual_seed(bn.seed)
+            idx = torch.randperm(len(data.x_train), generator=g)[:bn.samples].sort().values
+            self.x_bn = data.x_train[idx.to(data.x_train.device)]
+        self._per_sample = self._elements_per_sample()
+
+    # ------------------------------------------------------------------------------------------
+    def _elements_per_sample(self) -> dict:
+        """Values per channel per sample that each BatchNorm layer sees (the L of (N, C, L)); also
+        finds the BatchNorm layer that runs last, after which a recompute pass can stop (none when a
+        layer runs more than once per forward)."""
+        counts, rows, hooks, order = {}, {}, [], []
+
+        def seen(mod, args, name):
+            counts[name] = args[0][0].numel() // args[0].shape[1]
+            rows[name] = args[0].shape[0]
+            order.append(name)
+
+        for name, m in self.bn_layers.items():
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: seen(mod, args, name)))
+        try:
+            with torch.no_grad():
+                self.model(self.data.x_train[:2])
+        finally:
+            for h in hooks:
+                h.remove()
+        self._last_bn = order[-1] if order and len(order) == len(set(order)) else None
+        folded = [name for name, n in rows.items() if n != 2]
+        if folded and self.bn.policy == "recompute":
+            # the batched recompute splits a BatchNorm input into batches along dimension 0
+            raise ConfigError(f"BatchNorm layer {folded[0]!r} does not see one row per sample (2 samples "
+                              f"gave {rows[folded[0]]} rows), so its statistics cannot be recomputed; "
+                              "use --bn stored or --bn interpolate")
+        return counts
+
+    def _split(self, params: torch.Tensor, buffers: torch.Tensor, batched: bool):
+        if not batched:
+            params, buffers = params[0], buffers[0]
+        p = self.layout.split_params(params)
+        # every buffer its own contiguous tensor: vmap's batch-norm rule reshapes batched running
+        # statistics, which copies a strided view, and the in-place update would be lost
+        b = {k: t.clone(memory_format=torch.contiguous_format) for k, t in self.layout.split_buffers(buffers).items()}
+        return p, b
+
+    def _forward(self, p: dict, b: dict, x: torch.Tensor, batched: bool) -> torch.Tensor:
+        """Logits (K, n, classes)."""
+        call = lambda p_, b_, x_: functional_call(self.model, (p_, b_), (x_,))  # noqa: E731
+        if batched:
+            return vmap(call, in_dims=(0, 0, None))(p, b, x)
+        return call(p, b, x)[None]
+
+    def _bn_calls(self) -> list:
+        """The recompute pass as (slice of x_bn, BatchNorm batch size) calls: consecutive batches of
+        equal size (those of :func:`batch_slices`) stacked up to about ``batch_size`` samples a call."""
+        batches, calls, i = batch_slices(len(self.x_bn), self.bn.batch_size), [], 0
+        per_call = max(1, self.batch_size // self.bn.batch_size)
+        while i < len(batches):
+            size, j = batches[i].stop - batches[i].start, i
+            while j < len(batches) and j - i < per_call and batches[j].stop - batches[j].start == size:
+                j += 1
+            calls.append((slice(batches[i].start, batches[j - 1].stop), size))
+            i = j
+        return calls
+
+    def _recompute(self, p: dict, b: dict, batched: bool) -> None:
+        """Replace the BatchNorm statistics in ``b`` by whole-training-set ones (see the module doc).
+        Several BatchNorm batches go through the model in one call; each BatchNorm layer normalizes
+        every batch with that batch's own statistics (:func:`stacked_batch_norm`), so the result is
+        that of a pass batch by batch, with larger, faster matrix products."""
+        for name in self.bn_layers:
+            b[f"{name}.running_mean"].zero_()
+            b[f"{name}.running_var"].fill_(1.0)
+            b[f"{name}.num_batches_tracked"].zero_()
+        mergers = {name: MomentMerger() for name in self.bn_layers}
+        for name, m in self.bn_layers.items():
+            m.train()
+            m.forward = types.MethodType(stacked_batch_norm, m)
+            m.last_of_pass = name == self._last_bn
+        try:
+            for sl, group in self._bn_calls():
+                for m in self.bn_layers.values():
+                    m.stacked_batch = group
+                try:
+                    self._forward(p, b, self.x_bn[sl], batched)
+                except _PassDone:
+                    pass
+                n = sl.stop - sl.start
+                for name, merger in mergers.items():
+                    merger.add(n * self._per_sample[name], b[f"{name}.running_mean"], b[f"{name}.running_var"])
+        finally:
+            for m in self.bn_layers.values():
+                m.eval()
+                del m.forward
+                m.last_of_pass = False
+        for name, merger in mergers.items():
+            mean, var = merger.result()
+            b[f"{name}.running_mean"] = mean.float()
+            b[f"{name}.running_var"] = var.float()
+
+    @torch.no_grad()
+    def __call__(self, params: torch.Tensor, buffers: torch.Tensor) -> dict:
+        """Metrics of the K points: name -> (K,) float64 numpy array."""
+        K = params.shape[0]
+        batched = K > 1
+        p, b = self._split(params, buffers, batched)
+        if self.bn.policy == "recompute":
+            self._recompute(p, b, batched)
+        elif self.bn.policy == "interpolate":
+            for name in self.var_names:
+                b[name] = b[name].clamp_min(0.0)
+        out = {}
+        for split in ("train", "test"):
+            x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
+            loss_sum = torch.zeros(K, dtype=torch.float64, device=x.device)
+            wrong = torch.zeros(K, dtype=torch.float64, device=x.device)
+            nan = torch.zeros(K, dtype=torch.bool, device=x.device)
+            for sl in batch_slices(len(x), self.batch_size):
+                logits = self._forward(p, b, x[sl], batched)                     # (K, n, C)
+                target = y[sl].expand(K, -1)
+                loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (K, n)
+                loss_sum += loss.double().sum(1)
+                wrong += (logits.argmax(-1) != target).sum(1)
+                nan |= logits.isnan().flatten(1).any(1)
+            # a point whose loss overflowed has no meaningful error either (argmax of inf logits)
+            bad = nan | ~torch.isfinite(loss_sum)
+            err = 100.0 * wrong / len(x)
+            out[f"{split}_loss"] = (loss_sum / len(x)).cpu().numpy()
+            out[f"{split}_err"] = torch.where(bad, float("nan"), err).cpu().numpy()
+        if self.weight_decay is not None:
+            sq = params.double().pow(2).sum(1).cpu().numpy()
+            out["train_loss_l2"] = out["train_loss"] + 0.5 * self.weight_decay * sq
+        return out
+
+
+@torch.inference_mode()
+def evaluate_model(model, data, batch_size: int = 1000) -> dict:
+    """Train and test loss (mean cross-entropy) and error (%) of one model in eval mode, sums in
+    float64: the one evaluation of single models (training, the recorder, the importer). Agrees with
+    :class:`Evaluator` at the same weights."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        wrong = torch.zeros((), dtype=torch.float64, device=x.device)
+        for sl in batch_slices(len(x), batch_size):
+            logits = model(x[sl])
+            loss_sum += F.cross_entropy(logits, y[sl], reduction="sum").double()
+            wrong += (logits.argmax(1) != y[sl]).sum()
+        out[f"{split}_loss"] = float(loss_sum / len(x))
+        # with a non-finite loss the argmax is meaningless: no error either (as in the evaluator)
+        out[f"{split}_err"] = float(100.0 * wrong / len(x)) if torch.isfinite(loss_sum) else float("nan")
+    model.train(was_training)
+    return out
+
+
+def choose_points_per_call(call, available: int, device, candidates=None, budget_s: float = 1.0,
+                           report=None) -> tuple:
+    """The number of points per call with the highest throughput, from timing real work: ``call(k)``
+    must evaluate the next ``k`` points still to do (and keep their values), so the measurement costs
+    nothing but running a few calls at a slower size. Each candidate K = 1, 2, 4, ... runs twice (the
+    first call at a new size builds kernels) and the second call is timed. It stops after two sizes in
+    a row that are no faster than the best (on a CPU, vmap's grouped convolutions usually lose to one
+    point at a time, so this ends after K = 4 with 14 points done), when points or ``budget_s`` run
+    out, or on out-of-memory.
+    Returns (the best K, how many points ``call`` evaluated)."""
+    device = torch.device(device)
+    if candidates is None:
+        candidates = (1, 2, 4, 8, 16, 32) if device.type == "cpu" else (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best_k, best_rate, used, slower, start = 1, 0.0, 0, 0, time.perf_counter()
+    for k in candidates:
+        if used + 2 * k > available:
+            break
+        try:
+            call(k)
+            sync()
+            t0 = time.perf_counter()
+            call(k)
+            sync()
+            dt = max(time.perf_counter() - t0, 1e-9)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        used += 2 * k
+        rate = k / dt
+        if report is not None:
+            report(k, rate)
+        if rate > best_rate:
+            best_k, best_rate, slower = k, rate, 0
+        else:
+            slower += 1
+            if slower == 2:
+                break
+        if time.perf_counter() - start > budget_s:
+            break
+    return best_k, used

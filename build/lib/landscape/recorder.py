@@ -1,0 +1,317 @@
+"""Record the checkpoints of your own training loop into a trajectory file (docs/FORMAT.md), so that
+``landscape plane``, ``line``, ``plot`` and ``explore`` work on it as on a file of ``landscape train``.
+
+The file records how to rebuild the model and the data: the model by name or import path
+``package.module:factory`` plus keyword arguments, the data by dataset name plus options or by your
+``package.module:factory`` (see :mod:`landscape.data`). At start the recorder builds both once and
+checks that the model you train has the same parameters and buffers as the one later commands will
+build, so a mistake shows before training rather than after it.
+
+Example::
+
+    from landscape.recorder import Recorder
+
+    with Recorder("run.h5", model="mynets:make_net", data="mynets:load_data") as rec:
+        rec.record("sgd", net, epoch=0, step=0)              # the initialization
+        for epoch in range(epochs):
+            ...                                            # your training
+            rec.record("sgd", net, epoch=epoch + 1, step=steps, test_err=err)
+    # run.h5 now exists; had the loop crashed, only run.h5.partial (marked incomplete) would
+
+Any ``nn.Module`` whose parameters match is accepted: ``torch.optim.swa_utils.AveragedModel``,
+``DataParallel``/``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped (an
+``AveragedModel`` also records ``n_averaged``), and a module holding the model as a submodule (a
+LightningModule, say) is searched for it. :meth:`Recorder.record_lookahead` records both the slow and
+the fast weights of a Lookahead optimizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .data import DataSpec, load_data
+from .errors import CheckpointError, ConfigError, ModelError
+from .models import ModelSpec, build_model
+from .params import Layout, unwrap
+from .store import TrajectoryWriter
+from .store.files import prepare_output
+
+# per-parameter keys under which Lookahead implementations keep the slow weights: ours
+# (landscape.train.Lookahead), and the common reference implementations
+SLOW_KEYS = ("slow", "slow_buffer", "slow_param", "cached_params")
+RESERVED = ("params", "buffers", "epoch", "step")
+
+
+def model_spec(model, kwargs=None) -> ModelSpec:
+    """``"cnn1d"``, ``"pkg.mod:factory"``, a dict or a ModelSpec -> ModelSpec."""
+    if isinstance(model, ModelSpec):
+        return ModelSpec(model.name, dict(model.kwargs, **(kwargs or {})))
+    if isinstance(model, dict):
+        spec = ModelSpec.from_dict(model)
+        return ModelSpec(spec.name, dict(spec.kwargs, **(kwargs or {})))
+    if isinstance(model, str) and model:
+        return ModelSpec(model, dict(kwargs or {}))
+    if isinstance(model, nn.Module):
+        raise ConfigError("model= is the name or import path (package.module:factory) that rebuilds the "
+                          "model, not the module itself; pass the module to record()")
+    raise ConfigError(f"model must be a model name or package.module:factory, got {model!r}")
+
+
+def data_spec(data, options=None) -> DataSpec:
+    """``"synthetic"``, ``"pkg.mod:factory"``, a dict or a DataSpec -> DataSpec."""
+    if isinstance(data, DataSpec):
+        return DataSpec(data.name, dict(data.options, **(options or {})))
+    if isinstance(data, dict):
+        spec = DataSpec.from_dict(data)
+        return DataSpec(spec.name, dict(spec.options, **(options or {})))
+    if isinstance(data, str) and data:
+        return DataSpec(data, dict(options or {}))
+    raise ConfigError(f"data must be a dataset name or package.module:factory, got {data!r}")
+
+
+def check_run_name(run: str, existing=()) -> str:
+    """Run names are HDF5 group paths (``sgd``, ``swa/average``); a ``:`` would clash with
+    checkpoint names (``RUN:INDEX``), and a run cannot sit inside another."""
+    if not isinstance(run, str) or not run or run.startswith("/") or run.endswith("/") or "//" in run:
+        raise CheckpointError(f"run name {run!r} is not valid; use names like 'sgd' or 'swa/average'")
+    if ":" in run:
+        raise CheckpointError(f"run name {run!r} contains ':', which separates a run from a checkpoint index")
+    if set(run.split("/")) & set(RESERVED):
+        raise CheckpointError(f"run name {run!r} uses a reserved word ({', '.join(RESERVED)})")
+    for other in existing:
+        if other != run and (other.startswith(run + "/") or run.startswith(other + "/")):
+            raise CheckpointError(f"run {run!r} cannot sit beside run {other!r} (one would contain the other)")
+    return run
+
+
+@contextlib.contextmanager
+def _rng_untouched():
+    """Restore the global random generators (torch CPU, Python, NumPy) afterwards, so that building a
+    reference model and loading the data leave the user's initialization and data order as they were."""
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
+def _same_structure(a: Layout, b: Layout) -> bool:
+    key = lambda entries: [(e.name, e.shape) for e in entries]  # noqa: E731 (dtypes may differ)
+    return key(a.params) == key(b.params) and key(a.buffers) == key(b.buffers)
+
+
+def find_module(obj: nn.Module, layout: Layout) -> nn.Module:
+    """``obj`` itself or the submodule of it whose parameters and buffers match ``layout``; else a
+    ModelError naming the first mismatch."""
+    if _same_structure(Layout.of(obj), layout):
+        return obj
+    for _, sub in obj.named_modules():
+        if sub is not obj and _same_structure(Layout.of(sub), layout):
+            return sub
+    layout.check_module(obj)  # raises, naming the first parameter or buffer that differs
+    raise ModelError("the module does not match the recorded model")  # pragma: no cover
+
+
+class Recorder:
+    """Writes a trajectory file from any training loop.
+
+    ``model``: the built-in name or ``package.module:factory`` that rebuilds your model (with
+    ``model_kwargs``; the factory also receives ``input_shape`` and ``num_classes`` if it accepts
+    them). ``data``: a built-in dataset name or ``package.module:factory`` (with ``data_options``).
+    ``config``: anything else worth keeping (hyperparameters); stored in the file's ``config``
+    (``eval_batch_size`` there sets the default batch of later evaluations). ``evaluate``: also
+    record ``train_loss``, ``train_err``, ``test_loss``, ``test_err`` of every checkpoint, computed
+    in eval mode on the full sets as ``landscape train`` does. ``check=False`` skips building the
+    model and data at start (the layout is then taken from the first recorded module, unchecked).
+
+    Use it as a context manager, or call :meth:`close` at the end: only then does ``path`` appear.
+    Until then (and after a crash) the checkpoints are in ``path.partial``, marked incomplete.
+    """
+
+    def __init__(self, path, model, data, *, model_kwargs=None, data_options=None, config=None,
+                 overwrite: bool = False, evaluate: bool = False, check: bool = True, source: str = "recorder"):
+        self.model_spec = model_spec(model, model_kwargs)
+        self.data_spec = data_spec(data, data_options)
+        self.path = prepare_output(path, overwrite)
+        self.overwrite = overwrite
+        self.evaluate = evaluate
+        if evaluate and not check:
+            raise ConfigError("evaluate=True needs the data, which check=False skips loading")
+        extra = dict(config or {})
+        for key in ("model", "data"):
+            if key in extra:
+                raise ConfigError(f"config must not hold {key!r}; give it as {key}=")
+        self.config = dict(extra, model=self.model_spec.to_dict(), data=self.data_spec.to_dict(),
+                           source=source, landscape_version=__version__)
+        self.data = None
+        self.layout = None
+        self.writer = None
+        self._found = {}  # id of a recorded object -> the module inside it that matches the layout
+        self._data_on = {}
+        self._runs = []
+        if check:
+            with _rng_untouched():  # building them must not change the user's run
+                self.data = load_data(self.data_spec, "cpu")
+                reference = build_model(self.model_spec, self.data.input_shape, self.data.num_classes)
+            self.config.update(num_classes=self.data.num_classes, input_shape=list(self.data.input_shape))
+            self._open(Layout.of(reference))
+
+    def _open(self, layout: Layout) -> None:
+        self.layout = layout
+        self.writer = TrajectoryWriter(self.path, self.config, layout, overwrite=self.overwrite)
+
+    @property
+    def partial_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".partial")
+
+    # -- recording ----------------------------------------------------------------------------
+    def _module(self, obj: nn.Module):
+        if not isinstance(obj, nn.Module):
+            raise ConfigError(f"record() takes the model (a torch.nn.Module), got {type(obj).__name__}")
+        inner, extra = unwrap(obj)
+        if self.layout is None:
+            self._open(Layout.of(inner))
+        key = id(inner)
+        found = self._found.get(key)
+        if found is None or not _same_structure(Layout.of(found), self.layout):
+            try:
+                found = find_module(inner, self.layout)
+            except ModelError as e:
+                raise ModelError(f"the recorded module does not match model {self.model_spec.name!r}: {e}") from None
+            self._found[key] = found
+        return found, extra
+
+    def _check_run(self, run: str) -> None:
+        if run not in self._runs:
+            check_run_name(run, self._runs)
+            self._runs.append(run)
+
+    def _metrics(self, metrics: dict) -> dict:
+        out = {}
+        for name, value in metrics.items():
+            if value is None:
+                continue
+            clean = str(name).replace("/", "_")
+            if clean in RESERVED:
+                raise ConfigError(f"metric name {name!r} is reserved")
+            out[clean] = value.detach().cpu() if torch.is_tensor(value) else value
+        return out
+
+    def _evaluated(self, module: nn.Module) -> dict:
+        """Train/test loss and error of ``module`` as ``landscape train`` records them (or nothing)."""
+        if not self.evaluate:
+            return {}
+        from .evaluate import evaluate_model as evaluate
+        device = next(module.parameters()).device
+        if device not in self._data_on:
+            self._data_on = {device: self.data.to(device)}
+        return evaluate(module, self._data_on[device], int(self.config.get("eval_batch_size", 1000)))
+
+    def _append(self, run, params, buffers, epoch, step, metrics) -> int:
+        epoch = float("nan") if epoch is None else float(epoch)
+        step = -1 if step is None else int(step)
+        return self.writer.append(run, params, buffers, epoch=epoch, step=step, **metrics)
+
+    def record(self, run: str, model: nn.Module, *, epoch: float | None = None, step: int | None = None,
+               **metrics) -> int:
+        """Append the current weights and buffers of ``model`` to ``run``; return the row index.
+        ``epoch``: epochs completed (fractional mid-epoch), ``step``: optimizer steps taken;
+        ``metrics``: numbers (or 1-D arrays) stored per checkpoint, e.g. ``test_err=3.1``."""
+        self._check_open()
+        self._check_run(run)
+        module, extra = self._module(model)
+        metrics = dict(self._metrics(dict(extra, **metrics)), **self._evaluated(module))
+        return self._append(run, self.layout.params_to_vector(module), self.layout.buffers_to_vector(module),
+                            epoch, step, metrics)
+
+    def record_lookahead(self, optimizer, model: nn.Module, *, prefix: str = "lookahead", epoch=None, step=None,
+                         fast: bool = True, **metrics) -> dict:
+        """Record the slow weights phi of a Lookahead ``optimizer`` in ``PREFIX/slow`` and (with
+        ``fast``) the model's current weights theta in ``PREFIX/fast``. Returns ``{run: row}``.
+        Works with :class:`landscape.train.Lookahead` and implementations that keep the slow weights in
+        the optimizer's per-parameter state under ``slow_buffer``, ``slow_param`` or ``cached_params``."""
+        self._check_open()
+        slow_run, fast_run = f"{prefix}/slow", f"{prefix}/fast"
+        self._check_run(slow_run)
+        module, extra = self._module(model)
+        state = getattr(optimizer, "state", None)
+        if state is None:
+            raise ConfigError(f"{type(optimizer).__name__} has no per-parameter state; not a Lookahead optimizer")
+        slow = []
+        found_any = False
+        for p in module.parameters():
+            entry = state.get(p, {}) if hasattr(state, "get") else {}
+            value = next((entry[k] for k in SLOW_KEYS if torch.is_tensor(entry.get(k))), None)
+            found_any |= value is not None
+            slow.append((p if value is None else value).detach().reshape(-1).float())  # not optimized: phi = theta
+        if not found_any:
+            raise ConfigError(f"{type(optimizer).__name__} keeps no slow weights for this model's parameters "
+                              f"(looked for {', '.join(SLOW_KEYS)}); is it a Lookahead optimizer of this model?")
+        metrics = self._metrics(dict(extra, **metrics))
+        buffers = self.layout.buffers_to_vector(module)
+        slow = torch.cat(slow)
+        slow_metrics = dict(metrics)
+        if self.evaluate:
+            import copy
+            phi = copy.deepcopy(module)
+            self.layout.vector_to_params(slow.to(next(phi.parameters()).device), phi)
+            slow_metrics.update(self._evaluated(phi))
+        rows = {slow_run: self._append(slow_run, slow, buffers, epoch, step, slow_metrics)}
+        if fast:
+            self._check_run(fast_run)
+            rows[fast_run] = self._append(fast_run, self.layout.params_to_vector(module), buffers, epoch, step,
+                                          dict(metrics, **self._evaluated(module)))
+        return rows
+
+    def set_attrs(self, run: str, **attrs) -> None:
+        """Attach JSON-able facts to a run (shown by ``landscape info --json``)."""
+        self._check_open()
+        self._check_run(run)
+        self.writer.set_attrs(run, **attrs)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    # -- finishing ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise ConfigError(f"the recorder of {self.path} is closed")
+
+    def close(self) -> Path:
+        """Mark the file complete and move it into place atomically; return its path."""
+        self._check_open()
+        if self.writer is None:
+            raise ConfigError(f"nothing was recorded; {self.path} not written")
+        if not self._runs:
+            self.writer.abort()
+            self._closed = True
+            raise ConfigError(f"nothing was recorded; {self.path} not written")
+        self._closed = True
+        return self.writer.close()
+
+    def close_incomplete(self) -> Path | None:
+        """Stop without completing: what was recorded stays in ``path.partial`` (``complete = False``)."""
+        if getattr(self, "_closed", False):
+            return None
+        self._closed = True
+        return self.writer.leave_partial() if self.writer is not None else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.close_incomplete()
+        return False
+

@@ -1,0 +1,344 @@
+"""Surface files (format ``landscape.surface``, version 1; see docs/FORMAT.md).
+
+Work in progress lives in ``NAME.partial`` (``complete = False``, a ``/done`` mask of computed points,
+NaN elsewhere) and is flushed after every block of points, so an interrupted computation resumes
+from it. :meth:`SurfaceWriter.close` marks it complete and renames it into place: a file at the
+requested path is always finished.
+
+Example::
+
+    w = SurfaceWriter.create("plane.h5", spec, x, y, basis, points, paths, trajectory="run.h5")
+    w.write(flat_indices, {"train_loss": ..., "train_err": ..., "test_loss": ..., "test_err": ...})
+    w.close()
+    surf = open_surface("plane.h5")
+    surf.values["test_err"][i, j]   # belongs to (surf.x[i], surf.y[j])
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import FileFormatError
+from .files import open_read, partial_path, prepare_output, reason, sha256, to_json
+
+FORMAT = "landscape.surface"
+VERSION = 1
+METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+
+
+@dataclass
+class PathData:
+    """A run's checkpoints projected into the plane or onto the line."""
+    coords: np.ndarray     # (T, 2) or (T, 1)
+    distance: np.ndarray   # (T,) Euclidean distance from the plane/line (0 = lies on it)
+    epoch: np.ndarray      # (T,)
+
+
+@dataclass
+class PointData:
+    coords: np.ndarray     # (2,) or (1,)
+    distance: float
+
+
+class SurfaceWriter:
+    """Creates or resumes a surface file. Use :meth:`create`; check :attr:`done` for what is left."""
+
+    def __init__(self, path: Path, file: h5py.File):
+        self.path, self.file = path, file
+        self.tmp = partial_path(path)
+
+    @classmethod
+    def create(cls, path, spec: dict, x, y, basis: dict, points: dict, paths: dict,
+               trajectory=None, metrics=METRICS, overwrite: bool = False, shape=None,
+               inputs=(), recorded=None) -> "SurfaceWriter":
+        """Start a new surface file, or resume ``path.partial`` when it holds the same spec (``derived``
+        aside) and comes from the same trajectory file.
+
+        ``basis``: {"origin", "u", "v" (planes only)} float32 (P,) arrays (``u`` is (R, P) for rays);
+        ``points``: name -> PointData; ``paths``: run -> PathData; ``metrics``: the value datasets to
+        create; ``shape``: of the values, when not (nx,) or (nx, ny) (rays: (R, nx)); ``inputs``:
+        further files the values are computed from (``trajectory`` is one), never to be written over;
+        ``recorded``: (path, SHA-256) of the trajectory to record instead of ``trajectory``'s (a surface
+        saved from memory keeps the fingerprint taken when it was computed)."""
+        path = prepare_output(path, overwrite, inputs=(trajectory, *inputs))
+        tmp = partial_path(path)
+        spec_json = to_json(spec)
+        if tmp.exists() and not overwrite:
+            try:
+                f = h5py.File(tmp, "r+")
+            except OSError as e:
+                raise FileFormatError(f"cannot resume from {tmp} ({reason(e)}); delete it to start over") from None
+            if f.attrs.get("format") != FORMAT or _compared(f.attrs.get("spec")) != _compared(spec_json):
+                f.close()
+                raise FileFormatError(f"{tmp} holds unfinished work for a different spec; delete it, "
+                                      f"choose another output, or pass --overwrite to discard it")
+            if trajectory is not None and f.attrs.get("trajectory_sha256") not in (None, sha256(trajectory)):
+                f.close()
+                raise FileFormatError(f"{tmp} holds unfinished work from another version of {trajectory} "
+                                      f"(its SHA-256 differs); delete it or pass --overwrite to discard it")
+            return cls(path, f)
+        try:
+            f = h5py.File(tmp, "w", track_order=True)
+        except OSError as e:
+            raise FileFormatError(f"cannot write {path}: {reason(e)}") from None
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["spec"] = spec_json
+        f.attrs["complete"] = False
+        if trajectory is not None:
+            recorded = (str(trajectory), sha256(trajectory))
+        if recorded is not None and recorded[0] is not None:
+            f.attrs["trajectory"], f.attrs["trajectory_sha256"] = recorded
+        x = np.asarray(x, np.float64)
+        shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
+        f.create_dataset("grid/x", data=x, track_times=False)
+        if y is not None:
+            f.create_dataset("grid/y", data=np.asarray(y, np.float64), track_times=False)
+        for m in metrics:
+            f.create_dataset(f"values/{m}", data=np.full(shape, np.nan), track_times=False)
+        f.create_dataset("done", data=np.zeros(shape, bool), track_times=False)
+        for k, v in basis.items():
+            f.create_dataset(f"basis/{k}", data=np.asarray(v, np.float32), track_times=False)
+        for name, p in points.items():
+            ds = f.create_dataset(f"points/{name}", data=np.asarray(p.coords, np.float64), track_times=False)
+            ds.attrs["distance"] = float(p.distance)
+        for run, p in paths.items():
+            f.create_dataset(f"paths/{run}", data=np.asarray(p.coords, np.float64), track_times=False)
+            f.create_dataset(f"path_distances/{run}", data=np.asarray(p.distance, np.float64), track_times=False)
+            f.create_dataset(f"path_epochs/{run}", data=np.asarray(p.epoch, np.float64), track_times=False)
+        f.flush()
+        return cls(path, f)
+
+    @property
+    def shape(self) -> tuple:
+        return self.file["done"].shape
+
+    @property
+    def spec(self) -> dict:
+        """The spec stored in the file (on resume: the one of the first run, ``derived`` included)."""
+        return json.loads(self.file.attrs["spec"])
+
+    def grid(self) -> tuple:
+        """(x, y) as stored; y is None for lines."""
+        return self.file["grid/x"][()], self.file["grid/y"][()] if "grid/y" in self.file else None
+
+    def basis(self) -> dict:
+        return {k: self.file[f"basis/{k}"][()] for k in self.file["basis"]}
+
+    @property
+    def metrics(self) -> tuple:
+        return tuple(self.file["values"])
+
+    @property
+    def points_per_call(self) -> int | None:
+        """The points per batched call the values are computed with (kept, so that a resumed
+        computation uses the same and its values equal an uninterrupted one's bit for bit)."""
+        k = self.file.attrs.get("points_per_call")
+        return None if k is None else int(k)
+
+    @points_per_call.setter
+    def points_per_call(self, k: int) -> None:
+        self.file.attrs["points_per_call"] = int(k)
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.file["done"][()]
+
+    def write(self, flat_indices, values: dict) -> None:
+        """Store the values of points given by flat (C-order) indices and mark them done."""
+        flat_indices = np.asarray(flat_indices)
+        for name, vals in values.items():
+            ds = self.file[f"values/{name}"]
+            arr = ds[()]
+            arr.reshape(-1)[flat_indices] = np.asarray(vals, np.float64)
+            ds[()] = arr
+        done = self.file["done"][()]
+        done.reshape(-1)[flat_indices] = True
+        self.file["done"][()] = done
+        self.file.flush()
+
+    def close(self) -> Path:
+        """Mark complete (every point done) and move into place; otherwise keep the .partial file."""
+        complete = bool(self.file["done"][()].all())
+        self.file.attrs["complete"] = complete
+        self.file.close()
+        if not complete:
+            raise FileFormatError(f"{self.tmp} is missing points; run the same command again to finish it")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def suspend(self) -> None:
+        """Close without completing (interrupted work stays resumable in the .partial file)."""
+        if self.file.id.valid:
+            self.file.close()
+
+    def abort(self) -> None:
+        """Close and delete the .partial file (nothing in it is worth keeping)."""
+        self.suspend()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _compared(spec) -> dict:
+    """The part of a spec that must match for a computation to resume: everything but ``derived``
+    (values computed from the inputs, which may differ in the last bits between machines)."""
+    d = json.loads(spec) if isinstance(spec, str) else dict(spec or {})
+    d.pop("derived", None)
+    return d
+
+
+class MemorySurfaceWriter:
+    """The SurfaceWriter interface without a file (``compute_surface(..., out=None)``)."""
+
+    def __init__(self, spec: dict, x, y, basis: dict, points: dict, paths: dict, metrics=METRICS, shape=None,
+                 trajectory=None):
+        x = np.asarray(x, np.float64)
+        shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
+        self.spec, self.x, self.y, self._basis = spec, x, None if y is None else np.asarray(y, np.float64), basis
+        self.points, self.paths, self.path = points, paths, None
+        self.metrics, self.points_per_call = tuple(metrics), None
+        self.values = {m: np.full(shape, np.nan) for m in metrics}
+        self._done = np.zeros(shape, bool)
+        self.trajectory = None if trajectory is None else str(trajectory)
+        self.trajectory_sha256 = None if trajectory is None else sha256(trajectory)
+
+    @property
+    def shape(self) -> tuple:
+        return self._done.shape
+
+    @property
+    def done(self) -> np.ndarray:
+        return self._done.copy()
+
+    def grid(self) -> tuple:
+        return self.x, self.y
+
+    def basis(self) -> dict:
+        return self._basis
+
+    def write(self, flat_indices, values: dict) -> None:
+        flat_indices = np.asarray(flat_indices)
+        for name, vals in values.items():
+            self.values[name].reshape(-1)[flat_indices] = np.asarray(vals, np.float64)
+        self._done.reshape(-1)[flat_indices] = True
+
+    def close(self) -> "Surface":
+        return Surface(None, json.loads(to_json(self.spec)), self.x, self.y, self.values, self._done,
+                       self.points, self.paths, self.trajectory, self.trajectory_sha256,
+                       {k: np.asarray(v, np.float32) for k, v in self._basis.items()}, self.points_per_call)
+
+    def suspend(self) -> None:
+        pass
+
+
+@dataclass
+class Surface:
+    """A surface file read into memory (everything but the basis, which is read on demand)."""
+    path: Path
+    spec: dict
+    x: np.ndarray
+    y: np.ndarray | None
+    values: dict
+    done: np.ndarray
+    points: dict = field(default_factory=dict)  # name -> PointData
+    paths: dict = field(default_factory=dict)   # run -> PathData
+    trajectory: str | None = None
+    trajectory_sha256: str | None = None
+    vectors: dict | None = field(default=None, repr=False)  # the basis, held when not read from a file
+    points_per_call: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "line" if self.y is None else "plane"
+
+    @property
+    def rays(self) -> bool:
+        """A line file holding several rays: values are (R, nx), ``values[m][r]`` is ray r."""
+        return self.y is None and np.ndim(self.done) == 2
+
+    def basis(self) -> dict:
+        """origin, u, v (planes) or u (lines): float32 (P,) vectors ((R, P) for rays)."""
+        if self.vectors is not None:
+            return self.vectors
+        with open_read(self.path, FORMAT) as f:
+            return {k: f[f"basis/{k}"][()] for k in f["basis"]}
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write this surface as a surface file (docs/FORMAT.md), the file ``landscape plane`` or
+        ``line`` writes for the same values; returns its path. :func:`open_surface` reads it back."""
+        if not self.done.all():
+            raise FileFormatError(f"this surface misses {int((~self.done).sum())} points; a saved file is complete")
+        writer = SurfaceWriter.create(path, self.spec, self.x, self.y, self.basis(), self.points, self.paths,
+                                      metrics=tuple(self.values), overwrite=overwrite, shape=self.done.shape,
+                                      inputs=[self.path], recorded=(self.trajectory, self.trajectory_sha256))
+        try:
+            writer.write(np.arange(self.done.size), {k: v.reshape(-1) for k, v in self.values.items()})
+            if self.points_per_call is not None:
+                writer.points_per_call = self.points_per_call
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
+
+
+def _walk(group: h5py.Group) -> dict:
+    out = {}
+    group.visititems(lambda name, obj: out.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def open_surface(path) -> Surface:
+    with open_read(path, FORMAT) as f:
+        if not bool(f.attrs.get("complete", False)):
+            raise FileFormatError(f"{path} is incomplete; run the command that made it again to finish it")
+        if int(f.attrs["version"]) > VERSION:
+            raise FileFormatError(f"{path} has surface format version {f.attrs['version']}; "
+                                  f"this landscape reads up to {VERSION}")
+        points = {n: PointData(ds[()], float(ds.attrs.get("distance", 0.0)))
+                  for n, ds in _walk(f["points"]).items()} if "points" in f else {}
+        paths = {}
+        if "paths" in f:
+            for run, ds in _walk(f["paths"]).items():
+                coords = ds[()]
+                dist = f[f"path_distances/{run}"][()] if f"path_distances/{run}" in f else np.zeros(len(coords))
+                ep = f[f"path_epochs/{run}"][()] if f"path_epochs/{run}" in f else np.arange(len(coords), dtype=float)
+                paths[run] = PathData(coords, dist, ep)
+        return Surface(Path(path), json.loads(f.attrs["spec"]), f["grid/x"][()],
+                       f["grid/y"][()] if "grid/y" in f else None,
+                       {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
+                       f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
+                       points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None)
+
+
+def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs=()) -> Path:
+    """Write ``surface`` in the layout tomgoldstein/loss-landscape's plotting scripts read: root
+    datasets ``xcoordinates``, ``ycoordinates`` (planes), ``train_loss``, ``train_acc``,
+    ``test_loss``, ``test_acc`` (accuracy in %), 2-D arrays shaped (ny, nx) and indexed [iy, ix].
+    ``inputs``: files that ``out`` must not be (the surface file itself is always one)."""
+    if surface.y is None and np.ndim(surface.done) != 1:
+        raise FileFormatError("loss-landscape files hold one line or one plane; this file holds "
+                              f"{surface.done.shape[0]} rays")
+    out = prepare_output(out, overwrite, inputs=(surface.path, *inputs))
+    tmp = partial_path(out)
+    try:
+        f = h5py.File(tmp, "w")
+    except OSError as e:
+        raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
+    with f:
+        f.create_dataset("xcoordinates", data=surface.x)
+        if surface.y is not None:
+            f.create_dataset("ycoordinates", data=surface.y)
+        for split in ("train", "test"):
+            if f"{split}_loss" not in surface.values:
+                continue
+            loss, err = surface.values[f"{split}_loss"], surface.values[f"{split}_err"]
+            if surface.y is not None:  # ours is [ix, iy]; theirs is [iy, ix]
+                loss, err = loss.T, err.T
+            f.create_dataset(f"{split}_loss", data=loss)
+            f.create_dataset(f"{split}_acc", data=100.0 - err)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,430 @@
+"""Trajectory files (format ``landscape.trajectory``, version 1; see docs/FORMAT.md).
+
+Writing goes to ``NAME.partial`` with ``complete = False``; :meth:`TrajectoryWriter.close` marks it
+complete and renames it into place, so a file at the requested path is always a finished one.
+
+Example::
+
+    with TrajectoryWriter("run.h5", config, layout) as w:
+        w.append("sgd", params, buffers, epoch=1, step=63, test_err=4.7)
+    traj = open_trajectory("run.h5")
+    ckpt = traj.checkpoint("sgd:-1")
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, FileFormatError
+from ..params import Layout
+from ..trust import Trust, check_recorded_config
+from .files import open_read, partial_path, prepare_output, sha256, to_json
+
+FORMAT = "landscape.trajectory"
+VERSION = 1
+METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+
+
+def parse_checkpoint_name(name: str):
+    """``RUN`` -> (RUN, -1); ``RUN:INDEX`` -> (RUN, INDEX)."""
+    run, sep, index = name.rpartition(":")
+    if sep:
+        try:
+            return run, int(index)
+        except ValueError:
+            raise CheckpointError(f"checkpoint {name!r}: index {index!r} is not an integer") from None
+    return name, -1
+
+
+class TrajectoryWriter:
+    """Appends checkpoints row by row; a run is created on its first append.
+
+    Work is kept across an interruption in parts (``landscape train``: one part per method). After
+    :meth:`finish_part` or :meth:`save_progress`, an exception leaves ``NAME.partial`` in place instead
+    of deleting it, and a writer opened with ``resume=True`` on the same configuration and layout
+    starts from there: the finished parts' runs (:attr:`finished`) whole, the runs of the part that was
+    cut short truncated to the rows they had at its last :meth:`save_progress` (whose state
+    :meth:`progress` returns), nothing else."""
+
+    def __init__(self, path, config: dict, layout: Layout, overwrite: bool = False, resume: bool = False):
+        self.path = prepare_output(path, overwrite)
+        self.tmp = partial_path(self.path)
+        self.layout = layout
+        self.finished = {}  # part -> the runs it wrote, in order
+        self._runs = []     # runs created, in order
+        config_json = to_json(config)
+        if resume and self.tmp.exists():
+            if self._resumable(config_json):
+                self._restart()
+                return
+            if not overwrite:
+                raise FileFormatError(f"{self.tmp} holds interrupted work with another configuration; delete "
+                                      f"it, choose another output, or pass --overwrite to discard it")
+        try:
+            self.file = h5py.File(self.tmp, "w", track_order=True)
+        except OSError as e:
+            raise FileFormatError(f"cannot write {self.path}: {e.strerror or e}") from None
+        f = self.file
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["config"] = config_json
+        f.attrs["complete"] = False
+        g = f.create_group("layout")
+        g.attrs["params"] = to_json(layout.to_dict()["params"])
+        g.attrs["buffers"] = to_json(layout.to_dict()["buffers"])
+        g.attrs["num_params"] = layout.num_params
+        g.attrs["num_buffers"] = layout.num_buffers
+        f.create_group("runs", track_order=True)
+
+    def _resumable(self, config_json: str) -> bool:
+        """Whether ``NAME.partial`` holds work kept for this very configuration and layout."""
+        try:
+            with h5py.File(self.tmp, "r", locking=False) as f:
+                return (f.attrs.get("format") == FORMAT and f.attrs.get("config") == config_json
+                        and ("finished" in f.attrs or "progress_rows" in f.attrs)
+                        and Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
+                        == self.layout)
+        except (OSError, KeyError, ValueError):
+            return False
+
+    def _restart(self) -> None:
+        """Continue ``NAME.partial``: copy into a fresh file the finished parts' runs and the rows the
+        part under way had at its last progress point, with that progress (so what came after leaves
+        no trace, nor its space); the fresh file replaces the old one and is opened."""
+        fresh = self.tmp.with_name(self.tmp.name + ".new")
+        with h5py.File(self.tmp, "r", locking=False) as old, h5py.File(fresh, "w", track_order=True) as new:
+            for k, v in old.attrs.items():
+                new.attrs[k] = v
+            old.copy(old["layout"], new, "layout")
+            runs = new.create_group("runs", track_order=True)
+            self.finished = json.loads(old.attrs.get("finished", "{}"))
+            in_progress = json.loads(old.attrs.get("progress_rows", "{}"))
+            kept = [(r, None) for part_runs in self.finished.values() for r in part_runs]
+            for run, rows in kept + list(in_progress.items()):
+                if "/" in run:
+                    runs.require_group(run.rpartition("/")[0])
+                old.copy(old[f"runs/{run}"], runs, run)
+                if rows is not None:  # rows written after the last progress point go
+                    for ds in runs[run].values():
+                        ds.resize(rows, axis=0)
+                self._runs.append(run)
+            if "progress" in old:
+                old.copy(old["progress"], new, "progress")
+        os.replace(fresh, self.tmp)
+        self.file = h5py.File(self.tmp, "r+")
+
+    def _unfinished_runs(self) -> list:
+        done = {r for runs in self.finished.values() for r in runs}
+        return [r for r in self._runs if r not in done]
+
+    def finish_part(self, part: str) -> None:
+        """Mark the runs created since the last finished part as ``part``'s, kept if work stops now."""
+        with _interrupts_deferred():
+            self.finished[part] = self._unfinished_runs()
+            self.file.attrs["finished"] = to_json(self.finished)
+            self._drop_progress()
+            self.file.flush()
+
+    def save_progress(self, key: str, state: bytes) -> None:
+        """Keep ``state`` (opaque bytes: where the part in progress stands) under ``key``, with the row
+        count of every run the part has written so far; both are what a resumed writer starts from."""
+        data = np.frombuffer(state, np.uint8)
+        with _interrupts_deferred():  # the state and the row counts change together or not at all
+            name = f"progress/{key}"
+            if name not in self.file:
+                self.file.create_dataset(name, (0,), np.uint8, maxshape=(None,), chunks=(1 << 16,),
+                                         track_times=False)
+            ds = self.file[name]
+            ds.resize(len(data), axis=0)
+            ds[:] = data
+            self.file.attrs["progress_rows"] = to_json(
+                {r: self.file[f"runs/{r}/params"].shape[0] for r in self._unfinished_runs()})
+            self.file.flush()
+
+    def progress(self, key: str):
+        """The bytes last given to :meth:`save_progress` under ``key`` (kept by an interrupted run), or None."""
+        name = f"progress/{key}"
+        return self.file[name][()].tobytes() if name in self.file else None
+
+    def _drop_progress(self) -> None:
+        if "progress" in self.file:
+            del self.file["progress"]
+        if "progress_rows" in self.file.attrs:
+            del self.file.attrs["progress_rows"]
+
+    @property
+    def runs(self) -> list:
+        """The runs written so far, in the order they were created."""
+        return list(self._runs)
+
+    def last_params(self, run: str) -> np.ndarray:
+        """(P,) float32 parameters of the last row of ``run``."""
+        return self.file[f"runs/{run}/params"][-1]
+
+    def final(self, run: str) -> dict:
+        """The epoch and scalar metrics of the last row of ``run``."""
+        g = self.file[f"runs/{run}"]
+        return dict({k: float(g[k][-1]) for k in METRICS if k in g}, epoch=float(g["epoch"][-1]))
+
+    # ------------------------------------------------------------------------------------------
+    def _run_group(self, run: str) -> h5py.Group:
+        key = f"runs/{run}"
+        if key in self.file:
+            return self.file[key]
+        g = self.file.create_group(key, track_order=True)
+        self._runs.append(run)
+        P, B = self.layout.num_params, self.layout.num_buffers
+        for name, width in (("params", P), ("buffers", B)):  # a model without buffers has B = 0
+            g.create_dataset(name, (0, width), np.float32, maxshape=(None, width or None),
+                             chunks=(1, max(width, 1)), track_times=False)
+        g.create_dataset("epoch", (0,), np.float64, maxshape=(None,), chunks=(256,), track_times=False)
+        g.create_dataset("step", (0,), np.int64, maxshape=(None,), chunks=(256,), track_times=False)
+        return g
+
+    def append(self, run: str, params, buffers=None, epoch: float = float("nan"), step: int = -1, **metrics) -> int:
+        """Add one checkpoint to ``run``; return its row index. Metrics are scalars or 1-D arrays
+        (stored as (T,) or (T, k) datasets next to the weights; missing rows read NaN)."""
+        g = self._run_group(run)
+        t = g["params"].shape[0]
+        params = _as_numpy(params).reshape(-1)
+        if params.shape[0] != self.layout.num_params:
+            raise FileFormatError(f"run {run}: parameter vector has {params.shape[0]} entries, layout has "
+                                  f"{self.layout.num_params}")
+        buffers = np.zeros(self.layout.num_buffers, np.float32) if buffers is None else _as_numpy(buffers).reshape(-1)
+        for name, value in (("params", params), ("buffers", buffers), ("epoch", epoch), ("step", step)):
+            ds = g[name]
+            ds.resize(t + 1, axis=0)
+            ds[t] = value
+        for name, value in metrics.items():
+            value = np.asarray(_as_numpy(value), dtype=np.float64)
+            if name not in g:
+                g.create_dataset(name, (t,) + value.shape, np.float64, maxshape=(None,) + value.shape,
+                                 chunks=(256,) + value.shape, fillvalue=np.nan, track_times=False)
+            ds = g[name]
+            ds.resize(t + 1, axis=0)
+            ds[t] = value
+        for name in g:  # metrics not given this time read NaN, keeping all datasets T rows long
+            ds = g[name]
+            if isinstance(ds, h5py.Dataset) and ds.shape[0] == t:
+                ds.resize(t + 1, axis=0)
+        return t
+
+    def set_attrs(self, run: str, **attrs) -> None:
+        """Attach JSON-able facts to a run (e.g. the layer names behind a (T, k) metric)."""
+        g = self._run_group(run)
+        for k, v in attrs.items():
+            g.attrs[k] = to_json(v)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> Path:
+        """Mark the file complete and move it to its final path."""
+        if "finished" in self.file.attrs:  # bookkeeping of unfinished work only
+            del self.file.attrs["finished"]
+        self._drop_progress()
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def leave_partial(self) -> Path:
+        """Close without completing: ``NAME.partial`` stays, with ``complete = False``, holding the
+        checkpoints appended so far (what a crashed recorder leaves; readers refuse it)."""
+        self.file.close()
+        return self.tmp
+
+    def abort(self) -> None:
+        """Drop the partial file (bad input or a failure before anything worth keeping)."""
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        elif self.finished or "progress_rows" in self.file.attrs:  # worth keeping: a resumed writer starts there
+            self.leave_partial()
+        else:
+            self.abort()
+        return False
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold back Ctrl-C (SIGINT) while bookkeeping that must not be half done is written; it is
+    raised right after. Outside the main thread signals cannot be handled, and nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(*caught[0])
+
+
+def _as_numpy(x):
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    name: str  # canonical RUN:INDEX with a non-negative index
+    run: str
+    index: int
+    params: torch.Tensor  # (P,) float32
+    buffers: torch.Tensor  # (B,) float32
+    epoch: float
+    step: int
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    name: str
+    epoch: np.ndarray
+    step: np.ndarray
+    metrics: dict  # name -> (T,) or (T, k) array
+    attrs: dict
+
+    def __len__(self):
+        return len(self.epoch)
+
+
+class Trajectory:
+    """A trajectory file opened for reading. Cheap to create; reads on demand.
+
+    ``trust_code`` and ``allow`` are the user's consent to run import paths the file records for its
+    model and dataset (see :mod:`landscape.trust`); reading arrays never needs it."""
+
+    def __init__(self, path, trust_code: bool = False, allow=()):
+        self.path = Path(path)
+        self.trust = Trust.of(trust_code, allow)
+        with open_read(self.path, FORMAT) as f:
+            if not bool(f.attrs.get("complete", False)):
+                raise FileFormatError(f"{self.path} is incomplete (training did not finish)")
+            missing = ([f"attribute {a!r}" for a in ("version", "config") if a not in f.attrs]
+                       + [f"group /{g}" for g in ("layout", "runs") if g not in f])
+            if missing:
+                raise FileFormatError(f"{self.path} is not a valid trajectory file: missing {', '.join(missing)}")
+            try:
+                self._read_header(f)
+            except (KeyError, ValueError, TypeError) as e:  # json errors are ValueErrors
+                what = (f"an attribute is not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else
+                        str(e.args[0] if e.args else type(e).__name__).splitlines()[0])
+                raise FileFormatError(f"{self.path} is not a valid trajectory file: {what}") from None
+
+    def _read_header(self, f: h5py.File) -> None:
+        self.version = int(f.attrs["version"])
+        if self.version > VERSION:
+            raise FileFormatError(f"{self.path} has trajectory format version {self.version}; "
+                                  f"this landscape reads up to {VERSION}")
+        self.config = json.loads(f.attrs["config"])
+        g = f["layout"]
+        self.layout = Layout.from_dict({"params": json.loads(g.attrs["params"]),
+                                        "buffers": json.loads(g.attrs["buffers"])})
+        self.runs = []
+        f["runs"].visititems(lambda name, obj: self.runs.append(name)
+                             if isinstance(obj, h5py.Group) and "params" in obj else None)
+        self._lengths = {r: f[f"runs/{r}/params"].shape[0] for r in self.runs}
+
+    def __repr__(self):
+        return f"Trajectory({str(self.path)!r}, runs={self.runs})"
+
+    def num_checkpoints(self, run: str) -> int:
+        self._check_run(run)
+        return self._lengths[run]
+
+    def _check_run(self, run: str) -> None:
+        if run not in self._lengths:
+            raise CheckpointError(f"run {run!r} not found in {self.path}; runs: {', '.join(self.runs) or 'none'}")
+
+    def resolve(self, name: str):
+        """Checkpoint name -> (run, non-negative index), with a clear error when out of range."""
+        run, index = parse_checkpoint_name(name)
+        self._check_run(run)
+        n = self._lengths[run]
+        if not -n <= index < n:
+            raise CheckpointError(f"checkpoint {name!r} not found; {run} has {n} checkpoints")
+        return run, index % n
+
+    def checkpoint(self, name: str, device="cpu") -> Checkpoint:
+        run, index = self.resolve(name)
+        with open_read(self.path, FORMAT) as f:
+            g = f[f"runs/{run}"]
+            metrics = {k: g[k][index] for k in g if k not in ("params", "buffers", "epoch", "step")}
+            return Checkpoint(f"{run}:{index}", run, index,
+                              torch.from_numpy(g["params"][index]).to(device),
+                              torch.from_numpy(g["buffers"][index]).to(device),
+                              float(g["epoch"][index]), int(g["step"][index]), metrics)
+
+    def params(self, run: str, rows=None) -> np.ndarray:
+        """(T, P) parameters of a run (or the selected rows)."""
+        self._check_run(run)
+        with open_read(self.path, FORMAT) as f:
+            ds = f[f"runs/{run}/params"]
+            return ds[:] if rows is None else ds[rows]
+
+    def buffers(self, run: str, rows=None) -> np.ndarray:
+        self._check_run(run)
+        with open_read(self.path, FORMAT) as f:
+            ds = f[f"runs/{run}/buffers"]
+            return ds[:] if rows is None else ds[rows]
+
+    def run(self, run: str) -> RunData:
+        self._check_run(run)
+        with open_read(self.path, FORMAT) as f:
+            g = f[f"runs/{run}"]
+            metrics = {k: g[k][:] for k in g if isinstance(g[k], h5py.Dataset)
+                       and k not in ("params", "buffers", "epoch", "step")}
+            attrs = {k: json.loads(v) for k, v in g.attrs.items()}
+            return RunData(run, g["epoch"][:], g["step"][:], metrics, attrs)
+
+    def sha256(self) -> str:
+        return sha256(self.path)
+
+    def check_trusted(self) -> None:
+        """Refuse, before anything is rebuilt, import paths the file records that the user has not
+        allowed (:mod:`landscape.trust`); built-in names always pass. (Rebuilding is
+        :mod:`landscape.rebuild`'s: the store only reads.)"""
+        check_recorded_config(self.config, file=self.path, trust=self.trust)
+
+    def info(self) -> dict:
+        """Everything ``landscape info`` shows, as plain data."""
+        runs = {}
+        for r in self.runs:
+            d = self.run(r)
+            last = {k: float(v[-1]) for k, v in d.metrics.items() if v.ndim == 1 and len(v)}
+            runs[r] = {"checkpoints": len(d), "epochs": [float(d.epoch[0]), float(d.epoch[-1])] if len(d) else [],
+                       "final": last}
+        return {"path": str(self.path), "format": FORMAT, "version": self.version,
+                "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
+                "runs": runs, "config": self.config}
+
+
+def open_trajectory(path, trust_code: bool = False, allow=()) -> Trajectory:
+    """Open a trajectory file for reading. Import paths it records for its model and dataset run only
+    with ``trust_code=True`` or when ``allow`` names them (module prefixes or exact paths); see
+    :mod:`landscape.trust`."""
+    return Trajectory(path, trust_code, allow)

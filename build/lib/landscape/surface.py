@@ -1,0 +1,418 @@
+"""Evaluate a plane or line on a grid: the in-memory core, and files, resume and torchrun around it.
+
+:func:`evaluate_surface` takes a live model, its data and a geometry and returns a
+:class:`~landscape.store.Surface` in memory (``surface.save(path)`` writes it). :func:`compute_surface`
+is the same evaluation for a trajectory file's model and data, writing the surface file through :class:`landscape.store.SurfaceWriter`: work
+goes to ``OUT.partial`` and is flushed every ``write_every`` seconds, so a killed computation, run
+again with the same arguments, computes only the points that are missing (and a different spec
+pointed at the same output is refused). Points are made on the fly, ``points_per_call`` at a time,
+as ``origin + a u + b v``: memory does not grow with the grid.
+
+Under torchrun (``WORLD_SIZE > 1``) every rank builds the same geometry, rank 0 opens the file and
+sends the others its grid, basis and the points still to do; chunk c of those points goes to rank
+c mod world (one GPU per rank when there are GPUs, gloo on CPU); results are gathered after every
+round and only rank 0 writes. Every batched call holds exactly ``points_per_call`` points (the file
+keeps the number it started with), so a point's values do not depend on which points share its call:
+the file equals the single-process one, and a resumed computation equals an uninterrupted one.
+
+Example::
+
+    traj = open_trajectory("run.h5")
+    plane = Plane.through(traj, "sgd", "swa/average", "swa/iterates:0")
+    surf = compute_surface(traj, plane, grid=(21, 21), bn="recompute", out="plane.h5")
+    surf.values["test_err"]          # (21, 21), percent
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import as_data
+from .device import resolve_device
+from .dist import Group
+from .errors import ConfigError, LandscapeError, ModelError
+from .evaluate import METRICS, BatchNormPolicy, Evaluator, choose_points_per_call, resolve_policy
+from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
+from .params import Layout, unwrap
+from .rebuild import rebuild_data, rebuild_model
+from .store import Surface, SurfaceWriter, Trajectory, open_surface, open_trajectory
+from .store.surface import MemorySurfaceWriter
+
+
+# The most points one surface may have. A surface file holds a float64 array of this many values per
+# metric (five with --weight-decay) plus the done mask, and every flush reads and rewrites them whole:
+# 10^7 points are 80 MB per array, about 0.5 GB in memory, and weeks of evaluation on a small model.
+MAX_POINTS = 10 ** 7
+
+
+def check_points(shape, what: str = "surface") -> int:
+    """The number of points of values shaped ``shape``; refuses none and more than MAX_POINTS."""
+    shape = tuple(int(n) for n in shape)
+    if any(n < 1 for n in shape):
+        raise ConfigError(f"{what} {' x '.join(map(str, shape))} has no points; give at least one point per axis")
+    n = math.prod(shape)
+    if n > MAX_POINTS:
+        raise ConfigError(f"{what} {' x '.join(map(str, shape))} has {n:,} points, more than the limit of "
+                          f"{MAX_POINTS:,} (every point is a pass over the data, and the file holds "
+                          f"several float64 arrays of that size)")
+    return n
+
+
+def check_evaluation_options(batch_size=None, bn_batch_size=None, bn_samples=None, weight_decay=None,
+                             points_per_call=None) -> None:
+    """Refuse evaluation options no computation can use (None: the default), before anything starts."""
+    for name, value, least in (("batch size", batch_size, 1), ("BatchNorm batch size", bn_batch_size, 2),
+                               ("BatchNorm samples", bn_samples, 2), ("points per call", points_per_call, 1)):
+        if value is not None and not value >= least:
+            raise ConfigError(f"{name} must be at least {least}, got {value}")
+    if weight_decay is not None and not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight decay must be a non-negative number, got {weight_decay}")
+
+
+def input_files(traj, geom) -> list:
+    """The files a surface of ``geom`` is computed from: the trajectory and any other trajectory
+    file a checkpoint was taken from (``OTHER.h5:RUN:INDEX``)."""
+    others = (checkpoint_file(source) for source in getattr(geom, "sources", {}).values())
+    return [traj.path] + [f for f in others if f]
+
+
+def make_grid(geom, grid=None, margin: float = 0.2, xrange=None, yrange=None) -> Grid:
+    """``grid``: a Grid, a shape ((nx, ny) for planes, (nx,) or nx for lines) or None (the default
+    shape); ranges not given come from the geometry (its checkpoints plus ``margin``)."""
+    if isinstance(grid, Grid):
+        return grid
+    if margin < 0:
+        raise ConfigError(f"margin must be non-negative, got {margin}")
+    shape = None if grid is None else ((grid,) if isinstance(grid, int) else tuple(int(n) for n in grid))
+    if shape is not None and len(shape) != len(geom.default_shape):
+        raise ConfigError(f"a {geom.kind} grid has {len(geom.default_shape)} dimension(s), got {list(shape)}")
+    for r in (xrange, yrange):
+        if r is not None and not (len(r) == 2 and r[0] < r[1]):
+            raise ConfigError(f"range {list(r)} is empty; give LOW < HIGH")
+    return geom.default_grid(shape, margin, xrange, yrange)
+
+
+def surface_spec(geom, grid: Grid, policy: BatchNormPolicy, weight_decay, traj: Trajectory | None = None) -> dict:
+    """Everything that defines the values (compared on resume) plus ``derived`` facts for plots; the
+    trajectory's dataset and model when there is one."""
+    spec = {"kind": geom.kind, **geom.spec, "grid": grid.to_dict(), "bn": policy.to_dict(),
+            "weight_decay": weight_decay, "derived": geom.derived}
+    if traj is not None:
+        spec.update(dataset=traj.config.get("data"), model=traj.config.get("model"))
+    if getattr(geom, "rays", False):
+        spec["values_shape"] = ["rays", "x"]
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# the core: a live model, its data, a geometry -> values at the grid's points
+
+def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int = 1000, bn_batch_size: int | None = None,
+             bn_samples: int | None = None, weight_decay: float | None = None, points_per_call: int | None = None,
+             device=None, margin: float = 0.2, xrange=None, yrange=None, checkpoints=None, paths=None,
+             quiet: bool = True) -> Surface:
+    """The surface of a live model over ``geom`` (a :class:`Plane` or :class:`Line`), in memory: no
+    file is read or written (``surface.save(path)`` writes the file ``landscape plane`` would).
+
+    ``model``: an ``nn.Module`` of the geometry's architecture (wrappers such as ``AveragedModel`` are
+    unwrapped); ``data``: a :class:`~landscape.data.Data` or ``(x_train, y_train, x_test, y_test)``;
+    ``grid``: a shape ((nx, ny), or (nx,) for lines), a Grid, or None for the default; ``bn``: auto |
+    recompute | interpolate | stored; ``checkpoints`` ({name: module, state_dict or tensor}) and
+    ``paths`` ({run: [states]}) are projected for the figures, besides the geometry's own points.
+
+    Example::
+
+        plane = Plane.through(sgd_net, swa_model, early, names=("sgd", "swa", "early"))
+        surf = evaluate_surface(sgd_net, plane, (x_train, y_train, x_test, y_test), grid=(21, 21))
+        surf.values["test_err"]          # (21, 21), percent
+    """
+    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call)
+    _check_geometry(geom)
+    module = unwrap(model)[0]
+    if device is None:
+        device = next(module.parameters()).device if any(True for _ in module.parameters()) else "cpu"
+    device = resolve_device(str(device))
+    data = as_data(data, device)
+    layout = Layout.of(module)
+    if layout.num_params != geom.origin.numel():
+        raise ModelError(f"the model has {layout.num_params:,} parameters; the {geom.kind} was made for "
+                         f"{geom.origin.numel():,}")
+    grid = make_grid(geom, grid, margin, xrange, yrange)
+    check_points(geom.values_shape(grid), geom.kind)
+    policy = _policy(bn, bn_batch_size or batch_size, bn_samples, module, geom)
+    points, runs = geom.project(checkpoints=checkpoints, paths=paths)
+    writer = MemorySurfaceWriter(surface_spec(geom, grid, policy, weight_decay), grid.x, grid.y, _basis(geom),
+                                 points, runs, _metrics(weight_decay), geom.values_shape(grid))
+    points_of = _PointEvaluator(copy.deepcopy(module).to(device), layout, data, geom, grid, policy, batch_size,
+                                weight_decay, device)  # a copy: the caller's module stays where it is
+    _fill(writer, points_of, Group.single(device), points_per_call, quiet)
+    return writer.close()
+
+
+def _check_geometry(geom) -> None:
+    if not isinstance(geom, (Plane, Line)):
+        raise ConfigError(f"a surface needs a Plane or a Line, got {type(geom).__name__}")
+
+
+def _policy(bn, bn_batch_size: int, bn_samples, model, geom) -> BatchNormPolicy:
+    if not isinstance(bn, BatchNormPolicy):
+        bn = BatchNormPolicy(bn or "auto", bn_batch_size, bn_samples)
+    return resolve_policy(bn, model, geom.buffer_basis is not None)
+
+
+def _metrics(weight_decay) -> tuple:
+    return METRICS + (("train_loss_l2",) if weight_decay is not None else ())
+
+
+def _basis(geom) -> dict:
+    """The vectors a surface file stores: origin, u, v (planes) or u (lines; (R, P) for rays)."""
+    basis = {"origin": geom.origin.cpu().numpy()}
+    if isinstance(geom, Plane):
+        basis.update(u=geom.u.cpu().numpy(), v=geom.v.cpu().numpy())
+    else:
+        basis["u"] = (geom.directions if geom.rays else geom.directions[0]).cpu().numpy()
+    return basis
+
+
+class _PointEvaluator:
+    """Values at grid points, in calls of exactly ``k`` points each (a short call is padded with
+    copies of its last point), so a point's values depend only on the point and ``k``: not on which
+    points share its call, on the number of workers or ranks, or on where an interrupted computation
+    resumed. On a CPU, W = torch.get_num_threads() single-threaded evaluators work on different calls
+    at once (intra-op threads barely speed up the small operations of one point; separate points scale)."""
+
+    def __init__(self, model, layout, data, geom, grid, policy, batch_size, weight_decay, device, workers=None):
+        if workers is None:
+            workers = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+        self.geom, self.grid, self.device = geom.to(device), grid, device
+        self.interpolate = policy.policy == "interpolate"
+        self.workers = workers
+        self.evaluators = [Evaluator(model, layout, data, policy, batch_size, weight_decay) for _ in range(workers)]
+        self.pool = None
+
+    def __enter__(self):
+        self.threads_before = torch.get_num_threads()
+        if self.workers > 1:
+            self.pool = ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads, initargs=(1,))
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads_before)
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def with_basis(self, origin, vecs, grid) -> None:
+        """Evaluate on exactly these vectors and this grid (those of a file being resumed)."""
+        self.geom, self.grid = self.geom.with_basis(origin, vecs).to(self.device), grid
+
+    def call(self, worker: int, flat: np.ndarray, k: int) -> dict:
+        padded = np.concatenate([flat, np.repeat(flat[-1:], k - len(flat))]) if len(flat) < k else flat
+        c = torch.as_tensor(self.geom.coefficients(self.grid, padded), device=self.device)
+        vals = self.evaluators[worker](weights_at(self.geom, c), buffers_at(self.geom, c, self.interpolate))
+        return {m: v[:len(flat)] for m, v in vals.items()}
+
+    def __call__(self, flat: np.ndarray, k: int) -> dict:
+        """Values of the points ``flat``, k a call, the calls spread over the workers."""
+        pieces = [flat[i:i + k] for i in range(0, len(flat), k)]
+        if self.pool is None or len(pieces) == 1:
+            parts = [self.call(0, p, k) for p in pieces]
+        else:
+            w = self.workers
+            done = list(self.pool.map(lambda j: [self.call(j, p, k) for p in pieces[j::w]], range(min(w, len(pieces)))))
+            parts = [done[i % w][i // w] for i in range(len(pieces))]
+        return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}
+
+
+def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, quiet: bool,
+          write_every: float = 2.0, on_write=None) -> None:
+    """Evaluate every point ``writer`` has not done and write the values (rank 0 writes; under torchrun
+    round r's chunk c goes to rank c mod world). ``points_per_call``: None takes the writer's (a file
+    being resumed keeps the K it started with), else measures it on the first points. The one handler
+    of interruptions: what was computed is written, and the writer is suspended."""
+    grid, done = ranks.objects((writer.grid(), writer.done) if ranks.rank == 0 else None)
+    total, metrics = done.size, writer.metrics
+    todo = np.flatnonzero(~done.reshape(-1))
+    bar = tqdm(total=len(todo), disable=quiet or ranks.rank != 0, unit="pt", leave=False,
+               desc=f"{points_of.geom.kind} {'x'.join(map(str, done.shape))}")
+    pending = []
+
+    def flush():
+        if pending:
+            block = np.concatenate(pending)
+            writer.write(block[:, 0].astype(np.int64), {m: block[:, 1 + i] for i, m in enumerate(metrics)})
+            pending.clear()
+            if on_write is not None:
+                on_write(int(writer.done.sum()), total)
+
+    def keep(flat, vals):
+        pending.append(np.column_stack([flat.astype(np.float64)] + [vals[m] for m in metrics]))
+        bar.update(len(flat))
+
+    try:
+        with points_of:
+            k = points_per_call or (writer.points_per_call if ranks.rank == 0 else None)
+            if k is None and ranks.rank == 0 and len(todo):
+                k, todo = _measure(points_of, todo, keep)
+            k = ranks.objects(min(k or 1, total))  # more than every point would only pad calls
+            todo = ranks.objects(todo)
+            if ranks.rank == 0:
+                writer.points_per_call = k
+            _rounds(points_of, todo, k, ranks, keep, flush, write_every)
+            flush()
+    except BaseException as e:
+        bar.close()
+        if ranks.rank == 0 and isinstance(e, KeyboardInterrupt):
+            flush()  # computed but not yet written: keep it too
+        kept = _suspend(writer, e, total)  # what was written stays resumable in OUT.partial
+        if kept is not None:
+            raise kept from None
+        raise
+    bar.close()
+
+
+def _measure(points_of: _PointEvaluator, todo: np.ndarray, keep) -> tuple:
+    """(K, the points still to do): K from timing real calls on the first points (rank 0). The values
+    of the calls made at the chosen K are kept; the others' points are evaluated again later, at K."""
+    made, used = {}, 0
+
+    def call(n):
+        nonlocal used
+        flat = todo[used:used + n]
+        made.setdefault(n, []).append((flat, points_of.call(0, flat, n)))
+        used += n
+
+    k, _ = choose_points_per_call(call, len(todo), points_of.device)
+    for flat, vals in made.get(k, []):
+        keep(flat, vals)
+    kept = np.concatenate([f for f, _ in made.get(k, [])]) if k in made else np.zeros(0, np.int64)
+    return k, todo[~np.isin(todo, kept)]
+
+
+def _rounds(points_of, todo, k, ranks, keep, flush, write_every) -> None:
+    step = k * points_of.workers
+    chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
+    rounds = math.ceil(len(chunks) / ranks.world)
+    metrics_count = len(points_of.evaluators[0].metrics)
+    last_write = time.perf_counter()
+    for r in range(rounds):
+        c = r * ranks.world + ranks.rank
+        mine = chunks[c] if c < len(chunks) else np.zeros(0, np.int64)
+        rows = torch.full((step, 1 + metrics_count), -1.0, dtype=torch.float64)
+        if len(mine):
+            vals = points_of(mine, k)
+            rows[:len(mine), 0] = torch.from_numpy(mine.astype(np.float64))
+            rows[:len(mine), 1:] = torch.from_numpy(np.stack([vals[m] for m in points_of.evaluators[0].metrics], 1))
+        rows = ranks.gather(rows.to(points_of.device if ranks.distributed else "cpu"))
+        if ranks.rank != 0:
+            continue
+        rows = rows.cpu().numpy()
+        rows = rows[rows[:, 0] >= 0]
+        keep(rows[:, 0].astype(np.int64), {m: rows[:, 1 + i] for i, m in enumerate(points_of.evaluators[0].metrics)})
+        if time.perf_counter() - last_write >= write_every:
+            flush()
+            last_write = time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------
+# files, resume and torchrun around the core
+
+def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bool = False, quiet: bool = False,
+                    device="auto", margin: float = 0.2, xrange=None, yrange=None, batch_size: int | None = None,
+                    bn_batch_size: int | None = None, bn_samples: int | None = None, weight_decay: float | None = None,
+                    points_per_call: int | None = None, write_every: float = 2.0, on_write=None) -> Surface | None:
+    """Evaluate ``geom`` (a :class:`Plane` or :class:`Line`) on ``grid`` with the model and data of the
+    trajectory ``traj`` and return the surface (read back from ``out``, or in memory when ``out`` is
+    None; None on ranks other than 0 without ``out``).
+
+    ``bn``: auto | recompute | interpolate | stored (or a BatchNormPolicy); ``bn_batch_size`` (default:
+    the trajectory's eval batch size) and ``bn_samples`` refine ``recompute``. ``batch_size``: data
+    batch of the metric passes. ``weight_decay``: also store ``train_loss_l2``. ``points_per_call``:
+    None measures it (or takes the one a resumed file started with). ``on_write(done, total)`` is
+    called after every flush of the file."""
+    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call)
+    traj = traj if isinstance(traj, Trajectory) else open_trajectory(traj)
+    _check_geometry(geom)
+    grid = make_grid(geom, grid, margin, xrange, yrange)
+    check_points(geom.values_shape(grid), geom.kind)
+    with Group.join(resolve_device(device)) as ranks:
+        default_batch = int(traj.config.get("eval_batch_size", 1000))
+        data = rebuild_data(traj, ranks.device)
+        model = rebuild_model(traj, data, ranks.device)
+        policy = _policy(bn, default_batch if bn_batch_size is None else bn_batch_size, bn_samples, model, geom)
+        spec = surface_spec(geom, grid, policy, weight_decay, traj)
+        writer = _open_writer(ranks, traj, geom, grid, spec, out, overwrite, _metrics(weight_decay))
+        points_of = _PointEvaluator(model, traj.layout, data, geom, grid, policy,
+                                    default_batch if batch_size is None else batch_size, weight_decay, ranks.device,
+                                    workers=1 if ranks.distributed else None)
+        _agree_on_basis(ranks, writer, points_of)
+        _fill(writer, points_of, ranks, points_per_call, quiet, write_every, on_write)
+        surface = None
+        if ranks.rank == 0:
+            result = writer.close()
+            surface = result if isinstance(result, Surface) else open_surface(result)
+        ranks.barrier()
+        if surface is None and out is not None:
+            surface = open_surface(out)
+        return surface
+
+
+def _open_writer(ranks, traj, geom, grid, spec, out, overwrite, metrics):
+    """Rank 0 creates (or resumes) the writer; a failure there stops every rank."""
+    writer, failure = None, None
+    if ranks.rank == 0:
+        try:
+            points, paths = geom.project(traj)
+            shape = geom.values_shape(grid)
+            if out is None:
+                writer = MemorySurfaceWriter(spec, grid.x, grid.y, _basis(geom), points, paths, metrics, shape,
+                                             trajectory=traj.path)
+            else:
+                writer = SurfaceWriter.create(out, spec, grid.x, grid.y, _basis(geom), points, paths,
+                                              trajectory=traj.path, metrics=metrics, overwrite=overwrite,
+                                              shape=shape, inputs=input_files(traj, geom)[1:])
+        except LandscapeError as e:
+            failure = e
+    if ranks.objects(failure is not None):
+        if failure is not None:
+            raise failure
+        raise LandscapeError("rank 0 could not open the output file")
+    return writer
+
+
+def _agree_on_basis(ranks, writer, points_of) -> None:
+    """Every rank evaluates on rank 0's grid and vectors: on resume, exactly those in the file."""
+    state = None
+    if ranks.rank == 0:
+        stored = writer.basis()
+        origin = torch.as_tensor(np.asarray(stored["origin"]), dtype=torch.float32)
+        vecs = torch.as_tensor(np.stack([stored["u"], stored["v"]]) if "v" in stored else np.asarray(stored["u"]),
+                               dtype=torch.float32)
+        state = writer.grid()
+    else:
+        origin, vecs = points_of.geom.origin.cpu().clone(), points_of.geom.basis.cpu().clone()
+    x, y = ranks.objects(state)
+    origin, vecs = ranks.tensor(origin.to(ranks.device)), ranks.tensor(vecs.to(ranks.device))
+    grid = Grid((float(x[0]), float(x[-1])), len(x), None if y is None else (float(y[0]), float(y[-1])),
+                None if y is None else len(y))
+    points_of.with_basis(origin, vecs, grid)
+
+
+def _suspend(writer, error: BaseException, total: int) -> KeyboardInterrupt | None:
+    """Close a failed computation's writer, its points kept in OUT.partial. For an interruption
+    (Ctrl-C, SIGTERM) of a file being written, return the KeyboardInterrupt to raise instead: it
+    says how many points were kept where, and how to finish."""
+    if writer is None:
+        return None
+    done = int(writer.done.sum()) if isinstance(writer, SurfaceWriter) and writer.file.id.valid else None
+    writer.suspend()
+    if isinstance(error, KeyboardInterrupt) and done is not None:
+        return KeyboardInterrupt(f"{done} of {total} points kept in {writer.tmp}; run the same command "
+                                 f"again to finish")
+    return None

@@ -1,0 +1,50 @@
+"""SGD and SWA (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better
+Generalization"; schedule and averaging as in the authors' train.py)."""
+from __future__ import annotations
+
+from torch.optim.swa_utils import AveragedModel
+
+from .loop import Context, set_lr, sgd_optimizer, swa_schedule, train_epoch
+
+
+def run_sgd(ctx: Context) -> None:
+    """Momentum SGD, lr factor 1 -> lr_ratio over the budget; run ``sgd``, one row per epoch (row 0
+    is the initialization)."""
+    cfg = ctx.config
+    model = ctx.fresh_model()
+    opt = sgd_optimizer(model, cfg)
+    gen, step = ctx.generator(), [0]
+    state = dict(model=model, opt=opt, gen=gen, step=step)
+    start = ctx.resume_point("sgd", **state)
+    if start == 0:
+        ctx.record("sgd", model, 0.0, 0)
+    for epoch in range(start, cfg.epochs):
+        set_lr(opt, cfg.lr * swa_schedule(epoch, cfg.epochs, cfg.lr_ratio))
+        train_epoch(model, opt, ctx.data, cfg.batch_size, gen, ctx.step_recorder("sgd", model, epoch, step))
+        ctx.record("sgd", model, epoch + 1.0, step[0])
+        ctx.tick()
+        ctx.epoch_done("sgd", epoch + 1, **state)
+
+
+def run_swa(ctx: Context) -> None:
+    """SWA: the schedule with t = epoch / swa_start and ratio swa_lr / lr; from epoch swa_start on,
+    every swa_c epochs, the iterate is recorded in ``swa/iterates`` and folded into the running
+    average (torch.optim.swa_utils.AveragedModel: w <- w n/(n+1) + w_i/(n+1)), whose BatchNorm
+    statistics are recomputed sample-weighted before it is recorded in ``swa/average``."""
+    cfg = ctx.config
+    model = ctx.fresh_model()
+    opt = sgd_optimizer(model, cfg)
+    average = AveragedModel(model, use_buffers=False)  # buffers are recomputed, not averaged
+    gen, per_epoch = ctx.generator(), ctx.steps_per_epoch()
+    state = dict(model=model, opt=opt, average=average, gen=gen)
+    for epoch in range(ctx.resume_point("swa", **state), cfg.epochs):
+        set_lr(opt, cfg.lr * swa_schedule(epoch, cfg.swa_start, cfg.swa_lr / cfg.lr))
+        train_epoch(model, opt, ctx.data, cfg.batch_size, gen)
+        if epoch + 1 >= cfg.swa_start and (epoch + 1 - cfg.swa_start) % cfg.swa_c == 0:
+            step = (epoch + 1) * per_epoch
+            ctx.record("swa/iterates", model, epoch + 1.0, step)
+            average.update_parameters(model)
+            ctx.record("swa/average", average.module, epoch + 1.0, step, recompute=True,
+                       n_averaged=int(average.n_averaged))
+        ctx.tick()
+        ctx.epoch_done("swa", epoch + 1, **state)
