@@ -119,9 +119,10 @@ def plan(traj, averages) -> list:
 
 
 def add_averages(path, averages, out, device="auto", overwrite: bool = False, quiet: bool = True,
-                 batch_size: int | None = None) -> dict:
+                 batch_size: int | None = None, extra_config: dict | None = None) -> dict:
     """Write ``out``: every run of the trajectory file ``path`` plus one averaged run per
-    :class:`Average`. Every input is checked before any work. Returns {run name: final metrics}."""
+    :class:`Average`. Every input is checked before any work. ``extra_config``: facts added to the
+    output's configuration. Returns {"path", "runs": {run name: final metrics}}."""
     traj = open_trajectory(path)
     jobs = plan(traj, averages)
     out = prepare_output(out, overwrite, inputs=(traj.path,))
@@ -131,7 +132,8 @@ def add_averages(path, averages, out, device="auto", overwrite: bool = False, qu
     from .train.loop import evaluate
     eval_bs = int(batch_size or traj.config.get("eval_batch_size", 1000))
     config = dict(traj.config, averaged=[{"window": str(a.window), "mode": a.mode, "decay": a.decay, "run": name}
-                                         for a, _, name in jobs] + list(traj.config.get("averaged", [])))
+                                         for a, _, name in jobs] + list(traj.config.get("averaged", [])),
+                  **(extra_config or {}))
     finals = {}
     total = sum(len(rows) for _, rows, _ in jobs)
     with TrajectoryWriter(out, config, traj.layout, overwrite=overwrite) as w, \

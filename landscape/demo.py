@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .device import resolve_device
 from .errors import FileFormatError
 from .geometry import Line, Plane
+from .sharpness import SharpnessSpec
 from .store import open_surface, open_trajectory
 from .store.files import sha256
 from .surface import compute_surface
@@ -36,7 +37,7 @@ from .train import train
 class DemoConfig:
     # grafting without its no-grafting baseline: with the defaults one baseline network *is* the sgd run
     # and no figure draws them (benchmarks/methods.py trains the baseline for the README table)
-    train: TrainConfig = TrainConfig(methods=("sgd", "swa", "swap", "lookahead", "lookahead-adam", "grafting"),
+    train: TrainConfig = TrainConfig(methods=("sgd", "swa", "ema", "swap", "lookahead", "lookahead-adam", "grafting"),
                                      grafting_baseline=False)
     plane_grid: tuple = (21, 21)
     # the SWA paper's picture: SGD, the SWA average and the first averaged iterate span a plane
@@ -52,12 +53,21 @@ class DemoConfig:
     ray_points: int = 21
     ray_distance: float = 15.0             # weight-space units
     rises: tuple = (0.05, 0.1)             # train-loss rises that define the basin's width
+    # flatness table: every method's final checkpoint, and averages of SGD's checkpoints made after
+    # the fact (landscape average): its last 10 (latest weight averaging) and SWA's window on SGD
+    flatness: tuple = ("sgd", "swa/average", "ema/average", "swap/average", "lookahead/slow",
+                       "lookahead-adam/slow", "grafting/net0", "grafting/net1")
+    after_the_fact: tuple = (("sgd:-10:", "uniform", None), ("sgd:100:", "uniform", None))
+    sharpness: SharpnessSpec = SharpnessSpec(top_k=3, probes=50, density=True, density_runs=1, density_steps=60,
+                                             epsilon=0.05, ascent_steps=10)
 
     def quick(self) -> "DemoConfig":
         """A small version for tests and a first look: same steps, minutes become seconds."""
         t = replace(self.train, epochs=8, swa_start=5, swap_phase1_epochs=4, swap_threshold=80.0,
                     swap_phase2_epochs=2)
-        return replace(self, train=t, plane_grid=(7, 7), line_points=11, rays=2, ray_points=7)
+        return replace(self, train=t, plane_grid=(7, 7), line_points=11, rays=2, ray_points=7,
+                       after_the_fact=(("sgd:-3:", "uniform", None), ("sgd:5:", "uniform", None)),
+                       sharpness=replace(self.sharpness, iterations=20, probes=10, density_steps=20, ascent_steps=3))
 
 
 def _same_config(path: Path, config: TrainConfig) -> bool:
@@ -122,14 +132,21 @@ def run_demo(out_dir="landscape-demo", quick: bool = False, device: str = "auto"
     start = time.perf_counter()
     figures_dir = out / "figures"
     res = plot_files(surfaces, figures_dir, trajectory=traj, rises=cfg.rises)
-    explorer = write_explorer(surfaces, out / "explore.html", title="landscape demo: MNIST-1D", overwrite=True)
     seconds["figures"] = time.perf_counter() - start
+
+    # 4. flatness as numbers: averages after the fact, sharpness, basin widths of every method
+    start = time.perf_counter()
+    flat = run_flatness(cfg, out, run_path, surfaces, device, quiet, log)
+    seconds["flatness"] = time.perf_counter() - start
+    explorer = write_explorer(surfaces, out / "explore.html", title="landscape demo: MNIST-1D", overwrite=True,
+                              sharpness=flat["sharpness_file"])
 
     summary = {"out": str(out), "trajectory": str(run_path), "surfaces": [str(s) for s in surfaces],
                "figures": [str(f) for f in res.figures], "numbers": str(res.numbers_path),
-               "explorer": str(explorer), "seconds": seconds, "final": _finals(traj),
+               "explorer": str(explorer), "seconds": seconds, "final": _finals(traj), "flatness": flat,
                "swap": _swap_numbers(traj), "lines": res.lines,
-               "claims": _claims(res.numbers, open_surface(out / "plane-swa.h5"), open_surface(out / "plane-swap.h5"), cfg)}
+               "claims": _claims(res.numbers, open_surface(out / "plane-swa.h5"), open_surface(out / "plane-swap.h5"), cfg)
+               + flat["claims"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -206,3 +223,128 @@ def _in_hull(point: np.ndarray, corners: np.ndarray) -> bool:
     except QhullError:
         a, b = corners.min(0), corners.max(0)
         return bool(np.all(point >= a - 1e-9) and np.all(point <= b + 1e-9))
+
+
+# ----------------------------------------------------------------------------------------------
+# flatness as numbers
+
+def run_flatness(cfg: DemoConfig, out: Path, run_path: Path, surfaces: list, device: str, quiet: bool, log) -> dict:
+    """Averages of SGD made after the fact (``run+avg.h5``), the sharpness of every method's final
+    checkpoint (``sharpness.h5``), random rays from each for its basin width, the flatness table
+    (printed by the CLI, drawn as ``figures/flatness-table``) and ``figures/flatness``. Reuses what a
+    previous run of the same trajectory made."""
+    from .average import Average, Window, add_averages
+    from .plot.figures import save
+    from .plot.flatness import flatness_figure, flatness_table_figure
+    from .sharpness import compute_sharpness
+    from .store.sharpness import open_sharpness
+
+    run_sha = sha256(run_path)
+    avg_path = out / "run+avg.h5"
+    if avg_path.exists() and open_trajectory(avg_path).config.get("source_sha256") == run_sha:
+        log(f"reusing {avg_path}")
+    else:
+        log("averaging SGD's checkpoints after the fact ...")
+        averages = [Average(Window.parse(w), mode, decay) for w, mode, decay in cfg.after_the_fact]
+        add_averages(run_path, averages, avg_path, device=device, overwrite=True, quiet=quiet,
+                     extra_config={"source_sha256": run_sha})
+    traj = open_trajectory(avg_path)
+    avg_sha = sha256(avg_path)
+    made = [r for r in traj.runs if r.startswith("avg/")]
+    names = [n for n in cfg.flatness if n in traj.runs] + made
+    sharp_path = out / "sharpness.h5"
+    sharp = None
+    if sharp_path.exists():
+        sharp = open_sharpness(sharp_path)
+        if sharp.trajectory_sha256 != avg_sha or sharp.spec.get("sharpness") != cfg.sharpness.to_dict():
+            sharp = None
+    if sharp is None:
+        log(f"sharpness of {len(names)} checkpoints ...")
+        sharp = compute_sharpness(traj, names, cfg.sharpness, device=device, out=sharp_path, overwrite=True,
+                                  quiet=quiet)
+    else:
+        log(f"reusing {sharp_path}")
+    # basin widths: the demo's rays from sgd and swa/average, and as many from every other checkpoint
+    rays = {}
+    for path in surfaces:
+        s = open_surface(path)
+        if s.rays:
+            rays[s.spec.get("origin")] = s
+    for r in sharp.results:
+        name = r["checkpoint"]
+        if name in rays:
+            continue
+        path = out / f"flat-rays-{name.replace('/', '-').replace(':', '-')}.h5"
+        if not (path.exists() and open_surface(path).trajectory_sha256 == avg_sha):
+            compute_surface(traj, Line.random_rays(traj, name, cfg.rays, seed=0, max_distance=cfg.ray_distance),
+                            (cfg.ray_points,), out=path, overwrite=True, quiet=True, device=device)
+        rays[name] = open_surface(path)
+    table = flatness_table(sharp, rays, cfg.rises)
+    figures_dir = out / "figures"
+    figs = save(flatness_figure(sharp), figures_dir, "flatness")
+    figs += save(flatness_table_figure(table, sharp.epsilon, cfg.rises), figures_dir, "flatness-table")
+    return {"sharpness_file": str(sharp_path), "trajectory": str(avg_path), "table": table,
+            "epsilon": sharp.epsilon, "rises": list(cfg.rises), "figures": [str(f) for f in figs],
+            "claims": flatness_claims(table, cfg.rises)}
+
+
+def basin_width(surface, rise: float) -> dict:
+    """Mean distance along the random rays of ``surface`` to where the train loss has risen by ``rise``
+    (rays that never rise that much within their length count at their length: a lower bound)."""
+    from .plot.analysis import rise_distance
+    v = surface.values["train_loss"]
+    ds, capped = [], 0
+    for row in v:
+        d, searched = rise_distance(surface.x, row, 0.0, rise, +1)
+        if d is None:
+            d, capped = searched, capped + 1
+        ds.append(d)
+    return {"mean": float(np.mean(ds)), "not_reached": capped, "rays": len(ds)}
+
+
+def flatness_table(sharp, rays: dict, rises) -> list:
+    """One row per checkpoint of ``sharp``: test error, top eigenvalue, trace, epsilon-sharpness and
+    the basin widths at every rise."""
+    rows = []
+    for r in sharp.results:
+        name = r["checkpoint"]
+        run = name.rsplit(":", 1)[0]
+        widths = {f"{rise:g}": basin_width(rays[name], rise) for rise in rises} if name in rays else {}
+        rows.append({"checkpoint": name, "run": run, "test_err": r["metrics"]["test_err"],
+                     "train_loss": r["metrics"]["train_loss"], "top_eigenvalue": float(r["eigenvalues"][0]),
+                     "eigenvalues": [float(v) for v in r["eigenvalues"]], "trace": r["trace"],
+                     "trace_stderr": r["trace_stderr"], "epsilon_sharpness": r["epsilon_sharpness"],
+                     "basin_width": widths})
+    return rows
+
+
+def flatness_claims(table: list, rises) -> list:
+    """For every average (and Lookahead's slow weights), whether it sits in a flatter region than SGD:
+    a lower top eigenvalue, a lower trace (beyond two standard errors), a lower epsilon-sharpness and
+    a wider basin at every rise."""
+    sgd = next((r for r in table if r["run"] == "sgd"), None)
+    if sgd is None:
+        return []
+    claims = []
+    for r in table:
+        if r["run"] == "sgd" or not (r["run"].endswith(("average", "slow")) or r["run"].startswith("avg/")):
+            continue
+        tests = {"top eigenvalue": r["top_eigenvalue"] < sgd["top_eigenvalue"],
+                 "trace": r["trace"] + 2 * r["trace_stderr"] < sgd["trace"] - 2 * sgd["trace_stderr"],
+                 "epsilon-sharpness": r["epsilon_sharpness"] < sgd["epsilon_sharpness"]}
+        for rise in rises:
+            k = f"{rise:g}"
+            if k in r["basin_width"] and k in sgd["basin_width"]:
+                tests[f"basin width at +{k}"] = r["basin_width"][k]["mean"] > sgd["basin_width"][k]["mean"]
+        flatter = [k for k, v in tests.items() if v]
+        sharper = [k for k, v in tests.items() if not v]
+        from .plot.style import role
+        claims.append({
+            "claim": f"{role(r['run']).label} sits in a flatter region than SGD",
+            "holds": not sharper,
+            "evidence": (f"flatter by {', '.join(flatter) or 'no measure'}"
+                         + (f"; not by {', '.join(sharper)}" if sharper else "")
+                         + f" (top eigenvalue {r['top_eigenvalue']:.3g} vs {sgd['top_eigenvalue']:.3g}, trace "
+                           f"{r['trace']:.3g} vs {sgd['trace']:.3g}, epsilon-sharpness {r['epsilon_sharpness']:.3g} "
+                           f"vs {sgd['epsilon_sharpness']:.3g})")})
+    return claims
