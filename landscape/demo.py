@@ -59,7 +59,7 @@ class DemoConfig:
                        "lookahead-adam/slow", "grafting/net0", "grafting/net1")
     after_the_fact: tuple = (("sgd:-10:", "uniform", None), ("sgd:100:", "uniform", None))
     sharpness: SharpnessSpec = SharpnessSpec(top_k=3, probes=50, density=True, density_runs=1, density_steps=60,
-                                             epsilon=0.05, ascent_steps=10)
+                                             epsilon=0.01, ascent_steps=10)
 
     def quick(self) -> "DemoConfig":
         """A small version for tests and a first look: same steps, minutes become seconds."""

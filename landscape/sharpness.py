@@ -56,7 +56,7 @@ class SharpnessSpec:
     density: bool = False          # also the spectral density (stochastic Lanczos quadrature)
     density_runs: int = 3          # SLQ: independent Lanczos runs
     density_steps: int = 80        # SLQ: steps per run
-    epsilon: float = 0.05          # radius of the filter-normalized ball (fraction of each filter's norm)
+    epsilon: float = 0.01          # radius of the filter-normalized ball (fraction of each filter's norm)
     ascent_steps: int = 20         # projected gradient ascent steps per start
     samples: int | None = None     # training samples (None: all)
     seed: int = 0                  # starting vectors, probes and the subset

@@ -145,7 +145,7 @@ def test_cli_writes_the_file_and_json(tiny_run, tmp_path, capsys):
         assert {"checkpoint", "eigenvalues", "trace", "trace_stderr", "epsilon_sharpness"} <= set(p)
         assert p["eigenvalues"] == sorted(p["eigenvalues"], reverse=True) and len(p["eigenvalues"]) == 2
     s = open_sharpness(out)
-    assert s.epsilon == 0.05 and s.spec["bn"]["policy"] == "recompute"
+    assert s.epsilon == 0.01 and s.spec["bn"]["policy"] == "recompute"
     assert [r["checkpoint"] for r in s.results] == ["sgd:6", "swa/average:3"]
     assert np.asarray(s.results[0]["density_nodes"]).shape == (1, 8)
     assert s.summary()[0]["trace"] == printed[0]["trace"]
