@@ -134,12 +134,22 @@ def test_filter_ball_projection():
             np.testing.assert_allclose(rows.norm(dim=1), 0.2 * w[sl].view(e.shape[0], -1).norm(dim=1))
 
 
-def test_cli_writes_the_file_and_json(tiny_run, tmp_path, capsys):
-    out = tmp_path / "sharp.h5"
-    assert main(["sharpness", str(tiny_run), "sgd", "swa/average:-1", "--top-k", "2", "--probes", "4",
-                 "--ascent-steps", "2", "--density", "--density-runs", "1", "--density-steps", "8",
-                 "-o", str(out), "--json", "--quiet"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def sharp_file(tiny_run, tmp_path_factory):
+    """The CLI's file for two checkpoints of the tiny run, and what --json printed."""
+    import contextlib
+    import io
+    out = tmp_path_factory.mktemp("sharp") / "sharp.h5"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["sharpness", str(tiny_run), "sgd", "swa/average:-1", "--top-k", "2", "--probes", "4",
+                     "--ascent-steps", "2", "--density", "--density-runs", "1", "--density-steps", "8",
+                     "-o", str(out), "--json", "--quiet"]) == 0
+    return out, json.loads(buf.getvalue())
+
+
+def test_cli_writes_the_file_and_json(sharp_file):
+    out, printed = sharp_file
     assert [p["checkpoint"] for p in printed] == ["sgd:6", "swa/average:3"]
     for p in printed:
         assert {"checkpoint", "eigenvalues", "trace", "trace_stderr", "epsilon_sharpness"} <= set(p)
@@ -149,6 +159,24 @@ def test_cli_writes_the_file_and_json(tiny_run, tmp_path, capsys):
     assert [r["checkpoint"] for r in s.results] == ["sgd:6", "swa/average:3"]
     assert np.asarray(s.results[0]["density_nodes"]).shape == (1, 8)
     assert s.summary()[0]["trace"] == printed[0]["trace"]
+
+
+def test_flatness_figure_and_explorer_numbers(sharp_file, tmp_path, tiny_run):
+    out, printed = sharp_file
+    assert main(["plot", "--sharpness", str(out), "-o", str(tmp_path / "figs"), "--format", "png"]) == 0
+    assert (tmp_path / "figs" / "flatness.png").stat().st_size > 10_000
+    numbers = json.loads((tmp_path / "figs" / "numbers.json").read_text())
+    assert numbers["sharpness"] == printed
+    from landscape.geometry import Plane
+    from landscape.plot.interactive import explorer_html
+    from landscape.surface import compute_surface
+    traj = open_trajectory(tiny_run)
+    surf = compute_surface(traj, Plane.through(traj, "sgd", "swa/average", "swa/iterates:0"), (3, 3), quiet=True)
+    page = explorer_html([surf], sharpness=out)
+    assert "Flatness numbers" in page
+    top = printed[0]["eigenvalues"][0]
+    assert f"top Hessian eigenvalue {top:.4g}" in page      # in the hover text of sgd:6
+    assert page.count("<tr>") == 1 + len(printed)
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -386,7 +386,7 @@ def explorer_html(surfaces, title: str = "landscape explorer", sharpness=None) -
     sections = [sec.replace("<section>", f'<section id="s{k}">', 1) for k, sec in enumerate(sections)]
     if sharp is not None:
         nav = (f'<li><a href="#s0">flatness numbers</a></li>' + "".join(
-            f'<li><a href="#s{k + 1}">{html.escape(str(s.path.name) if s.path else k)}</a></li>'
+            f'<li><a href="#s{k + 1}">{html.escape(str(s.path.name) if s.path else f"surface {k}")}</a></li>'
             for k, s in enumerate(surfs)))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -437,8 +437,10 @@ def flatness_table_html(sharp) -> str:
                     f"<td>{r['metrics']['test_err']:.2f}</td><td>{eig}</td>"
                     f"<td>{r['trace']:.4g} +- {r['trace_stderr']:.2g}</td><td>{r['epsilon_sharpness']:.4g}</td></tr>")
     name = html.escape(sharp.path.name) if sharp.path is not None else "sharpness"
-    return (f'<section><h2>Flatness numbers ({name})</h2><p class="what">Of the train loss at each checkpoint '
-            f"(BatchNorm {html.escape(str(sharp.spec.get('bn', {}).get('policy', '?')))}): Hessian eigenvalues by "
+    policy = str(sharp.spec.get("bn", {}).get("policy", "?"))
+    bn = "" if policy == "none" else f" (BatchNorm statistics: {html.escape(policy)})"
+    return (f'<section><h2>Flatness numbers ({name})</h2><p class="what">Of the train loss at each checkpoint'
+            f"{bn}: Hessian eigenvalues by "
             "Lanczos, trace by Hutchinson, epsilon-sharpness = the largest train-loss rise within the "
             "filter-normalized epsilon-ball. Hover a checkpoint in a plane for its numbers.</p>"
             f'<table class="flat">{head}{"".join(rows)}</table></section>')
