@@ -67,7 +67,9 @@ class DemoConfig:
                     swap_phase2_epochs=2)
         return replace(self, train=t, plane_grid=(7, 7), line_points=11, rays=2, ray_points=7,
                        after_the_fact=(("sgd:-3:", "uniform", None), ("sgd:5:", "uniform", None)),
-                       sharpness=replace(self.sharpness, iterations=20, probes=10, density_steps=20, ascent_steps=3))
+                       flatness=("sgd", "swa/average", "ema/average", "swap/average", "lookahead/slow", "grafting/net0"),
+                       sharpness=replace(self.sharpness, samples=500, iterations=10, probes=4, density_steps=10,
+                                         ascent_steps=2))
 
 
 def _same_config(path: Path, config: TrainConfig) -> bool:
@@ -241,16 +243,16 @@ def run_flatness(cfg: DemoConfig, out: Path, run_path: Path, surfaces: list, dev
 
     run_sha = sha256(run_path)
     avg_path = out / "run+avg.h5"
+    averages = [Average(Window.parse(w), mode, decay) for w, mode, decay in cfg.after_the_fact]
     if avg_path.exists() and open_trajectory(avg_path).config.get("source_sha256") == run_sha:
         log(f"reusing {avg_path}")
     else:
         log("averaging SGD's checkpoints after the fact ...")
-        averages = [Average(Window.parse(w), mode, decay) for w, mode, decay in cfg.after_the_fact]
         add_averages(run_path, averages, avg_path, device=device, overwrite=True, quiet=quiet,
                      extra_config={"source_sha256": run_sha})
     traj = open_trajectory(avg_path)
     avg_sha = sha256(avg_path)
-    made = [r for r in traj.runs if r.startswith("avg/")]
+    made = [a.run_name(a.window.rows(traj)) for a in averages]
     names = [n for n in cfg.flatness if n in traj.runs] + made
     sharp_path = out / "sharpness.h5"
     sharp = None
@@ -275,7 +277,10 @@ def run_flatness(cfg: DemoConfig, out: Path, run_path: Path, surfaces: list, dev
         if name in rays:
             continue
         path = out / f"flat-rays-{name.replace('/', '-').replace(':', '-')}.h5"
-        if not (path.exists() and open_surface(path).trajectory_sha256 == avg_sha):
+        if path.exists() and open_surface(path).trajectory_sha256 == avg_sha:
+            log(f"reusing {path}")
+        else:
+            log(f"evaluating {cfg.rays} random rays from {name} ...")
             compute_surface(traj, Line.random_rays(traj, name, cfg.rays, seed=0, max_distance=cfg.ray_distance),
                             (cfg.ray_points,), out=path, overwrite=True, quiet=True, device=device)
         rays[name] = open_surface(path)
