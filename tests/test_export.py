@@ -100,3 +100,20 @@ def test_cli_exports_and_refuses(plane, tmp_path, capsys):
     assert main(["export", src, "--to", "vtk", "-o", str(tmp_path / "x.vts")]) == 2
     assert "NAME.vtm" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_rays_go_to_csv_only(tmp_path, capsys):
+    x = np.linspace(0, 2, 3)
+    w = SurfaceWriter.create(tmp_path / "rays.h5", {"kind": "line", "values_shape": ["rays", "x"]}, x, None,
+                             {"origin": np.zeros(3)}, {}, {}, shape=(2, 3))
+    w.write(np.arange(6), {m: np.arange(6.0) for m in ("train_loss", "train_err", "test_loss", "test_err")})
+    w.close()
+    for to in ("vtk", "loss-landscape"):
+        assert main(["export", str(tmp_path / "rays.h5"), "--to", to]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("landscape: error: ") and "--to csv" in err and err.count("\n") == 1
+    assert main(["export", str(tmp_path / "rays.h5"), "--to", "csv"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "rays.csv")))
+    assert [(r["ray"], float(r["x"]), float(r["train_loss"])) for r in rows] == [
+        ("0", 0.0, 0.0), ("0", 1.0, 1.0), ("0", 2.0, 2.0), ("1", 0.0, 3.0), ("1", 1.0, 4.0), ("1", 2.0, 5.0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rays.csv", "rays.h5"]
