@@ -323,33 +323,43 @@ def flatness_table(sharp, rays: dict, rises) -> list:
     return rows
 
 
-def flatness_claims(table: list, rises) -> list:
-    """For every average (and Lookahead's slow weights), whether it sits in a flatter region than SGD:
-    a lower top eigenvalue, a lower trace (beyond two standard errors), a lower epsilon-sharpness and
-    a wider basin at every rise."""
+def flatness_claims(table: list, rises, margin: float = 0.05) -> list:
+    """For every average (and Lookahead's slow weights), whether it sits in a flatter region than SGD.
+    Each measure says flatter, sharper or about the same: a lower top eigenvalue, a lower
+    epsilon-sharpness or a wider basin (mean over the rays) counts when it differs from SGD's by more
+    than ``margin`` (relative); a lower trace when also by more than two standard errors of the
+    difference. The claim holds when every measure says flatter."""
+    from .plot.style import role
     sgd = next((r for r in table if r["run"] == "sgd"), None)
     if sgd is None:
         return []
+
+    def compare(mine, theirs, lower_is_flatter=True, noise=0.0):
+        diff = (theirs - mine) if lower_is_flatter else (mine - theirs)
+        if abs(diff) <= max(margin * abs(theirs), noise):
+            return "about the same"
+        return "flatter" if diff > 0 else "sharper"
+
     claims = []
     for r in table:
         if r["run"] == "sgd" or not (r["run"].endswith(("average", "slow")) or r["run"].startswith("avg/")):
             continue
-        tests = {"top eigenvalue": r["top_eigenvalue"] < sgd["top_eigenvalue"],
-                 "trace": r["trace"] + 2 * r["trace_stderr"] < sgd["trace"] - 2 * sgd["trace_stderr"],
-                 "epsilon-sharpness": r["epsilon_sharpness"] < sgd["epsilon_sharpness"]}
+        verdict = {"top eigenvalue": compare(r["top_eigenvalue"], sgd["top_eigenvalue"]),
+                   "trace": compare(r["trace"], sgd["trace"],
+                                    noise=2 * (r["trace_stderr"] ** 2 + sgd["trace_stderr"] ** 2) ** 0.5),
+                   "epsilon-sharpness": compare(r["epsilon_sharpness"], sgd["epsilon_sharpness"])}
         for rise in rises:
             k = f"{rise:g}"
             if k in r["basin_width"] and k in sgd["basin_width"]:
-                tests[f"basin width at +{k}"] = r["basin_width"][k]["mean"] > sgd["basin_width"][k]["mean"]
-        flatter = [k for k, v in tests.items() if v]
-        sharper = [k for k, v in tests.items() if not v]
-        from .plot.style import role
+                verdict[f"basin width at +{k}"] = compare(r["basin_width"][k]["mean"], sgd["basin_width"][k]["mean"],
+                                                          lower_is_flatter=False)
+        groups = {v: [k for k, x in verdict.items() if x == v] for v in ("flatter", "about the same", "sharper")}
+        said = "; ".join(f"{v} by {', '.join(ks)}" for v, ks in groups.items() if ks)
         claims.append({
             "claim": f"{role(r['run']).label} sits in a flatter region than SGD",
-            "holds": not sharper,
-            "evidence": (f"flatter by {', '.join(flatter) or 'no measure'}"
-                         + (f"; not by {', '.join(sharper)}" if sharper else "")
-                         + f" (top eigenvalue {r['top_eigenvalue']:.3g} vs {sgd['top_eigenvalue']:.3g}, trace "
-                           f"{r['trace']:.3g} vs {sgd['trace']:.3g}, epsilon-sharpness {r['epsilon_sharpness']:.3g} "
-                           f"vs {sgd['epsilon_sharpness']:.3g})")})
+            "holds": len(groups["flatter"]) == len(verdict),
+            "evidence": f"{said} (top eigenvalue {r['top_eigenvalue']:.3g} vs {sgd['top_eigenvalue']:.3g}, trace "
+                        f"{r['trace']:.3g} +- {r['trace_stderr']:.2g} vs {sgd['trace']:.3g} +- {sgd['trace_stderr']:.2g}, "
+                        f"epsilon-sharpness {r['epsilon_sharpness']:.3g} vs {sgd['epsilon_sharpness']:.3g}; "
+                        f"differences within {margin:.0%} count as the same)"})
     return claims

@@ -133,8 +133,8 @@ def flatness_figure(sharp) -> Figure:
 def draw_flatness_table(ax, table: list, epsilon: float, rises=(0.05, 0.1)):
     """The flatness table (rows of :func:`landscape.demo.flatness_table`) drawn as a table: one row per
     checkpoint, the flattest value of each column in bold."""
-    cols = ["test error (%)", "top eigenvalue", "trace (+- s.e.)", f"eps-sharpness (eps {epsilon:g})"] + \
-        [f"basin width, +{r:g} loss" for r in rises]
+    cols = ["test error (%)", "top Hessian\neigenvalue", "Hessian trace\n(+- s.e.)",
+            f"eps-sharpness\n(eps {epsilon:g})"] + [f"basin width\n(+{r:g} loss)" for r in rises]
     cells, raw = [], []
     for r in table:
         widths = [r["basin_width"].get(f"{rise:g}") for rise in rises]
@@ -146,24 +146,31 @@ def draw_flatness_table(ax, table: list, epsilon: float, rises=(0.05, 0.1)):
                       for w in widths])
     labels = [_label(r["checkpoint"]) for r in table]
     ax.axis("off")
-    t = ax.table(cellText=cells, rowLabels=labels, colLabels=cols, loc="center", cellLoc="right")
+    widths = [0.22] + [0.78 / len(cols)] * len(cols)
+    t = ax.table(cellText=[[lab] + c for lab, c in zip(labels, cells)], colLabels=["method"] + cols,
+                 colWidths=widths, loc="center", cellLoc="right")
+    for i in range(len(table) + 1):
+        t[i, 0].set_text_props(ha="left")
+        t[i, 0]._loc = "left"
     t.auto_set_font_size(False)
     t.set_fontsize(8.5)
     t.scale(1.0, 1.35)
+    for j in range(len(cols) + 1):
+        t[0, j].set_height(2 * t[0, j].get_height())
     raw = np.asarray(raw, float)
     for j in range(raw.shape[1]):
         col = raw[:, j]
         if not np.isfinite(col).any():
             continue
         best = int(np.nanargmax(col)) if j >= 4 else int(np.nanargmin(col))
-        t[best + 1, j].set_text_props(fontweight="bold")
+        t[best + 1, j + 1].set_text_props(fontweight="bold")
     return ax
 
 
 def flatness_table_figure(table: list, epsilon: float, rises=(0.05, 0.1)) -> Figure:
     with style():
         fig = Figure(figsize=(11.5, 0.27 * len(table) + 0.9))
-        ax = fig.add_axes((0.14, 0.02, 0.85, 0.8))
+        ax = fig.add_axes((0.01, 0.02, 0.98, 0.8))
         draw_flatness_table(ax, table, epsilon, rises)
         fig.suptitle("Flatness of every method. Bold: the lowest error and sharpness, the widest basin; basin "
                      "width = mean distance (weight-space units)\nalong random rays to where the train loss has "
