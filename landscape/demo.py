@@ -1,4 +1,5 @@
-"""The demo: every method on MNIST-1D, the planes and lines the figures need, the figures, the explorer.
+"""The demo: every method on MNIST-1D, the planes and lines the figures need, the figures, the explorer,
+and the flatness table (:func:`run_flatness`).
 
 Everything the demo does is listed in the configuration below; each step writes a file into the
 output folder and a rerun reuses what is already complete (surfaces resume from their ``.partial``

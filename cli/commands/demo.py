@@ -1,7 +1,10 @@
-"""The whole pipeline on the embedded default, MNIST-1D, on the CPU in a few minutes: trains SGD,
-SWA, SWAP, Lookahead (SGD and Adam inner) and Filter Grafting from one initialization, evaluates three
-planes, the SGD-to-SWA line and random rays from both solutions, and writes every figure (PNG and
-PDF), numbers.json and explore.html into the output folder. Run it again to reuse what is done."""
+"""The whole pipeline on the embedded default, MNIST-1D, on the CPU in minutes: trains SGD, SWA, an
+EMA of SGD, SWAP, Lookahead (SGD and Adam inner) and Filter Grafting from one initialization, evaluates
+three planes, the SGD-to-SWA line and random rays from both solutions, and writes every figure (PNG and
+PDF), numbers.json and explore.html into the output folder. Then the flatness table: averages of SGD's
+checkpoints made after the fact (run+avg.h5), the Hessian eigenvalues, trace, spectral density and
+epsilon-sharpness of every method's final checkpoint (sharpness.h5) and random rays from each for its
+basin width, printed and drawn (figures/flatness*). Run it again to reuse what is done."""
 from __future__ import annotations
 
 from landscape.demo import run_demo
