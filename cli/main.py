@@ -16,7 +16,7 @@ from . import commands
 NEGATIVE_NUMBER = re.compile(r"^-(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d[\d_]*)?$")
 
 # order of the commands in --help; commands not listed come after, alphabetically
-ORDER = ["demo", "train", "info", "plane", "line", "plot", "explore", "import"]
+ORDER = ["demo", "train", "info", "plane", "line", "plot", "explore", "sharpness", "average", "export", "import"]
 
 
 def _command_modules():

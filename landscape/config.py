@@ -12,7 +12,7 @@ from .data import DataSpec
 from .errors import ConfigError
 from .models import ModelSpec
 
-METHODS = ("sgd", "swa", "swap", "lookahead", "lookahead-adam", "grafting")
+METHODS = ("sgd", "swa", "ema", "swap", "lookahead", "lookahead-adam", "grafting")
 LOOKAHEAD_INNER_STATE = ("none", "reset", "pullback")
 GRAFTING_VARY = ("lr", "seed", "both")
 
@@ -31,6 +31,7 @@ class TrainConfig:
     swa_start: int | None = None      # swa: first averaged epoch (schedule t = epoch/swa_start); None: 2/3 of epochs
     swa_lr: float = 0.1               # swa: learning rate from 0.9 * swa_start on
     swa_c: int = 1                    # swa: average every c epochs
+    ema_decay: float = 0.999          # ema: w_ema <- d w_ema + (1 - d) w after every step (sgd's schedule)
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 0         # also record a checkpoint every N steps (0: once per epoch)
@@ -92,6 +93,8 @@ class TrainConfig:
         for name in ("lr", "swa_lr", "lr_ratio"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be between 0 and 1 (exclusive), got {self.ema_decay}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:

@@ -1,4 +1,5 @@
-"""The demo: every method on MNIST-1D, the planes and lines the figures need, the figures, the explorer.
+"""The demo: every method on MNIST-1D, the planes and lines the figures need, the figures, the explorer,
+and the flatness table (:func:`run_flatness`).
 
 Everything the demo does is listed in the configuration below; each step writes a file into the
 output folder and a rerun reuses what is already complete (surfaces resume from their ``.partial``
@@ -23,6 +24,7 @@ from .config import TrainConfig
 from .device import resolve_device
 from .errors import FileFormatError
 from .geometry import Line, Plane
+from .sharpness import SharpnessSpec
 from .store import open_surface, open_trajectory
 from .store.files import sha256
 from .surface import compute_surface
@@ -36,7 +38,7 @@ from .train import train
 class DemoConfig:
     # grafting without its no-grafting baseline: with the defaults one baseline network *is* the sgd run
     # and no figure draws them (benchmarks/methods.py trains the baseline for the README table)
-    train: TrainConfig = TrainConfig(methods=("sgd", "swa", "swap", "lookahead", "lookahead-adam", "grafting"),
+    train: TrainConfig = TrainConfig(methods=("sgd", "swa", "ema", "swap", "lookahead", "lookahead-adam", "grafting"),
                                      grafting_baseline=False)
     plane_grid: tuple = (21, 21)
     # the SWA paper's picture: SGD, the SWA average and the first averaged iterate span a plane
@@ -52,12 +54,23 @@ class DemoConfig:
     ray_points: int = 21
     ray_distance: float = 15.0             # weight-space units
     rises: tuple = (0.05, 0.1)             # train-loss rises that define the basin's width
+    # flatness table: every method's final checkpoint, and averages of SGD's checkpoints made after
+    # the fact (landscape average): its last 10 (latest weight averaging) and SWA's window on SGD
+    flatness: tuple = ("sgd", "swa/average", "ema/average", "swap/average", "lookahead/slow",
+                       "lookahead-adam/slow", "grafting/net0", "grafting/net1")
+    after_the_fact: tuple = (("sgd:-10:", "uniform", None), ("sgd:100:", "uniform", None))
+    sharpness: SharpnessSpec = SharpnessSpec(top_k=3, probes=50, density=True, density_runs=1, density_steps=60,
+                                             epsilon=0.01, ascent_steps=10)
 
     def quick(self) -> "DemoConfig":
         """A small version for tests and a first look: same steps, minutes become seconds."""
         t = replace(self.train, epochs=8, swa_start=5, swap_phase1_epochs=4, swap_threshold=80.0,
                     swap_phase2_epochs=2)
-        return replace(self, train=t, plane_grid=(7, 7), line_points=11, rays=2, ray_points=7)
+        return replace(self, train=t, plane_grid=(7, 7), line_points=11, rays=2, ray_points=7,
+                       after_the_fact=(("sgd:-3:", "uniform", None), ("sgd:5:", "uniform", None)),
+                       flatness=("sgd", "swa/average", "ema/average", "swap/average", "lookahead/slow", "grafting/net0"),
+                       sharpness=replace(self.sharpness, samples=500, iterations=10, probes=4, density_steps=10,
+                                         ascent_steps=2))
 
 
 def _same_config(path: Path, config: TrainConfig) -> bool:
@@ -122,14 +135,21 @@ def run_demo(out_dir="landscape-demo", quick: bool = False, device: str = "auto"
     start = time.perf_counter()
     figures_dir = out / "figures"
     res = plot_files(surfaces, figures_dir, trajectory=traj, rises=cfg.rises)
-    explorer = write_explorer(surfaces, out / "explore.html", title="landscape demo: MNIST-1D", overwrite=True)
     seconds["figures"] = time.perf_counter() - start
+
+    # 4. flatness as numbers: averages after the fact, sharpness, basin widths of every method
+    start = time.perf_counter()
+    flat = run_flatness(cfg, out, run_path, surfaces, device, quiet, log)
+    seconds["flatness"] = time.perf_counter() - start
+    explorer = write_explorer(surfaces, out / "explore.html", title="landscape demo: MNIST-1D", overwrite=True,
+                              sharpness=flat["sharpness_file"])
 
     summary = {"out": str(out), "trajectory": str(run_path), "surfaces": [str(s) for s in surfaces],
                "figures": [str(f) for f in res.figures], "numbers": str(res.numbers_path),
-               "explorer": str(explorer), "seconds": seconds, "final": _finals(traj),
+               "explorer": str(explorer), "seconds": seconds, "final": _finals(traj), "flatness": flat,
                "swap": _swap_numbers(traj), "lines": res.lines,
-               "claims": _claims(res.numbers, open_surface(out / "plane-swa.h5"), open_surface(out / "plane-swap.h5"), cfg)}
+               "claims": _claims(res.numbers, open_surface(out / "plane-swa.h5"), open_surface(out / "plane-swap.h5"), cfg)
+               + flat["claims"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -206,3 +226,141 @@ def _in_hull(point: np.ndarray, corners: np.ndarray) -> bool:
     except QhullError:
         a, b = corners.min(0), corners.max(0)
         return bool(np.all(point >= a - 1e-9) and np.all(point <= b + 1e-9))
+
+
+# ----------------------------------------------------------------------------------------------
+# flatness as numbers
+
+def run_flatness(cfg: DemoConfig, out: Path, run_path: Path, surfaces: list, device: str, quiet: bool, log) -> dict:
+    """Averages of SGD made after the fact (``run+avg.h5``), the sharpness of every method's final
+    checkpoint (``sharpness.h5``), random rays from each for its basin width, the flatness table
+    (printed by the CLI, drawn as ``figures/flatness-table``) and ``figures/flatness``. Reuses what a
+    previous run of the same trajectory made."""
+    from .average import Average, Window, add_averages
+    from .plot.figures import save
+    from .plot.flatness import flatness_figure, flatness_table_figure
+    from .sharpness import compute_sharpness
+    from .store.sharpness import open_sharpness
+
+    run_sha = sha256(run_path)
+    avg_path = out / "run+avg.h5"
+    averages = [Average(Window.parse(w), mode, decay) for w, mode, decay in cfg.after_the_fact]
+    if avg_path.exists() and open_trajectory(avg_path).config.get("source_sha256") == run_sha:
+        log(f"reusing {avg_path}")
+    else:
+        log("averaging SGD's checkpoints after the fact ...")
+        add_averages(run_path, averages, avg_path, device=device, overwrite=True, quiet=quiet,
+                     extra_config={"source_sha256": run_sha})
+    traj = open_trajectory(avg_path)
+    avg_sha = sha256(avg_path)
+    made = [a.run_name(a.window.rows(traj)) for a in averages]
+    names = [n for n in cfg.flatness if n in traj.runs] + made
+    sharp_path = out / "sharpness.h5"
+    sharp = None
+    if sharp_path.exists():
+        sharp = open_sharpness(sharp_path)
+        if sharp.trajectory_sha256 != avg_sha or sharp.spec.get("sharpness") != cfg.sharpness.to_dict():
+            sharp = None
+    if sharp is None:
+        log(f"sharpness of {len(names)} checkpoints ...")
+        sharp = compute_sharpness(traj, names, cfg.sharpness, device=device, out=sharp_path, overwrite=True,
+                                  quiet=quiet)
+    else:
+        log(f"reusing {sharp_path}")
+    # basin widths: the demo's rays from sgd and swa/average, and as many from every other checkpoint
+    rays = {}
+    for path in surfaces:
+        s = open_surface(path)
+        if s.rays:
+            rays[s.spec.get("origin")] = s
+    for r in sharp.results:
+        name = r["checkpoint"]
+        if name in rays:
+            continue
+        path = out / f"flat-rays-{name.replace('/', '-').replace(':', '-')}.h5"
+        if path.exists() and open_surface(path).trajectory_sha256 == avg_sha:
+            log(f"reusing {path}")
+        else:
+            log(f"evaluating {cfg.rays} random rays from {name} ...")
+            compute_surface(traj, Line.random_rays(traj, name, cfg.rays, seed=0, max_distance=cfg.ray_distance),
+                            (cfg.ray_points,), out=path, overwrite=True, quiet=True, device=device)
+        rays[name] = open_surface(path)
+    table = flatness_table(sharp, rays, cfg.rises)
+    figures_dir = out / "figures"
+    figs = save(flatness_figure(sharp), figures_dir, "flatness")
+    figs += save(flatness_table_figure(table, sharp.epsilon, cfg.rises), figures_dir, "flatness-table")
+    return {"sharpness_file": str(sharp_path), "trajectory": str(avg_path), "table": table,
+            "epsilon": sharp.epsilon, "rises": list(cfg.rises), "figures": [str(f) for f in figs],
+            "claims": flatness_claims(table, cfg.rises)}
+
+
+def basin_width(surface, rise: float) -> dict:
+    """Mean distance along the random rays of ``surface`` to where the train loss has risen by ``rise``
+    (rays that never rise that much within their length count at their length: a lower bound)."""
+    from .plot.analysis import rise_distance
+    v = surface.values["train_loss"]
+    ds, capped = [], 0
+    for row in v:
+        d, searched = rise_distance(surface.x, row, 0.0, rise, +1)
+        if d is None:
+            d, capped = searched, capped + 1
+        ds.append(d)
+    return {"mean": float(np.mean(ds)), "not_reached": capped, "rays": len(ds)}
+
+
+def flatness_table(sharp, rays: dict, rises) -> list:
+    """One row per checkpoint of ``sharp``: test error, top eigenvalue, trace, epsilon-sharpness and
+    the basin widths at every rise."""
+    rows = []
+    for r in sharp.results:
+        name = r["checkpoint"]
+        run = name.rsplit(":", 1)[0]
+        widths = {f"{rise:g}": basin_width(rays[name], rise) for rise in rises} if name in rays else {}
+        rows.append({"checkpoint": name, "run": run, "test_err": r["metrics"]["test_err"],
+                     "train_loss": r["metrics"]["train_loss"], "top_eigenvalue": float(r["eigenvalues"][0]),
+                     "eigenvalues": [float(v) for v in r["eigenvalues"]], "trace": r["trace"],
+                     "trace_stderr": r["trace_stderr"], "epsilon_sharpness": r["epsilon_sharpness"],
+                     "basin_width": widths})
+    return rows
+
+
+def flatness_claims(table: list, rises, margin: float = 0.05) -> list:
+    """For every average (and Lookahead's slow weights), whether it sits in a flatter region than SGD.
+    Each measure says flatter, sharper or about the same: a lower top eigenvalue, a lower
+    epsilon-sharpness or a wider basin (mean over the rays) counts when it differs from SGD's by more
+    than ``margin`` (relative); a lower trace when also by more than two standard errors of the
+    difference. The claim holds when every measure says flatter."""
+    from .plot.style import role
+    sgd = next((r for r in table if r["run"] == "sgd"), None)
+    if sgd is None:
+        return []
+
+    def compare(mine, theirs, lower_is_flatter=True, noise=0.0):
+        diff = (theirs - mine) if lower_is_flatter else (mine - theirs)
+        if abs(diff) <= max(margin * abs(theirs), noise):
+            return "about the same"
+        return "flatter" if diff > 0 else "sharper"
+
+    claims = []
+    for r in table:
+        if r["run"] == "sgd" or not (r["run"].endswith(("average", "slow")) or r["run"].startswith("avg/")):
+            continue
+        verdict = {"top eigenvalue": compare(r["top_eigenvalue"], sgd["top_eigenvalue"]),
+                   "trace": compare(r["trace"], sgd["trace"],
+                                    noise=2 * (r["trace_stderr"] ** 2 + sgd["trace_stderr"] ** 2) ** 0.5),
+                   "epsilon-sharpness": compare(r["epsilon_sharpness"], sgd["epsilon_sharpness"])}
+        for rise in rises:
+            k = f"{rise:g}"
+            if k in r["basin_width"] and k in sgd["basin_width"]:
+                verdict[f"basin width at +{k}"] = compare(r["basin_width"][k]["mean"], sgd["basin_width"][k]["mean"],
+                                                          lower_is_flatter=False)
+        groups = {v: [k for k, x in verdict.items() if x == v] for v in ("flatter", "about the same", "sharper")}
+        said = "; ".join(f"{v} by {', '.join(ks)}" for v, ks in groups.items() if ks)
+        claims.append({
+            "claim": f"{role(r['run']).label} sits in a flatter region than SGD",
+            "holds": len(groups["flatter"]) == len(verdict),
+            "evidence": f"{said} (top eigenvalue {r['top_eigenvalue']:.3g} vs {sgd['top_eigenvalue']:.3g}, trace "
+                        f"{r['trace']:.3g} +- {r['trace_stderr']:.2g} vs {sgd['trace']:.3g} +- {sgd['trace_stderr']:.2g}, "
+                        f"epsilon-sharpness {r['epsilon_sharpness']:.3g} vs {sgd['epsilon_sharpness']:.3g}; "
+                        f"differences within {margin:.0%} count as the same)"})
+    return claims

@@ -84,6 +84,16 @@ def resolve_policy(bn, model, can_interpolate: bool, batch_size: int = 1000) -> 
     return BatchNormPolicy(name, pol.batch_size, pol.samples, pol.seed)
 
 
+def bn_inputs(data, bn: BatchNormPolicy) -> torch.Tensor:
+    """The training inputs a ``recompute`` pass reads: the whole training set, or the fixed random
+    subset of ``bn.samples`` of them (in their order) drawn from ``bn.seed``."""
+    if bn.policy == "recompute" and bn.samples is not None and bn.samples < len(data.x_train):
+        g = torch.Generator().manual_seed(bn.seed)
+        idx = torch.randperm(len(data.x_train), generator=g)[:bn.samples].sort().values
+        return data.x_train[idx.to(data.x_train.device)]
+    return data.x_train
+
+
 def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Train-mode BatchNorm of ``x`` holding several BatchNorm batches of ``bn.stacked_batch`` samples
     one after the other: each batch is normalized with its own mean and (biased) variance, as if it
@@ -168,11 +178,7 @@ class Evaluator:
         self.bn_layers = {n: m for n, m in self.model.named_modules()
                           if isinstance(m, _BatchNorm) and m.track_running_stats}
         self.var_names = [f"{n}.running_var" for n in self.bn_layers]
-        self.x_bn = data.x_train
-        if bn.policy == "recompute" and bn.samples is not None and bn.samples < len(data.x_train):
-            g = torch.Generator().manual_seed(bn.seed)
-            idx = torch.randperm(len(data.x_train), generator=g)[:bn.samples].sort().values
-            self.x_bn = data.x_train[idx.to(data.x_train.device)]
+        self.x_bn = bn_inputs(data, bn)
         self._per_sample = self._elements_per_sample()
 
     # ------------------------------------------------------------------------------------------

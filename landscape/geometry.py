@@ -713,33 +713,83 @@ def _project(geom, traj: Trajectory | None, checkpoints=None, paths=None) -> tup
 # ----------------------------------------------------------------------------------------------
 # Hessian eigenvectors
 
-def top_hessian_eigen(model, layout, params: torch.Tensor, buffers: torch.Tensor, data, samples: int = 2000,
-                      seed: int = 0, iterations: int = 100, tol: float = 1e-4, batch_size: int = 1000):
-    """Top-2 (by magnitude) eigenpairs of the Hessian of the mean train cross-entropy at ``params``:
-    subspace iteration with Rayleigh-Ritz on Hessian-vector products (double backward); never a
-    (P, P) matrix. Returns ((l1, l2), (u, v), iterations run)."""
-    from torch.func import functional_call
+class HessianOperator:
+    """The mean train cross-entropy at fixed BatchNorm buffers (eval mode), as a function of the flat
+    weights: its value and gradient, and Hessian-vector products by double backward through
+    ``torch.func.functional_call``; never a (P, P) matrix. Sums run over ``x`` in batches of
+    ``batch_size`` and are accumulated in float64. Used by :func:`top_hessian_eigen` and by
+    :mod:`landscape.sharpness`.
 
-    device = data.x_train.device
-    n_train = len(data.x_train)
-    g = torch.Generator().manual_seed(int(seed))
-    idx = torch.randperm(n_train, generator=g)[:min(samples, n_train)].to(device)
-    x, y = data.x_train[idx], data.y_train[idx]
-    model = model.eval()
-    w = params.to(device).clone().requires_grad_(True)
-    bufs = {k: t for k, t in layout.split_buffers(buffers.to(device)).items()}
+    ``op(vs)`` takes (k, P) vectors and returns (k, P) float64 products H v: the gradient graph of each
+    data batch is built once and serves all k vectors."""
 
-    def hvp(vs: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(vs, dtype=torch.float64)
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            loss = F.cross_entropy(functional_call(model, (layout.split_params(w), bufs), (xb,)), yb,
-                                   reduction="sum") / len(x)
-            (grad,) = torch.autograd.grad(loss, w, create_graph=True)
+    def __init__(self, model, layout, params: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor,
+                 y: torch.Tensor, batch_size: int = 1000):
+        self.model, self.layout = model.eval(), layout
+        self.device = x.device
+        self.x, self.y, self.batch_size = x, y, int(batch_size)
+        self.params = params.to(self.device).float()
+        self.bufs = {k: t for k, t in layout.split_buffers(buffers.to(self.device)).items()}
+        self.num_params = layout.num_params
+
+    def _batches(self):
+        for start in range(0, len(self.x), self.batch_size):
+            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+
+    def _loss(self, w: torch.Tensor, xb, yb) -> torch.Tensor:
+        from torch.func import functional_call
+        out = functional_call(self.model, (self.layout.split_params(w), self.bufs), (xb,))
+        return F.cross_entropy(out, yb, reduction="sum") / len(self.x)
+
+    @torch.no_grad()
+    def loss(self, w: torch.Tensor | None = None) -> float:
+        """The mean loss at ``w`` (default: the weights the operator was made at)."""
+        w = self.params if w is None else w.to(self.device).float()
+        return float(sum(self._loss(w, xb, yb).double() for xb, yb in self._batches()))
+
+    def loss_and_grad(self, w: torch.Tensor | None = None) -> tuple:
+        """(mean loss, its (P,) float64 gradient) at ``w``."""
+        w = (self.params if w is None else w.to(self.device).float()).clone().requires_grad_(True)
+        total, grad = 0.0, torch.zeros(self.num_params, dtype=torch.float64, device=self.device)
+        for xb, yb in self._batches():
+            loss = self._loss(w, xb, yb)
+            (g,) = torch.autograd.grad(loss, w)
+            total += float(loss.detach().double())
+            grad += g.double()
+        return total, grad
+
+    def __call__(self, vs: torch.Tensor) -> torch.Tensor:
+        vs = vs.to(self.device).float()
+        w = self.params.clone().requires_grad_(True)
+        out = torch.zeros(vs.shape, dtype=torch.float64, device=self.device)
+        for xb, yb in self._batches():
+            (grad,) = torch.autograd.grad(self._loss(w, xb, yb), w, create_graph=True)
             for k in range(len(vs)):
                 (hv,) = torch.autograd.grad(grad @ vs[k], w, retain_graph=k + 1 < len(vs))
                 out[k] += hv.double()
         return out
+
+
+def training_subset(data, samples: int | None, generator: torch.Generator) -> tuple:
+    """(x, y): ``samples`` training samples drawn without replacement by ``generator`` (all of them,
+    in their order, when ``samples`` is None or not smaller than the training set)."""
+    n_train = len(data.x_train)
+    if samples is None or samples >= n_train:
+        return data.x_train, data.y_train
+    idx = torch.randperm(n_train, generator=generator)[:samples].to(data.x_train.device)
+    return data.x_train[idx], data.y_train[idx]
+
+
+def top_hessian_eigen(model, layout, params: torch.Tensor, buffers: torch.Tensor, data, samples: int = 2000,
+                      seed: int = 0, iterations: int = 100, tol: float = 1e-4, batch_size: int = 1000):
+    """Top-2 (by magnitude) eigenpairs of the Hessian of the mean train cross-entropy at ``params``:
+    subspace iteration with Rayleigh-Ritz on Hessian-vector products (:class:`HessianOperator`);
+    never a (P, P) matrix. Returns ((l1, l2), (u, v), iterations run)."""
+    device = data.x_train.device
+    n_train = len(data.x_train)
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(n_train, generator=g)[:min(samples, n_train)].to(device)
+    hvp = HessianOperator(model, layout, params, buffers, data.x_train[idx], data.y_train[idx], batch_size)
 
     q = torch.linalg.qr(torch.randn(layout.num_params, 2, generator=g, dtype=torch.float64))[0].T.to(device)
     evals, ritz, it = torch.full((2,), float("inf"), dtype=torch.float64), q, 0

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 FIGURES = ("plane-swa-landscape", "plane-swa-offset", "plane-methods-landscape", "plane-methods-offset",
            "plane-swap-landscape",
-           "line-edge-center", "lookahead", "lookahead-adam", "grafting")
+           "line-edge-center", "lookahead", "lookahead-adam", "grafting", "flatness", "flatness-table")
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,12 @@ def test_demo_writes_every_figure_and_the_explorer(demo):
                                                for o in numbers["offset"].values())
     (line,) = numbers["edge_center"].values()
     assert {name.split(":")[0] for name in line} == {"sgd", "swa/average"}
-    assert set(summary["seconds"]) == {"train", "surfaces", "figures"}
-    # the three claims are checked against the run's numbers (on this tiny run they need not hold)
-    assert [type(c["holds"]) for c in summary["claims"]] == [bool] * 3
+    assert set(summary["seconds"]) == {"train", "surfaces", "figures", "flatness"}
+    # the claims are checked against the run's numbers (on this tiny run they need not hold): three of
+    # the papers' and one flatter-than-SGD check per average and Lookahead's slow weights
+    averages = [r for r in summary["flatness"]["table"] if r["run"] != "sgd" and not r["run"].startswith("grafting")]
+    assert [type(c["holds"]) for c in summary["claims"]] == [bool] * (3 + len(averages))
+    assert "Flatness numbers" in html
 
 
 def test_demo_records_every_method_and_reports_its_final_error(demo):
@@ -56,6 +59,22 @@ def test_demo_records_every_method_and_reports_its_final_error(demo):
     mean = np.mean([traj.params(w, -1).astype(np.float64) for w in workers], axis=0)
     np.testing.assert_allclose(traj.params("swap/average", -1), mean, rtol=0, atol=1e-6)
     assert summary["swap"]["average_to_centroid"] < 1e-4
+
+
+def test_demo_flatness_table(demo):
+    """Every method of the run and both averages made after the fact, with finite numbers; the
+    averages made after the fact are those of SGD's rows."""
+    summary = json.loads((demo / "summary.json").read_text())
+    table = summary["flatness"]["table"]
+    runs = [r["run"] for r in table]
+    assert runs[:6] == ["sgd", "swa/average", "ema/average", "swap/average", "lookahead/slow", "grafting/net0"]
+    assert runs[6:] == ["avg/sgd/uniform_6_9", "avg/sgd/uniform_5_9"]
+    for r in table:
+        assert np.isfinite([r["test_err"], r["top_eigenvalue"], r["trace"], r["epsilon_sharpness"]]).all()
+        assert set(r["basin_width"]) == {"0.05", "0.1"}
+    traj = open_trajectory(demo / "run+avg.h5")
+    np.testing.assert_allclose(traj.params("avg/sgd/uniform_6_9", -1), traj.params("sgd", slice(6, 9)).mean(0),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_demo_surfaces_belong_to_the_trajectory_and_are_complete(demo):

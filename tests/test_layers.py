@@ -11,8 +11,8 @@ LAYERS = [
     {"errors", "options", "trust", "device", "dist", "params", "bn"},
     {"store"},                                  # reads and writes files; builds no model or data
     {"data", "models", "config", "rebuild"},
-    {"evaluate", "geometry"},
-    {"surface", "train", "recorder", "importer", "lightning"},
+    {"evaluate", "geometry", "sharpness"},
+    {"surface", "train", "recorder", "importer", "lightning", "average"},
     {"plot"},
     {"demo"},
     {"cli"},

@@ -91,6 +91,8 @@ COMMANDS = {  # every command that rebuilds a file's model or data, with argumen
                         "--hessian-iterations", "3", "--grid", "3", "3"],
     "line": ["line", "{f}", "sgd", "swa/average", "--points", "3"],
     "line --ray-from": ["line", "{f}", "--ray-from", "sgd", "--rays", "2", "--points", "3"],
+    "sharpness": ["sharpness", "{f}", "sgd", "--top-k", "1", "--iterations", "3", "--probes", "2", "--samples", "50"],
+    "average": ["average", "{f}", "--from", "sgd", "--uniform"],
 }
 
 

@@ -1,7 +1,10 @@
-"""The whole pipeline on the embedded default, MNIST-1D, on the CPU in a few minutes: trains SGD,
-SWA, SWAP, Lookahead (SGD and Adam inner) and Filter Grafting from one initialization, evaluates three
-planes, the SGD-to-SWA line and random rays from both solutions, and writes every figure (PNG and
-PDF), numbers.json and explore.html into the output folder. Run it again to reuse what is done."""
+"""The whole pipeline on the embedded default, MNIST-1D, on the CPU in minutes: trains SGD, SWA, an
+EMA of SGD, SWAP, Lookahead (SGD and Adam inner) and Filter Grafting from one initialization, evaluates
+three planes, the SGD-to-SWA line and random rays from both solutions, and writes every figure (PNG and
+PDF), numbers.json and explore.html into the output folder. Then the flatness table: averages of SGD's
+checkpoints made after the fact (run+avg.h5), the Hessian eigenvalues, trace, spectral density and
+epsilon-sharpness of every method's final checkpoint (sharpness.h5) and random rays from each for its
+basin width, printed and drawn (figures/flatness*). Run it again to reuse what is done."""
 from __future__ import annotations
 
 from landscape.demo import run_demo
@@ -53,7 +56,8 @@ def run(args) -> int:
         return 0
     sec = s["seconds"]
     print(f"\nlandscape demo finished in {sum(sec.values()):.0f} s "
-          f"(training {sec['train']:.0f} s, surfaces {sec['surfaces']:.0f} s, figures {sec['figures']:.0f} s)")
+          f"(training {sec['train']:.0f} s, surfaces {sec['surfaces']:.0f} s, figures {sec['figures']:.0f} s, "
+          f"flatness {sec['flatness']:.0f} s)")
     print("\nfinal test error of every method:")
     for run_name, m in s["final"].items():
         if run_name.count("/") <= 1 and not run_name.endswith(("fast", "iterates", "phase1")):
@@ -66,9 +70,31 @@ def run(args) -> int:
     print("\nheadline numbers:")
     for line in s["lines"]:
         print(f"  {line}")
+    print_flatness(s["flatness"])
     print("\nthe papers' claims on this run:")
     for c in s["claims"]:
         print(f"  [{'holds' if c['holds'] else 'does not hold'}] {c['claim']}: {c['evidence']}")
     print(f"\nfigures:  {s['out']}/figures/  ({len(s['figures'])} files; numbers in {s['numbers']})")
     print(f"explorer: {s['explorer']}  (open it in a browser; works offline)")
     return 0
+
+
+def print_flatness(flat: dict) -> None:
+    """The flatness table: every method's test error, top Hessian eigenvalue, trace, epsilon-sharpness
+    and basin widths (mean distance along random rays to a train-loss rise; '>' when no ray rose that
+    much within its length)."""
+    from landscape.plot.style import role
+    rises = [f"{r:g}" for r in flat["rises"]]
+    print(f"\nflatness of every method (train loss; epsilon-sharpness within the filter-normalized "
+          f"{flat['epsilon']:g}-ball; basin width in weight-space units):")
+    print(f"  {'':<30}{'test err':>9}{'top eig':>9}{'trace':>17}{'eps-sharp':>10}"
+          + "".join(f"{'width +' + r:>12}" for r in rises))
+    for r in flat["table"]:
+        widths = []
+        for k in rises:
+            w = r["basin_width"].get(k)
+            widths.append("-" if w is None else (">" if w["not_reached"] == w["rays"] else "") + f"{w['mean']:.3g}")
+        label = role(r["run"]).label
+        print(f"  {label[:30]:<30}{r['test_err']:>8.2f}%{r['top_eigenvalue']:>9.3g}"
+              f"{r['trace']:>10.3g} +-{r['trace_stderr']:<5.2g}{r['epsilon_sharpness']:>10.3g}"
+              + "".join(f"{w:>12}" for w in widths))

@@ -6,6 +6,7 @@ coordinates, value), and a slider over epochs. Per line or rays file: the metric
 Examples:
   landscape explore plane.h5 -o explore.html
   landscape explore plane.h5 line.h5 rays-swa.h5 -o explore.html
+  landscape explore plane.h5 --sharpness sharpness.h5 -o explore.html
 """
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--out", default="explore.html", help="HTML file to write")
     p.add_argument("--title", default="landscape explorer", help="page title")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--sharpness", metavar="FILE", default=None,
+                   help="a sharpness file (landscape sharpness): its numbers in a table and beside each checkpoint")
 
 
 def run(args) -> int:
-    out = write_explorer(args.surfaces, args.out, title=args.title, overwrite=args.overwrite)
+    out = write_explorer(args.surfaces, args.out, title=args.title, overwrite=args.overwrite,
+                         sharpness=args.sharpness)
     print(out)
     return 0

@@ -4,13 +4,15 @@ What is drawn depends on what is given: a plane gives the train-loss/test-error 
 train-vs-test offset figure; a line through two checkpoints gives the edge-vs-center figure, with the
 random rays of any rays file (`landscape line --ray-from`) that start at one of its two checkpoints; a
 trajectory file with Lookahead or grafting runs gives the Lookahead sawtooth and the grafting
-entropy/mixing-weight figures. The headline numbers (offset length; distances to where the train loss
+entropy/mixing-weight figures; a sharpness file (--sharpness) the flatness figure. The headline
+numbers (offset length; distances to where the train loss
 rises by --rise along the line and the rays) are printed and stored in DIR/numbers.json.
 
 Examples:
   landscape plot plane.h5 -o figures
   landscape plot line.h5 rays-sgd.h5 rays-swa.h5 --rise 0.05 0.1 -o figures
   landscape plot plane.h5 --trajectory run.h5 -o figures
+  landscape plot --sharpness sharpness.h5 -o figures
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ def add_arguments(p) -> None:
                                                         "(created if missing; existing figures are replaced)")
     p.add_argument("--trajectory", metavar="RUN", default=None,
                    help="trajectory file (.h5) for the Lookahead and grafting figures")
+    p.add_argument("--sharpness", metavar="FILE", default=None,
+                   help="sharpness file (landscape sharpness) for the flatness figure: spectral densities "
+                        "and sharpness against test error")
     p.add_argument("--rise", nargs="+", type=float, default=[0.1], metavar="R",
                    help="train-loss rise(s) for the edge-vs-center distances (loss units); the figure "
                         "shows the first")
@@ -50,7 +55,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     res = plot_files(args.surfaces, args.out, trajectory=args.trajectory, rises=args.rise, formats=args.format,
                      off_plane=args.off_plane, levels=args.levels, train_metric=args.train_metric,
-                     test_metric=args.test_metric, smooth=args.smooth)
+                     test_metric=args.test_metric, smooth=args.smooth, sharpness=args.sharpness)
     if args.json:
         print_json({"figures": [str(p) for p in res.figures], "numbers_file": str(res.numbers_path),
                     "numbers": res.numbers})

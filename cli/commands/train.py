@@ -45,6 +45,8 @@ def add_arguments(p) -> None:
                    help=f"swa: first averaged epoch (default: 2/3 of --epochs, {d.swa_start} of {d.epochs})")
     p.add_argument("--swa-lr", type=float, default=d.swa_lr, help="swa: learning rate while averaging")
     p.add_argument("--swa-c", type=int, default=d.swa_c, help="swa: average every c epochs")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="ema: w_ema <- d w_ema + (1 - d) w after every SGD step")
     p.add_argument("--seed", type=seed_int, default=d.seed, help="seed of initialization and data order")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
@@ -93,7 +95,7 @@ def config_from_args(args) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, lr_ratio=args.lr_ratio,
         swa_start=args.swa_start,  # None: the library's default, 2/3 of --epochs
-        swa_lr=args.swa_lr, swa_c=args.swa_c, seed=args.seed, device=args.device,
+        swa_lr=args.swa_lr, swa_c=args.swa_c, ema_decay=args.ema_decay, seed=args.seed, device=args.device,
         checkpoint_every=args.checkpoint_every,
         lookahead_k=args.lookahead_k, lookahead_alpha=args.lookahead_alpha,
         lookahead_inner_state=args.lookahead_inner_state, lookahead_fast_from=args.lookahead_fast_from,

@@ -70,8 +70,10 @@ def slider_epochs(epochs, n: int = 30) -> list:
     return sorted(set(grid[:-1].tolist()) | {float(e[-1])})
 
 
-def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", title: str | None = None):
-    """A plotly Figure of one plane with everything the explorer's script needs in ``layout.meta``."""
+def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", title: str | None = None,
+                 flatness: dict | None = None):
+    """A plotly Figure of one plane with everything the explorer's script needs in ``layout.meta``.
+    ``flatness``: checkpoint name -> a line of its sharpness numbers, shown in its hover text."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -131,6 +133,7 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
                                              line=dict(color="black" if not hollow else r.color, width=1 if not hollow else 2)),
                                  textfont=dict(size=10, color="white"), **common), row=1, col=2)
         points.append({"name": name, "label": r.label, "x": float(coords[0]), "y": float(coords[1]),
+                       "flat": (flatness or {}).get(name),
                        "epoch": ep, "dist": float(dist), "vals": vals, "t3": len(fig.data) - 2, "t2": len(fig.data) - 1})
 
     mdata = {}
@@ -252,7 +255,7 @@ _PLANE_JS = r"""
         Q.z.push([tr(p.vals[m], m)]);
         Q.h.push([p.label + ' (' + p.name + ')<br>epoch ' + fmt(p.epoch) + '<br>u ' + fmt(p.x) + ', v ' + fmt(p.y) +
                   '<br>' + M.name + ' on the plane ' + fmt(p.vals[m]) + unit(m) + '<br>distance from the plane ' +
-                  fmt(p.dist)]);
+                  fmt(p.dist) + (p.flat ? '<br>' + p.flat : '')]);
         Q.vis.push(p.epoch === null || p.epoch <= st.epoch);
       });
       Plotly.restyle(gd, {z: Q.z, hovertext: Q.h, visible: Q.vis}, D.points.map(function (p) { return p.t3; }));
@@ -354,8 +357,10 @@ def interactive_figure(surface, **options):
     return (plane_figure if surface.kind == "plane" else line_figure)(surface, **options)
 
 
-def explorer_html(surfaces, title: str = "landscape explorer") -> str:
-    """The whole page as a string: plotly.js embedded once, one section per surface."""
+def explorer_html(surfaces, title: str = "landscape explorer", sharpness=None) -> str:
+    """The whole page as a string: plotly.js embedded once, one section per surface; with a sharpness
+    file (or its :class:`~landscape.store.sharpness.SharpnessFile`), a table of its numbers first and
+    each checkpoint's numbers in its hover text."""
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
 
@@ -363,13 +368,18 @@ def explorer_html(surfaces, title: str = "landscape explorer") -> str:
     surfs = [s if isinstance(s, Surface) else open_surface(s) for s in surfaces]
     if not surfs:
         raise ConfigError("give at least one surface file to explore")
-    sections = []
+    sharp = None
+    if sharpness is not None:
+        from ..store.sharpness import SharpnessFile, open_sharpness
+        sharp = sharpness if isinstance(sharpness, SharpnessFile) else open_sharpness(sharpness)
+    flat = flatness_lines(sharp) if sharp is not None else None
+    sections = [flatness_table_html(sharp)] if sharp is not None else []
     config = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
     for k, s in enumerate(surfs):
         name = str(s.path.name) if s.path is not None else f"surface {k}"
         heading = _describe(s)
         if s.kind == "plane":
-            fig = plane_figure(s)
+            fig = plane_figure(s, flatness=flat)
             div = pio.to_html(fig, include_plotlyjs=False, full_html=False, config=config, div_id=f"plane-{k}",
                               post_script=_PLANE_JS)
         else:
@@ -380,6 +390,10 @@ def explorer_html(surfaces, title: str = "landscape explorer") -> str:
     nav = "".join(f'<li><a href="#s{k}">{html.escape(str(s.path.name) if s.path else k)}</a></li>'
                   for k, s in enumerate(surfs)) if len(surfs) > 1 else ""
     sections = [sec.replace("<section>", f'<section id="s{k}">', 1) for k, sec in enumerate(sections)]
+    if sharp is not None:
+        nav = ('<li><a href="#s0">flatness numbers</a></li>' + "".join(
+            f'<li><a href="#s{k + 1}">{html.escape(str(s.path.name) if s.path else f"surface {k}")}</a></li>'
+            for k, s in enumerate(surfs)))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -389,6 +403,9 @@ body {{ font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; margin: 0 auto
 h1 {{ font-size: 1.4em; margin: 0.8em 0 0.2em; }} h2 {{ font-size: 1.15em; margin: 1.2em 0 0.1em; }}
 p.what {{ color: #555; margin: 0 0 0.4em; font-size: 0.95em; }}
 section {{ border-top: 1px solid #ddd; }} nav ul {{ padding-left: 1.2em; }}
+table.flat {{ border-collapse: collapse; font-size: 0.9em; margin: 0.4em 0 1em; }}
+table.flat td, table.flat th {{ padding: 2px 10px; text-align: right; border-bottom: 1px solid #eee; }}
+table.flat td:first-child, table.flat th:first-child {{ text-align: left; }}
 </style>
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head><body>
@@ -400,6 +417,39 @@ click legend entries to hide or show runs.</p>
 {"".join(sections)}
 </body></html>
 """
+
+
+def flatness_lines(sharp) -> dict:
+    """Checkpoint name -> one line of its sharpness numbers (for hover texts)."""
+    out = {}
+    for r in sharp.results:
+        out[r["checkpoint"]] = (f"top Hessian eigenvalue {r['eigenvalues'][0]:.4g}, trace {r['trace']:.4g} "
+                                f"+- {r['trace_stderr']:.2g}<br>epsilon-sharpness {r['epsilon_sharpness']:.4g} "
+                                f"(epsilon {sharp.epsilon:g})")
+    return out
+
+
+def flatness_table_html(sharp) -> str:
+    """A section with the numbers of every checkpoint of a sharpness file."""
+    k = max(len(r["eigenvalues"]) for r in sharp.results)
+    head = ("<tr><th>checkpoint</th><th>epoch</th><th>train loss</th><th>test error (%)</th>"
+            f"<th>top {k} Hessian eigenvalues</th><th>trace (+- s.e.)</th>"
+            f"<th>epsilon-sharpness (epsilon {sharp.epsilon:g})</th></tr>")
+    rows = []
+    for r in sharp.results:
+        eig = ", ".join(f"{v:.4g}" for v in r["eigenvalues"])
+        rows.append(f"<tr><td>{html.escape(r['checkpoint'])} ({html.escape(role(r['checkpoint']).label)})</td>"
+                    f"<td>{r['epoch']:g}</td><td>{r['metrics']['train_loss']:.4f}</td>"
+                    f"<td>{r['metrics']['test_err']:.2f}</td><td>{eig}</td>"
+                    f"<td>{r['trace']:.4g} +- {r['trace_stderr']:.2g}</td><td>{r['epsilon_sharpness']:.4g}</td></tr>")
+    name = html.escape(sharp.path.name) if sharp.path is not None else "sharpness"
+    policy = str(sharp.spec.get("bn", {}).get("policy", "?"))
+    bn = "" if policy == "none" else f" (BatchNorm statistics: {html.escape(policy)})"
+    return (f'<section><h2>Flatness numbers ({name})</h2><p class="what">Of the train loss at each checkpoint'
+            f"{bn}: Hessian eigenvalues by "
+            "Lanczos, trace by Hutchinson, epsilon-sharpness = the largest train-loss rise within the "
+            "filter-normalized epsilon-ball. Hover a checkpoint in a plane for its numbers.</p>"
+            f'<table class="flat">{head}{"".join(rows)}</table></section>')
 
 
 def _describe(s) -> str:
@@ -415,12 +465,12 @@ def _describe(s) -> str:
     return f"Line through {' and '.join(made) or 'two checkpoints'} ({len(s.x)} points)."
 
 
-def write_explorer(surfaces, out, title: str = "landscape explorer", overwrite: bool = True) -> Path:
+def write_explorer(surfaces, out, title: str = "landscape explorer", overwrite: bool = True, sharpness=None) -> Path:
     """Write the explorer page to ``out`` (whole, then moved into place); return its path."""
     from ..store.files import prepare_output, reason
     inputs = [s if isinstance(s, (str, os.PathLike)) else getattr(s, "path", None) for s in surfaces]
     out = prepare_output(out, overwrite, inputs=inputs)
-    page = explorer_html(surfaces, title)
+    page = explorer_html(surfaces, title, sharpness)
     tmp = out.with_name(out.name + ".partial")
     try:
         tmp.write_text(page, encoding="utf-8")

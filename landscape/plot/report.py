@@ -10,7 +10,8 @@ also stores in ``numbers.json`` next to the figures:
   is one of the line's two checkpoints;
 - a rays file no line uses -> ``<stem>-rays``;
 - a trajectory with ``lookahead/slow`` + ``lookahead/fast`` (or ``lookahead-adam/...``) ->
-  ``lookahead`` (``lookahead-adam``); with ``grafting/net<i>`` -> ``grafting``.
+  ``lookahead`` (``lookahead-adam``); with ``grafting/net<i>`` -> ``grafting``;
+- a sharpness file -> ``flatness`` (spectral densities, sharpness against test error).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class PlotResult:
 
 def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS, off_plane: float = 0.05,
                levels: int = 7, train_metric: str = "train_loss", test_metric: str = "test_err",
-               smooth: float = static.SMOOTH) -> PlotResult:
+               smooth: float = static.SMOOTH, sharpness=None) -> PlotResult:
     """Draw every figure the inputs allow into ``out_dir`` (created if missing; its parent must exist).
 
     ``surfaces``: paths of surface files or :class:`~landscape.store.Surface` objects; ``trajectory``:
@@ -50,7 +51,9 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
     rises for the edge-vs-center distances; ``off_plane``: fraction of the plane's larger side beyond
     which a checkpoint counts as off the plane; ``smooth``: Gaussian smoothing (grid cells) of the
     planes before their minima are located for the offset (0: the raw grid minima; at most the
-    larger side of every plane's grid, beyond which the plane is flat).
+    larger side of every plane's grid, beyond which the plane is flat); ``sharpness``: a sharpness file
+    (``landscape sharpness``) or its SharpnessFile -> ``flatness`` (spectral densities, sharpness
+    against test error) and its numbers under ``sharpness``.
 
     Everything is checked before ``out_dir`` is touched; the figures are drawn into a hidden folder
     inside it and moved into place, ``numbers.json`` last, only when every one is drawn, so a failure
@@ -78,14 +81,19 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
             raise ConfigError(f"smoothing of {smooth:g} grid cells is more than {_key(s)}'s grid of "
                               f"{' x '.join(map(str, s.done.shape))}; give at most {max(s.done.shape)}")
     traj = trajectory if trajectory is None or isinstance(trajectory, Trajectory) else open_trajectory(trajectory)
+    sharp = None
+    if sharpness is not None:
+        from ..store.sharpness import SharpnessFile, open_sharpness
+        sharp = sharpness if isinstance(sharpness, SharpnessFile) else open_sharpness(sharpness)
     out = Path(out_dir)
     created = _prepare_dir(out)
     staging = out / STAGING
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        res = _draw(surfs, traj, staging, rises, formats, off_plane, levels, train_metric, test_metric, smooth)
-        inputs = [s.path for s in surfs if s.path is not None] + ([traj.path] if traj is not None else [])
+        res = _draw(surfs, traj, staging, rises, formats, off_plane, levels, train_metric, test_metric, smooth, sharp)
+        inputs = ([s.path for s in surfs if s.path is not None] + ([traj.path] if traj is not None else [])
+                  + ([sharp.path] if sharp is not None and sharp.path is not None else []))
         names = [p.name for p in res.figures] + ["numbers.json"]
         for name in names:
             for source in inputs:
@@ -122,7 +130,8 @@ def _prepare_dir(out: Path) -> bool:
     return True
 
 
-def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, test_metric, smooth) -> PlotResult:
+def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, test_metric, smooth,
+          sharp=None) -> PlotResult:
     res = PlotResult()
     stems = _stems(surfs)
     planes = [s for s in surfs if s.kind == "plane"]
@@ -174,6 +183,14 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
                 res.figures += figures.save(figures.lookahead_figure_from(traj, prefix), out, prefix, formats)
         if any(r.startswith("grafting/net") for r in traj.runs):
             res.figures += figures.save(figures.grafting_figure_from(traj), out, "grafting", formats)
+    if sharp is not None:
+        from .flatness import flatness_figure
+        res.figures += figures.save(flatness_figure(sharp), out, "flatness", formats)
+        res.numbers["sharpness"] = sharp.summary()
+        for r in sharp.summary():
+            res.lines.append(f"flatness {r['checkpoint']}: top Hessian eigenvalue {r['eigenvalues'][0]:.4g}, "
+                             f"trace {r['trace']:.4g} +- {r['trace_stderr']:.2g}, epsilon-sharpness "
+                             f"{r['epsilon_sharpness']:.4g} (epsilon {r['epsilon']:g}), test error {r['test_err']:.2f} %")
     if not res.figures:
         what = ", ".join(str(s.path) for s in surfs) or "no surface files"
         raise ConfigError(f"nothing to draw from {what}" + (f" and {traj.path}" if traj is not None else "") +

@@ -97,6 +97,15 @@ def role(name: str) -> Role:
         if m.group(1) == "net":
             return Role(f"Grafting net {i}", shades[i % len(shades)], "P", 8, 9 + i)
         return Role(f"Grafting baseline {i}", shades[i % len(shades)], "x", 7, 30 + i)
+    if run == "ema/average":
+        return Role("EMA", OKABE_ITO["blue"], "h", 9, 3)
+    if run == "ema/iterates":
+        return Role("EMA iterates", OKABE_ITO["blue"], ".", 5, 3)
+    m = re.fullmatch(r"avg/(.+)/(uniform|ema_[^_]+)_(-?\d+)_(-?\d+)", run)
+    if m:  # landscape average: avg/RUN/uniform_A_B or avg/RUN/ema_D_A_B
+        what = "average" if m.group(2) == "uniform" else f"EMA {m.group(2)[4:]}"
+        return Role(f"{role(m.group(1)).label} {what} of rows {m.group(3)}-{int(m.group(4)) - 1}",
+                    OKABE_ITO["black"], "p", 8, 20)
     # any other name (a user's run, a checkpoint named in a notebook): a marker and a shade of its own,
     # the same for the same name in every figure
     h = zlib.crc32(run.encode())

@@ -30,13 +30,14 @@ from ..store import TrajectoryWriter
 from .loop import Context, evaluate, train_epoch
 from .grafting import grafting_ticks, run_grafting
 from .lookahead import Lookahead, run_lookahead, run_lookahead_adam
-from .methods import run_sgd, run_swa
+from .methods import run_ema, run_sgd, run_swa
 from .swap import SwapThresholdWarning, run_swap
 
 # name -> (function, number of progress ticks it makes, as a function of the config)
 METHODS = {
     "sgd": (run_sgd, lambda c: c.epochs),
     "swa": (run_swa, lambda c: c.epochs),
+    "ema": (run_ema, lambda c: c.epochs),
     "swap": (run_swap, lambda c: c.swap_phase1_epochs + c.swap_workers * c.swap_phase2_epochs),
     "lookahead": (run_lookahead, lambda c: c.epochs),
     "lookahead-adam": (run_lookahead_adam, lambda c: c.epochs),

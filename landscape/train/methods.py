@@ -1,8 +1,8 @@
-"""SGD and SWA (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better
+"""SGD, SWA and an exponential moving average of SGD (SWA: Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better
 Generalization"; schedule and averaging as in the authors' train.py)."""
 from __future__ import annotations
 
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .loop import Context, set_lr, sgd_optimizer, swa_schedule, train_epoch
 
@@ -48,3 +48,29 @@ def run_swa(ctx: Context) -> None:
                        n_averaged=int(average.n_averaged))
         ctx.tick()
         ctx.epoch_done("swa", epoch + 1, **state)
+
+
+def run_ema(ctx: Context) -> None:
+    """An exponential moving average of SGD's weights: sgd's schedule and data order; after every step
+    w_ema <- d w_ema + (1 - d) w (torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn(d),
+    d = ema_decay; the first step copies w). Recorded like SWA after every epoch: the iterate in
+    ``ema/iterates`` (with the same seed, sgd's rows) and the average, BatchNorm statistics recomputed
+    sample-weighted, in ``ema/average``."""
+    cfg = ctx.config
+    model = ctx.fresh_model()
+    opt = sgd_optimizer(model, cfg)
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=False)
+    gen, step = ctx.generator(), [0]
+    state = dict(model=model, opt=opt, average=average, gen=gen, step=step)
+
+    def on_step(i):
+        step[0] += 1
+        average.update_parameters(model)
+    for epoch in range(ctx.resume_point("ema", **state), cfg.epochs):
+        set_lr(opt, cfg.lr * swa_schedule(epoch, cfg.epochs, cfg.lr_ratio))
+        train_epoch(model, opt, ctx.data, cfg.batch_size, gen, on_step)
+        ctx.record("ema/iterates", model, epoch + 1.0, step[0])
+        ctx.record("ema/average", average.module, epoch + 1.0, step[0], recompute=True,
+                   n_averaged=int(average.n_averaged))
+        ctx.tick()
+        ctx.epoch_done("ema", epoch + 1, **state)

@@ -1,0 +1,118 @@
+"""Sharpness files (format ``landscape.sharpness``, version 1; see docs/FORMAT.md): the Hessian
+eigenvalues, trace and epsilon-sharpness of checkpoints, one row per checkpoint.
+
+Written whole to ``NAME.partial`` and renamed into place, so a file at the requested path is always
+complete.
+
+Example::
+
+    s = open_sharpness("sharpness.h5")
+    for r in s.results:
+        print(r["checkpoint"], r["eigenvalues"][0], r["trace"], r["epsilon_sharpness"])
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import FileFormatError
+from .files import open_read, partial_path, prepare_output, reason, sha256, to_json
+
+FORMAT = "landscape.sharpness"
+VERSION = 1
+# (N,) float64 datasets, one value per checkpoint
+SCALARS = ("epoch", "loss", "trace", "trace_stderr", "epsilon_sharpness", "eigenvector_sharpness",
+           "epsilon_ratio", "lanczos_steps", "seconds")
+# (N, ...) float64 datasets
+ARRAYS = ("eigenvalues", "residuals", "trace_probes", "density_nodes", "density_weights")
+METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+
+
+@dataclass
+class SharpnessFile:
+    path: Path | None
+    spec: dict
+    results: list = field(default_factory=list)  # one dict per checkpoint, in the order computed
+    trajectory: str | None = None
+    trajectory_sha256: str | None = None
+    seconds: float = float("nan")
+
+    @property
+    def epsilon(self) -> float:
+        return float(self.spec["sharpness"]["epsilon"])
+
+    def summary(self) -> list:
+        """Per checkpoint, the numbers ``landscape sharpness --json`` prints."""
+        out = []
+        for r in self.results:
+            d = {"checkpoint": r["checkpoint"], "epoch": r["epoch"],
+                 "eigenvalues": [float(v) for v in r["eigenvalues"]], "trace": r["trace"],
+                 "trace_stderr": r["trace_stderr"], "epsilon": self.epsilon,
+                 "epsilon_sharpness": r["epsilon_sharpness"], "eigenvector_sharpness": r["eigenvector_sharpness"],
+                 "train_loss": r["metrics"]["train_loss"], "test_err": r["metrics"]["test_err"]}
+            out.append(d)
+        return out
+
+
+def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite: bool = False) -> SharpnessFile:
+    """Write the results of :func:`landscape.sharpness.compute_sharpness` (a list of per-checkpoint
+    dicts) into a new sharpness file; return it as read back."""
+    path = prepare_output(path, overwrite, inputs=(trajectory,) if trajectory else ())
+    tmp = partial_path(path)
+    try:
+        f = h5py.File(tmp, "w", track_order=True)
+    except OSError as e:
+        raise FileFormatError(f"cannot write {path}: {reason(e)}") from None
+    try:
+        with f:
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["spec"] = to_json(spec)
+            f.attrs["complete"] = True
+            if trajectory is not None:
+                f.attrs["trajectory"] = str(trajectory)
+                f.attrs["trajectory_sha256"] = sha256(trajectory)
+            f.create_dataset("checkpoints", data=np.array([r["checkpoint"] for r in results], dtype=object),
+                             dtype=h5py.string_dtype())
+            for name in SCALARS:
+                f.create_dataset(name, data=np.array([float(r.get(name, np.nan)) for r in results]))
+            for name in ARRAYS:
+                if results and all(name in r for r in results):
+                    f.create_dataset(name, data=np.stack([np.asarray(r[name], np.float64) for r in results]))
+            for name in METRICS:
+                f.create_dataset(f"metrics/{name}", data=np.array([r["metrics"][name] for r in results]))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return open_sharpness(path)
+
+
+def open_sharpness(path) -> SharpnessFile:
+    with open_read(path, FORMAT) as f:
+        if not bool(f.attrs.get("complete", False)):
+            raise FileFormatError(f"{path} is incomplete")
+        if int(f.attrs["version"]) > VERSION:
+            raise FileFormatError(f"{path} has sharpness format version {f.attrs['version']}; "
+                                  f"this landscape reads up to {VERSION}")
+        try:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["checkpoints"][()]]
+            results = [{"checkpoint": n, "metrics": {}} for n in names]
+            for name in SCALARS + ARRAYS:
+                if name in f:
+                    values = f[name][()]
+                    for r, v in zip(results, values):
+                        r[name] = v.tolist() if np.ndim(v) else float(v)
+            for name in METRICS:
+                if f"metrics/{name}" in f:
+                    for r, v in zip(results, f[f"metrics/{name}"][()]):
+                        r["metrics"][name] = float(v)
+            spec = json.loads(f.attrs["spec"])
+        except (KeyError, ValueError) as e:
+            raise FileFormatError(f"{path} is not a valid sharpness file: {e}") from None
+        return SharpnessFile(Path(path), spec, results, f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"))

@@ -1,0 +1,104 @@
+"""Averages made after the fact: --uniform is the running mean of the window's rows, --ema the
+recursion; BatchNorm recomputed and metrics recorded; the input's runs copied unchanged; bad windows
+are one line before any work. And ema as a training method."""
+import numpy as np
+import pytest
+import torch
+
+from landscape.cli.main import main
+from landscape.rebuild import rebuild_data, rebuild_model
+from landscape.average import Window
+from landscape.store import open_trajectory
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def averaged(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("avg") / "avg.h5"
+    assert main(["average", str(tiny_run), "--from", "sgd:2:6", "--uniform", "--ema", "0.7", "-o", str(out),
+                 "--quiet"]) == 0
+    return open_trajectory(tiny_run), open_trajectory(out)
+
+
+def test_uniform_is_the_mean_of_the_rows(averaged):
+    src, out = averaged
+    rows = src.params("sgd")[2:6].astype(np.float64)
+    avg = out.params("avg/sgd/uniform_2_6")
+    assert avg.shape == (4, src.layout.num_params)
+    for t in range(4):
+        np.testing.assert_allclose(avg[t], rows[:t + 1].mean(0), rtol=1e-5, atol=1e-6)
+    d = out.run("avg/sgd/uniform_2_6")
+    np.testing.assert_array_equal(d.epoch, src.run("sgd").epoch[2:6])
+    np.testing.assert_array_equal(d.metrics["n_averaged"], [1, 2, 3, 4])
+    assert np.isfinite(d.metrics["test_err"]).all() and np.isfinite(d.metrics["train_loss"]).all()
+
+
+def test_ema_is_the_recursion(averaged):
+    src, out = averaged
+    rows = src.params("sgd")[2:6].astype(np.float64)
+    ema = out.params("avg/sgd/ema_0.7_2_6")
+    e = rows[0]
+    for t in range(4):
+        if t:
+            e = 0.7 * e + 0.3 * rows[t]
+        np.testing.assert_allclose(ema[t], e, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_recomputed_and_input_copied(averaged, tiny_config):
+    src, out = averaged
+    from landscape.bn import recompute_bn
+    data = rebuild_data(src)
+    model = rebuild_model(src, data)
+    src.layout.load(model, torch.from_numpy(out.params("avg/sgd/uniform_2_6")[-1]))
+    recompute_bn(model, data.x_train, tiny_config.eval_batch_size)
+    np.testing.assert_allclose(out.buffers("avg/sgd/uniform_2_6")[-1], src.layout.buffers_to_vector(model).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    for run in src.runs:  # every input run as it was
+        np.testing.assert_array_equal(out.params(run), src.params(run))
+        np.testing.assert_array_equal(out.run(run).metrics["test_err"], src.run(run).metrics["test_err"])
+
+
+def test_windows():
+    assert Window.parse("sgd") == Window("sgd")
+    assert Window.parse("swa/average:-3:") == Window("swa/average", -3, None)
+    assert Window.parse("sgd::4") == Window("sgd", None, 4)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--from", "sgd:5:5", "--uniform"], ["empty", "sgd has 7 checkpoints"]),
+    (["--from", "sgd:100:", "--uniform"], ["empty"]),
+    (["--from", "nope", "--uniform"], ["'nope' not found"]),
+    (["--from", "sgd:1", "--uniform"], ["RUN:START:STOP"]),
+    (["--from", "sgd"], ["--uniform"]),
+    (["--from", "sgd", "--ema", "1.5"], ["decay"]),
+    (["--from", "sgd", "--ema", "0"], ["decay"]),
+])
+def test_bad_input_is_one_line_before_any_work(tiny_run, tmp_path, capsys, argv, words):
+    assert main(["average", str(tiny_run), *argv, "-o", str(tmp_path / "o.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("landscape: error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_ema_training_method(tiny_config, tmp_path):
+    from landscape.train import train
+    cfg = tiny_config.replace(methods=("sgd", "ema"), epochs=3, ema_decay=0.9)
+    train(cfg, tmp_path / "ema.h5", quiet=True)
+    traj = open_trajectory(tmp_path / "ema.h5")
+    assert {"ema/average", "ema/iterates"} <= set(traj.runs)
+    # same seed, schedule and data order: the iterates are sgd's after every epoch
+    np.testing.assert_allclose(traj.params("ema/iterates"), traj.params("sgd")[1:], rtol=1e-6, atol=1e-7)
+    d = traj.run("ema/average")
+    assert len(d) == 3 and np.isfinite(d.metrics["test_err"]).all()
+    steps = d.metrics["n_averaged"]
+    assert list(steps) == list(traj.run("sgd").step[1:])
+    # the average differs from the iterate, and lies between earlier and later iterates' scale
+    assert np.linalg.norm(traj.params("ema/average")[-1] - traj.params("sgd")[-1]) > 0

@@ -1,0 +1,119 @@
+"""Exports of finished surfaces: VTK read back with a small reader of our own puts every value at its
+(x, y) on a 5 x 4 grid and every trajectory on its polyline; CSV rows; loss-landscape through the CLI;
+rays refused where a format has no grid for them."""
+import csv
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from landscape.cli.main import main
+from landscape.store import PathData, PointData, SurfaceWriter, open_surface
+from landscape.store.export import export_csv, export_vtk
+
+
+def read_vtk_array(node) -> np.ndarray:
+    return np.array([float(v) for v in node.text.split()])
+
+
+def read_vts(path):
+    """Our own reader of an ASCII VTK StructuredGrid: (points (n, 3), extent, {name: (n,) values})."""
+    root = ET.parse(path).getroot()
+    assert root.get("type") == "StructuredGrid"
+    piece = root.find("StructuredGrid/Piece")
+    extent = [int(v) for v in piece.get("Extent").split()]
+    points = read_vtk_array(piece.find("Points/DataArray")).reshape(-1, 3)
+    data = {a.get("Name"): read_vtk_array(a) for a in piece.find("PointData")}
+    return points, extent, data
+
+
+def read_vtp(path):
+    root = ET.parse(path).getroot()
+    piece = root.find("PolyData/Piece")
+    points = read_vtk_array(piece.find("Points/DataArray")).reshape(-1, 3)
+    lines = {a.get("Name"): read_vtk_array(a).astype(int) for a in piece.find("Lines")}
+    point_data = {a.get("Name"): read_vtk_array(a) for a in piece.find("PointData")}
+    return points, lines, point_data
+
+
+@pytest.fixture
+def plane(tmp_path):
+    """A finished 5 x 4 plane whose values encode their own coordinates."""
+    x, y = np.linspace(-1, 3, 5), np.linspace(10, 40, 4)
+    paths = {"sgd": PathData(np.array([[0.0, 10.0], [1.0, 20.0], [2.0, 25.0]]), np.array([0.0, 0.5, 0.1]),
+                             np.array([0.0, 1.0, 2.0])),
+             "swa/average": PathData(np.array([[3.0, 40.0], [2.5, 30.0]]), np.zeros(2), np.array([5.0, 6.0]))}
+    w = SurfaceWriter.create(tmp_path / "plane.h5", {"kind": "plane"}, x, y, {"origin": np.zeros(3)},
+                             {"sgd:2": PointData(np.array([2.0, 25.0]), 0.1)}, paths)
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    w.write(np.arange(20), {"train_loss": (X * 100 + Y).reshape(-1), "train_err": X.reshape(-1),
+                            "test_loss": Y.reshape(-1), "test_err": (X - Y).reshape(-1)})
+    w.close()
+    return open_surface(tmp_path / "plane.h5")
+
+
+def test_vtk_puts_every_value_at_its_point_on_a_non_square_grid(plane, tmp_path):
+    out = export_vtk(plane, tmp_path / "plane.vtm")
+    root = ET.parse(out).getroot()
+    files = [d.get("file") for d in root.iter("DataSet")]
+    assert files == ["plane/surface.vts", "plane/paths.vtp"]
+    points, extent, data = read_vts(tmp_path / files[0])
+    assert extent == [0, 4, 0, 3, 0, 0]
+    assert len(points) == 20 and set(data) == {"train_loss", "train_err", "test_loss", "test_err"}
+    for k, (px, py, pz) in enumerate(points):
+        assert pz == 0
+        assert data["train_loss"][k] == pytest.approx(px * 100 + py)
+        assert data["train_err"][k] == pytest.approx(px) and data["test_loss"][k] == pytest.approx(py)
+        assert data["test_err"][k] == pytest.approx(px - py)
+    # structured order: x fastest; every (x, y) of the grid exactly once
+    assert sorted(map(tuple, points[:, :2])) == sorted((a, b) for a in plane.x for b in plane.y)
+    np.testing.assert_allclose(points[:5, 0], plane.x)
+    np.testing.assert_allclose(points[::5, 1], plane.y)
+    pts, lines, pd = read_vtp(tmp_path / files[1])
+    assert list(lines["offsets"]) == [3, 5]
+    np.testing.assert_allclose(pts[lines["connectivity"][:3], :2], plane.paths["sgd"].coords)
+    np.testing.assert_allclose(pts[lines["connectivity"][3:], :2], plane.paths["swa/average"].coords)
+    np.testing.assert_allclose(pd["epoch"], [0, 1, 2, 5, 6])
+
+
+def test_csv_rows(plane, tmp_path):
+    out = export_csv(plane, tmp_path / "plane.csv")
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 20
+    for r in rows:
+        assert float(r["train_loss"]) == pytest.approx(float(r["x"]) * 100 + float(r["y"]))
+
+
+def test_cli_exports_and_refuses(plane, tmp_path, capsys):
+    src = str(plane.path)
+    assert main(["export", src, "--to", "csv"]) == 0
+    assert (tmp_path / "plane.csv").exists()
+    assert main(["export", src, "--to", "vtk"]) == 0
+    assert (tmp_path / "plane.vtm").exists() and (tmp_path / "plane" / "surface.vts").exists()
+    assert main(["export", src, "--to", "vtk"]) == 2          # exists: refused
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", src, "--to", "vtk", "--overwrite"]) == 0
+    assert main(["export", src, "--to", "loss-landscape", "-o", str(tmp_path / "ll.h5")]) == 0
+    import h5py
+    with h5py.File(tmp_path / "ll.h5") as f:
+        assert f["train_loss"].shape == (4, 5)
+    assert main(["export", src, "--to", "vtk", "-o", str(tmp_path / "x.vts")]) == 2
+    assert "NAME.vtm" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_rays_go_to_csv_only(tmp_path, capsys):
+    x = np.linspace(0, 2, 3)
+    w = SurfaceWriter.create(tmp_path / "rays.h5", {"kind": "line", "values_shape": ["rays", "x"]}, x, None,
+                             {"origin": np.zeros(3)}, {}, {}, shape=(2, 3))
+    w.write(np.arange(6), {m: np.arange(6.0) for m in ("train_loss", "train_err", "test_loss", "test_err")})
+    w.close()
+    for to in ("vtk", "loss-landscape"):
+        assert main(["export", str(tmp_path / "rays.h5"), "--to", to]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("landscape: error: ") and "--to csv" in err and err.count("\n") == 1
+    assert main(["export", str(tmp_path / "rays.h5"), "--to", "csv"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "rays.csv")))
+    assert [(r["ray"], float(r["x"]), float(r["train_loss"])) for r in rows] == [
+        ("0", 0.0, 0.0), ("0", 1.0, 1.0), ("0", 2.0, 2.0), ("1", 0.0, 3.0), ("1", 1.0, 4.0), ("1", 2.0, 5.0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rays.csv", "rays.h5"]

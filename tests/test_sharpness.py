@@ -1,0 +1,202 @@
+"""Sharpness: Lanczos eigenvalues and Hutchinson's trace against the exact Hessian of a model small enough
+to form it; Lanczos against the subspace (power) iteration of the Hessian plane on a larger model;
+epsilon-sharpness inside its ball and at least the rise along the top eigenvector; the file and the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, hessian
+
+from landscape.cli.main import main
+from landscape.data import DataSpec, load_data
+from landscape.evaluate import BatchNormPolicy
+from landscape.geometry import HessianOperator, top_hessian_eigen
+from landscape.rebuild import rebuild_data, rebuild_model
+from landscape.models import ModelSpec, build_model
+from landscape.params import Layout
+from landscape.sharpness import FilterBall, SharpnessSpec, checkpoint_sharpness, density_curve
+from landscape.store import open_trajectory
+from landscape.store.sharpness import open_sharpness
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """An MLP of 180 parameters trained a little on 200 synthetic samples, and its exact Hessian."""
+    data = load_data(DataSpec("synthetic", {"n_train": 200, "n_test": 50, "shape": [1, 6]}))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("mlp", {"hidden": [16]}), data.input_shape, data.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model(data.x_train), data.y_train).backward()
+        opt.step()
+    layout = Layout.of(model)
+    w = layout.params_to_vector(model)
+
+    def loss(v):
+        return F.cross_entropy(functional_call(model, layout.split_params(v), (data.x_train,)), data.y_train)
+    H = hessian(loss)(w).double()
+    return data, model, layout, w, 0.5 * (H + H.T)
+
+
+def test_top_eigenvalues_and_trace_match_the_exact_hessian(small):
+    data, model, layout, w, H = small
+    assert layout.num_params == 180
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    r = checkpoint_sharpness(model, layout, w, layout.buffers_to_vector(model), data,
+                             SharpnessSpec(top_k=4, probes=400, ascent_steps=2), BatchNormPolicy("none"))
+    assert r["eigenvalues"] == sorted(r["eigenvalues"], reverse=True)
+    np.testing.assert_allclose(r["eigenvalues"], exact[:4].numpy(), rtol=1e-4)
+    trace = float(H.trace())
+    assert abs(r["trace"] - trace) < 4 * r["trace_stderr"]
+    assert r["trace_stderr"] < 0.05 * trace
+    # Hutchinson's standard error is that of the probe values
+    assert r["trace_stderr"] == pytest.approx(np.std(r["trace_probes"], ddof=1) / np.sqrt(400))
+
+
+def test_lanczos_run_to_the_dimension_is_the_whole_spectrum(small):
+    """With as many steps as parameters the Ritz values are the eigenvalues (the SLQ nodes too)."""
+    data, model, layout, w, H = small
+    r = checkpoint_sharpness(model, layout, w, layout.buffers_to_vector(model), data,
+                             SharpnessSpec(top_k=10, iterations=180, tol=1e-9, probes=2, density=True,
+                                           density_runs=1, density_steps=180, ascent_steps=0),
+                             BatchNormPolicy("none"))
+    exact = torch.linalg.eigvalsh(H).flip(0).numpy()
+    np.testing.assert_allclose(r["eigenvalues"], exact[:10], rtol=1e-3, atol=1e-5)
+    nodes, weights = np.asarray(r["density_nodes"]), np.asarray(r["density_weights"])
+    assert np.nansum(weights) == pytest.approx(1.0)
+    assert np.nanmax(nodes) == pytest.approx(exact[0], rel=1e-3)
+    grid = np.linspace(exact[-1] - 1, exact[0] + 1, 4001)
+    curve = density_curve(nodes, weights, grid, sigma=0.05)
+    assert np.trapezoid(curve, grid) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_lanczos_agrees_with_power_iteration(tiny_run):
+    """On the tiny cnn1d-bn (596 parameters, with BatchNorm): the top eigenvalue of Lanczos and of the
+    Hessian plane's subspace iteration, on the same loss (stored buffers, every training sample)."""
+    traj = open_trajectory(tiny_run)
+    data = rebuild_data(traj)
+    model = rebuild_model(traj, data)
+    c = traj.checkpoint("sgd")
+    assert traj.layout.num_params > 500  # larger than the exact-Hessian model
+    r = checkpoint_sharpness(model, traj.layout, c.params, c.buffers, data,
+                             SharpnessSpec(top_k=2, probes=2, ascent_steps=0, tol=1e-6),
+                             BatchNormPolicy("stored"))
+    (l1, l2), _, _ = top_hessian_eigen(model, traj.layout, c.params, c.buffers, data, samples=len(data.x_train),
+                                       iterations=500, tol=1e-7)
+    assert l1 > 0
+    assert r["eigenvalues"][0] == pytest.approx(l1, rel=1e-3)
+
+
+def test_epsilon_sharpness_stays_in_its_ball_and_beats_the_top_eigenvector(small):
+    data, model, layout, w, H = small
+    evals, evecs = torch.linalg.eigh(H)
+    top = evecs[:, -1]
+    for eps in (0.01, 0.1):
+        r = checkpoint_sharpness(model, layout, w, layout.buffers_to_vector(model), data,
+                                 SharpnessSpec(top_k=1, probes=2, epsilon=eps, ascent_steps=10),
+                                 BatchNormPolicy("none"))
+        assert 0 < r["epsilon_ratio"] <= eps * (1 + 1e-6)
+        # the rise along the exact top eigenvector, put on the ball's boundary, computed here
+        op = HessianOperator(model, layout, w, layout.buffers_to_vector(model), data.x_train, data.y_train)
+        ball = FilterBall(layout, w.double(), eps)
+        d = ball.onto_boundary(top)
+        assert ball.ratio(d) == pytest.approx(eps)
+        base = op.loss()
+        along = max(op.loss((w.double() + s * d).float()) for s in (1, -1)) - base
+        assert r["epsilon_sharpness"] >= along - 1e-6
+        assert r["epsilon_sharpness"] > 0
+    # a ball ten times wider allows a larger rise
+    assert r["epsilon_sharpness"] > 0
+
+
+def test_filter_ball_projection():
+    layout = Layout.of(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(layout.num_params, generator=g, dtype=torch.float64)
+    ball = FilterBall(layout, w, 0.2)
+    d = ball.project(10 * torch.randn(layout.num_params, generator=g, dtype=torch.float64))
+    assert ball.ratio(d) == pytest.approx(0.2)
+    for e, sl in layout.param_slices():
+        rows = d[sl].view(e.shape[0], -1) if len(e.shape) > 1 else d[sl]
+        if len(e.shape) == 1:
+            assert (rows == 0).all()  # biases stay where they are
+        else:
+            np.testing.assert_allclose(rows.norm(dim=1), 0.2 * w[sl].view(e.shape[0], -1).norm(dim=1))
+
+
+@pytest.fixture(scope="module")
+def sharp_file(tiny_run, tmp_path_factory):
+    """The CLI's file for two checkpoints of the tiny run, and what --json printed."""
+    import contextlib
+    import io
+    out = tmp_path_factory.mktemp("sharp") / "sharp.h5"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["sharpness", str(tiny_run), "sgd", "swa/average:-1", "--top-k", "2", "--probes", "4",
+                     "--ascent-steps", "2", "--density", "--density-runs", "1", "--density-steps", "8",
+                     "-o", str(out), "--json", "--quiet"]) == 0
+    return out, json.loads(buf.getvalue())
+
+
+def test_cli_writes_the_file_and_json(sharp_file):
+    out, printed = sharp_file
+    assert [p["checkpoint"] for p in printed] == ["sgd:6", "swa/average:3"]
+    for p in printed:
+        assert {"checkpoint", "eigenvalues", "trace", "trace_stderr", "epsilon_sharpness"} <= set(p)
+        assert p["eigenvalues"] == sorted(p["eigenvalues"], reverse=True) and len(p["eigenvalues"]) == 2
+    s = open_sharpness(out)
+    assert s.epsilon == 0.01 and s.spec["bn"]["policy"] == "recompute"
+    assert [r["checkpoint"] for r in s.results] == ["sgd:6", "swa/average:3"]
+    assert np.asarray(s.results[0]["density_nodes"]).shape == (1, 8)
+    assert s.summary()[0]["trace"] == printed[0]["trace"]
+
+
+def test_flatness_figure_and_explorer_numbers(sharp_file, tmp_path, tiny_run):
+    out, printed = sharp_file
+    assert main(["plot", "--sharpness", str(out), "-o", str(tmp_path / "figs"), "--format", "png"]) == 0
+    assert (tmp_path / "figs" / "flatness.png").stat().st_size > 10_000
+    numbers = json.loads((tmp_path / "figs" / "numbers.json").read_text())
+    assert numbers["sharpness"] == printed
+    from landscape.geometry import Plane
+    from landscape.plot.interactive import explorer_html
+    from landscape.surface import compute_surface
+    traj = open_trajectory(tiny_run)
+    surf = compute_surface(traj, Plane.through(traj, "sgd", "swa/average", "swa/iterates:0"), (3, 3), quiet=True)
+    page = explorer_html([surf], sharpness=out)
+    assert "Flatness numbers" in page
+    top = printed[0]["eigenvalues"][0]
+    assert f"top Hessian eigenvalue {top:.4g}" in page      # in the hover text of sgd:6
+    assert page.count("<tr>") == 1 + len(printed)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["nope"], ["'nope'", "not found"]),
+    (["sgd:99"], ["sgd:99", "not found"]),
+    (["sgd", "--epsilon", "0"], ["epsilon", "positive"]),
+    (["sgd", "--epsilon", "-1"], ["epsilon", "positive"]),
+    (["sgd", "--top-k", "100000"], ["top k", "parameters"]),
+    (["sgd", "--probes", "1"], ["probes"]),
+])
+def test_bad_input_is_one_line_before_any_work(tiny_run, tmp_path, capsys, argv, words):
+    out = tmp_path / "s.h5"
+    assert main(["sharpness", str(tiny_run), *argv, "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("landscape: error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_file_is_one_line(tmp_path, capsys):
+    assert main(["sharpness", str(tmp_path / "none.h5"), "sgd", "-o", str(tmp_path / "s.h5")]) == 2
+    assert "does not exist" in capsys.readouterr().err
