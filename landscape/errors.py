@@ -28,3 +28,12 @@ class GeometryError(LandscapeError):
 
 class CheckpointError(LandscapeError):
     """A run or checkpoint name does not exist in a trajectory file."""
+
+
+class WriteError(FileFormatError):
+    """Writing a file failed (a full disk, a vanished folder); what was kept is in the message."""
+
+
+class StalePartialError(FileFormatError):
+    """An output's ``.partial`` file holds unfinished work of another spec or input (``--overwrite``
+    discards it)."""

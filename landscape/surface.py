@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .device import resolve_device
-from .errors import ConfigError, LandscapeError
+from .errors import ConfigError, LandscapeError, WriteError
 from .evaluate import METRICS, BatchNormPolicy, Evaluator, choose_points_per_call, resolve_policy
 from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
 from .store import Surface, SurfaceWriter, Trajectory, open_surface, open_trajectory
@@ -88,6 +88,8 @@ def make_grid(geom, grid=None, margin: float = 0.2, xrange=None, yrange=None) ->
     for r in (xrange, yrange):
         if r is not None and not (len(r) == 2 and r[0] < r[1]):
             raise ConfigError(f"range {list(r)} is empty; give LOW < HIGH")
+        if r is not None and not math.isfinite(r[1] - r[0]):
+            raise ConfigError(f"range {list(r)} is not finite (its width overflows); give finite LOW and HIGH")
     return geom.default_grid(shape, margin, xrange, yrange)
 
 
@@ -321,7 +323,10 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
     except BaseException as e:
         if writer is not None and pending and isinstance(e, KeyboardInterrupt):
             block = np.concatenate(pending)  # computed but not yet flushed: keep it too
-            writer.write(block[:, 0].astype(np.int64), {m: block[:, 1 + i] for i, m in enumerate(metrics)})
+            try:
+                writer.write(block[:, 0].astype(np.int64), {m: block[:, 1 + i] for i, m in enumerate(metrics)})
+            except WriteError:
+                pass  # the points of the last write stay
         kept = _suspend(writer, e, total)  # what was written stays resumable in OUT.partial
         if kept is not None:
             raise kept from None
@@ -341,15 +346,16 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
     return surface
 
 
-def _suspend(writer, error: BaseException, total: int) -> KeyboardInterrupt | None:
-    """Close a failed computation's writer, its points kept in OUT.partial. For an interruption
-    (Ctrl-C, SIGTERM) of a file being written, return the KeyboardInterrupt to raise instead: it
-    says how many points were kept where, and how to finish."""
+def _suspend(writer, error: BaseException, total: int) -> BaseException | None:
+    """Close a failed computation's writer, its saved points kept in OUT.partial (none: no partial is
+    left). For an interruption (Ctrl-C, SIGTERM) or a failed write of a file, return the error to raise
+    instead: it says how many points were kept where, and how to finish."""
     if writer is None:
         return None
-    done = int(writer.done.sum()) if isinstance(writer, SurfaceWriter) and writer.file.id.valid else None
+    saved = writer.saved if isinstance(writer, SurfaceWriter) else None
     writer.suspend()
-    if isinstance(error, KeyboardInterrupt) and done is not None:
-        return KeyboardInterrupt(f"{done} of {total} points kept in {writer.tmp}; run the same command "
-                                 f"again to finish")
-    return None
+    if saved is None or not isinstance(error, (KeyboardInterrupt, WriteError)):
+        return None
+    kept = (f"{saved} of {total} points kept in {writer.tmp}; run the same command again to finish" if saved
+            else "nothing was computed yet, nothing kept")
+    return KeyboardInterrupt(kept) if isinstance(error, KeyboardInterrupt) else WriteError(f"{error}; {kept}")
