@@ -104,7 +104,8 @@ def check_version(path, value, kind: str, version: int) -> int:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise FileFormatError(f"{path} has {kind} format version {value!r}; this landscape reads version "
+        shown = int(value) if isinstance(value, (int, np.integer)) else repr(value.item() if hasattr(value, "item") else value)
+        raise FileFormatError(f"{path} has {kind} format version {shown}; this landscape reads version "
                               f"{version}" + (" (a newer landscape wrote it)" if _newer(value, version) else ""))
     return version
 

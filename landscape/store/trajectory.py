@@ -123,7 +123,10 @@ class TrajectoryWriter:
         exactly what a resumed one asks, and both write the same bytes."""
         f = self.file
         self.finished = json.loads(f.attrs.get("finished", "{}"))
-        self._progress = {k: ds[()].tobytes() for k, ds in f["progress"].items()} if "progress" in f else {}
+        self._progress = {}
+        if "progress" in f:  # keys may hold "/": nested groups
+            f["progress"].visititems(lambda key, obj: self._progress.__setitem__(key, obj[()].tobytes())
+                                     if isinstance(obj, h5py.Dataset) else None)
         return json.loads(f.attrs.get("progress_rows", "{}"))
 
     def _unfinished_runs(self) -> list:
