@@ -177,6 +177,7 @@ def test_train_killed_at_any_save_resumes_to_the_same_bytes(uninterrupted_run, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]  # no partial, journal or lock left
 
 
+@pytest.mark.slow
 def test_train_replaces_a_partial_without_work(tmp_path):
     """A partial cut off before its first save (empty, or not HDF5) holds nothing: it is replaced, not
     mistaken for another configuration's work."""
@@ -190,6 +191,7 @@ def test_train_replaces_a_partial_without_work(tmp_path):
         out.unlink()
 
 
+@pytest.mark.slow
 def test_train_refuses_a_partial_of_another_configuration(tmp_path):
     out = tmp_path / "run.h5"
     first = cli(*TRAIN, "-o", out, crash=(3, "before"))
@@ -237,15 +239,41 @@ def test_surface_killed_at_any_save_resumes_to_the_same_values(tiny_run, uninter
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
 
 
-def test_a_surface_refused_before_any_work_leaves_nothing_and_the_corrected_command_runs(tiny_run, tmp_path):
+def test_demo_resumes_an_interrupted_surface_instead_of_recomputing_it(tiny_run, tmp_path, monkeypatch):
+    from landscape import demo
+    from landscape.geometry import Plane
+    from landscape.store import SurfaceWriter, open_trajectory
+    traj = open_trajectory(tiny_run)
+    path, written, real = tmp_path / "plane-swa.h5", [], SurfaceWriter.write
+
+    def write(self, flat, values, stop_after=None):
+        real(self, flat, values)
+        written.append(np.asarray(flat).copy())
+        if len(written) == stop_after:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(SurfaceWriter, "write", lambda self, flat, values: write(self, flat, values, 2))
+    with pytest.raises(KeyboardInterrupt, match="points kept in"):
+        demo._evaluate(traj, Plane.through(traj, *THREE), (7, 6), path, quiet=True, device="cpu")
+    kept = set(np.concatenate(written).tolist())
+    written.clear()
+    monkeypatch.setattr(SurfaceWriter, "write", lambda self, flat, values: write(self, flat, values))
+    demo._evaluate(traj, Plane.through(traj, *THREE), (7, 6), path, quiet=True, device="cpu")
+    again = set(np.concatenate(written).tolist())
+    assert kept and not kept & again and len(kept | again) == 42
+    assert open_surface(path).done.all()
+
+
+def test_a_surface_refused_before_any_work_leaves_nothing_and_the_corrected_command_runs(tiny_run, tmp_path,
+                                                                                        capsys):
     out = tmp_path / "p.h5"
-    r = cli("plane", tiny_run, *THREE, "--grid", 3, 3, "--xrange", "-1e308", "1e308", "--quiet", "-o", out)
+    r = run_main(capsys, "plane", tiny_run, *THREE, "--grid", 3, 3, "--xrange", "-1e308", "1e308", "--quiet", "-o", out)
     one_line_error(r, "not finite")
     assert list(tmp_path.iterdir()) == []
-    r = cli("plane", tiny_run, *THREE, "--grid", 3, 3, "--xrange", "-1", "1", "--quiet", "-o", out)
+    r = run_main(capsys, "plane", tiny_run, *THREE, "--grid", 3, 3, "--xrange", "-1", "1", "--quiet", "-o", out)
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_says_what_was_kept(tmp_path):
     out = tmp_path / "run.h5"
     args = ["train", "--dataset", "synthetic", "--model", "mlp", "--epochs", "400", "--methods", "sgd", "--quiet",
@@ -351,16 +379,16 @@ def test_a_second_writer_is_refused_naming_the_first(tiny_run, tmp_path, capsys)
         assert main(["plane", str(tiny_run), *THREE, "--grid", "3", "3", "--quiet", "-o", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"{out} is being written by process {os.getpid()} since " in err and err.count("\n") == 1
-        r = cli(*TRAIN, "-o", out)
+        r = run_main(capsys, *TRAIN, "-o", out)
         one_line_error(r, f"is being written by process {os.getpid()} since")
     assert list(tmp_path.iterdir()) == []
     assert main(["plane", str(tiny_run), *THREE, "--grid", "3", "3", "--quiet", "-o", str(out)]) == 0
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_run, tmp_path):
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_run, tmp_path, capsys):
     out = tmp_path / "p.h5"
     lock_path(out).write_text("999999999 somewhere 2020-01-01 00:00:00 UTC\n")  # nobody holds it
-    r = cli("plane", tiny_run, *THREE, "--grid", 3, 3, "--quiet", "-o", out)
+    r = run_main(capsys, "plane", tiny_run, *THREE, "--grid", 3, 3, "--quiet", "-o", out)
     assert r.returncode == 0, r.stderr
     assert not lock_path(out).exists()
 
@@ -455,8 +483,7 @@ def test_checkpoint_with_non_finite_weights_is_refused_by_name(tiny_run, tmp_pat
 @pytest.fixture(scope="module")
 def good_plane(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("plane") / "p.h5"
-    r = cli("plane", tiny_run, *THREE, "--grid", 4, 3, "--quiet", "-o", out)
-    assert r.returncode == 0, r.stderr
+    assert main(["plane", str(tiny_run), *THREE, "--grid", "4", "3", "--quiet", "-o", str(out)]) == 0
     return out
 
 
