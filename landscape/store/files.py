@@ -192,6 +192,16 @@ class OutputLock:
         return False
 
 
+def claim_output(path: Path, overwrite: bool) -> OutputLock:
+    """Take ``NAME.lock`` and check again, now that no one else can write it, that ``NAME`` may be
+    written (another run may have finished it since :func:`prepare_output` looked)."""
+    lock = OutputLock(path)
+    if Path(path).exists() and not overwrite:
+        lock.release()
+        raise FileFormatError(f"output {path} already exists; pass --overwrite to replace it")
+    return lock
+
+
 def check_unlocked(path) -> None:
     """Refuse, before any work, an output that another live process is writing."""
     file = lock_path(Path(path))

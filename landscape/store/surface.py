@@ -23,8 +23,8 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError, WriteError
-from .files import (OutputLock, PartialH5, check_version, open_read, partial_path, prepare_output, read_partial, sha256,
-                    to_json)
+from .files import (OutputLock, PartialH5, check_version, claim_output, open_read, partial_path, prepare_output,
+                    read_partial, sha256, to_json)
 
 FORMAT = "landscape.surface"
 VERSION = 1
@@ -75,7 +75,7 @@ class SurfaceWriter:
         path = prepare_output(path, overwrite, inputs=(trajectory, *inputs))
         tmp = partial_path(path)
         spec_json = to_json(spec)
-        lock = OutputLock(path)
+        lock = claim_output(path, overwrite)
         try:
             if not overwrite and _held_points(tmp, spec_json, trajectory):
                 return cls(path, PartialH5(tmp, path, create=False), lock)
@@ -348,7 +348,7 @@ def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs
         raise FileFormatError("loss-landscape files hold one line or one plane; this file holds "
                               f"{surface.done.shape[0]} rays")
     out = prepare_output(out, overwrite, inputs=(surface.path, *inputs))
-    with OutputLock(out):
+    with claim_output(out, overwrite):
         store = PartialH5(partial_path(out), out, create=True)
         try:
             f = store.h5

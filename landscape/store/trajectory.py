@@ -22,8 +22,8 @@ import torch
 
 from ..errors import CheckpointError, FileFormatError, WriteError
 from ..params import Layout
-from .files import (OutputLock, PartialH5, check_version, interrupts_deferred, open_read, partial_path, prepare_output,
-                    read_partial, sha256, to_json)
+from .files import (PartialH5, check_version, claim_output, interrupts_deferred, open_read, partial_path,
+                    prepare_output, read_partial, sha256, to_json)
 
 FORMAT = "landscape.trajectory"
 VERSION = 1
@@ -62,7 +62,7 @@ class TrajectoryWriter:
         self._runs = []     # runs created, in order
         self._saved = False  # whether the partial on disk holds resumable work
         self._progress = {}  # key -> the state bytes of the last save point
-        self.lock = OutputLock(self.path)
+        self.lock = claim_output(self.path, overwrite)
         try:
             self._open(to_json(config), overwrite, resume)
         except BaseException:
