@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, GeometryError, ModelError
+from .errors import CheckpointError, ConfigError, GeometryError, ModelError
 from .store import PathData, PointData, Trajectory, open_trajectory
 
 # a direction shorter than this fraction of the weights' norm counts as zero (duplicate checkpoints)
@@ -370,6 +370,11 @@ class Plane:
             raise GeometryError(f"PCA of run {run!r} needs at least 3 checkpoints, it has {n}")
         co = load_checkpoint(traj, origin or f"{run}:{n - 1}")
         w = torch.from_numpy(traj.params(run)).double()
+        bad = (~torch.isfinite(w)).any(1).nonzero().flatten().tolist()
+        if bad:  # one NaN row would make every component NaN
+            raise CheckpointError(f"checkpoints {', '.join(f'{run}:{i}' for i in bad[:3])}"
+                                  f"{' ...' if len(bad) > 3 else ''} of {traj.path} have non-finite weights "
+                                  f"(training diverged there); PCA of run {run!r} needs finite checkpoints")
         m = w - w[-1]
         m = m - m.mean(0)
         gram = m @ m.T  # (T, T): no (P, P) matrix

@@ -480,6 +480,17 @@ def test_checkpoint_with_non_finite_weights_is_refused_by_name(tiny_run, tmp_pat
     assert "identical weights" not in r.stderr and not (tmp_path / "p.h5.partial").exists()
 
 
+def test_pca_of_a_run_with_non_finite_checkpoints_is_refused_by_name(tiny_run, tmp_path, capsys):
+    def edit(f):
+        params = f["runs/sgd/params"]
+        row = params[2]
+        row[0] = np.nan
+        params[2] = row
+    bad = _copy(tiny_run, tmp_path / "bad.h5", edit)
+    r = run_main(capsys, "plane", bad, "--pca", "sgd", "--grid", 3, 3, "-o", tmp_path / "p.h5")
+    one_line_error(r, "checkpoints sgd:2 of", "non-finite weights")
+
+
 @pytest.fixture(scope="module")
 def good_plane(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("plane") / "p.h5"
