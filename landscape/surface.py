@@ -338,7 +338,11 @@ def _compute(traj, geom, grid, ranks, bn, out, overwrite, quiet, batch_size, bn_
             pool.shutdown()
     surface = None
     if ranks.rank == 0:
-        result = writer.close()
+        try:
+            result = writer.close()
+        except WriteError as e:
+            raise WriteError(f"{e}; {writer.saved} of {total} points kept in {writer.tmp}; run the same command "
+                             "again to finish") from None
         surface = result if isinstance(result, Surface) else open_surface(result)
     ranks.barrier()
     if surface is None and out is not None:

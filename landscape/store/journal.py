@@ -15,6 +15,7 @@ they fail half way, never touch the disk. Memory holds only what changed since t
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -131,7 +132,7 @@ class JournaledFile:
         journal = journal_path(self.path)
         try:
             if self.size > self.disk_size:
-                os.posix_fallocate(self.fd, self.disk_size, self.size - self.disk_size)
+                _grow(self.fd, self.disk_size, self.size)
             _write_journal(journal, self.size, self.kept, self.pages)
         except BaseException:
             journal.unlink(missing_ok=True)
@@ -155,6 +156,17 @@ class JournaledFile:
     @property
     def closed(self) -> bool:
         return self.fd < 0
+
+
+def _grow(fd: int, start: int, end: int) -> None:
+    """Allocate the bytes [start, end) of the file (zeros), so that writing them later needs no space."""
+    try:
+        os.posix_fallocate(fd, start, end - start)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        for offset in range(start, end, PAGE):  # a file system without fallocate: write the zeros
+            _pwrite(fd, bytes(min(PAGE, end - offset)), offset)
 
 
 def _write_journal(journal: Path, size: int, kept: int, pages: dict) -> None:

@@ -252,6 +252,10 @@ class TrajectoryWriter:
         self.file.attrs["complete"] = True
         try:
             return self.store.finish()
+        except WriteError as e:
+            kept = ", ".join(self.finished) if self._saved else ""
+            raise WriteError(f"{e}; " + (f"{kept} kept in {self.tmp}; free space and run the same command again "
+                                         "to finish" if kept else "nothing kept")) from None
         finally:
             self.lock.release()
 
