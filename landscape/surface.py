@@ -361,5 +361,5 @@ def _suspend(writer, error: BaseException, total: int) -> BaseException | None:
     if saved is None or not isinstance(error, (KeyboardInterrupt, WriteError)):
         return None
     kept = (f"{saved} of {total} points kept in {writer.tmp}; run the same command again to finish" if saved
-            else "nothing was computed yet, nothing kept")
+            else "no point was saved yet, nothing kept")
     return KeyboardInterrupt(kept) if isinstance(error, KeyboardInterrupt) else WriteError(f"{error}; {kept}")

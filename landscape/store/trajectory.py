@@ -122,7 +122,12 @@ class TrajectoryWriter:
         of the part under way. Done after every save point too, so that an uninterrupted run asks HDF5
         exactly what a resumed one asks, and both write the same bytes."""
         f = self.file
-        self.finished = json.loads(f.attrs.get("finished", "{}"))
+        finished = json.loads(f.attrs.get("finished", "{}"))  # JSON keys are sorted: order parts by their runs
+        created = {name: i for i, name in enumerate(f["runs"])}  # /runs keeps creation order
+
+        def first_run(part):
+            return min((created.get(r.split("/")[0], len(created)) for r in finished[part]), default=len(created))
+        self.finished = {part: finished[part] for part in sorted(finished, key=first_run)}
         self._progress = {}
         if "progress" in f:  # keys may hold "/": nested groups
             f["progress"].visititems(lambda key, obj: self._progress.__setitem__(key, obj[()].tobytes())
