@@ -62,6 +62,7 @@ class TrajectoryWriter:
         self._runs = []     # runs created, in order
         self._saved = False  # whether the partial on disk holds resumable work
         self._progress = {}  # key -> the state bytes of the last save point
+        self.complete = False  # a partial completed by a run killed before it was moved into place
         self.lock = claim_output(self.path, overwrite)
         try:
             self._open(to_json(config), overwrite, resume)
@@ -71,7 +72,7 @@ class TrajectoryWriter:
 
     def _open(self, config_json: str, overwrite: bool, resume: bool) -> None:
         held = self._held_work(config_json)
-        if held == "same" and resume:
+        if held in ("same", "complete") and resume:
             self._reopen()
             return
         if held is not None and not overwrite:
@@ -102,13 +103,17 @@ class TrajectoryWriter:
         if reading is None:
             return None
         with reading as f:
-            if f.attrs.get("format") != FORMAT or not ("finished" in f.attrs or "progress_rows" in f.attrs):
+            complete = bool(f.attrs.get("complete", False))  # killed between its last save and its rename
+            if f.attrs.get("format") != FORMAT or not ("finished" in f.attrs or "progress_rows" in f.attrs
+                                                       or complete):
                 return None
             try:
                 layout = Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
             except (KeyError, ValueError, TypeError):
                 return None
-            return "same" if f.attrs.get("config") == config_json and layout == self.layout else "other"
+            if f.attrs.get("config") != config_json or layout != self.layout:
+                return "other"
+            return "complete" if complete else "same"
 
     def _reopen(self) -> None:
         """Continue ``NAME.partial``: it holds exactly what the last save point saved."""
@@ -116,6 +121,10 @@ class TrajectoryWriter:
         in_progress = self._read_state()
         self._runs = [r for part_runs in self.finished.values() for r in part_runs] + list(in_progress)
         self._saved = True
+        self.complete = bool(self.file.attrs["complete"])
+        if self.complete:  # every part done: its runs are all there is; close() only moves it into place
+            self.file["runs"].visititems(lambda name, obj: self._runs.append(name)
+                                         if isinstance(obj, h5py.Group) and "params" in obj else None)
 
     def _read_state(self) -> dict:
         """Read what a resumed run needs (finished parts, progress states), and return the row counts
@@ -251,10 +260,11 @@ class TrajectoryWriter:
 
     def close(self) -> Path:
         """Mark the file complete and move it to its final path."""
-        if "finished" in self.file.attrs:  # bookkeeping of unfinished work only
-            del self.file.attrs["finished"]
-        self._drop_progress()
-        self.file.attrs["complete"] = True
+        if not self.complete:  # (a file completed before a kill is moved as it is)
+            if "finished" in self.file.attrs:  # bookkeeping of unfinished work only
+                del self.file.attrs["finished"]
+            self._drop_progress()
+            self.file.attrs["complete"] = True
         try:
             return self.store.finish()
         except WriteError as e:

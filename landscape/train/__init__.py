@@ -124,7 +124,9 @@ def _train(config, out, overwrite, quiet, device, rank, world_size) -> dict:
     opened = (TrajectoryWriter(out, file_config, layout, overwrite=overwrite, resume=True) if writing
               else contextlib.nullcontext())
     with opened as writer:
-        finished = _shared(list(writer.finished) if writing else None, world_size)
+        # a file completed by a run killed just before moving it into place: nothing left to train
+        done = list(config.methods) if writing and writer.complete else list(writer.finished) if writing else None
+        finished = _shared(done, world_size)
         methods = [m for m in config.methods if writing or m in DISTRIBUTED_METHODS]
         total = sum(METHODS[m][1](config) for m in methods)
         with tqdm(total=total, desc="train", unit="epoch", disable=quiet or not writing, leave=False) as bar:
