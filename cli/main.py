@@ -7,7 +7,9 @@ import importlib
 import os
 import pkgutil
 import re
+import signal
 import sys
+import threading
 
 from . import commands
 
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     from landscape.errors import LandscapeError
     warnings.formatwarning = _one_line_warning  # our warnings are for people, not stack locations
     args = build_parser().parse_args(argv)
+    previous = _terminate_as_interrupt()
     try:
         return args._run(args) or 0
     except LandscapeError as e:
@@ -76,6 +79,19 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `landscape info run.h5 | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (kill, a job scheduler's stop) is handled like Ctrl-C: every command keeps its resumable
+    work and says what it kept where. Returns the handler it replaced (None off the main thread)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .device import resolve_device
-from .errors import FileFormatError
+from .errors import FileFormatError, StalePartialError
 from .geometry import Line, Plane
 from .sharpness import SharpnessSpec
 from .store import open_surface, open_trajectory
@@ -82,6 +82,28 @@ def _same_config(path: Path, config: TrainConfig) -> bool:
     return all(recorded.get(k) == json.loads(json.dumps(v)) for k, v in mine.items() if k != "device")
 
 
+def _current(path: Path, run_sha: str) -> bool:
+    """Whether ``path`` is a readable surface of this very trajectory (a stale one is removed)."""
+    if not path.exists():
+        return False
+    try:
+        if open_surface(path).trajectory_sha256 == run_sha:
+            return True
+    except FileFormatError:
+        pass
+    path.unlink()  # the demo's own output, made from another trajectory or damaged
+    return False
+
+
+def _evaluate(traj, geom, grid, path: Path, quiet: bool, device: str) -> None:
+    """Evaluate a surface, going on from its ``.partial`` when an interrupted demo left one (one of
+    another trajectory or spec is discarded: the folder is the demo's own)."""
+    try:
+        compute_surface(traj, geom, grid, out=path, quiet=quiet, device=device)
+    except StalePartialError:
+        compute_surface(traj, geom, grid, out=path, overwrite=True, quiet=quiet, device=device)
+
+
 def run_demo(out_dir="landscape-demo", quick: bool = False, device: str = "auto", quiet: bool = False,
              log=print) -> dict:
     """Run the whole demo into ``out_dir``; return a summary (paths, numbers, seconds per step)."""
@@ -123,11 +145,11 @@ def run_demo(out_dir="landscape-demo", quick: bool = False, device: str = "auto"
     start = time.perf_counter()
     for name, make, grid in jobs:
         path = out / f"{name}.h5"
-        if path.exists() and open_surface(path).trajectory_sha256 == run_sha:
+        if _current(path, run_sha):
             log(f"reusing {path}")
         else:
             log(f"evaluating {name} ({'x'.join(map(str, grid))} points) ...")
-            compute_surface(traj, make(), grid, out=path, overwrite=True, quiet=quiet, device=device)
+            _evaluate(traj, make(), grid, path, quiet, device)
         surfaces.append(path)
     seconds["surfaces"] = time.perf_counter() - start
 

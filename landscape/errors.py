@@ -32,3 +32,12 @@ class CheckpointError(LandscapeError):
 
 class TrustError(LandscapeError):
     """A file names code (an import path) that the user has not allowed to run."""
+
+
+class WriteError(FileFormatError):
+    """Writing a file failed (a full disk, a vanished folder); what was kept is in the message."""
+
+
+class StalePartialError(FileFormatError):
+    """An output's ``.partial`` file holds unfinished work of another spec or input (``--overwrite``
+    discards it)."""

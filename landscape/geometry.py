@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import as_data
-from .errors import ConfigError, GeometryError, ModelError
+from .errors import CheckpointError, ConfigError, GeometryError, ModelError
 from .params import Layout, match_state_dict, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store import PathData, PointData, Trajectory, open_trajectory
@@ -463,6 +463,12 @@ class Plane:
         if n < 3:
             raise GeometryError(f"PCA of run {run!r} needs at least 3 checkpoints, it has {n}")
         w = rows()
+        bad = (~torch.isfinite(w)).any(1).nonzero().flatten().tolist()
+        if bad:  # one NaN row would make every component NaN
+            where = f" of {source.path}" if isinstance(source, Trajectory) else ""
+            raise CheckpointError(f"checkpoints {', '.join(f'{run}:{i}' for i in bad[:3])}"
+                                  f"{' ...' if len(bad) > 3 else ''}{where} have non-finite weights "
+                                  f"(training diverged there); PCA of run {run!r} needs finite checkpoints")
         m = w - w[-1]
         m = m - m.mean(0)
         gram = m @ m.T  # (T, T): no (P, P) matrix

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .data import as_data
 from .device import resolve_device
 from .dist import Group
-from .errors import ConfigError, LandscapeError, ModelError
+from .errors import ConfigError, LandscapeError, ModelError, WriteError
 from .evaluate import METRICS, BatchNormPolicy, Evaluator, choose_points_per_call, resolve_policy
 from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
 from .params import Layout, unwrap
@@ -95,6 +95,8 @@ def make_grid(geom, grid=None, margin: float = 0.2, xrange=None, yrange=None) ->
     for r in (xrange, yrange):
         if r is not None and not (len(r) == 2 and r[0] < r[1]):
             raise ConfigError(f"range {list(r)} is empty; give LOW < HIGH")
+        if r is not None and not math.isfinite(r[1] - r[0]):
+            raise ConfigError(f"range {list(r)} is not finite (its width overflows); give finite LOW and HIGH")
     return geom.default_grid(shape, margin, xrange, yrange)
 
 
@@ -273,7 +275,10 @@ def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, qui
     except BaseException as e:
         bar.close()
         if ranks.rank == 0 and isinstance(e, KeyboardInterrupt):
-            flush()  # computed but not yet written: keep it too
+            try:
+                flush()  # computed but not yet written: keep it too
+            except WriteError:
+                pass  # the points of the last write stay
         kept = _suspend(writer, e, total)  # what was written stays resumable in OUT.partial
         if kept is not None:
             raise kept from None
@@ -359,7 +364,11 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
         _fill(writer, points_of, ranks, points_per_call, quiet, write_every, on_write)
         surface = None
         if ranks.rank == 0:
-            result = writer.close()
+            try:
+                result = writer.close()
+            except WriteError as e:
+                raise WriteError(f"{e}; {writer.saved} of {writer.done.size} points kept in {writer.tmp}; run the "
+                                 "same command again to finish") from None
             surface = result if isinstance(result, Surface) else open_surface(result)
         ranks.barrier()
         if surface is None and out is not None:
@@ -408,15 +417,16 @@ def _agree_on_basis(ranks, writer, points_of) -> None:
     points_of.with_basis(origin, vecs, grid)
 
 
-def _suspend(writer, error: BaseException, total: int) -> KeyboardInterrupt | None:
-    """Close a failed computation's writer, its points kept in OUT.partial. For an interruption
-    (Ctrl-C, SIGTERM) of a file being written, return the KeyboardInterrupt to raise instead: it
-    says how many points were kept where, and how to finish."""
+def _suspend(writer, error: BaseException, total: int) -> BaseException | None:
+    """Close a failed computation's writer, its saved points kept in OUT.partial (none: no partial is
+    left). For an interruption (Ctrl-C, SIGTERM) or a failed write of a file, return the error to raise
+    instead: it says how many points were kept where, and how to finish."""
     if writer is None:
         return None
-    done = int(writer.done.sum()) if isinstance(writer, SurfaceWriter) and writer.file.id.valid else None
+    saved = writer.saved if isinstance(writer, SurfaceWriter) else None
     writer.suspend()
-    if isinstance(error, KeyboardInterrupt) and done is not None:
-        return KeyboardInterrupt(f"{done} of {total} points kept in {writer.tmp}; run the same command "
-                                 f"again to finish")
-    return None
+    if saved is None or not isinstance(error, (KeyboardInterrupt, WriteError)):
+        return None
+    kept = (f"{saved} of {total} points kept in {writer.tmp}; run the same command again to finish" if saved
+            else "no point was saved yet, nothing kept")
+    return KeyboardInterrupt(kept) if isinstance(error, KeyboardInterrupt) else WriteError(f"{error}; {kept}")

@@ -48,9 +48,20 @@ def test_incomplete_close_keeps_partial(tmp_path):
 
 
 def test_different_spec_refused(tmp_path):
-    _writer(tmp_path / "s.h5").suspend()
-    with pytest.raises(FileFormatError, match="different spec"):
+    w = _writer(tmp_path / "s.h5")
+    w.write([0], _values([0]))
+    w.suspend()
+    with pytest.raises(FileFormatError, match="1 computed points for a different spec"):
         _writer(tmp_path / "s.h5", spec={"kind": "plane", "a": 2})
+
+
+def test_partial_without_points_is_not_kept_and_never_blocks_another_spec(tmp_path):
+    _writer(tmp_path / "s.h5").suspend()
+    assert list(tmp_path.iterdir()) == []  # nothing computed: nothing left behind
+    w = _writer(tmp_path / "s.h5")
+    w.file.close()  # as if killed before the first point was saved
+    w.lock.release()
+    _writer(tmp_path / "s.h5", spec={"kind": "plane", "a": 2}).suspend()  # replaced, not refused
 
 
 def test_export_loss_landscape_non_square(tmp_path):

@@ -1,7 +1,7 @@
 """What `landscape plane` and `landscape line` share: evaluation options, running, reporting."""
 from __future__ import annotations
 
-import signal
+import sys
 import time
 from pathlib import Path
 
@@ -48,10 +48,6 @@ def add_evaluation_arguments(p) -> None:
     add_output_flags(o)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def named_files(args, *names) -> list:
     """The trajectory file and any other file named by a checkpoint (``OTHER.h5:RUN:INDEX``) among
     ``names`` (strings, lists of them, or None): the inputs the output must not replace."""
@@ -95,23 +91,22 @@ def export_path(args) -> Path | None:
 
 def run_surface(args, traj, geom, grid) -> int:
     """Compute, export, report (the outputs checked by :func:`check_outputs` first). SIGTERM is
-    handled like Ctrl-C, so a killed run stays resumable."""
+    handled like Ctrl-C (cli.main), so a killed run stays resumable."""
     exported = export_path(args)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     start = time.perf_counter()
-    try:
-        surf = compute_surface(traj, geom, grid, bn=args.bn, out=args.out, overwrite=args.overwrite,
-                               quiet=args.quiet, device=args.device, batch_size=args.batch_size,
-                               bn_batch_size=args.bn_batch_size, bn_samples=args.bn_samples,
-                               weight_decay=args.weight_decay, points_per_call=args.points_per_call)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    surf = compute_surface(traj, geom, grid, bn=args.bn, out=args.out, overwrite=args.overwrite,
+                           quiet=args.quiet, device=args.device, batch_size=args.batch_size,
+                           bn_batch_size=args.bn_batch_size, bn_samples=args.bn_samples,
+                           weight_decay=args.weight_decay, points_per_call=args.points_per_call)
     seconds = time.perf_counter() - start
     if surf is None or launch_rank() != 0:  # under torchrun, rank 0 reports
         return 0
     if exported is not None:
         export_loss_landscape(surf, exported, overwrite=args.overwrite, inputs=[traj.path])
     summary = summarize(surf, seconds)
+    if not summary["minima"]:
+        print(f"landscape: warning: every value in {surf.path} is NaN or infinite (the loss overflowed at every "
+              "point); try a smaller range", file=sys.stderr)
     if exported is not None:
         summary["export"] = str(exported)
     if args.json:

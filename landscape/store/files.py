@@ -1,15 +1,23 @@
-"""What every file we write shares: refusing to clobber, atomic completion, read-only opens."""
+"""What every file we write shares: refusing to clobber, one writer per output (``NAME.lock``),
+journaled partial files, atomic completion, read-only opens, one wording of write failures."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import signal
+import socket
+import threading
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, WriteError
+from .journal import JournaledFile, journal_path
 
 
 def partial_path(path: Path) -> Path:
@@ -52,6 +60,7 @@ def prepare_output(path, overwrite: bool, inputs=()) -> Path:
     if not os.access(path.parent, os.W_OK):
         raise FileFormatError(f"cannot write {path}: directory {path.parent} is not writable")
     probe_writable(path.parent, str(path))
+    check_unlocked(path)
     return path
 
 
@@ -148,6 +157,26 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+def check_version(path, value, kind: str, version: int) -> int:
+    """The ``version`` attribute of a file, which must be one this landscape writes."""
+    try:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and int(value) == version
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        shown = int(value) if isinstance(value, (int, np.integer)) else repr(value.item() if hasattr(value, "item") else value)
+        raise FileFormatError(f"{path} has {kind} format version {shown}; this landscape reads version "
+                              f"{version}" + (" (a newer landscape wrote it)" if _newer(value, version) else ""))
+    return version
+
+
+def _newer(value, version: int) -> bool:
+    try:
+        return int(value) > version
+    except (TypeError, ValueError):
+        return False
+
+
 def sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -170,3 +199,242 @@ def _json_default(o):
     if hasattr(o, "to_dict"):
         return o.to_dict()
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
+
+
+# ----------------------------------------------------------------------------------------------
+# one writer per output
+
+def lock_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".lock")
+
+
+class OutputLock:
+    """``NAME.lock``, held (``flock``) by the one process writing ``NAME`` and its ``NAME.partial``.
+
+    The kernel releases the lock when its process dies, however it dies, so a lock file left by a dead
+    process is taken over without asking; the file names its holder for the message another writer
+    gets. Released (and the file removed) by :meth:`release`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.file = lock_path(self.path)
+        while True:
+            try:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise WriteError(f"cannot write {self.path}: {reason(e)}") from None
+            if not _try_lock(fd):
+                holder = _holder(fd)
+                os.close(fd)
+                raise FileFormatError(f"{self.path} is being written by {holder}; wait for it to finish "
+                                      f"or choose another output")
+            if _is_current(fd, self.file):  # not a file its last holder removed while we opened it
+                break
+            os.close(fd)
+        self.fd = fd
+        try:  # who holds it, for the message of a second writer; a full disk may refuse even this
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {_now()}\n".encode(), 0)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            self.file.unlink(missing_ok=True)  # removed while still held: no one can lock a stale file
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def claim_output(path: Path, overwrite: bool) -> OutputLock:
+    """Take ``NAME.lock`` and check again, now that no one else can write it, that ``NAME`` may be
+    written (another run may have finished it since :func:`prepare_output` looked)."""
+    lock = OutputLock(path)
+    if Path(path).exists() and not overwrite:
+        lock.release()
+        raise FileFormatError(f"output {path} already exists; pass --overwrite to replace it")
+    return lock
+
+
+def check_unlocked(path) -> None:
+    """Refuse, before any work, an output that another live process is writing."""
+    file = lock_path(Path(path))
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if not _try_lock(fd, shared=True):
+            raise FileFormatError(f"{path} is being written by {_holder(fd)}; wait for it to finish or "
+                                  f"choose another output")
+    finally:
+        os.close(fd)
+
+
+def _try_lock(fd: int, shared: bool = False) -> bool:
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks: one writer per output cannot be enforced there
+        return True
+
+
+def _holder(fd: int) -> str:
+    try:
+        pid, host, since = os.pread(fd, 200, 0).decode().split(maxsplit=2)
+        where = "" if host == socket.gethostname() else f" on {host}"
+        return f"process {int(pid)}{where} since {since.strip()}"
+    except (OSError, ValueError):
+        return "another process"
+
+
+def _is_current(fd: int, file: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(file)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+def write_failed(e: OSError, path) -> WriteError:
+    """The one wording of a failed write: "no space left on device writing OUT"; the caller adds
+    what was kept where."""
+    return WriteError(f"{reason(e)[:1].lower()}{reason(e)[1:]} writing {path}")
+
+
+def remove_partial(tmp: Path) -> None:
+    """Delete a partial file and its journal (nothing in them is worth keeping)."""
+    tmp.unlink(missing_ok=True)
+    journal_path(tmp).unlink(missing_ok=True)
+
+
+class PartialH5:
+    """An HDF5 file ``NAME.partial`` written through a :class:`JournaledFile`: the disk holds the state
+    of the last :meth:`save`, whatever happens after it (a kill, a full disk).
+
+    ``reopen``: :meth:`save` closes and reopens the HDF5 file around the commit, so that the file goes
+    on from the very state a resumed run opens: the two write the same bytes if they also read the
+    same things after opening (HDF5's placement of new data depends even on what it has read)."""
+
+    def __init__(self, tmp: Path, final: Path, create: bool, reopen: bool = False, **kwargs):
+        self.tmp, self.final, self.reopen = Path(tmp), Path(final), reopen
+        try:
+            self.raw = JournaledFile(self.tmp, create=create)
+        except OSError as e:
+            raise write_failed(e, self.final) from None
+        self.h5 = h5py.File(self.raw, "w" if create else "r+", **kwargs)
+
+    def save(self) -> None:
+        """Put everything written so far on the disk at once; a WriteError leaves the last save."""
+        with interrupts_deferred():  # the file is closed in between: no interruption there
+            if self.reopen:
+                self.h5.close()
+            else:
+                self.h5.flush()
+            try:
+                self.raw.commit()
+            except OSError as e:
+                raise write_failed(e, self.final) from None
+            finally:
+                if self.reopen:
+                    self.h5 = h5py.File(self.raw, "r+")
+
+    def finish(self) -> Path:
+        """Save, close and move ``NAME.partial`` to ``NAME``."""
+        with interrupts_deferred():
+            self.h5.close()
+            try:
+                self.raw.commit()
+                self.raw.close()
+                os.replace(self.tmp, self.final)
+            except OSError as e:
+                self.raw.close()
+                raise write_failed(e, self.final) from None
+        return self.final
+
+    def suspend(self) -> None:
+        """Close, forgetting what was written since the last save."""
+        if self.h5.id.valid:
+            self.h5.close()
+        self.raw.discard()
+        self.raw.close()
+
+    def remove(self) -> None:
+        if self.h5.id.valid:
+            self.h5.close()
+        self.raw.close()
+        remove_partial(self.tmp)
+
+
+def read_partial(tmp: Path):
+    """An earlier run's ``NAME.partial`` opened read-only (an interrupted commit finished first), or
+    None when there is none or it cannot be read (work is saved whole or not at all: an unreadable
+    partial holds none). One that reaches outside itself is refused (:func:`check_self_contained`)."""
+    if not tmp.exists():
+        return None
+    try:
+        raw = JournaledFile(tmp)
+    except OSError:
+        return None
+    try:
+        h5 = h5py.File(raw, "r")
+    except (OSError, ValueError):
+        raw.close()
+        return None
+    try:  # a partial is a file like any other: it may not reach outside itself
+        check_self_contained(h5, tmp)
+    except FileFormatError:
+        h5.close()
+        raw.close()
+        raise
+    return _Reading(raw, h5)
+
+
+class _Reading:
+    def __init__(self, raw, h5):
+        self.raw, self.h5 = raw, h5
+
+    def __enter__(self):
+        return self.h5
+
+    def __exit__(self, *exc):
+        self.h5.close()
+        self.raw.close()
+        return False
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold back Ctrl-C (SIGINT) and SIGTERM while bookkeeping that must not be half done is written;
+    they are raised right after. Outside the main thread signals cannot be handled: nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda *args: caught.append(args)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0][0]]
+            if callable(handler):
+                handler(*caught[0])
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0][0])

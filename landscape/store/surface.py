@@ -16,15 +16,15 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..errors import FileFormatError
-from .files import open_read, partial_path, prepare_output, reason, sha256, to_json
+from ..errors import FileFormatError, StalePartialError, WriteError
+from .files import (OutputLock, PartialH5, check_version, claim_output, open_read, partial_path, prepare_output,
+                    read_partial, sha256, to_json)
 
 FORMAT = "landscape.surface"
 VERSION = 1
@@ -46,18 +46,27 @@ class PointData:
 
 
 class SurfaceWriter:
-    """Creates or resumes a surface file. Use :meth:`create`; check :attr:`done` for what is left."""
+    """Creates or resumes a surface file. Use :meth:`create`; check :attr:`done` for what is left.
 
-    def __init__(self, path: Path, file: h5py.File):
-        self.path, self.file = path, file
+    The disk changes only at :meth:`write` and :meth:`close`, each all at once (see :mod:`.journal`):
+    ``NAME.partial`` always holds the points of the last write, whatever moment a run dies or a disk
+    fills. ``NAME.lock`` keeps a second writer of the same output out while this one lives."""
+
+    def __init__(self, path: Path, store: PartialH5, lock: OutputLock):
+        self.path, self.store, self.lock = path, store, lock
         self.tmp = partial_path(path)
+        self.saved = int(self.done.sum())  # points the disk holds
+
+    @property
+    def file(self) -> h5py.File:
+        return self.store.h5
 
     @classmethod
     def create(cls, path, spec: dict, x, y, basis: dict, points: dict, paths: dict,
                trajectory=None, metrics=METRICS, overwrite: bool = False, shape=None,
                inputs=(), recorded=None) -> "SurfaceWriter":
         """Start a new surface file, or resume ``path.partial`` when it holds the same spec (``derived``
-        aside) and comes from the same trajectory file.
+        aside) and comes from the same trajectory file. A partial without a computed point is replaced.
 
         ``basis``: {"origin", "u", "v" (planes only)} float32 (P,) arrays (``u`` is (R, P) for rays);
         ``points``: name -> PointData; ``paths``: run -> PathData; ``metrics``: the value datasets to
@@ -68,51 +77,25 @@ class SurfaceWriter:
         path = prepare_output(path, overwrite, inputs=(trajectory, *inputs))
         tmp = partial_path(path)
         spec_json = to_json(spec)
-        if tmp.exists() and not overwrite:
-            try:
-                f = h5py.File(tmp, "r+")
-            except OSError as e:
-                raise FileFormatError(f"cannot resume from {tmp} ({reason(e)}); delete it to start over") from None
-            if f.attrs.get("format") != FORMAT or _compared(f.attrs.get("spec")) != _compared(spec_json):
-                f.close()
-                raise FileFormatError(f"{tmp} holds unfinished work for a different spec; delete it, "
-                                      f"choose another output, or pass --overwrite to discard it")
-            if trajectory is not None and f.attrs.get("trajectory_sha256") not in (None, sha256(trajectory)):
-                f.close()
-                raise FileFormatError(f"{tmp} holds unfinished work from another version of {trajectory} "
-                                      f"(its SHA-256 differs); delete it or pass --overwrite to discard it")
-            return cls(path, f)
-        try:
-            f = h5py.File(tmp, "w", track_order=True)
-        except OSError as e:
-            raise FileFormatError(f"cannot write {path}: {reason(e)}") from None
-        f.attrs["format"] = FORMAT
-        f.attrs["version"] = VERSION
-        f.attrs["spec"] = spec_json
-        f.attrs["complete"] = False
         if trajectory is not None:
             recorded = (str(trajectory), sha256(trajectory))
-        if recorded is not None and recorded[0] is not None:
-            f.attrs["trajectory"], f.attrs["trajectory_sha256"] = recorded
-        x = np.asarray(x, np.float64)
-        shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
-        f.create_dataset("grid/x", data=x, track_times=False)
-        if y is not None:
-            f.create_dataset("grid/y", data=np.asarray(y, np.float64), track_times=False)
-        for m in metrics:
-            f.create_dataset(f"values/{m}", data=np.full(shape, np.nan), track_times=False)
-        f.create_dataset("done", data=np.zeros(shape, bool), track_times=False)
-        for k, v in basis.items():
-            f.create_dataset(f"basis/{k}", data=np.asarray(v, np.float32), track_times=False)
-        for name, p in points.items():
-            ds = f.create_dataset(f"points/{name}", data=np.asarray(p.coords, np.float64), track_times=False)
-            ds.attrs["distance"] = float(p.distance)
-        for run, p in paths.items():
-            f.create_dataset(f"paths/{run}", data=np.asarray(p.coords, np.float64), track_times=False)
-            f.create_dataset(f"path_distances/{run}", data=np.asarray(p.distance, np.float64), track_times=False)
-            f.create_dataset(f"path_epochs/{run}", data=np.asarray(p.epoch, np.float64), track_times=False)
-        f.flush()
-        return cls(path, f)
+        lock = claim_output(path, overwrite)
+        try:
+            if not overwrite and _held_points(tmp, spec_json, trajectory):
+                return cls(path, PartialH5(tmp, path, create=False), lock)
+            store = PartialH5(tmp, path, create=True, track_order=True)
+            try:
+                _write_header(store.h5, spec_json, x, y, basis, points, paths, recorded, metrics, shape)
+                store.save()
+            except BaseException as e:
+                store.remove()  # nothing computed: nothing left behind
+                if isinstance(e, WriteError):
+                    raise WriteError(f"{e}; nothing was computed yet") from None
+                raise
+            return cls(path, store, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     @property
     def shape(self) -> tuple:
@@ -146,7 +129,8 @@ class SurfaceWriter:
         return self.file["done"][()]
 
     def write(self, flat_indices, values: dict) -> None:
-        """Store the values of points given by flat (C-order) indices and mark them done."""
+        """Store the values of points given by flat (C-order) indices, mark them done and put them on
+        the disk (a WriteError keeps the points of the last write; :attr:`saved` counts them)."""
         flat_indices = np.asarray(flat_indices)
         for name, vals in values.items():
             ds = self.file[f"values/{name}"]
@@ -156,27 +140,97 @@ class SurfaceWriter:
         done = self.file["done"][()]
         done.reshape(-1)[flat_indices] = True
         self.file["done"][()] = done
-        self.file.flush()
+        self.store.save()
+        self.saved = int(done.sum())
 
     def close(self) -> Path:
         """Mark complete (every point done) and move into place; otherwise keep the .partial file."""
         complete = bool(self.file["done"][()].all())
-        self.file.attrs["complete"] = complete
-        self.file.close()
         if not complete:
+            self.suspend()
             raise FileFormatError(f"{self.tmp} is missing points; run the same command again to finish it")
-        os.replace(self.tmp, self.path)
-        return self.path
+        self.file.attrs["complete"] = True
+        try:
+            return self.store.finish()
+        finally:
+            self.lock.release()
 
     def suspend(self) -> None:
-        """Close without completing (interrupted work stays resumable in the .partial file)."""
-        if self.file.id.valid:
-            self.file.close()
+        """Close without completing: computed points stay resumable in the .partial file; a partial
+        without any is removed (nothing is left behind by a run that computed nothing)."""
+        if self.lock.fd < 0:
+            return
+        try:
+            if self.saved:
+                self.store.suspend()
+            else:
+                self.store.remove()
+        finally:
+            self.lock.release()
 
     def abort(self) -> None:
         """Close and delete the .partial file (nothing in it is worth keeping)."""
-        self.suspend()
-        self.tmp.unlink(missing_ok=True)
+        if self.lock.fd < 0:
+            return
+        try:
+            self.store.remove()
+        finally:
+            self.lock.release()
+
+
+def _held_points(tmp: Path, spec_json: str, trajectory) -> bool:
+    """Whether ``tmp`` holds computed points of this very spec and trajectory (resume from it). A
+    partial without computed points (or unreadable: nothing was saved in it) is replaced; one with
+    points of another spec or trajectory is refused."""
+    reading = read_partial(tmp)
+    if reading is None:
+        return False
+    with reading as f:
+        try:
+            done = int(np.count_nonzero(f["done"][()]))
+        except (KeyError, OSError, TypeError, ValueError):
+            done = 0
+        if not done:
+            return False
+        try:
+            same = f.attrs.get("format") == FORMAT and _compared(f.attrs.get("spec")) == _compared(spec_json)
+        except ValueError:
+            same = False
+        if not same:
+            raise StalePartialError(f"{tmp} holds {done} computed points for a different spec; delete it, "
+                                  f"choose another output, or pass --overwrite to discard it")
+        if trajectory is not None and f.attrs.get("trajectory_sha256") not in (None, sha256(trajectory)):
+            raise StalePartialError(f"{tmp} holds unfinished work from another version of {trajectory} "
+                                  f"(its SHA-256 differs); delete it or pass --overwrite to discard it")
+    return True
+
+
+def _write_header(f: h5py.File, spec_json, x, y, basis, points, paths, recorded, metrics, shape) -> None:
+    """Everything of a new surface file but its values: NaN, none done. ``recorded``: (path, SHA-256)
+    of the trajectory the values come from, or None."""
+    f.attrs["format"] = FORMAT
+    f.attrs["version"] = VERSION
+    f.attrs["spec"] = spec_json
+    f.attrs["complete"] = False
+    if recorded is not None and recorded[0] is not None:
+        f.attrs["trajectory"], f.attrs["trajectory_sha256"] = recorded
+    x = np.asarray(x, np.float64)
+    shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
+    f.create_dataset("grid/x", data=x, track_times=False)
+    if y is not None:
+        f.create_dataset("grid/y", data=np.asarray(y, np.float64), track_times=False)
+    for m in metrics:
+        f.create_dataset(f"values/{m}", data=np.full(shape, np.nan), track_times=False)
+    f.create_dataset("done", data=np.zeros(shape, bool), track_times=False)
+    for k, v in basis.items():
+        f.create_dataset(f"basis/{k}", data=np.asarray(v, np.float32), track_times=False)
+    for name, p in points.items():
+        ds = f.create_dataset(f"points/{name}", data=np.asarray(p.coords, np.float64), track_times=False)
+        ds.attrs["distance"] = float(p.distance)
+    for run, p in paths.items():
+        f.create_dataset(f"paths/{run}", data=np.asarray(p.coords, np.float64), track_times=False)
+        f.create_dataset(f"path_distances/{run}", data=np.asarray(p.distance, np.float64), track_times=False)
+        f.create_dataset(f"path_epochs/{run}", data=np.asarray(p.epoch, np.float64), track_times=False)
 
 
 def _compared(spec) -> dict:
@@ -291,23 +345,50 @@ def open_surface(path) -> Surface:
     with open_read(path, FORMAT) as f:
         if not bool(f.attrs.get("complete", False)):
             raise FileFormatError(f"{path} is incomplete; run the command that made it again to finish it")
-        if int(f.attrs["version"]) > VERSION:
-            raise FileFormatError(f"{path} has surface format version {f.attrs['version']}; "
-                                  f"this landscape reads up to {VERSION}")
-        points = {n: PointData(ds[()], float(ds.attrs.get("distance", 0.0)))
-                  for n, ds in _walk(f["points"]).items()} if "points" in f else {}
-        paths = {}
-        if "paths" in f:
-            for run, ds in _walk(f["paths"]).items():
-                coords = ds[()]
-                dist = f[f"path_distances/{run}"][()] if f"path_distances/{run}" in f else np.zeros(len(coords))
-                ep = f[f"path_epochs/{run}"][()] if f"path_epochs/{run}" in f else np.arange(len(coords), dtype=float)
-                paths[run] = PathData(coords, dist, ep)
-        return Surface(Path(path), json.loads(f.attrs["spec"]), f["grid/x"][()],
-                       f["grid/y"][()] if "grid/y" in f else None,
-                       {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
-                       f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
-                       points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None)
+        check_version(path, f.attrs.get("version"), "surface", VERSION)
+        try:
+            spec = _check_surface(f)
+            points = {n: PointData(ds[()], float(ds.attrs.get("distance", 0.0)))
+                      for n, ds in _walk(f["points"]).items()} if "points" in f else {}
+            paths = {}
+            if "paths" in f:
+                for run, ds in _walk(f["paths"]).items():
+                    coords = ds[()]
+                    dist = f[f"path_distances/{run}"][()] if f"path_distances/{run}" in f else np.zeros(len(coords))
+                    ep = (f[f"path_epochs/{run}"][()] if f"path_epochs/{run}" in f
+                          else np.arange(len(coords), dtype=float))
+                    paths[run] = PathData(coords, dist, ep)
+            return Surface(Path(path), spec, f["grid/x"][()], f["grid/y"][()] if "grid/y" in f else None,
+                           {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
+                           f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
+                           points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            what = (f"attribute 'spec' is not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else
+                    str(e.args[0] if e.args else type(e).__name__).splitlines()[0])
+            raise FileFormatError(f"{path} is not a valid surface file: {what}") from None
+
+
+def _check_surface(f: h5py.File) -> dict:
+    """The spec, once the grid, the values and the done mask agree in shape (else a ValueError)."""
+    spec = json.loads(f.attrs["spec"])
+    if not isinstance(spec, dict):
+        raise ValueError("attribute 'spec' is not a JSON object")
+    for name in ("grid/x", "done", "values"):
+        if name not in f:
+            raise ValueError(f"missing /{name}")
+    axes = [f["grid/x"]] + ([f["grid/y"]] if "grid/y" in f else [])
+    if any(not isinstance(a, h5py.Dataset) or a.ndim != 1 or a.shape[0] < 1 for a in axes):
+        raise ValueError("/grid/x and /grid/y must be non-empty 1-D datasets")
+    grid = tuple(a.shape[0] for a in axes)
+    done = f["done"].shape
+    rays = len(axes) == 1 and len(done) == 2
+    if done != grid and not (rays and done[1:] == grid and done[0] >= 1):
+        raise ValueError(f"/done has shape {list(done)}, the grid {' x '.join(map(str, grid))}")
+    for name, ds in f["values"].items():
+        if not isinstance(ds, h5py.Dataset) or ds.shape != done:
+            raise ValueError(f"/values/{name} has shape {list(getattr(ds, 'shape', []))}, the grid is "
+                             f"{list(done)}")
+    return spec
 
 
 def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs=()) -> Path:
@@ -319,22 +400,22 @@ def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs
         raise FileFormatError("loss-landscape files hold one line or one plane; this file holds "
                               f"{surface.done.shape[0]} rays")
     out = prepare_output(out, overwrite, inputs=(surface.path, *inputs))
-    tmp = partial_path(out)
-    try:
-        f = h5py.File(tmp, "w")
-    except OSError as e:
-        raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
-    with f:
-        f.create_dataset("xcoordinates", data=surface.x)
-        if surface.y is not None:
-            f.create_dataset("ycoordinates", data=surface.y)
-        for split in ("train", "test"):
-            if f"{split}_loss" not in surface.values:
-                continue
-            loss, err = surface.values[f"{split}_loss"], surface.values[f"{split}_err"]
-            if surface.y is not None:  # ours is [ix, iy]; theirs is [iy, ix]
-                loss, err = loss.T, err.T
-            f.create_dataset(f"{split}_loss", data=loss)
-            f.create_dataset(f"{split}_acc", data=100.0 - err)
-    os.replace(tmp, out)
-    return out
+    with claim_output(out, overwrite):
+        store = PartialH5(partial_path(out), out, create=True)
+        try:
+            f = store.h5
+            f.create_dataset("xcoordinates", data=surface.x)
+            if surface.y is not None:
+                f.create_dataset("ycoordinates", data=surface.y)
+            for split in ("train", "test"):
+                if f"{split}_loss" not in surface.values:
+                    continue
+                loss, err = surface.values[f"{split}_loss"], surface.values[f"{split}_err"]
+                if surface.y is not None:  # ours is [ix, iy]; theirs is [iy, ix]
+                    loss, err = loss.T, err.T
+                f.create_dataset(f"{split}_loss", data=loss)
+                f.create_dataset(f"{split}_acc", data=100.0 - err)
+            return store.finish()
+        except BaseException:
+            store.remove()
+            raise

@@ -12,11 +12,7 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +20,11 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, FileFormatError
+from ..errors import CheckpointError, FileFormatError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
-from .files import open_read, partial_path, prepare_output, sha256, to_json
+from .files import (PartialH5, check_version, claim_output, interrupts_deferred, open_read, partial_path,
+                    prepare_output, read_partial, sha256, to_json)
 
 FORMAT = "landscape.trajectory"
 VERSION = 1
@@ -48,12 +45,15 @@ def parse_checkpoint_name(name: str):
 class TrajectoryWriter:
     """Appends checkpoints row by row; a run is created on its first append.
 
-    Work is kept across an interruption in parts (``landscape train``: one part per method). After
-    :meth:`finish_part` or :meth:`save_progress`, an exception leaves ``NAME.partial`` in place instead
-    of deleting it, and a writer opened with ``resume=True`` on the same configuration and layout
-    starts from there: the finished parts' runs (:attr:`finished`) whole, the runs of the part that was
-    cut short truncated to the rows they had at its last :meth:`save_progress` (whose state
-    :meth:`progress` returns), nothing else."""
+    Work is kept across an interruption in parts (``landscape train``: one part per method). The disk
+    changes only at :meth:`finish_part`, :meth:`save_progress`, :meth:`flush` and :meth:`close`, each
+    all at once (see :mod:`.journal`): a kill or a full disk at any moment leaves ``NAME.partial`` as
+    the last of them left it. A writer opened with ``resume=True`` on the same configuration and layout
+    goes on from there: the finished parts' runs (:attr:`finished`) whole, the runs of the part that was
+    cut short with the rows they had at its last :meth:`save_progress` (whose state :meth:`progress`
+    returns), nothing else; and it writes the same bytes an uninterrupted run writes.
+
+    ``NAME.lock`` keeps a second writer of the same output out while this one lives."""
 
     def __init__(self, path, config: dict, layout: Layout, overwrite: bool = False, resume: bool = False):
         self.path = prepare_output(path, overwrite)
@@ -61,66 +61,88 @@ class TrajectoryWriter:
         self.layout = layout
         self.finished = {}  # part -> the runs it wrote, in order
         self._runs = []     # runs created, in order
-        config_json = to_json(config)
-        if resume and self.tmp.exists():
-            if self._resumable(config_json):
-                self._restart()
-                return
-            if not overwrite:
-                raise FileFormatError(f"{self.tmp} holds interrupted work with another configuration; delete "
-                                      f"it, choose another output, or pass --overwrite to discard it")
+        self._saved = False  # whether the partial on disk holds resumable work
+        self._progress = {}  # key -> the state bytes of the last save point
+        self.complete = False  # a partial completed by a run killed before it was moved into place
+        self.lock = claim_output(self.path, overwrite)
         try:
-            self.file = h5py.File(self.tmp, "w", track_order=True)
-        except OSError as e:
-            raise FileFormatError(f"cannot write {self.path}: {e.strerror or e}") from None
+            self._open(to_json(config), overwrite, resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, config_json: str, overwrite: bool, resume: bool) -> None:
+        held = self._held_work(config_json)
+        if held in ("same", "complete") and resume:
+            self._reopen()
+            return
+        if held is not None and not overwrite:
+            other = " with another configuration" if held == "other" else ""
+            raise FileFormatError(f"{self.tmp} holds interrupted work{other}; delete it, choose another "
+                                  f"output, or pass --overwrite to discard it")
+        self.store = PartialH5(self.tmp, self.path, create=True, reopen=True, track_order=True)
         f = self.file
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
         f.attrs["config"] = config_json
         f.attrs["complete"] = False
         g = f.create_group("layout")
-        g.attrs["params"] = to_json(layout.to_dict()["params"])
-        g.attrs["buffers"] = to_json(layout.to_dict()["buffers"])
-        g.attrs["num_params"] = layout.num_params
-        g.attrs["num_buffers"] = layout.num_buffers
+        g.attrs["params"] = to_json(self.layout.to_dict()["params"])
+        g.attrs["buffers"] = to_json(self.layout.to_dict()["buffers"])
+        g.attrs["num_params"] = self.layout.num_params
+        g.attrs["num_buffers"] = self.layout.num_buffers
         f.create_group("runs", track_order=True)
 
-    def _resumable(self, config_json: str) -> bool:
-        """Whether ``NAME.partial`` holds work kept for this very configuration and layout."""
-        try:
-            with h5py.File(self.tmp, "r", locking=False) as f:
-                return (f.attrs.get("format") == FORMAT and f.attrs.get("config") == config_json
-                        and ("finished" in f.attrs or "progress_rows" in f.attrs)
-                        and Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
-                        == self.layout)
-        except (OSError, KeyError, ValueError):
-            return False
+    @property
+    def file(self) -> h5py.File:
+        return self.store.h5
 
-    def _restart(self) -> None:
-        """Continue ``NAME.partial``: copy into a fresh file the finished parts' runs and the rows the
-        part under way had at its last progress point, with that progress (so what came after leaves
-        no trace, nor its space); the fresh file replaces the old one and is opened."""
-        fresh = self.tmp.with_name(self.tmp.name + ".new")
-        with h5py.File(self.tmp, "r", locking=False) as old, h5py.File(fresh, "w", track_order=True) as new:
-            for k, v in old.attrs.items():
-                new.attrs[k] = v
-            old.copy(old["layout"], new, "layout")
-            runs = new.create_group("runs", track_order=True)
-            self.finished = json.loads(old.attrs.get("finished", "{}"))
-            in_progress = json.loads(old.attrs.get("progress_rows", "{}"))
-            kept = [(r, None) for part_runs in self.finished.values() for r in part_runs]
-            for run, rows in kept + list(in_progress.items()):
-                if "/" in run:
-                    runs.require_group(run.rpartition("/")[0])
-                old.copy(old[f"runs/{run}"], runs, run)
-                if rows is not None:  # rows written after the last progress point go
-                    for ds in runs[run].values():
-                        ds.resize(rows, axis=0)
-                self._runs.append(run)
-            if "progress" in old:
-                old.copy(old["progress"], new, "progress")
-        os.replace(fresh, self.tmp)
-        self.file = h5py.File(self.tmp, "r+")
+    def _held_work(self, config_json: str):
+        """What ``NAME.partial`` holds: None (no partial, or no work kept: it is replaced), "same" (work
+        of this very configuration and layout) or "other"."""
+        reading = read_partial(self.tmp)
+        if reading is None:
+            return None
+        with reading as f:
+            complete = bool(f.attrs.get("complete", False))  # killed between its last save and its rename
+            if f.attrs.get("format") != FORMAT or not ("finished" in f.attrs or "progress_rows" in f.attrs
+                                                       or complete):
+                return None
+            try:
+                layout = Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
+            except (KeyError, ValueError, TypeError):
+                return None
+            if f.attrs.get("config") != config_json or layout != self.layout:
+                return "other"
+            return "complete" if complete else "same"
+
+    def _reopen(self) -> None:
+        """Continue ``NAME.partial``: it holds exactly what the last save point saved."""
+        self.store = PartialH5(self.tmp, self.path, create=False, reopen=True)
+        in_progress = self._read_state()
+        self._runs = [r for part_runs in self.finished.values() for r in part_runs] + list(in_progress)
+        self._saved = True
+        self.complete = bool(self.file.attrs["complete"])
+        if self.complete:  # every part done: its runs are all there is; close() only moves it into place
+            self.file["runs"].visititems(lambda name, obj: self._runs.append(name)
+                                         if isinstance(obj, h5py.Group) and "params" in obj else None)
+
+    def _read_state(self) -> dict:
+        """Read what a resumed run needs (finished parts, progress states), and return the row counts
+        of the part under way. Done after every save point too, so that an uninterrupted run asks HDF5
+        exactly what a resumed one asks, and both write the same bytes."""
+        f = self.file
+        finished = json.loads(f.attrs.get("finished", "{}"))  # JSON keys are sorted: order parts by their runs
+        created = {name: i for i, name in enumerate(f["runs"])}  # /runs keeps creation order
+
+        def first_run(part):
+            return min((created.get(r.split("/")[0], len(created)) for r in finished[part]), default=len(created))
+        self.finished = {part: finished[part] for part in sorted(finished, key=first_run)}
+        self._progress = {}
+        if "progress" in f:  # keys may hold "/": nested groups
+            f["progress"].visititems(lambda key, obj: self._progress.__setitem__(key, obj[()].tobytes())
+                                     if isinstance(obj, h5py.Dataset) else None)
+        return json.loads(f.attrs.get("progress_rows", "{}"))
 
     def _unfinished_runs(self) -> list:
         done = {r for runs in self.finished.values() for r in runs}
@@ -128,17 +150,22 @@ class TrajectoryWriter:
 
     def finish_part(self, part: str) -> None:
         """Mark the runs created since the last finished part as ``part``'s, kept if work stops now."""
-        with _interrupts_deferred():
+        with interrupts_deferred():
+            before = dict(self.finished)
             self.finished[part] = self._unfinished_runs()
             self.file.attrs["finished"] = to_json(self.finished)
             self._drop_progress()
-            self.file.flush()
+            try:
+                self._save()
+            except WriteError:
+                self.finished = before  # what the disk holds
+                raise
 
     def save_progress(self, key: str, state: bytes) -> None:
         """Keep ``state`` (opaque bytes: where the part in progress stands) under ``key``, with the row
         count of every run the part has written so far; both are what a resumed writer starts from."""
         data = np.frombuffer(state, np.uint8)
-        with _interrupts_deferred():  # the state and the row counts change together or not at all
+        with interrupts_deferred():  # the state and the row counts change together or not at all
             name = f"progress/{key}"
             if name not in self.file:
                 self.file.create_dataset(name, (0,), np.uint8, maxshape=(None,), chunks=(1 << 16,),
@@ -148,12 +175,16 @@ class TrajectoryWriter:
             ds[:] = data
             self.file.attrs["progress_rows"] = to_json(
                 {r: self.file[f"runs/{r}/params"].shape[0] for r in self._unfinished_runs()})
-            self.file.flush()
+            self._save()
+
+    def _save(self) -> None:
+        self.store.save()
+        self._read_state()
+        self._saved = True
 
     def progress(self, key: str):
         """The bytes last given to :meth:`save_progress` under ``key`` (kept by an interrupted run), or None."""
-        name = f"progress/{key}"
-        return self.file[name][()].tobytes() if name in self.file else None
+        return self._progress.get(key)
 
     def _drop_progress(self) -> None:
         if "progress" in self.file:
@@ -225,30 +256,49 @@ class TrajectoryWriter:
             g.attrs[k] = to_json(v)
 
     def flush(self) -> None:
-        self.file.flush()
+        """Put what was appended so far on the disk (``NAME.partial``)."""
+        self.store.save()
 
     def close(self) -> Path:
         """Mark the file complete and move it to its final path."""
-        if "finished" in self.file.attrs:  # bookkeeping of unfinished work only
-            del self.file.attrs["finished"]
-        self._drop_progress()
-        self.file.attrs["complete"] = True
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        if not self.complete:  # (a file completed before a kill is moved as it is)
+            if "finished" in self.file.attrs:  # bookkeeping of unfinished work only
+                del self.file.attrs["finished"]
+            self._drop_progress()
+            self.file.attrs["complete"] = True
+        try:
+            return self.store.finish()
+        except WriteError as e:
+            kept = ", ".join(self.finished) if self._saved else ""
+            raise WriteError(f"{e}; " + (f"{kept} kept in {self.tmp}; free space and run the same command again "
+                                         "to finish" if kept else "nothing kept")) from None
+        finally:
+            self.lock.release()
 
     def leave_partial(self) -> Path:
         """Close without completing: ``NAME.partial`` stays, with ``complete = False``, holding the
         checkpoints appended so far (what a crashed recorder leaves; readers refuse it)."""
-        self.file.close()
+        try:
+            self.store.save()
+            self.store.suspend()
+        finally:
+            self.lock.release()
+        return self.tmp
+
+    def suspend(self) -> Path:
+        """Close without completing, keeping ``NAME.partial`` as the last save point left it."""
+        try:
+            self.store.suspend()
+        finally:
+            self.lock.release()
         return self.tmp
 
     def abort(self) -> None:
         """Drop the partial file (bad input or a failure before anything worth keeping)."""
         try:
-            self.file.close()
+            self.store.remove()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self.lock.release()
 
     def __enter__(self):
         return self
@@ -256,28 +306,11 @@ class TrajectoryWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        elif self.finished or "progress_rows" in self.file.attrs:  # worth keeping: a resumed writer starts there
-            self.leave_partial()
+        elif self._saved:  # worth keeping: a resumed writer starts there
+            self.suspend()
         else:
             self.abort()
         return False
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold back Ctrl-C (SIGINT) while bookkeeping that must not be half done is written; it is
-    raised right after. Outside the main thread signals cannot be handled, and nothing is held."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(*caught[0])
 
 
 def _as_numpy(x):
@@ -330,24 +363,24 @@ class Trajectory:
                 raise FileFormatError(f"{self.path} is not a valid trajectory file: missing {', '.join(missing)}")
             try:
                 self._read_header(f)
-            except (KeyError, ValueError, TypeError) as e:  # json errors are ValueErrors
+            except (KeyError, ValueError, TypeError, AttributeError) as e:  # json errors are ValueErrors
                 what = (f"an attribute is not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else
                         str(e.args[0] if e.args else type(e).__name__).splitlines()[0])
                 raise FileFormatError(f"{self.path} is not a valid trajectory file: {what}") from None
 
     def _read_header(self, f: h5py.File) -> None:
-        self.version = int(f.attrs["version"])
-        if self.version > VERSION:
-            raise FileFormatError(f"{self.path} has trajectory format version {self.version}; "
-                                  f"this landscape reads up to {VERSION}")
+        self.version = check_version(self.path, f.attrs["version"], "trajectory", VERSION)
         self.config = json.loads(f.attrs["config"])
+        if not isinstance(self.config, dict):
+            raise ValueError("attribute 'config' is not a JSON object")
         g = f["layout"]
         self.layout = Layout.from_dict({"params": json.loads(g.attrs["params"]),
                                         "buffers": json.loads(g.attrs["buffers"])})
+        _check_layout(self.layout)
         self.runs = []
         f["runs"].visititems(lambda name, obj: self.runs.append(name)
                              if isinstance(obj, h5py.Group) and "params" in obj else None)
-        self._lengths = {r: f[f"runs/{r}/params"].shape[0] for r in self.runs}
+        self._lengths = {r: _check_run(f[f"runs/{r}"], r, self.layout) for r in self.runs}
 
     def __repr__(self):
         return f"Trajectory({str(self.path)!r}, runs={self.runs})"
@@ -374,6 +407,7 @@ class Trajectory:
         with open_read(self.path, FORMAT) as f:
             g = f[f"runs/{run}"]
             metrics = {k: g[k][index] for k in g if k not in ("params", "buffers", "epoch", "step")}
+            _check_finite(self.path, f"{run}:{index}", g["params"][index], g["buffers"][index])
             return Checkpoint(f"{run}:{index}", run, index,
                               torch.from_numpy(g["params"][index]).to(device),
                               torch.from_numpy(g["buffers"][index]).to(device),
@@ -421,6 +455,43 @@ class Trajectory:
         return {"path": str(self.path), "format": FORMAT, "version": self.version,
                 "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
                 "runs": runs, "config": self.config}
+
+
+def _check_finite(path, name: str, params: np.ndarray, buffers: np.ndarray) -> None:
+    """Refuse a checkpoint whose weights hold NaN or infinity (training diverged there): every point
+    of a plane or line through it would be NaN."""
+    bad = {what: int(np.count_nonzero(~np.isfinite(v))) for what, v in (("parameters", params), ("buffers", buffers))}
+    if any(bad.values()):
+        counts = " and ".join(f"{n:,} of {len(v):,} {what}" for (what, n), v in zip(bad.items(), (params, buffers)) if n)
+        raise CheckpointError(f"checkpoint {name!r} of {path} has non-finite weights ({counts} are NaN or "
+                              f"infinite: training diverged there); choose an earlier checkpoint")
+
+
+def _check_layout(layout: Layout) -> None:
+    """The layout's entries tile the flat vectors: each starts where the one before it ends."""
+    for kind, entries in (("parameter", layout.params), ("buffer", layout.buffers)):
+        offset = 0
+        for e in entries:
+            if any(not isinstance(n, int) or n < 0 for n in e.shape) or e.offset != offset:
+                raise ValueError(f"layout {kind} {e.name!r} (shape {list(e.shape)}, offset {e.offset}) does not "
+                                 f"follow the one before it (offset {offset})")
+            offset += e.numel
+
+
+def _check_run(g: h5py.Group, run: str, layout: Layout) -> int:
+    """The number of rows of ``run``, once its datasets agree with the layout and with each other."""
+    missing = [k for k in ("params", "buffers", "epoch", "step") if k not in g]
+    if missing:
+        raise ValueError(f"run {run!r} has no {', '.join(missing)}")
+    rows = g["params"].shape[0] if g["params"].ndim == 2 else -1
+    for name, width in (("params", layout.num_params), ("buffers", layout.num_buffers)):
+        if g[name].shape != (rows, width):
+            raise ValueError(f"run {run!r}: {name} has shape {list(g[name].shape)}, but the layout has "
+                             f"{width} values per row" + (f" and the run {rows} rows" if rows >= 0 else ""))
+    for name, ds in g.items():
+        if isinstance(ds, h5py.Dataset) and (ds.ndim == 0 or ds.shape[0] != rows):
+            raise ValueError(f"run {run!r}: {name} has {ds.shape[0] if ds.ndim else 0} rows, params has {rows}")
+    return rows
 
 
 def open_trajectory(path, trust_code: bool = False, allow=()) -> Trajectory:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..config import TrainConfig
 from ..data import load_data
-from ..errors import ConfigError
+from ..errors import ConfigError, WriteError
 from ..device import resolve_device, seed_everything
 from ..dist import Group
 from ..models import build_model
@@ -85,7 +85,9 @@ def _train(config, out, overwrite, quiet, group: Group) -> dict:
     opened = (TrajectoryWriter(out, file_config, layout, overwrite=overwrite, resume=True) if writing
               else contextlib.nullcontext())
     with opened as writer:
-        finished = group.objects(list(writer.finished) if writing else None)
+        # a file completed by a run killed just before moving it into place: nothing left to train
+        done = list(config.methods) if writing and writer.complete else list(writer.finished) if writing else None
+        finished = group.objects(done)
         methods = [m for m in config.methods if writing or m in DISTRIBUTED_METHODS]
         total = sum(METHODS[m][1](config) for m in methods)
         with tqdm(total=total, desc="train", unit="epoch", disable=quiet or not writing, leave=False) as bar:
@@ -100,12 +102,16 @@ def _train(config, out, overwrite, quiet, group: Group) -> dict:
                     METHODS[method][0](ctx)
                     if writing:
                         writer.finish_part(method)
-            except KeyboardInterrupt:
-                kept = list(writer.finished) if writing else []
-                if writing and ctx.last_epoch_done is not None and ctx.last_epoch_done[0] not in kept:
-                    kept.append("{} up to epoch {}".format(*ctx.last_epoch_done))
+            except (KeyboardInterrupt, WriteError) as e:
+                if not writing:
+                    raise
+                kept = _kept(writer, ctx)
+                if isinstance(e, WriteError):
+                    raise WriteError(f"{e}; {kept or 'nothing'} kept" + (f" in {writer.tmp}; free space and run "
+                                                                          "the same command again to go on"
+                                                                          if kept else "")) from None
                 if kept:
-                    raise KeyboardInterrupt(f"{', '.join(kept)} kept in {writer.tmp}; run the same command "
+                    raise KeyboardInterrupt(f"{kept} kept in {writer.tmp}; run the same command "
                                             "again to train the rest") from None
                 raise
         finals = {run: writer.final(run) for run in writer.runs} if writing else {}
@@ -113,6 +119,14 @@ def _train(config, out, overwrite, quiet, group: Group) -> dict:
     if not writing:
         return {"rank": rank}
     return {"path": str(Path(path)), "seconds": time.perf_counter() - start, "final": finals}
+
+
+def _kept(writer, ctx) -> str:
+    """What the partial file holds, in words: "sgd, swa up to epoch 7"."""
+    kept = list(writer.finished)
+    if ctx.last_epoch_done is not None and ctx.last_epoch_done[0] not in kept:
+        kept.append("{} up to epoch {}".format(*ctx.last_epoch_done))
+    return ", ".join(kept)
 
 
 __all__ = ["train", "register_method", "METHODS", "DISTRIBUTED_METHODS", "Context", "evaluate", "train_epoch",

@@ -153,6 +153,7 @@ class Context:
             else:
                 obj.load_state_dict(value)
         self.tick(saved["epoch"] * ticks_per_epoch)
+        self.last_epoch_done = (key, saved["epoch"])
         return saved["epoch"]
 
     def epoch_done(self, key: str, epoch: int, **state) -> None:
