@@ -266,6 +266,8 @@ def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, qui
             k = points_per_call or (writer.points_per_call if ranks.rank == 0 else None)
             if k is None and ranks.rank == 0 and len(todo):
                 k, todo = _measure(points_of, todo, keep)
+                writer.points_per_call = k
+                flush()  # the measured points are work too: on the disk before the long part starts
             k = ranks.objects(min(k or 1, total))  # more than every point would only pad calls
             todo = ranks.objects(todo)
             if ranks.rank == 0:
