@@ -2,6 +2,7 @@
 `python -m landscape` is the command line, and every package folder is listed in pyproject.toml."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -37,8 +38,11 @@ def test_python_dash_m_landscape_is_the_command_line(tmp_path):
 
 @pytest.mark.slow  # builds a wheel (no network: the build backend is this environment's setuptools)
 def test_the_wheel_has_no_top_level_cli(tmp_path):
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                                 "landscape-demo", "figures"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+                        str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("landscape-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -1,1 +1,0 @@
-"""The ``landscape`` command: thin argument parsing over the library."""
