@@ -38,3 +38,12 @@ def tiny_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("traj") / "tiny.h5"
     train(TINY, path, quiet=True)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only cost here (modules use it with pytest.mark.usefixtures)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,12 +24,7 @@ THREE = ("sgd", "swa/average", "swa/iterates:0")
 PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only cost here
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

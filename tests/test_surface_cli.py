@@ -20,13 +20,7 @@ from _cli import one_line_error
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only cost here
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_traj(path, config, model, rows):
