@@ -362,11 +362,10 @@ def test_real_full_disk_train_and_plane(small_disk, uninterrupted_run, uninterru
     r = cli(*TRAIN, "-o", out)
     one_line_error(r, f"no space left on device writing {out}", "kept in", "free space and run the same command")
     filler = small_disk.path / "filler"
-    with open(filler, "wb") as f:  # whatever space training left
+    with open(filler, "wb", buffering=0) as f:  # whatever space training left
         try:
             while True:
                 f.write(bytes(4096))
-                f.flush()
         except OSError:
             pass
     plane = small_disk.path / "p.h5"
