@@ -122,7 +122,6 @@ class TrajectoryWriter:
         in_progress = self._read_state()
         self._runs = [r for part_runs in self.finished.values() for r in part_runs] + list(in_progress)
         self._saved = True
-        self.complete = bool(self.file.attrs["complete"])
         if self.complete:  # every part done: its runs are all there is; close() only moves it into place
             self.file["runs"].visititems(lambda name, obj: self._runs.append(name)
                                          if isinstance(obj, h5py.Group) and "params" in obj else None)
@@ -138,6 +137,7 @@ class TrajectoryWriter:
         def first_run(part):
             return min((created.get(r.split("/")[0], len(created)) for r in finished[part]), default=len(created))
         self.finished = {part: finished[part] for part in sorted(finished, key=first_run)}
+        self.complete = bool(f.attrs["complete"])
         self._progress = {}
         if "progress" in f:  # keys may hold "/": nested groups
             f["progress"].visititems(lambda key, obj: self._progress.__setitem__(key, obj[()].tobytes())
@@ -146,7 +146,9 @@ class TrajectoryWriter:
 
     def _unfinished_runs(self) -> list:
         done = {r for runs in self.finished.values() for r in runs}
-        return [r for r in self._runs if r not in done]
+        # by name: a resumed writer knows them from JSON (sorted keys), not in creation order, and both
+        # must write the same `finished` attribute
+        return sorted(r for r in self._runs if r not in done)
 
     def finish_part(self, part: str) -> None:
         """Mark the runs created since the last finished part as ``part``'s, kept if work stops now."""
