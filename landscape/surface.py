@@ -366,10 +366,11 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
         _fill(writer, points_of, ranks, points_per_call, quiet, write_every, on_write)
         surface = None
         if ranks.rank == 0:
+            total = int(np.prod(writer.shape))  # read now: a failed close leaves no file to read it from
             try:
                 result = writer.close()
             except WriteError as e:
-                raise WriteError(f"{e}; {writer.saved} of {writer.done.size} points kept in {writer.tmp}; run the "
+                raise WriteError(f"{e}; {writer.saved} of {total} points kept in {writer.tmp}; run the "
                                  "same command again to finish") from None
             surface = result if isinstance(result, Surface) else open_surface(result)
         ranks.barrier()
