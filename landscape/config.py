@@ -1,75 +1,163 @@
-"""Run configuration: one frozen dataclass whose defaults are the CLI's defaults.
+"""Run configuration: the options every method shares (:class:`TrainConfig`) and each method's own
+options (a :class:`MethodOptions` dataclass defined beside the method in ``landscape/train/``).
 
-The default is the measured MNIST-1D recipe (README, "The default recipe"): cnn1d, momentum SGD,
-lr 0.1, batch 64, weight decay 5e-4, 150 epochs; SWA from epoch 100 at a constant lr 0.1. The
-options of SWAP, Lookahead and Filter Grafting are documented with their sources in docs/METHODS.md.
+The defaults are the CLI's defaults and the measured MNIST-1D recipe (README, "The default recipe"):
+cnn1d, momentum SGD, lr 0.1, batch 64, weight decay 5e-4, 150 epochs; SWA from epoch 100 at a constant
+lr 0.1. The methods' options are documented with their sources in docs/METHODS.md.
+
+A method's option ``start`` of ``SWAOptions`` (prefix ``swa``) is the keyword ``swa_start`` of
+:class:`TrainConfig`, the flag ``--swa-start`` of ``landscape train`` and the key ``swa_start`` of a
+trajectory file's config. Example::
+
+    from landscape import TrainConfig
+    from landscape.train.methods import SWAOptions
+    a = TrainConfig(epochs=20, swa_start=15)
+    b = TrainConfig(epochs=20, options=[SWAOptions(start=15)])
+    assert a == b and a.swa_start == a.options_of(SWAOptions).start == 15
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import math
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import ClassVar
 
 from .data import DataSpec
 from .errors import ConfigError
 from .models import ModelSpec
 
-METHODS = ("sgd", "swa", "ema", "swap", "lookahead", "lookahead-adam", "grafting")
-LOOKAHEAD_INNER_STATE = ("none", "reset", "pullback")
-GRAFTING_VARY = ("lr", "seed", "both")
+
+def option(default, help: str, *, at_least=None, above=None, at_most=None, below=None, choices=None):
+    """A dataclass field of a configuration: its default, its ``--help`` text and the range that
+    :func:`check_option` enforces (``at_least``/``above`` a lower bound, closed/open; ``at_most``/
+    ``below`` an upper one; ``choices`` the allowed values)."""
+    limits = dict(at_least=at_least, above=above, at_most=at_most, below=below, choices=choices)
+    return field(default=default, metadata=dict(help=help, **{k: v for k, v in limits.items() if v is not None}))
+
+
+def check_option(name: str, value, limits) -> None:
+    """Raise a one-line ConfigError naming ``name`` when ``value`` is outside ``limits`` (field metadata)."""
+    if "choices" in limits:
+        if value not in limits["choices"]:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, limits['choices']))}, got {value!r}")
+        return
+    low = ("[", limits["at_least"]) if "at_least" in limits else ("(", limits["above"]) if "above" in limits else None
+    high = ("]", limits["at_most"]) if "at_most" in limits else (")", limits["below"]) if "below" in limits else None
+    if value is None or (low is None and high is None):
+        return
+    ok = isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
+    ok = ok and (low is None or (value >= low[1] if low[0] == "[" else value > low[1]))
+    ok = ok and (high is None or (value <= high[1] if high[0] == "]" else value < high[1]))
+    if ok:
+        return
+    if high is not None and low is not None:
+        what = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    elif low is not None:
+        what = ({"[0": "non-negative", "(0": "positive"}.get(f"{low[0]}{low[1]:g}")
+                or ("at least " if low[0] == "[" else "above ") + f"{low[1]:g}")
+    else:
+        what = ("at most " if high[0] == "]" else "below ") + f"{high[1]:g}"
+    raise ConfigError(f"{name} must be {what}, got {value}")
 
 
 @dataclass(frozen=True)
+class MethodOptions:
+    """Base of a training method's own options: a frozen dataclass with a ``prefix``, declared with
+    :func:`option` fields and registered by subclassing::
+
+        @dataclass(frozen=True)
+        class SWAOptions(MethodOptions, prefix="swa", title="swa (Izmailov et al. 2018)"):
+            start: int | None = option(None, "first averaged epoch", at_least=1)
+
+    Field ``start`` becomes ``TrainConfig(swa_start=...)`` and ``--swa-start``. Override
+    :meth:`resolved` for defaults that depend on the common options and :meth:`check` for rules that
+    involve them."""
+    prefix: ClassVar[str] = ""
+    title: ClassVar[str] = ""                 # heading of the options in ``landscape train --help``
+    registered: ClassVar[dict] = {}           # prefix -> class, in the order of registration
+
+    def __init_subclass__(cls, prefix: str = "", title: str = "", **kwargs):
+        super().__init_subclass__(**kwargs)
+        if prefix:
+            if prefix in MethodOptions.registered and MethodOptions.registered[prefix].__qualname__ != cls.__qualname__:
+                raise ValueError(f"method options with prefix {prefix!r} are registered twice")
+            cls.prefix, cls.title = prefix, title or prefix
+            MethodOptions.registered[prefix] = cls
+
+    @classmethod
+    def flat_names(cls) -> dict:
+        """``{"swa_start": "start", ...}``: the configuration's names of this class's fields."""
+        return {f"{cls.prefix}_{f.name}": f.name for f in fields(cls)}
+
+    def flat(self) -> dict:
+        return {flat: getattr(self, name) for flat, name in self.flat_names().items()}
+
+    def resolved(self, config: "TrainConfig") -> "MethodOptions":
+        """These options with the defaults that depend on the common options filled in."""
+        return self
+
+    def check(self, config: "TrainConfig") -> None:
+        """Raise ConfigError when an option is out of its range (named as in the configuration)."""
+        for f in fields(self):
+            check_option(f"{self.prefix}_{f.name}", getattr(self, f.name), f.metadata)
+
+
+@dataclass(frozen=True, init=False)
 class TrainConfig:
+    """The options every method shares, and ``options``: one :class:`MethodOptions` of every registered
+    method (defaults for those not given). Keywords are fields or method options by their flat names
+    (``TrainConfig(epochs=20, swa_start=15)``); reading ``config.swa_start`` works the same way."""
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     methods: tuple = ("sgd", "swa")   # trained from the same initialization and data order
-    epochs: int = 150                 # budget of every method
-    batch_size: int = 64
-    lr: float = 0.1                   # initial learning rate
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_ratio: float = 0.01            # sgd: final lr = lr_ratio * lr (SWA paper's schedule, t = epoch/epochs)
-    swa_start: int | None = None      # swa: first averaged epoch (schedule t = epoch/swa_start); None: 2/3 of epochs
-    swa_lr: float = 0.1               # swa: learning rate from 0.9 * swa_start on
-    swa_c: int = 1                    # swa: average every c epochs
-    ema_decay: float = 0.999          # ema: w_ema <- d w_ema + (1 - d) w after every step (sgd's schedule)
+    epochs: int = option(150, "epoch budget of every method", at_least=1)
+    batch_size: int = option(64, "mini-batch size", at_least=1)
+    lr: float = option(0.1, "initial learning rate", above=0)
+    momentum: float = option(0.9, "SGD momentum", at_least=0, below=1)
+    weight_decay: float = option(5e-4, "L2 weight decay", at_least=0)
+    # sgd's schedule (the SWA paper's, t = epoch/epochs), also used by ema, lookahead and grafting
+    lr_ratio: float = option(0.01, "sgd: final lr as a fraction of --lr", above=0)
     seed: int = 0
     device: str = "auto"
-    checkpoint_every: int = 0         # also record a checkpoint every N steps (0: once per epoch)
-    eval_batch_size: int = 1000       # batch size for metrics and BatchNorm recomputation
-    # lookahead (SGD inner) and lookahead-adam (Adam inner), Zhang et al. 2019; budget: epochs
-    lookahead_k: int = 5              # inner steps between synchronizations
-    lookahead_alpha: float = 0.5      # slow step size: phi <- phi + alpha (theta - phi)
-    lookahead_inner_state: str = "none"  # inner momentum at a synchronization: none | reset | pullback
-    lookahead_fast_from: int = -1     # first epoch whose every inner step is recorded (-1: epochs // 2)
-    lookahead_fast_epochs: int = 1    # epochs recorded step by step in <prefix>/fast (0: none)
-    adam_lr: float = 0.02             # lookahead-adam: initial Adam learning rate (same schedule as sgd)
-    # swap, Gupta et al. 2020; its own budget: at most phase-1 cap + W x phase-2 epochs of gradients
-    # (50 + 4 x 25 = 150, sgd's), in at most 50 + 25 epochs of time when the workers run in parallel
-    swap_workers: int = 4             # W; phase 1 uses batches of W x batch_size
-    swap_phase1_lr: float = 0.3       # phase-1 (large-batch) learning rate, constant
-    swap_threshold: float = 99.0      # phase 1 stops once training accuracy (%) reaches this
-    swap_phase1_epochs: int = 50      # phase-1 cap (a warning when the threshold is not reached)
-    swap_phase2_lr: float = 0.12      # phase-2 learning rate of every worker: epoch e of E at lr (1 - e/E), the last at lr/E
-    swap_phase2_epochs: int = 25      # phase-2 epochs of every worker
-    # grafting, Meng et al. 2020; budget: epochs
-    grafting_nets: int = 2            # N networks in a ring; net i receives from net i-1
-    grafting_vary: str = "lr"         # what differs between the nets: lr | seed | both
-    grafting_a: float = 0.4           # A of w = A/pi arctan(c (H_own - H_other)) + 0.5
-    grafting_c: float = 500.0         # c of the same rule
-    grafting_baseline: bool = True    # also train the same nets without grafting (grafting/baseline<i>)
+    # results depend on the thread count (the order of float reductions): fixed, the same seed gives
+    # the same file on machines with any number of cores; more methods at once: train(processes=N)
+    threads: int = option(1, "torch threads of each method on a CPU (the results depend on it)", at_least=1)
+    checkpoint_every: int = option(0, "also record every N steps (0: once per epoch)", at_least=0)
+    eval_batch_size: int = field(default=1000, metadata=dict(at_least=1))  # metrics and BatchNorm recomputation
+    options: tuple = ()
 
-    def __post_init__(self):
-        if self.swa_start is None:  # the library's default is the command line's: 2/3 of the budget (100 of 150)
-            object.__setattr__(self, "swa_start", max(1, round(self.epochs * 2 / 3)))
+    def __init__(self, options=(), **kwargs):
+        for f in fields(self):
+            if f.name != "options":
+                value = kwargs.pop(f.name) if f.name in kwargs else (
+                    f.default_factory() if f.default is MISSING else f.default)
+                object.__setattr__(self, f.name, value)
+        object.__setattr__(self, "options", _method_options(self, options, kwargs))
+
+    def __getattr__(self, name):  # a method option by its flat name: config.swa_start
+        for opts in self.__dict__.get("options", ()):
+            if name in opts.flat_names():
+                return getattr(opts, opts.flat_names()[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def options_of(self, cls: type) -> MethodOptions:
+        """The options of class ``cls`` (e.g. ``SWAOptions``) this configuration holds."""
+        for opts in self.options:
+            if type(opts) is cls:
+                return opts
+        raise KeyError(f"{cls.__name__} is not a registered method's options")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
         d["model"], d["data"], d["methods"] = self.model.to_dict(), self.data.to_dict(), list(self.methods)
+        for opts in self.options:
+            d.update(opts.flat())
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
+        """The configuration of a file's ``config`` (keys it does not know are left out)."""
+        known = {f.name for f in fields(cls)} - {"options"}
+        known |= {n for c in MethodOptions.registered.values() for n in c.flat_names()}
         d = {k: v for k, v in d.items() if k in known}
         d["model"] = ModelSpec.from_dict(d.get("model", {"name": "cnn1d"}))
         d["data"] = DataSpec.from_dict(d.get("data", {"name": "mnist1d"}))
@@ -77,74 +165,36 @@ class TrainConfig:
         return cls(**d)
 
     def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes``, fields or method options by flat name."""
         return replace(self, **changes)
 
-    def validate(self, known_methods=METHODS) -> "TrainConfig":
+    def validate(self, known_methods=None) -> "TrainConfig":
         if not self.methods:
             raise ConfigError("no training method given")
         for m in self.methods:
-            if m not in known_methods:
+            if known_methods is not None and m not in known_methods:
                 raise ConfigError(f"unknown method {m!r}; methods: {', '.join(known_methods)}")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("a method is listed twice")
-        for name in ("epochs", "batch_size", "swa_c", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "swa_lr", "lr_ratio"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be between 0 and 1 (exclusive), got {self.ema_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be non-negative, got {self.weight_decay}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be non-negative, got {self.checkpoint_every}")
-        if "swa" in self.methods and not 1 <= self.swa_start <= self.epochs:
-            raise ConfigError(f"swa_start must be between 1 and epochs ({self.epochs}), got {self.swa_start}")
-        self._validate_lookahead()
-        self._validate_swap()
-        self._validate_grafting()
+        for f in fields(self):
+            check_option(f.name, getattr(self, f.name), f.metadata)
+        for opts in self.options:
+            opts.check(self)
         return self
 
-    def _validate_lookahead(self) -> None:
-        if self.lookahead_k < 1:
-            raise ConfigError(f"lookahead_k must be at least 1, got {self.lookahead_k}")
-        if not 0 < self.lookahead_alpha <= 1:
-            raise ConfigError(f"lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}")
-        if self.lookahead_inner_state not in LOOKAHEAD_INNER_STATE:
-            raise ConfigError(f"lookahead_inner_state must be one of {', '.join(LOOKAHEAD_INNER_STATE)}, "
-                              f"got {self.lookahead_inner_state!r}")
-        if not self.adam_lr > 0:
-            raise ConfigError(f"adam_lr must be positive, got {self.adam_lr}")
-        if self.lookahead_fast_epochs < 0:
-            raise ConfigError(f"lookahead_fast_epochs must be non-negative, got {self.lookahead_fast_epochs}")
-        if self.lookahead_fast_from < -1:
-            raise ConfigError(f"lookahead_fast_from must be an epoch or -1 (auto), got {self.lookahead_fast_from}")
-        if ({"lookahead", "lookahead-adam"} & set(self.methods) and self.lookahead_fast_epochs
-                and self.lookahead_fast_from >= self.epochs):
-            raise ConfigError(f"lookahead_fast_from must be below epochs ({self.epochs}), got {self.lookahead_fast_from}")
 
-    def _validate_swap(self) -> None:
-        if self.swap_workers < 2:
-            raise ConfigError(f"swap_workers must be at least 2 (SWAP averages several workers), got {self.swap_workers}")
-        if not 0 < self.swap_threshold <= 100:
-            raise ConfigError(f"swap_threshold is a training accuracy in percent, in (0, 100], got {self.swap_threshold}")
-        for name in ("swap_phase1_epochs", "swap_phase2_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("swap_phase1_lr", "swap_phase2_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-
-    def _validate_grafting(self) -> None:
-        if self.grafting_nets < 2:
-            raise ConfigError(f"grafting_nets must be at least 2 (a net receives from another), got {self.grafting_nets}")
-        if self.grafting_vary not in GRAFTING_VARY:
-            raise ConfigError(f"grafting_vary must be one of {', '.join(GRAFTING_VARY)}, got {self.grafting_vary!r}")
-        if not 0 < self.grafting_a <= 1:
-            raise ConfigError(f"grafting_a must be in (0, 1] so that the mixing weight stays in [0, 1], "
-                              f"got {self.grafting_a}")
-        if not self.grafting_c > 0:
-            raise ConfigError(f"grafting_c must be positive, got {self.grafting_c}")
+def _method_options(config: TrainConfig, given, flat: dict) -> tuple:
+    """One options object per registered class: ``given`` ones, the rest defaults, then the ``flat``
+    keywords (``swa_start=15``) applied; defaults that depend on the common options resolved."""
+    chosen = {prefix: cls() for prefix, cls in MethodOptions.registered.items()}
+    for opts in given:
+        if not isinstance(opts, MethodOptions) or opts.prefix not in chosen:
+            raise TypeError(f"TrainConfig options must be registered MethodOptions, got {opts!r}")
+        chosen[opts.prefix] = opts
+    changes = {prefix: {} for prefix in chosen}
+    for name, value in flat.items():
+        prefix = next((p for p, c in MethodOptions.registered.items() if name in c.flat_names()), None)
+        if prefix is None:
+            raise TypeError(f"TrainConfig got an unexpected keyword argument {name!r}")
+        changes[prefix][MethodOptions.registered[prefix].flat_names()[name]] = value
+    return tuple(replace(opts, **changes[p]).resolved(config) for p, opts in chosen.items())

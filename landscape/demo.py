@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from .sharpness import SharpnessSpec
 from .store import open_surface, open_trajectory
 from .store.files import sha256
 from .surface import compute_surface
-from .train import train
+from .train import train, trained_with
 
 # ----------------------------------------------------------------------------------------------
 # configuration: the measured MNIST-1D recipe for every method, then what is evaluated
@@ -73,15 +74,6 @@ class DemoConfig:
                                          ascent_steps=2))
 
 
-def _same_config(path: Path, config: TrainConfig) -> bool:
-    try:
-        recorded = open_trajectory(path).config
-    except FileFormatError:
-        return False
-    mine = config.to_dict()
-    return all(recorded.get(k) == json.loads(json.dumps(v)) for k, v in mine.items() if k != "device")
-
-
 def _current(path: Path, run_sha: str) -> bool:
     """Whether ``path`` is a readable surface of this very trajectory (a stale one is removed)."""
     if not path.exists():
@@ -121,11 +113,12 @@ def run_demo(out_dir="landscape-demo", quick: bool = False, device: str = "auto"
     # 1. train every method from one initialization into one trajectory file
     run_path = out / "run.h5"
     start = time.perf_counter()
-    if run_path.exists() and _same_config(run_path, cfg.train):
+    if trained_with(run_path, cfg.train):
         log(f"reusing {run_path}")
     else:
+        # one thread per method, as many methods at once as the machine has cores: the same file on any machine
         log(f"training {', '.join(cfg.train.methods)} on {cfg.train.data.name} ...")
-        train(cfg.train, run_path, overwrite=True, quiet=quiet)
+        train(cfg.train, run_path, overwrite=True, quiet=quiet, processes=os.cpu_count() or 1)
     seconds["train"] = time.perf_counter() - start
     traj = open_trajectory(run_path)
     run_sha = sha256(run_path)

@@ -15,7 +15,7 @@ from landscape.store import TrajectoryWriter, open_trajectory
 from landscape.rebuild import rebuild_data, rebuild_model
 from landscape.train import train
 
-from _cli import run_cli
+from _cli import one_line_error, run_cli
 
 
 # -- layout and files --------------------------------------------------------------------------
@@ -341,3 +341,59 @@ def test_library_and_command_line_defaults_agree():
     from_cli = train_command.config_from_args(p.parse_args(["--epochs", "20"]))
     assert TrainConfig(epochs=20).validate() == from_cli
     assert TrainConfig().swa_start == 100 and TrainConfig(epochs=20).swa_start == 13
+
+
+# -- a method is one file: its options dataclass gives TrainConfig keywords and the command's flags ----
+
+def test_a_new_method_and_its_options_reach_the_library_and_the_command_line(tmp_path, monkeypatch, capsys):
+    from dataclasses import dataclass
+
+    from landscape.cli.main import main
+    from landscape.config import MethodOptions, TrainConfig, option
+    from landscape.train import METHODS, register_method
+    from landscape.train.loop import set_lr, sgd_optimizer, train_epoch
+
+    # undone after the test: the registries get back exactly what they held
+    monkeypatch.setattr(MethodOptions, "registered", dict(MethodOptions.registered))
+    monkeypatch.setitem(METHODS, "slowsgd", None)
+
+    @dataclass(frozen=True)
+    class SlowOptions(MethodOptions, prefix="slowsgd", title="slowsgd (a test's method)"):
+        factor: float = option(0.5, "learning rate as a fraction of --lr", above=0, at_most=1)
+
+    @register_method("slowsgd")
+    def run_slowsgd(ctx):
+        model, cfg = ctx.fresh_model(), ctx.config
+        opt, gen = sgd_optimizer(model, cfg), ctx.generator()
+        for epoch in range(cfg.epochs):
+            set_lr(opt, cfg.lr * cfg.options_of(SlowOptions).factor)
+            train_epoch(model, opt, ctx.data, cfg.batch_size, gen)
+            ctx.record("slowsgd", model, epoch + 1.0, 0)
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--slowsgd-factor SLOWSGD_FACTOR" in capsys.readouterr().out
+    out = tmp_path / "r.h5"
+    base = ["train", "--dataset", "synthetic", "--model", "mlp", "--epochs", "2", "--methods", "sgd,slowsgd",
+            "--quiet", "-o", str(out)]
+    one_line_error(capsys, base + ["--slowsgd-factor", "2"], "--slowsgd-factor must be in (0, 1], got 2.0")
+    assert main(base + ["--slowsgd-factor", "0.25"]) == 0
+    traj = open_trajectory(out)
+    assert traj.config["slowsgd_factor"] == 0.25 and traj.run("slowsgd").epoch.tolist() == [1.0, 2.0]
+    config = TrainConfig.from_dict(traj.config)
+    assert config == TrainConfig(model=config.model, data=config.data, methods=("sgd", "slowsgd"), epochs=2,
+                                 device="cpu", slowsgd_factor=0.25)
+    assert config.options_of(SlowOptions) == SlowOptions(factor=0.25) and config.slowsgd_factor == 0.25
+
+
+def test_method_options_by_flat_name_or_object():
+    from landscape.config import TrainConfig
+    from landscape.train.methods import SWAOptions
+    from landscape.train.swap import SWAPOptions
+    a = TrainConfig(epochs=20, swa_start=15, swap_workers=2)
+    b = TrainConfig(epochs=20, options=[SWAOptions(start=15), SWAPOptions(workers=2)])
+    assert a == b and a.to_dict() == b.to_dict() and a.to_dict()["swa_start"] == 15
+    assert a.replace(swa_lr=0.05).options_of(SWAOptions) == SWAOptions(start=15, lr=0.05)
+    assert TrainConfig.from_dict(a.to_dict()) == a
+    with pytest.raises(TypeError, match="unexpected keyword argument 'swa_strat'"):
+        TrainConfig(swa_strat=15)

@@ -121,7 +121,7 @@ def test_cli_threshold_warning_is_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--methods", "swap", "--swap-workers", "1"], "--swap-workers must be at least 2"),
-    (["--methods", "swap", "--swap-threshold", "0"], "--swap-threshold is a training accuracy in percent"),
+    (["--methods", "swap", "--swap-threshold", "0"], "--swap-threshold must be in (0, 100], got 0.0"),
     (["--methods", "grafting", "--grafting-nets", "1"], "--grafting-nets must be at least 2"),
 ])
 def test_cli_fewer_than_two_workers_or_networks_is_an_error(tmp_path, args, message, capsys, monkeypatch):

@@ -1,5 +1,7 @@
 """An interrupted `landscape train` keeps what it finished: whole methods, and the epochs done of the
 method under way. Run again, it trains only the rest, and the file equals an uninterrupted run's."""
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -94,7 +96,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_file(config, whole, t
     def must_not_run(ctx):
         raise AssertionError("a finished method was trained again")
     for method in kept:
-        monkeypatch.setitem(METHODS, method, (must_not_run, METHODS[method][1]))
+        monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], run=must_not_run))
     counts = _count_records(monkeypatch)
     summary = train(config, out, quiet=True)
     assert not out.with_name("cut.h5.partial").exists()
@@ -156,3 +158,92 @@ def test_cli_says_what_was_kept(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("landscape: interrupted: sgd, swa up to epoch 1 kept in ") and "run the same command" in err
     assert err.count("\n") == 1
+
+
+# -- methods trained apart, in their own processes --------------------------------------------------
+
+def test_methods_trained_apart_equal_methods_trained_in_turn(config, whole, tmp_path):
+    """Every method on one thread in its own process (two at a time) writes the file trained in turn."""
+    apart = train(config, tmp_path / "apart.h5", quiet=True, processes=2)["path"]
+    _assert_same_file(whole, apart)
+    assert not (tmp_path / "apart.h5.parts").exists()
+
+
+def test_the_machines_thread_count_does_not_change_the_results(config, tmp_path):
+    import torch
+    one = config.replace(methods=("sgd", "swa"))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = train(one, tmp_path / "a.h5", quiet=True)["path"]
+        torch.set_num_threads(2)
+        b = train(one, tmp_path / "b.h5", quiet=True)["path"]
+        assert torch.get_num_threads() == 2  # restored after training
+    finally:
+        torch.set_num_threads(before)
+    _assert_same_file(a, b)
+    assert open_trajectory(a).config["threads"] == 1
+
+
+def test_a_method_finished_apart_before_an_interruption_is_adopted_not_trained_again(config, tmp_path):
+    two = config.replace(methods=("sgd", "swa"))
+    whole = train(two, tmp_path / "whole.h5", quiet=True)["path"]
+    parts = tmp_path / "r.h5.parts"
+    parts.mkdir()
+    done = train(config.replace(methods=("swa",)), parts / "swa.h5", quiet=True)["path"]
+    with h5py.File(done, "r+") as f:  # a mark that only this very file carries
+        f["runs/swa/average"].attrs["mark"] = "kept"
+    out = train(two, tmp_path / "r.h5", quiet=True, processes=2)["path"]
+    with h5py.File(out, "r") as f, h5py.File(whole, "r") as w:
+        assert f["runs/swa/average"].attrs["mark"] == "kept"
+        for name in ("sgd/params", "swa/average/params", "swa/iterates/params", "swa/average/test_err"):
+            np.testing.assert_array_equal(f["runs/" + name][()], w["runs/" + name][()])
+    assert not parts.exists()
+
+
+@pytest.mark.slow  # a real Ctrl-C to a real process group: ~40 s
+def test_ctrl_c_while_methods_train_apart_keeps_every_one_and_resumes(config, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    argv = [sys.executable, "-m", "landscape", "train", "--dataset", "synthetic", "--data-option", "n_train=2000",
+            "--model", "mlp", "--methods", "sgd,swa,ema", "--epochs", "30", "--processes", "2", "--quiet",
+            "--device", "cpu", "-o", str(tmp_path / "r.h5")]
+    reference = train(_config_of(argv), tmp_path / "ref.h5", quiet=True)["path"]
+    child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    parts = tmp_path / "r.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not _saved_epochs(parts):
+        time.sleep(0.2)
+    assert _saved_epochs(parts), "no child kept an epoch"
+    os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group
+    err = child.communicate(timeout=120)[1]
+    assert child.returncode == 130 and "kept in" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r.h5").exists()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    _assert_same_file(reference, tmp_path / "r.h5")
+    assert not parts.exists()
+
+
+def _saved_epochs(parts) -> bool:
+    """Whether a child has kept at least one epoch (a partial file with progress) in ``parts``."""
+    for partial in parts.glob("*.h5.partial") if parts.exists() else []:
+        try:
+            with h5py.File(partial, "r", locking=False) as f:
+                if "progress" in f:
+                    return True
+        except OSError:  # being written
+            continue
+    return False
+
+
+def _config_of(argv):
+    import argparse
+
+    from landscape.cli.commands import train as train_command
+    p = argparse.ArgumentParser()
+    train_command.add_arguments(p)
+    return train_command.config_from_args(p.parse_args(argv[argv.index("train") + 1:]))

@@ -9,10 +9,11 @@ import argparse
 import math
 import re
 import sys
+import typing
 import warnings
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
-from landscape.config import GRAFTING_VARY, LOOKAHEAD_INNER_STATE, TrainConfig
+from landscape.config import MethodOptions, TrainConfig
 from landscape.data import DataSpec
 from landscape.errors import ConfigError
 from landscape.models import ModelSpec
@@ -35,81 +36,55 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", default=d.data.name, help="mnist1d, cifar10, npz, synthetic, or package.module:factory")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
                    help="dataset option, e.g. root=DIR and augment=true (cifar10), path=FILE (npz)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epoch budget of every method")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
-    p.add_argument("--lr", type=float, default=d.lr, help="initial learning rate")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
-    p.add_argument("--lr-ratio", type=float, default=d.lr_ratio, help="sgd: final lr as a fraction of --lr")
-    p.add_argument("--swa-start", type=int, default=None,
-                   help=f"swa: first averaged epoch (default: 2/3 of --epochs, {d.swa_start} of {d.epochs})")
-    p.add_argument("--swa-lr", type=float, default=d.swa_lr, help="swa: learning rate while averaging")
-    p.add_argument("--swa-c", type=int, default=d.swa_c, help="swa: average every c epochs")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
-                   help="ema: w_ema <- d w_ema + (1 - d) w after every SGD step")
+    for name, f, kind in _common_options():
+        _add_option(p, name, f, kind)
     p.add_argument("--seed", type=seed_int, default=d.seed, help="seed of initialization and data order")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="also record every N steps (0: once per epoch)")
-    g = p.add_argument_group("lookahead and lookahead-adam (Zhang et al. 2019)")
-    g.add_argument("--lookahead-k", type=int, default=d.lookahead_k, help="inner steps between synchronizations")
-    g.add_argument("--lookahead-alpha", type=float, default=d.lookahead_alpha,
-                   help="slow step size in (0, 1]: phi <- phi + alpha (theta - phi)")
-    g.add_argument("--lookahead-inner-state", default=d.lookahead_inner_state, choices=LOOKAHEAD_INNER_STATE,
-                   help="inner momentum at a synchronization: keep, zero, or interpolate like the weights")
-    g.add_argument("--lookahead-fast-from", type=int, default=d.lookahead_fast_from,
-                   help="first epoch whose every inner step is recorded in <method>/fast (-1: epochs // 2, "
-                        "the last epoch at the full learning rate)")
-    g.add_argument("--lookahead-fast-epochs", type=int, default=d.lookahead_fast_epochs,
-                   help="number of epochs recorded step by step (0: no fast run)")
-    g.add_argument("--adam-lr", type=float, default=d.adam_lr,
-                   help="lookahead-adam: initial learning rate of the inner Adam (sgd's schedule)")
-    g = p.add_argument_group("swap (Gupta et al. 2020): budget at most phase-1 cap + workers x phase-2 epochs")
-    g.add_argument("--swap-workers", type=int, default=d.swap_workers,
-                   help="W workers; phase 1 uses batches of W x --batch-size")
-    g.add_argument("--swap-phase1-lr", type=float, default=d.swap_phase1_lr, help="phase-1 (large-batch) learning rate")
-    g.add_argument("--swap-threshold", type=float, default=d.swap_threshold,
-                   help="training accuracy (%%) that ends phase 1")
-    g.add_argument("--swap-phase1-epochs", type=int, default=d.swap_phase1_epochs,
-                   help="phase-1 epoch cap (a warning if the threshold is not reached)")
-    g.add_argument("--swap-phase2-lr", type=float, default=d.swap_phase2_lr,
-                   help="phase-2 learning rate of every worker, decayed linearly toward 0 (epoch e of E at lr (1 - e/E), the last at lr/E)")
-    g.add_argument("--swap-phase2-epochs", type=int, default=d.swap_phase2_epochs, help="phase-2 epochs of every worker")
-    g = p.add_argument_group("grafting (Meng et al. 2020)")
-    g.add_argument("--grafting-nets", type=int, default=d.grafting_nets,
-                   help="N networks in a ring; net i receives from net i-1 after every epoch")
-    g.add_argument("--grafting-vary", default=d.grafting_vary, choices=GRAFTING_VARY,
-                   help="what differs between the nets: learning rate (the reference's rule), seed, or both")
-    g.add_argument("--grafting-a", type=float, default=d.grafting_a, help="A in w = A/pi arctan(c (H_own - H_other)) + 0.5")
-    g.add_argument("--grafting-c", type=float, default=d.grafting_c, help="c in the same rule")
-    g.add_argument("--grafting-baseline", action=argparse.BooleanOptionalAction, default=d.grafting_baseline,
-                   help="also train the same nets without grafting (runs grafting/baseline<i>)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="methods trained at once, each in its own process (CPU; the file is the same for any number)")
+    for cls in MethodOptions.registered.values():  # each method's options, from its dataclass
+        group = p.add_argument_group(cls.title)
+        for name, f, kind in _method_options(cls):
+            _add_option(group, name, f, kind)
     add_output_flags(p)
 
 
+def _common_options():
+    """(name, field, type) of TrainConfig's options that have a flag (a help text)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f.name, f, hints[f.name]) for f in fields(TrainConfig) if "help" in f.metadata]
+
+
+def _method_options(cls):
+    hints = typing.get_type_hints(cls)
+    return [(f"{cls.prefix}_{f.name}", f, hints[f.name]) for f in fields(cls)]
+
+
+def _add_option(p, name: str, f, kind) -> None:
+    """The flag --NAME of the dataclass field ``f``: type, default, choices and help from the field."""
+    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # int | None -> int
+    default = None if f.default is MISSING else f.default
+    flag, help = "--" + name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
+    if kind is bool:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+    else:
+        p.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"), help=help)
+
+
 def config_from_args(args) -> TrainConfig:
+    names = [name for name, _, _ in _common_options()]
+    names += [name for cls in MethodOptions.registered.values() for name, _, _ in _method_options(cls)]
     return TrainConfig(
         model=ModelSpec(args.model, parse_key_values(args.model_arg, "--model-arg")),
         data=DataSpec(args.dataset, parse_key_values(args.data_option, "--data-option")),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, lr_ratio=args.lr_ratio,
-        swa_start=args.swa_start,  # None: the library's default, 2/3 of --epochs
-        swa_lr=args.swa_lr, swa_c=args.swa_c, ema_decay=args.ema_decay, seed=args.seed, device=args.device,
-        checkpoint_every=args.checkpoint_every,
-        lookahead_k=args.lookahead_k, lookahead_alpha=args.lookahead_alpha,
-        lookahead_inner_state=args.lookahead_inner_state, lookahead_fast_from=args.lookahead_fast_from,
-        lookahead_fast_epochs=args.lookahead_fast_epochs, adam_lr=args.adam_lr,
-        swap_workers=args.swap_workers, swap_phase1_lr=args.swap_phase1_lr, swap_threshold=args.swap_threshold,
-        swap_phase1_epochs=args.swap_phase1_epochs, swap_phase2_lr=args.swap_phase2_lr,
-        swap_phase2_epochs=args.swap_phase2_epochs,
-        grafting_nets=args.grafting_nets, grafting_vary=args.grafting_vary, grafting_a=args.grafting_a,
-        grafting_c=args.grafting_c, grafting_baseline=args.grafting_baseline)
+        seed=args.seed, device=args.device, **{name: getattr(args, name) for name in names})
 
 
 def _as_flags(message: str) -> str:
     """The configuration's field names in a message as this command's flags (swa_start -> --swa-start)."""
-    names = "|".join(f.name for f in fields(TrainConfig) if f.name not in ("model", "data", "methods"))
+    names = [f.name for f in fields(TrainConfig) if f.name not in ("model", "data", "methods", "options")]
+    names = "|".join(names + [n for cls in MethodOptions.registered.values() for n in cls.flat_names()])
     return re.sub(rf"\b({names})\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
@@ -117,7 +92,8 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SwapThresholdWarning)
         try:
-            summary = train(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet)
+            summary = train(config_from_args(args), args.out, overwrite=args.overwrite, quiet=args.quiet,
+                            processes=args.processes)
         except ConfigError as e:
             raise ConfigError(_as_flags(str(e))) from None
     for w in caught:  # our warnings as one line each; anything else as Python shows it

@@ -163,6 +163,21 @@ class TrajectoryWriter:
                 self.finished = before  # what the disk holds
                 raise
 
+    def adopt(self, source, part: str) -> None:
+        """Copy every run of the complete trajectory file ``source`` (another writer's output, with this
+        layout), datasets and attributes as they are, and mark them as the finished ``part``: how
+        methods trained in separate processes come together in one file."""
+        with h5py.File(source, "r") as src:
+            if not bool(src.attrs.get("complete", False)):
+                raise FileFormatError(f"{source} is not a complete trajectory file")
+            if Layout.from_dict({k: json.loads(src["layout"].attrs[k]) for k in ("params", "buffers")}) != self.layout:
+                raise FileFormatError(f"{source} holds another model's weights")
+            for name in src["runs"]:
+                src.copy(src["runs"][name], self.file["runs"], name=name)
+            src["runs"].visititems(lambda name, obj: self._runs.append(name)
+                                   if isinstance(obj, h5py.Group) and "params" in obj else None)
+        self.finish_part(part)
+
     def save_progress(self, key: str, state: bytes) -> None:
         """Keep ``state`` (opaque bytes: where the part in progress stands) under ``key``, with the row
         count of every run the part has written so far; both are what a resumed writer starts from."""

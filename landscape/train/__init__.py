@@ -6,6 +6,9 @@ Example::
     from landscape.config import TrainConfig
     path = train(TrainConfig(epochs=20, swa_start=15), "run.h5")
 
+Each method lives in its own module with its options and registers itself (:func:`register_method`);
+this package imports them all, so :data:`METHODS` lists every one.
+
 Under ``torchrun`` (the environment variable WORLD_SIZE > 1), :func:`train` joins a torch.distributed
 group (gloo on CPU, NCCL on GPU, one GPU per local rank): ``swap`` runs its workers across the
 processes; every other method runs on rank 0 alone. Only rank 0 writes the file.
@@ -27,50 +30,41 @@ from ..dist import Group
 from ..models import build_model
 from ..params import Layout
 from ..store import TrajectoryWriter
-from .loop import Context, evaluate, train_epoch
-from .grafting import grafting_ticks, run_grafting
-from .lookahead import Lookahead, run_lookahead, run_lookahead_adam
-from .methods import run_ema, run_sgd, run_swa
-from .swap import SwapThresholdWarning, run_swap
-
-# name -> (function, number of progress ticks it makes, as a function of the config)
-METHODS = {
-    "sgd": (run_sgd, lambda c: c.epochs),
-    "swa": (run_swa, lambda c: c.epochs),
-    "ema": (run_ema, lambda c: c.epochs),
-    "swap": (run_swap, lambda c: c.swap_phase1_epochs + c.swap_workers * c.swap_phase2_epochs),
-    "lookahead": (run_lookahead, lambda c: c.epochs),
-    "lookahead-adam": (run_lookahead_adam, lambda c: c.epochs),
-    "grafting": (run_grafting, grafting_ticks),
-}
-DISTRIBUTED_METHODS = ("swap",)  # methods that use every process under torchrun; the others run on rank 0
+from .loop import METHODS, Context, evaluate, register_method, train_epoch
+# importing the methods' modules registers them (and their options) in METHODS, in this order
+from . import methods, swap, lookahead, grafting  # noqa: F401  isort: skip
+from .lookahead import Lookahead
+from .processes import parts_folder, torch_threads, train_apart, trained_with
+from .swap import SWAPOptions, SwapThresholdWarning
 
 
-def register_method(name: str, ticks=lambda c: c.epochs):
-    """Decorator adding a training method ``fn(ctx)`` under ``name``."""
-    def deco(fn):
-        METHODS[name] = (fn, ticks)
-        return fn
-    return deco
-
-
-def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False) -> dict:
+def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False, processes: int = 1,
+          progress=None) -> dict:
     """Train every method of ``config`` from one initialization into the trajectory file ``out``.
     Interrupted, the methods finished so far and the finished epochs of the one under way stay in
     ``out.partial``; the same call again goes on from there, and the file equals an uninterrupted
     run's (each method depends only on the seed and restores its state exactly).
+
+    On a CPU every method trains with ``config.threads`` torch threads (1 by default), so the same seed
+    gives the same file on any machine; ``processes`` > 1 trains that many methods side by side in
+    separate processes (:mod:`.processes`), with the same results. ``progress``: an object with
+    tqdm's ``update``/``set_postfix_str``/``set_description`` to report to instead of a bar.
     Returns a summary: the path, the seconds taken and each run's final metrics (under torchrun,
     ranks other than 0 return ``{"rank": r}`` only)."""
     config.validate(tuple(METHODS))
+    if int(processes) != processes or processes < 1:
+        raise ConfigError(f"processes must be a positive integer, got {processes}")
     with Group.join(resolve_device(config.device)) as group:
-        if group.distributed and "swap" in config.methods and config.swap_workers % group.world:
+        workers = config.options_of(SWAPOptions).workers
+        if group.distributed and "swap" in config.methods and workers % group.world:
             # checked before any training, so that rank 0 does not train other methods first
-            raise ConfigError(f"swap_workers ({config.swap_workers}) must be a multiple of the number of "
+            raise ConfigError(f"swap_workers ({workers}) must be a multiple of the number of "
                               f"processes ({group.world})")
-        return _train(config, out, overwrite, quiet, group)
+        with torch_threads(config.threads if group.device.type == "cpu" else None):
+            return _train(config, out, overwrite, quiet, group, processes, progress)
 
 
-def _train(config, out, overwrite, quiet, group: Group) -> dict:
+def _train(config, out, overwrite, quiet, group: Group, processes: int, progress) -> dict:
     device, rank, world_size = group.device, group.rank, group.world
     data = load_data(config.data, device)  # bad data fails before any file is created
     seed_everything(config.seed)
@@ -88,31 +82,30 @@ def _train(config, out, overwrite, quiet, group: Group) -> dict:
         # a file completed by a run killed just before moving it into place: nothing left to train
         done = list(config.methods) if writing and writer.complete else list(writer.finished) if writing else None
         finished = group.objects(done)
-        methods = [m for m in config.methods if writing or m in DISTRIBUTED_METHODS]
-        total = sum(METHODS[m][1](config) for m in methods)
-        with tqdm(total=total, desc="train", unit="epoch", disable=quiet or not writing, leave=False) as bar:
+        methods = [m for m in config.methods if (writing or METHODS[m].distributed) and m not in finished]
+        total = sum(METHODS[m].ticks(config) for m in config.methods if writing or METHODS[m].distributed)
+        apart = processes > 1 and len(methods) > 1 and not group.distributed
+        with _progress_bar(progress, total, quiet or not writing) as bar:
+            bar.update(total - sum(METHODS[m].ticks(config) for m in methods))
             ctx = Context(config, data, layout, init_model, writer, device, bar if writing else None, group=group)
             try:
-                for method in methods:
-                    if method in finished:  # kept from an interrupted run of the same command
-                        bar.update(METHODS[method][1](config))
-                        continue
+                if apart:
+                    train_apart(config, methods, writer, bar, processes, overwrite)
+                for method in [] if apart else methods:
                     bar.set_description(f"train {method}")
                     seed_everything(config.seed)  # each method alone decides its randomness: resumable
-                    METHODS[method][0](ctx)
+                    METHODS[method].run(ctx)
                     if writing:
                         writer.finish_part(method)
             except (KeyboardInterrupt, WriteError) as e:
                 if not writing:
                     raise
-                kept = _kept(writer, ctx)
+                kept = _kept(writer, ctx, e if apart else None)
                 if isinstance(e, WriteError):
-                    raise WriteError(f"{e}; {kept or 'nothing'} kept" + (f" in {writer.tmp}; free space and run "
-                                                                          "the same command again to go on"
-                                                                          if kept else "")) from None
+                    raise WriteError(f"{e}; " + (f"{kept}; free space and run the same command again to go on"
+                                                 if kept else "nothing kept")) from None
                 if kept:
-                    raise KeyboardInterrupt(f"{kept} kept in {writer.tmp}; run the same command "
-                                            "again to train the rest") from None
+                    raise KeyboardInterrupt(f"{kept}; run the same command again to train the rest") from None
                 raise
         finals = {run: writer.final(run) for run in writer.runs} if writing else {}
         path = writer.path if writing else None
@@ -121,13 +114,23 @@ def _train(config, out, overwrite, quiet, group: Group) -> dict:
     return {"path": str(Path(path)), "seconds": time.perf_counter() - start, "final": finals}
 
 
-def _kept(writer, ctx) -> str:
-    """What the partial file holds, in words: "sgd, swa up to epoch 7"."""
+def _progress_bar(progress, total: int, disable: bool):
+    if progress is not None:
+        return contextlib.nullcontext(progress)
+    return tqdm(total=total, desc="train", unit="epoch", disable=disable, leave=False)
+
+
+def _kept(writer, ctx, apart_interruption=None) -> str:
+    """What the partial files hold, in words: "sgd, swa up to epoch 7 kept in r.h5.partial"."""
     kept = list(writer.finished)
-    if ctx.last_epoch_done is not None and ctx.last_epoch_done[0] not in kept:
+    if apart_interruption is None and ctx.last_epoch_done is not None and ctx.last_epoch_done[0] not in kept:
         kept.append("{} up to epoch {}".format(*ctx.last_epoch_done))
-    return ", ".join(kept)
+    said = [f"{', '.join(kept)} kept in {writer.tmp}"] if kept else []
+    under_way = getattr(apart_interruption, "under_way", None)
+    if under_way:
+        said.append(f"{', '.join(under_way)} under way kept in {parts_folder(writer.path)}")
+    return "; ".join(said)
 
 
-__all__ = ["train", "register_method", "METHODS", "DISTRIBUTED_METHODS", "Context", "evaluate", "train_epoch",
+__all__ = ["train", "trained_with", "register_method", "METHODS", "Context", "evaluate", "train_epoch",
            "Lookahead", "SwapThresholdWarning"]

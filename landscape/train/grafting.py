@@ -30,12 +30,14 @@ one row per epoch, with ``entropy``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..bn import has_batchnorm, recompute_bn
+from ..config import MethodOptions, option
 from ..models import build_model
-from .loop import Context, set_lr, sgd_optimizer, swa_schedule, train_epoch
+from .loop import Context, register_method, set_lr, sgd_optimizer, swa_schedule, train_epoch
 
 BINS = 10
 NET_OFFSET = 20_000  # data order of net i >= 1 in seed mode: ctx.generator(NET_OFFSET + i)
@@ -110,14 +112,25 @@ def graft(models: list, groups: list, a: float, c: float, bins: int = BINS) -> t
     return h, donor_h, weights
 
 
+@dataclass(frozen=True)
+class GraftingOptions(MethodOptions, prefix="grafting", title="grafting (Meng et al. 2020)"):
+    nets: int = option(2, "N networks in a ring; net i receives from net i-1 after every epoch", at_least=2)
+    vary: str = option("lr", "what differs between the nets: learning rate (the reference's rule), seed, "
+                             "or both", choices=("lr", "seed", "both"))
+    a: float = option(0.4, "A in w = A/pi arctan(c (H_own - H_other)) + 0.5; in (0, 1] so that w stays "
+                           "in [0, 1]", above=0, at_most=1)
+    c: float = option(500.0, "c in the same rule", above=0)
+    baseline: bool = option(True, "also train the same nets without grafting (runs grafting/baseline<i>)")
+
+
 def _nets(ctx: Context) -> list:
     """(model, data-order generator, lr factor, description) of every net, from the configuration."""
-    cfg = ctx.config
-    n = cfg.grafting_nets
-    factors = lr_factors(n) if cfg.grafting_vary in ("lr", "both") else [1.0] * n
+    cfg, grafting = ctx.config, ctx.config.options_of(GraftingOptions)
+    n = grafting.nets
+    factors = lr_factors(n) if grafting.vary in ("lr", "both") else [1.0] * n
     nets = []
     for i in range(n):
-        if cfg.grafting_vary == "lr" or i == 0:
+        if grafting.vary == "lr" or i == 0:
             model, gen, init = ctx.fresh_model(), ctx.generator(0), "shared initialization and data order"
         else:
             seed = cfg.seed * 1_000_003 + NET_OFFSET + i
@@ -130,7 +143,7 @@ def _nets(ctx: Context) -> list:
 
 
 def _train_nets(ctx: Context, prefix: str, grafting: bool) -> None:
-    cfg = ctx.config
+    cfg, options = ctx.config, ctx.config.options_of(GraftingOptions)
     nets = _nets(ctx)
     models = [m for m, _, _, _ in nets]
     opts = [sgd_optimizer(m, cfg, cfg.lr * f) for m, _, f, _ in nets]
@@ -149,9 +162,9 @@ def _train_nets(ctx: Context, prefix: str, grafting: bool) -> None:
             ctx.record(runs[i], model, 0.0, 0, lr=cfg.lr * factor, entropy=layer_entropies(model, groups), **extra)
         attrs = dict(layers=[name for name, _, _ in groups],
                      groups=[[ctx.layout.params[j].name for j in members] for _, _, members in groups],
-                     lr=cfg.lr * factor, lr_factor=factor, init=init, vary=cfg.grafting_vary, bins=BINS)
+                     lr=cfg.lr * factor, lr_factor=factor, init=init, vary=options.vary, bins=BINS)
         if grafting:
-            attrs.update(donor=runs[(i - 1) % len(nets)], A=cfg.grafting_a, c=cfg.grafting_c,
+            attrs.update(donor=runs[(i - 1) % len(nets)], A=options.a, c=options.c,
                          rows="row 0: initialization; per epoch two rows: trained (grafted 0), grafted (grafted 1)")
         ctx.writer.set_attrs(runs[i], **attrs)
     for epoch in range(start, cfg.epochs):
@@ -166,7 +179,7 @@ def _train_nets(ctx: Context, prefix: str, grafting: bool) -> None:
             ctx.record(runs[i], model, epoch + 1.0, step, lr=cfg.lr * factor * factor_t,
                        entropy=layer_entropies(model, groups), **extra)
         if grafting:
-            _, donor_h, weights = graft(models, groups, cfg.grafting_a, cfg.grafting_c)
+            _, donor_h, weights = graft(models, groups, options.a, options.c)
             for i, (model, _, factor, _) in enumerate(nets):
                 if bn:
                     recompute_bn(model, ctx.data.x_train, cfg.eval_batch_size)
@@ -176,12 +189,14 @@ def _train_nets(ctx: Context, prefix: str, grafting: bool) -> None:
         ctx.epoch_done(prefix, epoch + 1, **state)
 
 
+def grafting_ticks(config) -> int:
+    grafting = config.options_of(GraftingOptions)
+    return config.epochs * grafting.nets * (2 if grafting.baseline else 1)
+
+
+@register_method("grafting", ticks=grafting_ticks)
 def run_grafting(ctx: Context) -> None:
     """``grafting/net<i>`` and, with ``grafting_baseline``, ``grafting/baseline<i>``."""
     _train_nets(ctx, "grafting/net", grafting=True)
-    if ctx.config.grafting_baseline:
+    if ctx.config.options_of(GraftingOptions).baseline:
         _train_nets(ctx, "grafting/baseline", grafting=False)
-
-
-def grafting_ticks(config) -> int:
-    return config.epochs * config.grafting_nets * (2 if config.grafting_baseline else 1)

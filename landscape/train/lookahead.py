@@ -25,17 +25,19 @@ weights after every inner step in ``<prefix>/fast`` (``<prefix>`` is the method 
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ..config import LOOKAHEAD_INNER_STATE
+from ..config import MethodOptions, option
 from ..errors import ConfigError
-from .loop import Context, set_lr, sgd_optimizer, swa_schedule, train_epoch
+from .loop import Context, register_method, set_lr, sgd_optimizer, swa_schedule, train_epoch
 
 # per-parameter state of the inner optimizer that is a first moment ("momentum"): the tensors that
 # inner_state = reset zeroes and inner_state = pullback interpolates
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+LOOKAHEAD_INNER_STATE = ("none", "reset", "pullback")
 
 
 def check_lookahead_options(k, alpha, inner_state) -> None:
@@ -224,16 +226,38 @@ class Lookahead(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------------
 # training methods
 
+@dataclass(frozen=True)
+class LookaheadOptions(MethodOptions, prefix="lookahead",
+                       title="lookahead and lookahead-adam (Zhang et al. 2019)"):
+    k: int = option(5, "inner steps between synchronizations", at_least=1)
+    alpha: float = option(0.5, "slow step size in (0, 1]: phi <- phi + alpha (theta - phi)", above=0, at_most=1)
+    inner_state: str = option("none", "inner momentum at a synchronization: keep (none), zero (reset), or "
+                                      "interpolate like the weights (pullback)", choices=LOOKAHEAD_INNER_STATE)
+    fast_from: int = option(-1, "first epoch whose every inner step is recorded in <method>/fast (-1: "
+                                "epochs // 2, the last epoch at the full learning rate)")
+    fast_epochs: int = option(1, "number of epochs recorded step by step (0: no fast run)", at_least=0)
+
+    def check(self, config):
+        super().check(config)
+        if self.fast_from < -1:
+            raise ConfigError(f"lookahead_fast_from must be an epoch or -1 (auto), got {self.fast_from}")
+        if ({"lookahead", "lookahead-adam"} & set(config.methods) and self.fast_epochs
+                and self.fast_from >= config.epochs):
+            raise ConfigError(f"lookahead_fast_from must be below epochs ({config.epochs}), got {self.fast_from}")
+
+
+@dataclass(frozen=True)
+class AdamOptions(MethodOptions, prefix="adam", title="lookahead-adam's inner Adam"):
+    lr: float = option(0.02, "initial learning rate of the inner Adam (sgd's schedule)", above=0)
+
+
 def fast_window(config) -> tuple:
     """Epochs [first, end) whose every inner step is recorded in ``<prefix>/fast``."""
-    if config.lookahead_fast_epochs == 0:
+    lookahead = config.options_of(LookaheadOptions)
+    if lookahead.fast_epochs == 0:
         return 0, 0
-    first = config.epochs // 2 if config.lookahead_fast_from < 0 else config.lookahead_fast_from
-    return first, min(config.epochs, first + config.lookahead_fast_epochs)
-
-
-def _adam(model, config):
-    return torch.optim.Adam(model.parameters(), lr=config.adam_lr, weight_decay=config.weight_decay)
+    first = config.epochs // 2 if lookahead.fast_from < 0 else lookahead.fast_from
+    return first, min(config.epochs, first + lookahead.fast_epochs)
 
 
 def run_lookahead_method(ctx: Context, prefix: str, inner: str) -> None:
@@ -248,11 +272,14 @@ def run_lookahead_method(ctx: Context, prefix: str, inner: str) -> None:
     keeps Lookahead as cheap as SGD. ``<prefix>/fast``: the fast weights after every inner step within
     :func:`fast_window`, each with its metrics (metric ``inner_step``, 1..k; at a synchronizing step
     the row holds theta_k, recorded just before the slow update)."""
-    cfg = ctx.config
+    cfg, lookahead = ctx.config, ctx.config.options_of(LookaheadOptions)
     model = ctx.fresh_model()
-    inner_opt = sgd_optimizer(model, cfg) if inner == "sgd" else _adam(model, cfg)
-    base_lr = cfg.lr if inner == "sgd" else cfg.adam_lr
-    opt = Lookahead(inner_opt, cfg.lookahead_k, cfg.lookahead_alpha, cfg.lookahead_inner_state)
+    if inner == "sgd":
+        base_lr, inner_opt = cfg.lr, sgd_optimizer(model, cfg)
+    else:
+        base_lr = cfg.options_of(AdamOptions).lr
+        inner_opt = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
+    opt = Lookahead(inner_opt, lookahead.k, lookahead.alpha, lookahead.inner_state)
     gen, per_epoch = ctx.generator(), ctx.steps_per_epoch()
     slow_run, fast_run = f"{prefix}/slow", f"{prefix}/fast"
     first, end = fast_window(cfg)
@@ -296,11 +323,13 @@ def run_lookahead_method(ctx: Context, prefix: str, inner: str) -> None:
                              rows="fast weights after every inner step of epochs window[0] to window[1] - 1")
 
 
+@register_method("lookahead")
 def run_lookahead(ctx: Context) -> None:
     """Lookahead with momentum SGD inside (runs ``lookahead/slow``, ``lookahead/fast``)."""
     run_lookahead_method(ctx, "lookahead", "sgd")
 
 
+@register_method("lookahead-adam")
 def run_lookahead_adam(ctx: Context) -> None:
     """Lookahead with Adam inside (runs ``lookahead-adam/slow``, ``lookahead-adam/fast``)."""
     run_lookahead_method(ctx, "lookahead-adam", "adam")

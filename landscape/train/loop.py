@@ -6,12 +6,17 @@ A method is a function ``run(ctx: Context) -> None`` that builds a model from ``
 checkpoints with :meth:`Context.record`. A method that calls :meth:`Context.epoch_done` after every
 epoch, and starts from :meth:`Context.resume_point`, loses at most one epoch to an interruption;
 one that does not is trained again from its start.
+
+A method registers itself with :func:`register_method` in its own file, beside its options (a
+:class:`~landscape.config.MethodOptions` dataclass, which becomes ``landscape train``'s flags); adding
+a method is adding that file and its import in ``landscape/train/__init__.py``.
 """
 from __future__ import annotations
 
 import copy
 import io
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,26 @@ from ..dist import Group
 from ..data import Data, augment_batch
 from ..params import Layout
 from ..store import TrajectoryWriter
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered training method: ``run(ctx)``, the progress ticks it makes for a configuration,
+    and whether it uses every torchrun process (the others run on rank 0 alone)."""
+    run: Callable
+    ticks: Callable
+    distributed: bool = False
+
+
+METHODS: dict = {}  # name -> Method, in the order of registration
+
+
+def register_method(name: str, ticks: Callable = lambda config: config.epochs, distributed: bool = False):
+    """Decorator adding a training method ``fn(ctx: Context)`` under ``name``."""
+    def deco(fn):
+        METHODS[name] = Method(fn, ticks, distributed)
+        return fn
+    return deco
 
 
 def swa_schedule(epoch: int, budget: int, ratio: float) -> float:

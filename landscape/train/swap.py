@@ -26,18 +26,34 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..bn import batch_slices
+from ..config import MethodOptions, option
 from ..data import augment_batch
 from ..dist import Group
 from ..errors import ConfigError
-from .loop import Context, evaluate, set_lr, train_epoch
+from .loop import Context, evaluate, register_method, set_lr, train_epoch
 
 WORKER_OFFSET = 10_000  # data order of worker i: ctx.generator(WORKER_OFFSET + i)
 METRIC_KEYS = ("train_loss", "train_err", "test_loss", "test_err")
+
+
+@dataclass(frozen=True)
+class SWAPOptions(MethodOptions, prefix="swap",
+                  title="swap (Gupta et al. 2020): budget at most phase-1 cap + workers x phase-2 epochs"):
+    # defaults: at most 50 + 4 x 25 = 150 epochs of gradients (sgd's budget), in at most 50 + 25
+    # epochs of time when the workers run in parallel
+    workers: int = option(4, "W workers; phase 1 uses batches of W x --batch-size", at_least=2)
+    phase1_lr: float = option(0.3, "phase-1 (large-batch) learning rate, constant", above=0)
+    threshold: float = option(99.0, "training accuracy (%) that ends phase 1", above=0, at_most=100)
+    phase1_epochs: int = option(50, "phase-1 epoch cap (a warning if the threshold is not reached)", at_least=1)
+    phase2_lr: float = option(0.12, "phase-2 learning rate of every worker, decayed linearly toward 0 "
+                                    "(epoch e of E at lr (1 - e/E), the last at lr/E)", above=0)
+    phase2_epochs: int = option(25, "phase-2 epochs of every worker", at_least=1)
 
 
 class SwapThresholdWarning(UserWarning):
@@ -112,21 +128,21 @@ def _row(ctx: Context, model, epoch: float, step: int) -> tuple:
 def train_worker(ctx: Context, start, i: int, step0: int, epoch0: float) -> tuple:
     """Phase 2 of worker ``i`` from the model ``start``; returns (rows of params++buffers (T, P+B),
     rows of epoch/step/metrics (T, 6), final model). Row 0 is ``start`` itself."""
-    cfg = ctx.config
+    cfg, swap = ctx.config, ctx.config.options_of(SWAPOptions)
     per_epoch = ctx.steps_per_epoch()
     with torch.random.fork_rng(devices=[]):  # a worker's own seed for any randomness in the model
         torch.manual_seed(worker_seed(cfg, i))
         model = copy.deepcopy(start)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.swap_phase2_lr, momentum=cfg.momentum,
+        opt = torch.optim.SGD(model.parameters(), lr=swap.phase2_lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
         gen = ctx.generator(WORKER_OFFSET + i)
         vecs, metas = [], []
         v, m = _row(ctx, model, epoch0, step0)
         vecs.append(v)
         metas.append(m)
-        E = cfg.swap_phase2_epochs
+        E = swap.phase2_epochs
         for e in range(E):
-            set_lr(opt, cfg.swap_phase2_lr * (1.0 - e / E))  # linear to 0 (the last epoch at lr / E)
+            set_lr(opt, swap.phase2_lr * (1.0 - e / E))  # linear to 0 (the last epoch at lr / E)
             train_epoch(model, opt, ctx.data, cfg.batch_size, gen)
             v, m = _row(ctx, model, epoch0 + e + 1, step0 + (e + 1) * per_epoch)
             vecs.append(v)
@@ -135,11 +151,17 @@ def train_worker(ctx: Context, start, i: int, step0: int, epoch0: float) -> tupl
     return torch.stack(vecs), torch.stack(metas), model
 
 
+def _ticks(config) -> int:
+    swap = config.options_of(SWAPOptions)
+    return swap.phase1_epochs + swap.workers * swap.phase2_epochs
+
+
+@register_method("swap", ticks=_ticks, distributed=True)
 def run_swap(ctx: Context) -> None:
-    cfg = ctx.config
+    cfg, swap = ctx.config, ctx.config.options_of(SWAPOptions)
     group = ctx.group
     rank, world_size = group.rank, group.world
-    W = cfg.swap_workers
+    W = swap.workers
     if W % world_size:
         raise ConfigError(f"swap_workers ({W}) must be a multiple of the number of processes ({world_size})")
     writer = rank == 0
@@ -147,7 +169,7 @@ def run_swap(ctx: Context) -> None:
 
     # -- phase 1: synchronous large-batch training until the training accuracy reaches the threshold
     model = ctx.fresh_model()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.swap_phase1_lr, momentum=cfg.momentum,
+    opt = torch.optim.SGD(model.parameters(), lr=swap.phase1_lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     gen = ctx.generator(0)
     big = W * cfg.batch_size
@@ -161,14 +183,14 @@ def run_swap(ctx: Context) -> None:
         ctx.resume_point("swap/phase1", **state)
     if writer and phase1["epochs"] == 0:
         ctx.record("swap/phase1", model, 0.0, 0)
-    while not phase1["reached"] and phase1["epochs"] < cfg.swap_phase1_epochs:
+    while not phase1["reached"] and phase1["epochs"] < swap.phase1_epochs:
         phase1_epoch(model, opt, ctx.data, W, cfg.batch_size, gen, group)
         phase1["epochs"] += 1
         flag = torch.zeros(2, dtype=torch.float64)
         if writer:
             m = ctx.record("swap/phase1", model, float(phase1["epochs"]), phase1["epochs"] * per_big)
             flag[0] = 100.0 - m["train_err"]
-            flag[1] = float(flag[0] >= cfg.swap_threshold)
+            flag[1] = float(flag[0] >= swap.threshold)
         ctx.tick()
         flag = group.tensor(flag).cpu()  # every rank stops with rank 0
         phase1.update(acc=float(flag[0]), reached=bool(flag[1]))
@@ -177,13 +199,13 @@ def run_swap(ctx: Context) -> None:
     epochs1, acc, reached = phase1["epochs"], phase1["acc"], phase1["reached"]
     if writer:
         if ctx.progress is not None:  # the epochs phase 1 did not need
-            ctx.progress.update(cfg.swap_phase1_epochs - epochs1)
-        ctx.writer.set_attrs("swap/phase1", threshold=cfg.swap_threshold, threshold_reached=reached,
-                             train_accuracy=acc, epochs=epochs1, epoch_cap=cfg.swap_phase1_epochs,
-                             batch_size=big, lr=cfg.swap_phase1_lr, workers=W, processes=world_size)
+            ctx.progress.update(swap.phase1_epochs - epochs1)
+        ctx.writer.set_attrs("swap/phase1", threshold=swap.threshold, threshold_reached=reached,
+                             train_accuracy=acc, epochs=epochs1, epoch_cap=swap.phase1_epochs,
+                             batch_size=big, lr=swap.phase1_lr, workers=W, processes=world_size)
     if not reached and writer:
         message = (f"SWAP phase 1 reached only {acc:.1f}% training accuracy in {epochs1} epochs "
-                   f"(threshold {cfg.swap_threshold:g}%); phase 2 starts from there. Raise swap_phase1_epochs "
+                   f"(threshold {swap.threshold:g}%); phase 2 starts from there. Raise swap_phase1_epochs "
                    f"or swap_phase1_lr, or lower swap_threshold")
         warnings.warn(message, SwapThresholdWarning, stacklevel=2)  # the CLI prints it as one line
         ctx.writer.set_attrs("swap/phase1", warning=message)
@@ -197,7 +219,7 @@ def run_swap(ctx: Context) -> None:
     # -- phase 2: every worker on its own; rank r trains workers r, r + R, ...
     step0 = epochs1 * per_big
     total = torch.zeros(ctx.layout.num_params, dtype=torch.float64, device=device)
-    done = ctx.resume_point("swap/phase2", ticks_per_epoch=cfg.swap_phase2_epochs) if resumable else 0
+    done = ctx.resume_point("swap/phase2", ticks_per_epoch=swap.phase2_epochs) if resumable else 0
     for i in range(done):  # workers an interrupted run finished: their final weights are in the file
         total += torch.as_tensor(ctx.writer.last_params(f"swap/worker{i}"), device=device).double()
     for first in range(done, W, world_size):
@@ -211,10 +233,10 @@ def run_swap(ctx: Context) -> None:
                 for v, m in zip(gathered_v[r], gathered_m[r]):
                     _append(ctx, run, v, m)
                 ctx.writer.set_attrs(run, worker=first + r, seed=worker_seed(cfg, first + r),
-                                     lr=cfg.swap_phase2_lr, schedule="linear toward 0, last epoch at lr/E", epochs=cfg.swap_phase2_epochs,
+                                     lr=swap.phase2_lr, schedule="linear toward 0, last epoch at lr/E", epochs=swap.phase2_epochs,
                                      batch_size=cfg.batch_size)
                 if r != 0 and ctx.progress is not None:
-                    ctx.progress.update(cfg.swap_phase2_epochs)
+                    ctx.progress.update(swap.phase2_epochs)
         if resumable:
             ctx.epoch_done("swap/phase2", first + 1)  # "epochs" of phase 2: finished workers
 
@@ -223,8 +245,8 @@ def run_swap(ctx: Context) -> None:
     average = copy.deepcopy(model)
     ctx.layout.vector_to_params((total / W).float(), average)
     if writer:
-        ctx.record("swap/average", average, float(epochs1 + cfg.swap_phase2_epochs),
-                   step0 + cfg.swap_phase2_epochs * ctx.steps_per_epoch(), recompute=True, n_averaged=W)
+        ctx.record("swap/average", average, float(epochs1 + swap.phase2_epochs),
+                   step0 + swap.phase2_epochs * ctx.steps_per_epoch(), recompute=True, n_averaged=W)
         ctx.writer.set_attrs("swap/average", workers=W, processes=world_size,
                              bn="recomputed on the training set, every sample weighted equally")
 

@@ -1,0 +1,169 @@
+"""Methods side by side: each in its own process, on one torch thread, into its own file.
+
+Training a small model is bound by per-operation overhead, not arithmetic, so a second thread barely
+helps one method, while a second process trains a second method at full speed. And on a CPU the
+thread count changes the floating-point order of reductions, so the same seed gave different numbers
+on machines with different core counts; with a fixed thread count per method (``threads``, 1 by
+default) it gives the same file everywhere, whether the methods run one after another or apart.
+
+:func:`train_apart` starts at most ``processes`` children (``spawn``: no forked torch state), each
+running :func:`landscape.train.train` on one method into ``NAME.parts/<method>.h5``, with the usual
+resume there. As the methods finish, in the configuration's order, their runs are copied into the
+main file (:meth:`~landscape.store.TrajectoryWriter.adopt`) as finished parts and their files removed.
+Interrupted, every child keeps its own partial file; the same call again continues each of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import queue as queues
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from .. import errors
+from ..store import open_trajectory
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch threads (None: as they are), then restore the count."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def parts_folder(path) -> Path:
+    """Where the methods trained apart keep their files until they join ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".parts")
+
+
+def train_apart(config, methods: list, writer, bar, processes: int, overwrite: bool) -> None:
+    """Train ``methods`` (of ``config``) in at most ``processes`` child processes and adopt their runs
+    into ``writer`` in the configuration's order. Raises what a child raised (as the same landscape
+    error), and KeyboardInterrupt with ``under_way``, the methods whose children kept work, when interrupted."""
+    folder = parts_folder(writer.path)
+    folder.mkdir(exist_ok=True)
+    spawn = multiprocessing.get_context("spawn")
+    messages = spawn.Queue()
+    waiting, running, trained, adopted = list(methods), {}, set(), 0
+    try:
+        while adopted < len(methods):
+            while waiting and len(running) < processes:
+                method = waiting.pop(0)
+                if trained_with(folder / f"{method}.h5", config.replace(methods=(method,))):
+                    trained.add(method)  # finished before an interruption, not yet adopted
+                    continue
+                bar.set_description(f"train {', '.join(list(running) + [method])}")
+                # a child resumes its own partial file of this configuration; with ``overwrite`` it
+                # replaces one of another configuration
+                child = spawn.Process(target=_child, args=(config.replace(methods=(method,)), str(folder / f"{method}.h5"),
+                                                           overwrite, messages, os.getpid()))
+                child.start()
+                running[method] = child
+            failure = _relay(messages, bar)
+            if failure is not None:
+                raise failure
+            for method, child in list(running.items()):
+                if child.exitcode is not None:
+                    del running[method]
+                    if child.exitcode != 0:
+                        raise _relay(messages, bar, wait=True) or RuntimeError(
+                            f"training {method} in its own process failed (exit code {child.exitcode})")
+                    trained.add(method)
+            while adopted < len(methods) and methods[adopted] in trained:
+                path = folder / f"{methods[adopted]}.h5"
+                writer.adopt(path, methods[adopted])
+                path.unlink()
+                adopted += 1
+        shutil.rmtree(folder)
+    except BaseException as e:
+        _stop(running)
+        if isinstance(e, (KeyboardInterrupt, errors.WriteError)):
+            e.under_way = [m for m in methods[adopted:] if (folder / f"{m}.h5").exists()
+                           or (folder / f"{m}.h5.partial").exists()]
+        raise
+
+
+def trained_with(path, config) -> bool:
+    """Whether ``path`` is a complete trajectory file trained with ``config`` (on any device)."""
+    if not Path(path).exists():
+        return False
+    try:
+        recorded = open_trajectory(path).config
+    except errors.LandscapeError:
+        return False
+    mine = json.loads(json.dumps(config.to_dict()))
+    return all(recorded.get(k) == v for k, v in mine.items() if k != "device")
+
+
+def _relay(messages, bar, wait: bool = False):
+    """Pass the children's progress to ``bar``; return the error a child reported, if any."""
+    while True:
+        try:
+            kind, *what = messages.get(timeout=1.0 if wait else 0.2)
+        except queues.Empty:
+            return None
+        if kind == "tick":
+            bar.update(what[0])
+        elif kind == "error":
+            method, name, message = what
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, errors.LandscapeError):
+                return cls(message)
+            return RuntimeError(f"training {method} in its own process failed: {name}: {message}")
+
+
+def _stop(running: dict) -> None:
+    """Interrupt the children still running (each keeps its epochs done) and wait for them."""
+    for child in running.values():
+        if child.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGINT)
+    for child in running.values():
+        child.join()
+
+
+class _ChildProgress:
+    """A child's progress bar: ticks go to the parent; a child whose parent died stops (keeping its
+    work) at its next tick."""
+
+    def __init__(self, messages, parent: int):
+        self.messages, self.parent = messages, parent
+
+    def update(self, n=1):
+        if os.getppid() != self.parent:
+            raise KeyboardInterrupt("the parent process is gone")
+        if n:
+            self.messages.put(("tick", n))
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def set_description(self, *args, **kwargs):
+        pass
+
+
+def _child(config, path: str, overwrite: bool, messages, parent: int) -> None:
+    from . import train
+
+    def once(*_):  # Ctrl-C reaches the whole process group and the parent passes it on: act on the first
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, once)
+    try:
+        train(config, path, overwrite=overwrite, processes=1, progress=_ChildProgress(messages, parent))
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    except BaseException as e:  # reported to the parent, which raises it as its own
+        messages.put(("error", config.methods[0], type(e).__name__, str(e)))
+        raise SystemExit(1)
