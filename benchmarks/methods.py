@@ -6,7 +6,7 @@ wall time is that method's alone: SGD and SWA are trained separately even though
 can record both in one file. Run it on a quiet machine; timings under contention mean little.
 
     .venv/bin/python benchmarks/methods.py                  # the README table (about 2 minutes on 2 cores)
-    .venv/bin/python benchmarks/methods.py --threads 1      # torch intra-op threads (default: torch's own)
+    .venv/bin/python benchmarks/methods.py --threads 2      # torch threads per method (default 1, as train's)
     .venv/bin/python benchmarks/methods.py --quick          # a few epochs, to check that it runs
     .venv/bin/python benchmarks/methods.py --json out.json  # also write the numbers
 """
@@ -71,14 +71,13 @@ def details(t, method: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(ROWS), help="comma-separated methods")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each method (TrainConfig.threads)")
     p.add_argument("--quick", action="store_true", help="a few epochs only, to check that the script runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = TrainConfig(seed=args.seed, device="cpu")
+    torch.set_num_threads(args.threads)  # what machine() reports; training sets it from the config
+    base = TrainConfig(seed=args.seed, device="cpu", threads=args.threads)
     if args.quick:
         base = base.replace(epochs=4, swa_start=3, swap_phase1_epochs=2, swap_phase2_epochs=1)
     results = []

@@ -52,6 +52,7 @@ from .store import PathData, PointData, Trajectory, open_trajectory
 
 # a direction shorter than this fraction of the weights' norm counts as zero (duplicate checkpoints)
 DEGENERATE = 1e-6
+PCA_MEMORY = 256 * 2 ** 20  # bytes: a run whose PCA needs more is streamed, a few rows at a time
 # random rays are held in memory (and stored) as R x P float32 directions: at most 4 GiB of them
 MAX_RAY_VALUES = 2 ** 30
 
@@ -310,6 +311,83 @@ def _last_checkpoints(traj: Trajectory) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
+# principal components of a run
+
+class RunPCA:
+    """The top principal components of a run's checkpoints w_i, taken relative to the last one (d_i =
+    w_i - w_T, centered), from ``chunks(size)``: the rows in order, ``size`` at a time, any number of
+    passes. :meth:`in_memory` eigendecomposes the (T, T) Gram matrix of all rows at once;
+    :meth:`streamed` runs subspace iteration on the implicit covariance, one pass over the rows per
+    iteration, holding only (P, k) matrices and one chunk: memory independent of T."""
+
+    def __init__(self, chunks, n: int, where: str = "", run: str = "run", chunk_bytes: int = 64 * 2 ** 20):
+        self.chunks, self.n, self.where, self.run = chunks, n, where, run
+        self.P = next(iter(chunks(1))).shape[1]
+        self.chunk_rows = max(1, chunk_bytes // (8 * self.P))
+        for rows in chunks(self.chunk_rows):  # the reference row, w_T
+            self.last = rows[-1]
+        self._moments()
+
+    def _moments(self) -> None:
+        """One pass: the sum of the d_i, the sum of their squared norms, and finite rows only."""
+        total, squares, bad = torch.zeros(self.P, dtype=torch.float64), 0.0, []
+        for start, rows in self._passes():
+            bad += [start + i for i in (~torch.isfinite(rows)).any(1).nonzero().flatten().tolist()]
+            d = rows - self.last
+            total += d.sum(0)
+            squares += float((d * d).sum())
+        if bad:  # one NaN row would make every component NaN
+            raise CheckpointError(f"checkpoints {', '.join(f'{self.run}:{i}' for i in bad[:3])}"
+                                  f"{' ...' if len(bad) > 3 else ''}{self.where} have non-finite weights "
+                                  f"(training diverged there); PCA of run {self.run!r} needs finite checkpoints")
+        self.sum_d = total
+        self.total_variance = squares - float(total @ total) / self.n
+
+    def _passes(self):
+        start = 0
+        for rows in self.chunks(self.chunk_rows):
+            yield start, rows
+            start += len(rows)
+
+    def fits(self, budget: int) -> bool:
+        return 8 * self.n * (self.P + self.n) <= budget
+
+    def in_memory(self, k: int = 2) -> tuple:
+        """(eigenvalues (k,), components (P, k), total variance), all rows at once."""
+        m = torch.cat([rows for _, rows in self._passes()]) - self.last
+        m = m - m.mean(0)
+        evals, evecs = torch.linalg.eigh(m @ m.T)  # (T, T): no (P, P) matrix
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        return evals[:k], (m.T @ evecs[:, :k]) / evals[:k].sqrt().clamp_min(1e-300), self.total_variance
+
+    def streamed(self, k: int = 2, block: int = 6, tol: float = 1e-13, max_passes: int = 1000, seed: int = 0) -> tuple:
+        """The same by subspace iteration on C = sum_i (d_i - mean)(d_i - mean)^T with ``block``
+        vectors (the extra ones speed up convergence), to ``tol`` on the top-``k`` subspace."""
+        block = min(block, self.n - 1)
+        z = torch.linalg.qr(torch.randn(self.P, block, generator=torch.Generator().manual_seed(seed),
+                                        dtype=torch.float64))[0]
+        for _ in range(max_passes):
+            cz = self._covariance_times(z)
+            z_new = torch.linalg.qr(cz)[0]
+            overlap = torch.linalg.svdvals(z[:, :k].T @ z_new[:, :k])
+            z = z_new
+            if float(overlap.min()) > 1 - tol:
+                break
+        ritz, rotation = torch.linalg.eigh(z.T @ self._covariance_times(z))  # Rayleigh-Ritz
+        ritz, rotation = ritz.flip(0).clamp_min(0), rotation.flip(1)
+        return ritz[:k], z @ rotation[:, :k], self.total_variance
+
+    def _covariance_times(self, z: torch.Tensor) -> torch.Tensor:
+        """C z in one pass: D^T (D z) minus the centering term (sum_i d_i)(mean_i d_i z)^T."""
+        out, y_sum = torch.zeros_like(z), torch.zeros(z.shape[1], dtype=torch.float64)
+        for _, rows in self._passes():
+            y = (rows - self.last) @ z
+            out += (rows - self.last).T @ y
+            y_sum += y.sum(0)
+        return out - torch.outer(self.sum_d, y_sum / self.n)
+
+
+# ----------------------------------------------------------------------------------------------
 # planes
 
 @dataclass(frozen=True, eq=False)
@@ -451,41 +529,36 @@ class Plane:
         ``Plane.pca([state0, state1, ...], model=net)`` over live states (``name`` labels the run)."""
         if isinstance(source, Trajectory):
             src, n = Checkpoints(source, None), source.num_checkpoints(run)
-            rows = lambda: torch.from_numpy(source.params(run)).double()  # noqa: E731
+
+            def chunks(size):  # the run's rows, ``size`` at a time, read afresh on every pass
+                for start in range(0, n, size):
+                    yield torch.from_numpy(source.params(run, slice(start, min(n, start + size)))).double()
             co = load_checkpoint(source, origin or f"{run}:{n - 1}") if n >= 3 else None
         else:
             states = list(source)
             run, n = name, len(states)
             src, _, _ = checkpoints_of(tuple(states[:1]), 1, model=model)
             loaded = [src.load(s, f"{name}:{i}") for i, s in enumerate(states)]
-            rows = lambda: torch.stack([c.params for c in loaded])  # noqa: E731
+
+            def chunks(size):
+                for start in range(0, n, size):
+                    yield torch.stack([c.params for c in loaded[start:start + size]]).double()
             co = (src.load(origin, "origin") if origin is not None else loaded[-1]) if n >= 3 else None
         if n < 3:
             raise GeometryError(f"PCA of run {run!r} needs at least 3 checkpoints, it has {n}")
-        w = rows()
-        bad = (~torch.isfinite(w)).any(1).nonzero().flatten().tolist()
-        if bad:  # one NaN row would make every component NaN
-            where = f" of {source.path}" if isinstance(source, Trajectory) else ""
-            raise CheckpointError(f"checkpoints {', '.join(f'{run}:{i}' for i in bad[:3])}"
-                                  f"{' ...' if len(bad) > 3 else ''}{where} have non-finite weights "
-                                  f"(training diverged there); PCA of run {run!r} needs finite checkpoints")
-        m = w - w[-1]
-        m = m - m.mean(0)
-        gram = m @ m.T  # (T, T): no (P, P) matrix
-        evals, evecs = torch.linalg.eigh(gram)
-        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        pca = RunPCA(chunks, n, where=f" of {source.path}" if isinstance(source, Trajectory) else "", run=run)
+        evals, comps, total = pca.in_memory() if pca.fits(PCA_MEMORY) else pca.streamed()
         if evals[1] <= DEGENERATE * evals[0]:
             raise GeometryError(f"the checkpoints of run {run!r} lie on a line; PCA has no second direction")
-        comps = (m.T @ evecs[:, :2]) / evals[:2].sqrt()
         u, v, _ = _orthonormalize(comps[:, 0], comps[:, 1], ("PC1", "PC2"))
-        first = w[0] - co.params
+        first = next(iter(chunks(1)))[0] - co.params
         u = -u if first @ u > 0 else u
         v = -v if first @ v > 0 else v
         basis = torch.stack([u, v])
-        path, _ = _project_rows(w, co.params, basis)
+        path = torch.cat([_project_rows(rows, co.params, basis)[0] for rows in chunks(pca.chunk_rows)])
         spec = {"method": "pca", "origin": co.name, "run": run}
         derived = {"points": {co.name: [0.0, 0.0]},
-                   "explained_variance_ratio": (evals[:2] / evals.sum()).tolist()}
+                   "explained_variance_ratio": (evals[:2] / total).tolist()}
         return _sourced(cls(co.params.float(), u.float(), v.float(), co.buffers.float(), spec=spec, derived=derived,
                             extent=((float(path[:, 0].min()), float(path[:, 0].max())),
                                     (float(path[:, 1].min()), float(path[:, 1].max())))), [co], src)

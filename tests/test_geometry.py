@@ -204,3 +204,33 @@ def test_grid_and_bad_input(traj, crafted, tmp_path):
     not_traj.write_bytes(b"not hdf5")
     with pytest.raises(FileFormatError, match="not an HDF5 file"):
         open_trajectory(not_traj)
+
+
+def test_streamed_pca_equals_the_in_memory_pca(traj):
+    """Subspace iteration over chunks of rows (memory independent of the number of checkpoints) gives
+    the components, variances and plane of the Gram-matrix PCA."""
+    import landscape.geometry as geometry
+    from landscape.geometry import RunPCA
+    n = traj.num_checkpoints("sgd")
+
+    def chunks(size):
+        for start in range(0, n, size):
+            yield torch.from_numpy(traj.params("sgd", slice(start, min(n, start + size)))).double()
+    pca = RunPCA(chunks, n, chunk_bytes=3 * 8 * traj.layout.num_params)  # 3 rows a chunk
+    assert pca.chunk_rows == 3 and not pca.fits(8 * n)
+    (e1, c1, t1), (e2, c2, t2) = pca.in_memory(), pca.streamed()
+    np.testing.assert_allclose(e2.numpy(), e1.numpy(), rtol=1e-9)
+    assert t1 == t2
+    np.testing.assert_allclose(np.abs((c1 * c2).sum(0).numpy()), 1.0, atol=1e-9)  # the same unit directions
+    whole = Plane.pca(traj, "sgd")
+    old = geometry.PCA_MEMORY
+    try:
+        geometry.PCA_MEMORY = 0  # every run streamed
+        streamed = Plane.pca(traj, "sgd")
+    finally:
+        geometry.PCA_MEMORY = old
+    np.testing.assert_allclose(streamed.u.numpy(), whole.u.numpy(), atol=1e-6)
+    np.testing.assert_allclose(streamed.v.numpy(), whole.v.numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.array(streamed.extent), np.array(whole.extent), rtol=1e-6, atol=1e-9)
+    assert streamed.derived["explained_variance_ratio"] == pytest.approx(whole.derived["explained_variance_ratio"],
+                                                                         rel=1e-9)

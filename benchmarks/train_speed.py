@@ -1,0 +1,99 @@
+"""The demo's training, three ways side by side in one run, on this machine:
+
+- ``in turn, 2 threads``: every method after the other in one process with two torch threads (how
+  ``landscape train`` ran before methods got a fixed thread count);
+- ``in turn, 1 thread``: the same on one thread (``landscape train`` today, ``--processes 1``);
+- ``apart``: one thread per method, N methods at once in their own processes (``--processes N``, the
+  demo's way, N = the machine's cores).
+
+It prints wall times, the speed-up of ``apart`` over both, and whether ``apart`` wrote the same weights
+and metrics as ``in turn, 1 thread`` (it must) and as ``in turn, 2 threads`` (it need not).
+
+    .venv/bin/python benchmarks/train_speed.py                 # 30 epochs of every method (minutes)
+    .venv/bin/python benchmarks/train_speed.py --epochs 6      # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+from landscape.demo import DemoConfig  # noqa: E402
+from landscape.train import train  # noqa: E402
+
+
+def config(epochs: int):
+    """The demo's methods and recipe over ``epochs`` epochs (SWA and SWAP's phases scaled alike)."""
+    return DemoConfig().train.replace(epochs=epochs, swa_start=max(1, round(epochs * 2 / 3)), device="cpu",
+                                      swap_phase1_epochs=max(1, epochs // 3), swap_phase2_epochs=max(1, epochs // 6))
+
+
+def contents(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f["runs"].visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def same(a, b) -> bool:
+    a, b = contents(a), contents(b)
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, commit {commit or '?'}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    base = config(args.epochs)
+    ways = [("in turn, 2 threads", base.replace(threads=2), 1), ("in turn, 1 thread", base, 1),
+            (f"apart, {args.processes} processes x 1 thread", base, args.processes)]
+    results, paths = [], []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SWAP's threshold warning at few epochs
+        train(base.replace(methods=("sgd",), epochs=1), Path(tmp) / "warmup.h5", quiet=True)  # imports, dataset cache
+        for i, (label, cfg, processes) in enumerate(ways):
+            start = time.perf_counter()
+            paths.append(train(cfg, Path(tmp) / f"{i}.h5", quiet=True, processes=processes)["path"])
+            results.append({"way": label, "seconds": time.perf_counter() - start})
+            print(f"{label}: {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+        identical = {"apart = in turn, 1 thread": same(paths[2], paths[1]),
+                     "apart = in turn, 2 threads": same(paths[2], paths[0])}
+    print(f"The demo's training ({', '.join(base.methods)}), {args.epochs} epochs; {machine()}\n")
+    print("| way | wall time | apart is faster by |")
+    print("|---|---|---|")
+    for r in results:
+        print(f"| {r['way']} | {r['seconds']:.1f} s | {r['seconds'] / results[-1]['seconds']:.2f}x |")
+    print("\n" + "; ".join(f"{k}: {'identical' if v else 'different'}" for k, v in identical.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "epochs": args.epochs, "results": results,
+                                               "identical": identical}, indent=2))
+    return 0 if identical["apart = in turn, 1 thread"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
