@@ -10,7 +10,8 @@ from landscape.config import TrainConfig
 from landscape.data import DataSpec
 from landscape.models import ModelSpec
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per pytest worker when the suite runs on every core (pytest -n auto), else at most two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 # small and fast, but with BatchNorm so that every code path is exercised
 TINY = TrainConfig(model=ModelSpec("cnn1d-bn", {"channels": 8}),
