@@ -316,6 +316,10 @@ def test_info_json(tiny_run):
     r = run_cli("info", tiny_run, "--json")
     info = json.loads(r.stdout)
     assert info["runs"]["swa/average"]["checkpoints"] == 4
+    # what each run takes in the file: at least its float32 weights, all of them at most the file
+    sizes = {r: v["bytes"] for r, v in info["runs"].items()}
+    assert all(sizes[r] >= info["runs"][r]["checkpoints"] * info["num_params"] * 4 for r in sizes)
+    assert sum(sizes.values()) <= info["bytes"]
     r = run_cli("info", tiny_run.parent / "nope.h5")
     assert r.returncode == 2 and "does not exist" in r.stderr
 

@@ -21,13 +21,21 @@ def run(args) -> int:
         print_json(info)
         return 0
     print(f"{info['path']}: trajectory v{info['version']}, {info['num_params']:,} parameters, "
-          f"{info['num_buffers']:,} buffer values")
-    print(f"{'run':<18}{'ckpts':>6}{'epochs':>14}{'train loss':>12}{'train err':>11}{'test loss':>11}{'test err':>10}")
+          f"{info['num_buffers']:,} buffer values, {_size(info['bytes'])}")
+    print(f"{'run':<20}{'ckpts':>6}{'size':>10}{'epochs':>14}{'train loss':>12}{'train err':>11}{'test loss':>11}"
+          f"{'test err':>10}")
     for name, r in info["runs"].items():
         f = r["final"]
         ep = f"{r['epochs'][0]:g}-{r['epochs'][1]:g}" if r["epochs"] else "-"
         cell = lambda k, fmt: format(f[k], fmt) if k in f else "-"  # noqa: E731
-        print(f"{name:<18}{r['checkpoints']:>6}{ep:>14}{cell('train_loss', '.4f'):>12}"
+        print(f"{name:<20}{r['checkpoints']:>6}{_size(r['bytes']):>10}{ep:>14}{cell('train_loss', '.4f'):>12}"
               f"{cell('train_err', '.2f') + '%':>11}{cell('test_loss', '.4f'):>11}{cell('test_err', '.2f') + '%':>10}")
     print("config:", json.dumps(info["config"], sort_keys=True))
     return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000

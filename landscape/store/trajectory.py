@@ -461,6 +461,14 @@ class Trajectory:
         :mod:`landscape.rebuild`'s: the store only reads.)"""
         check_recorded_config(self.config, file=self.path, trust=self.trust)
 
+    def stored_bytes(self, run: str) -> int:
+        """Bytes ``run``'s datasets take in the file (weights, buffers and metrics, as stored)."""
+        with open_read(self.path, FORMAT) as f:
+            sizes = []
+            f[f"runs/{run}"].visititems(lambda _, obj: sizes.append(obj.id.get_storage_size())
+                                        if isinstance(obj, h5py.Dataset) else None)
+            return sum(sizes)
+
     def info(self) -> dict:
         """Everything ``landscape info`` shows, as plain data."""
         runs = {}
@@ -468,8 +476,8 @@ class Trajectory:
             d = self.run(r)
             last = {k: float(v[-1]) for k, v in d.metrics.items() if v.ndim == 1 and len(v)}
             runs[r] = {"checkpoints": len(d), "epochs": [float(d.epoch[0]), float(d.epoch[-1])] if len(d) else [],
-                       "final": last}
-        return {"path": str(self.path), "format": FORMAT, "version": self.version,
+                       "bytes": self.stored_bytes(r), "final": last}
+        return {"path": str(self.path), "format": FORMAT, "version": self.version, "bytes": self.path.stat().st_size,
                 "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
                 "runs": runs, "config": self.config}
 
