@@ -185,6 +185,20 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+def sync_folder(folder) -> None:
+    """fsync a folder, so that a rename inside it is on the disk (where the system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync folders
+        pass
+    finally:
+        os.close(fd)
+
+
 def to_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=_json_default)
 
@@ -355,13 +369,14 @@ class PartialH5:
                     self.h5 = h5py.File(self.raw, "r+")
 
     def finish(self) -> Path:
-        """Save, close and move ``NAME.partial`` to ``NAME``."""
+        """Save, close and move ``NAME.partial`` to ``NAME`` (the folder synced after the rename)."""
         with interrupts_deferred():
             self.h5.close()
             try:
                 self.raw.commit()
                 self.raw.close()
                 os.replace(self.tmp, self.final)
+                sync_folder(self.final.parent)  # the rename itself survives a power cut
             except OSError as e:
                 self.raw.close()
                 raise write_failed(e, self.final) from None
