@@ -91,12 +91,8 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
             try:
                 if apart:
                     train_apart(config, methods, writer, bar, processes, overwrite)
-                for method in [] if apart else methods:
-                    bar.set_description(f"train {method}")
-                    seed_everything(config.seed)  # each method alone decides its randomness: resumable
-                    METHODS[method].run(ctx)
-                    if writing:
-                        writer.finish_part(method)
+                else:
+                    _train_in_turn(ctx, methods, writing)
             except (KeyboardInterrupt, WriteError) as e:
                 if not writing:
                     raise
@@ -112,6 +108,16 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
     if not writing:
         return {"rank": rank}
     return {"path": str(Path(path)), "seconds": time.perf_counter() - start, "final": finals}
+
+
+def _train_in_turn(ctx: Context, methods: list, writing: bool) -> None:
+    for method in methods:
+        if ctx.progress is not None:
+            ctx.progress.set_description(f"train {method}")
+        seed_everything(ctx.config.seed)  # each method alone decides its randomness: resumable
+        METHODS[method].run(ctx)
+        if writing:
+            ctx.writer.finish_part(method)
 
 
 def _progress_bar(progress, total: int, disable: bool):
