@@ -133,10 +133,12 @@ def _replay(t, cfg, prefix, interrupt_after=None):
 
 @pytest.mark.parametrize("prefix", PREFIXES)
 def test_run_interrupted_and_resumed_from_state_dict_equals_the_recorded_run(la_run, prefix):
+    from landscape.train.processes import torch_threads
     cfg, t = la_run
-    final_params, final_slow = _replay(t, cfg, prefix, interrupt_after=1)  # step 20: mid-cycle
+    with torch_threads(cfg.threads):  # the thread count training used: float sums in the same order
+        final_params, final_slow = _replay(t, cfg, prefix, interrupt_after=1)  # step 20: mid-cycle
+        straight_params, straight_slow = _replay(t, cfg, prefix)
     recorded_last = t.params(f"{prefix}/slow", -1)  # 40 steps, k = 3: the last sync is at step 39
-    straight_params, straight_slow = _replay(t, cfg, prefix)
     np.testing.assert_array_equal(final_params, straight_params)  # bitwise
     np.testing.assert_array_equal(final_slow, straight_slow)
     np.testing.assert_array_equal(final_slow, recorded_last)  # and both are what the file holds

@@ -247,3 +247,34 @@ def _config_of(argv):
     p = argparse.ArgumentParser()
     train_command.add_arguments(p)
     return train_command.config_from_args(p.parse_args(argv[argv.index("train") + 1:]))
+
+
+# -- thinned recording ------------------------------------------------------------------------------
+
+def test_thinned_recording_keeps_the_contract(config, tmp_path):
+    """Every 2nd epoch kept: first and last rows, SWA's window whole (its averages stay the mean of the
+    iterates), Lookahead's fast window; names, projections and resume work as with every epoch."""
+    from landscape.geometry import Plane
+    thin = config.replace(methods=("sgd", "swa", "lookahead"), epochs=5, swa_start=3, record_every=2)
+    path = train(thin, tmp_path / "thin.h5", quiet=True)["path"]
+    t = open_trajectory(path)
+    assert t.config["recorded_every"] == 2
+    assert t.run("sgd").epoch.tolist() == [0.0, 2.0, 4.0, 5.0]
+    assert t.run("swa/iterates").epoch.tolist() == [3.0, 4.0, 5.0]
+    for i in range(3):  # the average after the i-th iterate is the mean of the first i + 1
+        np.testing.assert_allclose(t.params("swa/average", i), t.params("swa/iterates", slice(0, i + 1)).mean(0),
+                                   rtol=1e-5, atol=1e-6)
+    # k = 5, 10 steps an epoch: row 0, the last sync of epochs 2, 4 and 5, and every sync of the fast
+    # window (epoch index 2 = epochs // 2: steps 21-30), whose every inner step is in lookahead/fast
+    assert t.run("lookahead/slow").epoch.tolist() == [0.0, 2.0, 2.5, 3.0, 4.0, 5.0]
+    np.testing.assert_allclose(t.run("lookahead/fast").epoch, np.arange(21, 31) / 10)
+    plane = Plane.through(t, "sgd", "swa/average", "sgd:1")
+    points, paths = plane.project(t)
+    assert len(paths["sgd"].coords) == 4 and "sgd:1" in points
+    # thinned and resumed equals thinned and uninterrupted
+    out = tmp_path / "cut.h5"
+    with pytest.MonkeyPatch.context() as m:
+        _interrupt_at(m, "swa/iterates", 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(thin, out, quiet=True)
+    _assert_same_file(path, train(thin, out, quiet=True)["path"])

@@ -283,35 +283,42 @@ def run_lookahead_method(ctx: Context, prefix: str, inner: str) -> None:
     gen, per_epoch = ctx.generator(), ctx.steps_per_epoch()
     slow_run, fast_run = f"{prefix}/slow", f"{prefix}/fast"
     first, end = fast_window(cfg)
+    # thinned recording (large models) keeps the window's first 1/record_every of its steps
+    last_step = first * per_epoch + max(2 * opt.k, (end - first) * per_epoch // ctx.record_every)
     now = {"epoch": 0}
 
     def in_window():
-        return first <= now["epoch"] < end
+        return first <= now["epoch"] < end and opt.step_count <= last_step
 
     def on_sync(o):  # fast weights theta_k, just before the slow update
         if in_window():
             s = o.step_count
-            ctx.record(fast_run, model, s / per_epoch, s, inner_step=o.k)
+            ctx.record(fast_run, model, s / per_epoch, s, inner_step=o.k, keep=True)
 
     def on_step(_):
         s = opt.step_count
         if opt.synced:
             last_of_epoch = s + opt.k > (now["epoch"] + 1) * per_epoch
-            ctx.record(slow_run, model, s / per_epoch, s, metrics=in_window() or last_of_epoch,
+            kept = in_window() or (last_of_epoch and ctx.kept_epoch(now["epoch"] + 1))
+            ctx.record(slow_run, model, s / per_epoch, s, metrics=in_window() or last_of_epoch, keep=kept,
                        sync=opt.sync_count)
         elif in_window():
-            ctx.record(fast_run, model, s / per_epoch, s, inner_step=s % opt.k)
+            ctx.record(fast_run, model, s / per_epoch, s, inner_step=s % opt.k, keep=True)
 
     opt.register_sync_hook(on_sync)
     state = dict(model=model, opt=opt, gen=gen)
     start = ctx.resume_point(prefix, **state)
     if start == 0:
         ctx.record(slow_run, model, 0.0, 0, sync=0)
+    thinned = ctx.record_every > 1
     ctx.writer.set_attrs(slow_run, k=opt.k, alpha=opt.alpha, inner_state=opt.inner_state,
                          inner_optimizer=type(inner_opt).__name__, lr=base_lr, window=[first, end],
                          rows="row 0: initialization; then one row after every synchronization; metrics on "
                               "row 0, the last synchronization of every epoch and every synchronization in "
-                              "epochs window[0] to window[1] - 1 (NaN elsewhere)")
+                              "epochs window[0] to window[1] - 1 (NaN elsewhere)" + (
+                                  f"; thinned: outside the window only the last synchronization of every "
+                                  f"{ctx.record_every}-th epoch and of the last, inside it up to step "
+                                  f"{last_step}" if thinned else ""))
     for epoch in range(start, cfg.epochs):
         now["epoch"] = epoch
         set_lr(opt, base_lr * swa_schedule(epoch, cfg.epochs, cfg.lr_ratio))
@@ -320,7 +327,8 @@ def run_lookahead_method(ctx: Context, prefix: str, inner: str) -> None:
         ctx.epoch_done(prefix, epoch + 1, **state)
     if end > first:
         ctx.writer.set_attrs(fast_run, window=[first, end], k=opt.k,
-                             rows="fast weights after every inner step of epochs window[0] to window[1] - 1")
+                             rows="fast weights after every inner step of epochs window[0] to window[1] - 1"
+                                  + (f" up to step {last_step} (thinned)" if thinned else ""))
 
 
 @register_method("lookahead")

@@ -108,10 +108,15 @@ class Context:
     progress: tqdm = None
     last_epoch_done: tuple = None  # (key, epoch) of the last epoch_done
     group: Group = None  # the torchrun processes (SWAP's workers); one process when None
+    record_every: int = 1  # keep every N-th epoch's rows (see :meth:`record`)
 
     def __post_init__(self):
         if self.group is None:
             self.group = Group.single(self.device)
+
+    def kept_epoch(self, epoch: int) -> bool:
+        """Whether the rows of the end of ``epoch`` are kept: every ``record_every``-th and the last."""
+        return self.record_every == 1 or epoch % self.record_every == 0 or epoch >= self.config.epochs
 
     def fresh_model(self) -> nn.Module:
         """A copy of the shared initialization."""
@@ -125,10 +130,19 @@ class Context:
         return len(batch_slices(len(self.data.x_train), batch_size or self.config.batch_size))
 
     def record(self, run: str, model: nn.Module, epoch: float, step: int, recompute: bool = False,
-               metrics: bool = True, **extra) -> dict:
+               metrics: bool = True, keep: bool | None = None, **extra) -> dict:
         """Evaluate ``model`` and append it to ``run``. ``recompute`` first recomputes BatchNorm
         statistics on the training set (for averaged weights). ``metrics=False`` appends the weights
-        without evaluating them (the row's train/test metrics read NaN) and returns ``{}``."""
+        without evaluating them (the row's train/test metrics read NaN) and returns ``{}``.
+
+        Thinned recording (``record_every`` > 1) skips the row, evaluating nothing and returning
+        ``{}``, unless it is the run's first, or ``keep`` is True (a window recorded densely), or, with
+        ``keep`` None, ``epoch`` is the end of a :meth:`kept_epoch`. ``keep=False`` marks a row inside
+        an epoch, kept only when nothing is thinned."""
+        if keep is None:
+            keep = float(epoch).is_integer() and self.kept_epoch(int(epoch))
+        if not (keep or self.record_every == 1 or run not in self.writer.runs):
+            return {}
         if recompute:
             recompute_bn(model, self.data.x_train, self.config.eval_batch_size)
         if not metrics:
@@ -149,7 +163,7 @@ class Context:
         def on_step(i):
             global_step[0] += 1
             if every and global_step[0] % every == 0 and i != per_epoch:  # epoch ends record anyway
-                self.record(run, model, epoch + i / per_epoch, global_step[0])
+                self.record(run, model, epoch + i / per_epoch, global_step[0], keep=True)  # asked for
         return on_step
 
     def tick(self, n: int = 1) -> None:

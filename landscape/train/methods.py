@@ -68,9 +68,10 @@ def run_swa(ctx: Context) -> None:
         train_epoch(model, opt, ctx.data, cfg.batch_size, gen)
         if epoch + 1 >= swa.start and (epoch + 1 - swa.start) % swa.c == 0:
             step = (epoch + 1) * per_epoch
-            ctx.record("swa/iterates", model, epoch + 1.0, step)
+            # the averaging window is recorded densely: the average is the mean of the recorded iterates
+            ctx.record("swa/iterates", model, epoch + 1.0, step, keep=True)
             average.update_parameters(model)
-            ctx.record("swa/average", average.module, epoch + 1.0, step, recompute=True,
+            ctx.record("swa/average", average.module, epoch + 1.0, step, recompute=True, keep=True,
                        n_averaged=int(average.n_averaged))
         ctx.tick()
         ctx.epoch_done("swa", epoch + 1, **state)

@@ -182,13 +182,13 @@ def run_swap(ctx: Context) -> None:
     if resumable:
         ctx.resume_point("swap/phase1", **state)
     if writer and phase1["epochs"] == 0:
-        ctx.record("swap/phase1", model, 0.0, 0)
+        ctx.record("swap/phase1", model, 0.0, 0, keep=True)  # SWAP's runs are short: never thinned
     while not phase1["reached"] and phase1["epochs"] < swap.phase1_epochs:
         phase1_epoch(model, opt, ctx.data, W, cfg.batch_size, gen, group)
         phase1["epochs"] += 1
         flag = torch.zeros(2, dtype=torch.float64)
         if writer:
-            m = ctx.record("swap/phase1", model, float(phase1["epochs"]), phase1["epochs"] * per_big)
+            m = ctx.record("swap/phase1", model, float(phase1["epochs"]), phase1["epochs"] * per_big, keep=True)
             flag[0] = 100.0 - m["train_err"]
             flag[1] = float(flag[0] >= swap.threshold)
         ctx.tick()
@@ -246,7 +246,7 @@ def run_swap(ctx: Context) -> None:
     ctx.layout.vector_to_params((total / W).float(), average)
     if writer:
         ctx.record("swap/average", average, float(epochs1 + swap.phase2_epochs),
-                   step0 + swap.phase2_epochs * ctx.steps_per_epoch(), recompute=True, n_averaged=W)
+                   step0 + swap.phase2_epochs * ctx.steps_per_epoch(), recompute=True, n_averaged=W, keep=True)
         ctx.writer.set_attrs("swap/average", workers=W, processes=world_size,
                              bn="recomputed on the training set, every sample weighted equally")
 
