@@ -45,16 +45,20 @@ def same_start():
 
 
 def sgd_epoch(model, opt, data, order) -> int:
-    """One epoch of the plain loop, in the data order drawn from ``order``; returns its step count."""
+    """One epoch of the plain loop, in the data order drawn from ``order``; returns its step count. On
+    one torch thread, as `landscape train` trains: the thread count decides the order of float sums."""
     import torch.nn.functional as F
+
+    from landscape.train.processes import torch_threads
     model.train()
     steps = 0
-    for idx in torch.randperm(len(data.x_train), generator=order).split(BATCH):
-        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
+    with torch_threads(1):
+        for idx in torch.randperm(len(data.x_train), generator=order).split(BATCH):
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
     return steps
 
 
