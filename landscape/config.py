@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .data import DataSpec
 from .errors import ConfigError
 from .models import ModelSpec
+from .tasks import TASKS
+from .trust import is_import_path
 
 METHODS = ("sgd", "swa", "ema", "swap", "lookahead", "lookahead-adam", "grafting")
 LOOKAHEAD_INNER_STATE = ("none", "reset", "pullback")
@@ -22,6 +24,7 @@ class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     methods: tuple = ("sgd", "swa")   # trained from the same initialization and data order
+    task: str = "classification"      # loss and metrics (landscape.tasks): a built-in name or package.module:obj
     epochs: int = 150                 # budget of every method
     batch_size: int = 64
     lr: float = 0.1                   # initial learning rate
@@ -87,6 +90,8 @@ class TrainConfig:
                 raise ConfigError(f"unknown method {m!r}; methods: {', '.join(known_methods)}")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("a method is listed twice")
+        if self.task not in TASKS and not is_import_path(self.task):
+            raise ConfigError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)} (or package.module:obj)")
         for name in ("epochs", "batch_size", "swa_c", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

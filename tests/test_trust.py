@@ -72,7 +72,10 @@ def _craft(tiny_run, path: Path, names: dict) -> Path:
         config = json.loads(f.attrs["config"])
         for kind, name in names.items():
             key, field = RECORDED_IMPORTS[kind]
-            config[key][field] = name
+            if field is None:  # a top-level name (the task)
+                config[key] = name
+            else:
+                config[key][field] = name
         f.attrs["config"] = json.dumps(config, sort_keys=True)
     return crafted_copy(tiny_run, path, rename)
 
