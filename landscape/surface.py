@@ -65,10 +65,11 @@ def check_points(shape, what: str = "surface") -> int:
 
 
 def check_evaluation_options(batch_size=None, bn_batch_size=None, bn_samples=None, weight_decay=None,
-                             points_per_call=None) -> None:
+                             points_per_call=None, samples=None) -> None:
     """Refuse evaluation options no computation can use (None: the default), before anything starts."""
     for name, value, least in (("batch size", batch_size, 1), ("BatchNorm batch size", bn_batch_size, 2),
-                               ("BatchNorm samples", bn_samples, 2), ("points per call", points_per_call, 1)):
+                               ("BatchNorm samples", bn_samples, 2), ("points per call", points_per_call, 1),
+                               ("samples", samples, 2)):
         if value is not None and not value >= least:
             raise ConfigError(f"{name} must be at least {least}, got {value}")
     if weight_decay is not None and not (math.isfinite(weight_decay) and weight_decay >= 0):
@@ -146,7 +147,7 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
         surf = evaluate_surface(sgd_net, plane, (x_train, y_train, x_test, y_test), grid=(21, 21))
         surf.values["test_err"]          # (21, 21), percent
     """
-    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call)
+    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call, samples)
     _check_geometry(geom)
     module = unwrap(model)[0]
     if device is None:
@@ -182,11 +183,7 @@ def _policy(bn, bn_batch_size: int, bn_samples, model, geom) -> BatchNormPolicy:
 
 def _subset(data, samples: int | None, seed: int):
     """``data`` or, with ``samples``, its fixed random subset of that many samples per split."""
-    if samples is None:
-        return data
-    if samples < 2:
-        raise ConfigError(f"samples must be at least 2 (a standard error needs two), got {samples}")
-    return data.subset(samples, seed)
+    return data if samples is None else data.subset(samples, seed)
 
 
 def _basis(geom) -> dict:
@@ -369,7 +366,7 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
     called after every flush of the file. ``samples``/``seed``: metric passes on a fixed random
     subset, with standard errors (see :func:`evaluate_surface`). The trajectory's task (its
     configuration's ``task``, classification when it has none) scores the points."""
-    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call)
+    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call, samples)
     traj = traj if isinstance(traj, Trajectory) else open_trajectory(traj)
     _check_geometry(geom)
     grid = make_grid(geom, grid, margin, xrange, yrange)

@@ -1,0 +1,116 @@
+"""Benchmark: peak memory and time of a plane over a streamed dataset as the dataset grows, and the
+in-memory fast path on the same data.
+
+Each measurement runs in a fresh Python process (so one peak does not hide another) that builds a small
+BatchNorm MLP, a random filter-normalized plane through its weights, and evaluates the plane with
+BatchNorm recompute and train and test loss and error at every point:
+
+- ``stream``: the data come from a function that generates batch b of a split from a generator seeded
+  with b, so the dataset never exists in memory as a whole (as with a loader over files);
+- ``memory``: the same samples generated up front as tensors (the fast path).
+
+The peak resident memory of the process (``ru_maxrss``) and the seconds per grid point are reported.
+With ``--baseline DIR`` the memory mode also runs with the library found in DIR (e.g. an export of an
+earlier commit), to check that the fast path keeps its speed.
+
+Usage::
+
+    python benchmarks/streamed.py                                   # sizes 10k, 40k, 160k
+    python benchmarks/streamed.py --sizes 2000 8000 --grid 2 2     # a quick run
+    python benchmarks/streamed.py --json benchmarks/streamed-results.json --baseline /tmp/base
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURES, CLASSES, BATCH = 128, 10, 1000
+
+
+def batch(split: str, b: int, n: int):
+    """Batch ``b`` of a split of ``n`` samples: Gaussian class clusters, generated from a seed."""
+    import torch
+    g = torch.Generator().manual_seed((0 if split == "train" else 1) * 10 ** 9 + b)
+    size = min(BATCH, n - b * BATCH)
+    y = torch.randint(0, CLASSES, (size,), generator=g)
+    centers = torch.Generator().manual_seed(7)
+    x = torch.randn(CLASSES, FEATURES, generator=centers)[y] + 2.0 * torch.randn(size, FEATURES, generator=g)
+    return x, y
+
+
+def one(mode: str, n: int, grid) -> dict:
+    """One measurement in this process: the plane over ``n`` training and ``n // 4`` test samples."""
+    import torch
+    from torch import nn
+
+    import landscape as ls
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(FEATURES, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, CLASSES))
+    sizes = {"train": n, "test": n // 4}
+    source = {s: (lambda s=s, m=m: (batch(s, b, m) for b in range((m + BATCH - 1) // BATCH))) for s, m in sizes.items()}
+    if mode == "stream":
+        data = (source["train"], source["test"])
+    else:
+        parts = {s: list(zip(*source[s]())) for s in sizes}
+        data = tuple(torch.cat(parts[s][i]) for s in ("train", "test") for i in (0, 1))
+        del parts
+    plane = ls.Plane.random(net, seed=0)
+    start = time.perf_counter()
+    surf = ls.evaluate_surface(net, plane, data, grid, bn="recompute", bn_batch_size=BATCH, batch_size=BATCH,
+                               points_per_call=1)
+    seconds = time.perf_counter() - start
+    return {"mode": mode, "train_samples": n, "test_samples": n // 4, "points": int(surf.done.sum()),
+            "seconds": seconds, "seconds_per_point": seconds / surf.done.sum(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "test_err_mean": float(surf.values["test_err"].mean())}
+
+
+def measure(mode: str, n: int, grid, library: Path = ROOT) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(library))
+    r = subprocess.run([sys.executable, __file__, "--one", mode, str(n), "--grid", *map(str, grid)],
+                       capture_output=True, text=True, env=env, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 40_000, 160_000])
+    p.add_argument("--grid", nargs=2, type=int, default=[3, 3])
+    p.add_argument("--baseline", type=Path, help="a folder holding an earlier landscape package (memory mode)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), tuple(args.grid))))
+        return
+    rows = []
+    for n in args.sizes:
+        for mode in ("stream", "memory"):
+            rows.append(measure(mode, n, args.grid))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.baseline:
+            rows.append(dict(measure("memory", n, args.grid, args.baseline), mode="memory (baseline)"))
+            print(json.dumps(rows[-1]), flush=True)
+    for n in args.sizes:  # the two modes read the same samples: the same values
+        same = {r["mode"]: r["test_err_mean"] for r in rows if r["train_samples"] == n}
+        assert max(same.values()) - min(same.values()) < 1e-9, same
+    if args.json:
+        import torch
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        args.json.write_text(json.dumps({
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "commit": commit,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "torch": torch.__version__, "grid": args.grid, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
