@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import as_data
+from .data import Data, as_data
 from .errors import CheckpointError, ConfigError, GeometryError, ModelError
 from .params import Layout, match_state_dict, unwrap
 from .rebuild import rebuild_data, rebuild_model
@@ -514,6 +514,9 @@ class Plane:
             raise ConfigError("a Hessian plane of a live model needs its data: data=(x_train, y_train, x_test, y_test)")
         else:
             data, net = as_data(data, device), copy.deepcopy(src.model).to(device)
+        if not isinstance(data, Data):
+            raise ConfigError("a Hessian plane needs its data in memory (tensors); a streamed data source is "
+                              "evaluated, not differentiated twice")
         (l1, l2), (u, v), its = top_hessian_eigen(net, src.layout, co.params.float(), co.buffers.float(), data,
                                                   samples, seed, iterations, tol, batch_size)
         h = [2 * math.sqrt(2 / max(abs(l), 1e-12)) for l in (l1, l2)]

@@ -255,3 +255,31 @@ def test_a_task_that_does_not_fit_the_model_is_one_line_before_training(capsys, 
     one_line_error(capsys, ["train", "--task", "regression", "--dataset", "synthetic", "--model", "mlp",
                             "--epochs", "1", "-o", tmp_path / "r.h5", "--quiet"], "task 'regression'")
     assert not list(tmp_path.iterdir())
+
+
+USER_TASK = '''
+import torch
+from landscape.tasks import Evaluation, Task
+
+
+class Absolute(Task):
+    name, metrics, primary = "absolute", ("mae",), "mae"
+
+    def evaluate(self, output, batch):
+        d = (output[:, 0] - batch[1]).abs()
+        return Evaluation(d, {"mae": d})
+
+
+task = Absolute()
+'''
+
+
+def test_a_user_task_by_import_path_trains_and_is_recorded(tmp_path, monkeypatch):
+    from landscape.cli.main import main
+    (tmp_path / "mytasks.py").write_text(USER_TASK)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--task", "mytasks:task", "--dataset", "regression", "--data-option", "n_train=32",
+                 "--data-option", "n_test=16", "--model", "mlp", "--model-arg", "hidden=[4]", "--methods", "sgd",
+                 "--epochs", "1", "-o", "r.h5", "--quiet"]) == 0
+    traj = ls.open_trajectory(tmp_path / "r.h5")
+    assert traj.config["task"] == "mytasks:task" and "test_mae" in traj.run("sgd").metrics
