@@ -1,6 +1,11 @@
-"""Datasets as in-memory tensors on the training device (no DataLoader in any hot path).
+"""Datasets as in-memory tensors on the training device (no DataLoader in any hot path), or as data
+sources read batch by batch (:class:`StreamData`, for data that does not fit in memory). Each carries
+the task that scores it (:mod:`landscape.tasks`; classification by default).
 
-Built-in: ``mnist1d`` (the default), ``cifar10``, ``npz``, ``synthetic``; a user dataset is named by
+Built-in: ``mnist1d`` (the default), ``cifar10``, ``npz``, ``synthetic``, and two generated offline for
+other tasks: ``regression`` (a smooth function of uniform inputs plus noise) and ``modular`` (modular
+addition as token sequences, for a language model). Float inputs are read as float32, integer inputs as
+token ids (int64); integer targets are classes, float targets values. A user dataset is named by
 import path ``package.module:factory`` (found on ``sys.path`` or in the current folder), called with the
 dataset options as keyword arguments. It returns ``(x_train, y_train, x_test, y_test)`` (arrays or
 tensors), a dict with those keys, or ``(train, test)`` where each is an ``(x, y)`` pair or a

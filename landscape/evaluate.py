@@ -1,9 +1,14 @@
-"""The batched evaluator: train and test loss and error at many points of weight space per call.
+"""The batched evaluator: train and test loss and the task's metrics at many points of weight space per call.
 
 Points arrive as the rows of a (K, P) weight matrix (and (K, B) buffers). For K > 1 one call runs
 ``torch.func.functional_call`` under ``torch.func.vmap`` over the K rows, so every data batch passes
-through K models at once; K = 1 runs the plain model. Data stays on the device as tensors, losses are
-summed per sample in float64, errors are in percent, and a point whose logits turn NaN gets NaN error.
+through K models at once; K = 1 runs the plain model. The data's task (:mod:`landscape.tasks`;
+classification: cross-entropy and error in percent) turns each point's output into per-sample values,
+summed in float64 (:class:`MetricSums`), and a point whose loss is not finite gets NaN metrics.
+In-memory data stays on the device as tensors (the fast path); a data source
+(:class:`~landscape.data.StreamData`) is read batch by batch in its fixed order, once per call for all
+K points, so memory does not depend on the dataset's size. On a subset, each value's standard error
+over samples comes beside it (``test_loss_se``).
 
 BatchNorm policies (:class:`BatchNormPolicy`):
 
@@ -36,12 +41,10 @@ import time
 import types
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
-
-import numpy as np
 from torch.utils._pytree import tree_map
 
 from .bn import MomentMerger, batch_slices, has_batchnorm
