@@ -283,3 +283,20 @@ def test_a_user_task_by_import_path_trains_and_is_recorded(tmp_path, monkeypatch
                  "--epochs", "1", "-o", "r.h5", "--quiet"]) == 0
     traj = ls.open_trajectory(tmp_path / "r.h5")
     assert traj.config["task"] == "mytasks:task" and "test_mae" in traj.run("sgd").metrics
+
+
+def test_export_writes_accuracy_only_for_a_task_with_an_error(tmp_path):
+    import h5py
+
+    from landscape.store import export_loss_landscape
+    for case, acc in (("regression", False), ("language-model", True)):
+        net, tensors, task = CASES[case]()
+        other = CASES[case]()[0]
+        torch.manual_seed(5)
+        for p in other.parameters():
+            p.data.add_(torch.randn_like(p))
+        surf = ls.evaluate_surface(net, ls.Line.through(net, other), tensors, 3, task=task)
+        with h5py.File(export_loss_landscape(surf, tmp_path / f"{case}.h5"), "r") as f:
+            assert ("test_acc" in f) == acc and "test_loss" in f, list(f)
+            if acc:
+                np.testing.assert_allclose(f["test_acc"][()], 100.0 - surf.values["test_err"])
