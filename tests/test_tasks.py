@@ -300,3 +300,19 @@ def test_export_writes_accuracy_only_for_a_task_with_an_error(tmp_path):
             assert ("test_acc" in f) == acc and "test_loss" in f, list(f)
             if acc:
                 np.testing.assert_allclose(f["test_acc"][()], 100.0 - surf.values["test_err"])
+
+
+def test_every_method_trains_with_the_task_loss(tmp_path):
+    """Each method records the task's values (SWAP's gathered rows included) for a regression task."""
+    from landscape.config import TrainConfig
+    from landscape.train import train
+    cfg = TrainConfig(model=ls.ModelSpec("mlp", {"hidden": [4]}), task="regression", epochs=2, batch_size=16,
+                      data=ls.DataSpec("regression", {"n_train": 32, "n_test": 16, "features": 3}),
+                      methods=("sgd", "swa", "ema", "swap", "lookahead", "lookahead-adam", "grafting"),
+                      swap_workers=2, swap_phase1_epochs=1, swap_phase2_epochs=1, grafting_baseline=False,
+                      lookahead_fast_epochs=0)
+    with pytest.warns(UserWarning, match="threshold"):  # no training accuracy: phase 1 runs to its cap
+        finals = train(cfg, tmp_path / "all.h5", quiet=True)["final"]
+    assert len(finals) > 10
+    for run, m in finals.items():
+        assert {"train_mae", "test_mae"} <= set(m) and np.isfinite(m["test_mae"]) and "test_err" not in m, run
