@@ -9,7 +9,8 @@ BatchNorm recompute and train and test loss and error at every point:
   with b, so the dataset never exists in memory as a whole (as with a loader over files);
 - ``memory``: the same samples generated up front as tensors (the fast path).
 
-The peak resident memory of the process (``ru_maxrss``) and the seconds per grid point are reported.
+The peak resident memory of the process (``ru_maxrss``; also before the evaluation starts, with the
+model, the plane and, in memory mode, the data built) and the seconds per grid point are reported.
 With ``--baseline DIR`` the memory mode also runs with the library found in DIR (e.g. an export of an
 earlier commit), to check that the fast path keeps its speed.
 
@@ -47,6 +48,16 @@ def batch(split: str, b: int, n: int):
     return x, y
 
 
+def materialize(batches, n: int) -> tuple:
+    """The batches' samples as two tensors, filled in place (no transient second copy)."""
+    import torch
+    x, y, i = torch.empty(n, FEATURES), torch.empty(n, dtype=torch.long), 0
+    for xb, yb in batches:
+        x[i:i + len(xb)], y[i:i + len(xb)] = xb, yb
+        i += len(xb)
+    return x, y
+
+
 def one(mode: str, n: int, grid) -> dict:
     """One measurement in this process: the plane over ``n`` training and ``n // 4`` test samples."""
     import torch
@@ -60,17 +71,16 @@ def one(mode: str, n: int, grid) -> dict:
     if mode == "stream":
         data = (source["train"], source["test"])
     else:
-        parts = {s: list(zip(*source[s]())) for s in sizes}
-        data = tuple(torch.cat(parts[s][i]) for s in ("train", "test") for i in (0, 1))
-        del parts
+        data = tuple(t for s in ("train", "test") for t in materialize(source[s](), sizes[s]))
     plane = ls.Plane.random(net, seed=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     surf = ls.evaluate_surface(net, plane, data, grid, bn="recompute", bn_batch_size=BATCH, batch_size=BATCH,
                                points_per_call=1)
     seconds = time.perf_counter() - start
     return {"mode": mode, "train_samples": n, "test_samples": n // 4, "points": int(surf.done.sum()),
             "seconds": seconds, "seconds_per_point": seconds / surf.done.sum(),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": before,
             "test_err_mean": float(surf.values["test_err"].mean())}
 
 

@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_map
 from .bn import MomentMerger, batch_slices, has_batchnorm
 from .data import Data
 from .errors import ConfigError, DataError
-from .tasks import Evaluation, batch_size_of, check_evaluation, model_args, output_tree, take
+from .tasks import Evaluation, batch_size_of, check_evaluation, model_args, output_tree, take, to_device
 
 POLICIES = ("recompute", "interpolate", "stored")
 METRICS = ("train_loss", "train_err", "test_loss", "test_err")   # classification's
@@ -197,6 +197,7 @@ class Evaluator:
                           if isinstance(m, _BatchNorm) and m.track_running_stats}
         self.var_names = [f"{n}.running_var" for n in self.bn_layers]
         self.x_bn = bn_inputs(data, bn)
+        self._vmap_task = True  # until the task fails under vmap
         self._per_sample = self._elements_per_sample(check_task_fits(self.model, data, self.device))
 
     # ------------------------------------------------------------------------------------------
@@ -317,22 +318,36 @@ class Evaluator:
             sums = MetricSums(self.task, K, self.device)
             for batch in self.data.batches(split, self.batch_size, self.device):
                 output = self._forward(p, b, batch, batched)
-                sums.add([self._evaluate(output, k, batch) for k in range(K)])
+                sums.add(self._evaluate_points(output, batch, K))
             out.update(sums.result(split, self.data.population(split) if self.stderr else None))
         if self.weight_decay is not None:
             sq = params.double().pow(2).sum(1).cpu().numpy()
             out["train_loss_l2"] = out["train_loss"] + 0.5 * self.weight_decay * sq
         return out
 
-    def _evaluate(self, output, k: int, batch) -> Evaluation:
-        return self.task.evaluate(tree_map(lambda t: t[k], output), batch)
+    def _evaluate_points(self, output, batch, K: int) -> Evaluation:
+        """The K points' per-sample values, each a (K, n) tensor: one vmapped call of the task where it
+        allows (the built-in tasks do), else one call per point (a task vmap cannot batch, e.g. one
+        that reads values with ``.item()``)."""
+        def fields(e: Evaluation) -> tuple:
+            counts = e.counts if e.counts is not None else torch.ones_like(e.losses, dtype=torch.float64)
+            return e.losses, e.metrics, counts
+        if K > 1 and self._vmap_task:
+            try:
+                return Evaluation(*vmap(lambda o: fields(self.task.evaluate(o, batch)))(output))
+            except Exception:
+                self._vmap_task = False
+        parts = [fields(self.task.evaluate(tree_map(lambda t: t[k], output), batch)) for k in range(K)]
+        return Evaluation(torch.stack([p[0] for p in parts]), {m: torch.stack([p[1][m] for p in parts])
+                                                               for m in parts[0][1]}, torch.stack([p[2] for p in parts]))
 
 
 def check_task_fits(model, data, device):
     """Two training samples through the model (in eval mode) and the data's task, before any long
     work: a task that does not fit the model's outputs, data of the wrong shapes or a metric of the
     wrong length is refused in one line. Returns that probe batch."""
-    batch = take(next(iter(data.batches("train", 2, device))), slice(0, 2))
+    first = (data.x_train[:2], data.y_train[:2]) if isinstance(data, Data) else next(iter(data.batches("train")))
+    batch = to_device(take(first, slice(0, 2)), device)
     args, kwargs = model_args(batch)
     was_training = model.training
     try:
@@ -363,16 +378,14 @@ class MetricSums:
         self.cross = {m: zeros() for m in self.names}    # sum of value * count
         self.count, self.count_sq = zeros(), zeros()
 
-    def add(self, evaluations: list) -> None:
-        """One batch: the K points' :class:`Evaluation` s."""
-        counts = [e.counts if e.counts is not None else torch.ones_like(e.losses, dtype=torch.float64)
-                  for e in evaluations]
-        c = torch.stack([x.double() for x in counts])                                     # (K, n)
+    def add(self, e: Evaluation) -> None:
+        """One batch: the K points' values as (K, n) tensors (counts (K, n) or None: one each)."""
+        c = torch.ones_like(e.losses, dtype=torch.float64) if e.counts is None else e.counts.double()   # (K, n)
         self.n += c.shape[1]
         self.count += c.sum(1)
         self.count_sq += c.square().sum(1)
         for m in self.names:
-            v = torch.stack([(e.losses if m == "loss" else e.metrics[m]).double() for e in evaluations])
+            v = (e.losses if m == "loss" else e.metrics[m]).double()
             self.sum[m] += v.sum(1)
             self.sq[m] += v.square().sum(1)
             self.cross[m] += (v * c).sum(1)
@@ -418,7 +431,9 @@ def evaluate_model(model, data, batch_size: int = 1000) -> dict:
         sums = MetricSums(task, 1, device)
         for batch in data.batches(split, batch_size, device):
             args, kwargs = model_args(batch)
-            sums.add([task.evaluate(output_tree(model(*args, **kwargs)), batch)])
+            e = task.evaluate(output_tree(model(*args, **kwargs)), batch)
+            sums.add(Evaluation(e.losses[None], {m: v[None] for m, v in e.metrics.items()},
+                                None if e.counts is None else e.counts[None]))
         out.update({k: float(v[0]) for k, v in sums.result(split).items()})
     model.train(was_training)
     return out

@@ -316,3 +316,27 @@ def test_every_method_trains_with_the_task_loss(tmp_path):
     assert len(finals) > 10
     for run, m in finals.items():
         assert {"train_mae", "test_mae"} <= set(m) and np.isfinite(m["test_mae"]) and "test_err" not in m, run
+
+
+class ScaledByBatch(Task):
+    """Reads a number out of a tensor (``float``), which vmap cannot batch: the evaluator falls back to
+    one call of the task per point."""
+    name, metrics, primary = "scaled", ("mae",), "mae"
+
+    def evaluate(self, output, batch):
+        d = output[:, 0] - batch[1]
+        scale = float(batch[1].abs().max())
+        return Evaluation(d.square() / scale, {"mae": d.abs()})
+
+
+def test_a_task_vmap_cannot_batch_gives_the_same_values():
+    net, tensors, _ = _regression()
+    data = as_data(tensors, task=ScaledByBatch())
+    layout, weights, buffers = _points(net)
+    ev = Evaluator(net, layout, data, BatchNormPolicy("none"), batch_size=16)
+    batched = ev(weights, buffers)
+    assert not ev._vmap_task
+    for k in range(len(weights)):
+        single = ev(weights[k:k + 1], buffers[k:k + 1])
+        for name, v in batched.items():
+            np.testing.assert_allclose(v[k], single[name][0], rtol=1e-6, err_msg=name)
