@@ -325,7 +325,7 @@ class ScaledByBatch(Task):
 
     def evaluate(self, output, batch):
         d = output[:, 0] - batch[1]
-        scale = float(batch[1].abs().max())
+        scale = 1.0 + float(output.abs().max())  # a number read from this point's output
         return Evaluation(d.square() / scale, {"mae": d.abs()})
 
 
