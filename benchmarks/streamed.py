@@ -12,7 +12,8 @@ BatchNorm recompute and train and test loss and error at every point:
 The peak resident memory of the process (``ru_maxrss``; also before the evaluation starts, with the
 model, the plane and, in memory mode, the data built) and the seconds per grid point are reported.
 With ``--baseline DIR`` the memory mode also runs with the library found in DIR (e.g. an export of an
-earlier commit), to check that the fast path keeps its speed.
+earlier commit), and a speed test of the in-memory batched evaluator at K = 1, 8 and 32 points per
+call runs with both, interleaved: the fast path must keep its speed.
 
 Usage::
 
@@ -84,9 +85,40 @@ def one(mode: str, n: int, grid) -> dict:
             "test_err_mean": float(surf.values["test_err"].mean())}
 
 
+def speed(points=(1, 8, 32), repeats: int = 7) -> dict:
+    """Milliseconds per point of the in-memory batched evaluator at K points per call (an MLP with
+    BatchNorm recompute, 4,000 train / 1,000 test samples, one thread), best of ``repeats`` calls."""
+    import torch
+    from torch import nn
+
+    from landscape.data import as_data
+    from landscape.evaluate import BatchNormPolicy, Evaluator
+    from landscape.params import Layout
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    net = nn.Sequential(nn.Linear(40, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(5000, 40), torch.randint(0, 10, (5000,))
+    layout = Layout.of(net)
+    ev = Evaluator(net, layout, as_data((x[:4000], y[:4000], x[4000:], y[4000:])),
+                   BatchNormPolicy("recompute", batch_size=500), batch_size=1000)
+    out = {}
+    for k in points:
+        w = layout.params_to_vector(net)[None] + 0.1 * torch.randn(k, layout.num_params)
+        b = layout.buffers_to_vector(net)[None].expand(k, -1).clone()
+        ev(w, b)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            ev(w, b)
+            best = min(best, time.perf_counter() - t)
+        out[str(k)] = 1000 * best / k
+    return out
+
+
 def measure(mode: str, n: int, grid, library: Path = ROOT) -> dict:
     env = dict(os.environ, PYTHONPATH=str(library))
-    r = subprocess.run([sys.executable, __file__, "--one", mode, str(n), "--grid", *map(str, grid)],
+    one_args = ["--speed"] if mode == "speed" else ["--one", mode, str(n), "--grid", *map(str, grid)]
+    r = subprocess.run([sys.executable, __file__, *one_args],
                        capture_output=True, text=True, env=env, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -97,11 +129,20 @@ def main() -> None:
     p.add_argument("--grid", nargs=2, type=int, default=[3, 3])
     p.add_argument("--baseline", type=Path, help="a folder holding an earlier landscape package (memory mode)")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds of the K-points speed test")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--speed", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), tuple(args.grid))))
+    if args.one or args.speed:
+        print(json.dumps(speed() if args.speed else one(args.one[0], int(args.one[1]), tuple(args.grid))))
         return
+    speeds = {"this": [], "baseline": []}
+    for _ in range(args.speed_rounds):  # interleaved, so that load from other processes hits both alike
+        for name, lib in (("this", ROOT), ("baseline", args.baseline)):
+            if lib is not None:
+                speeds[name].append(measure("speed", 0, args.grid, lib))
+                print(name, json.dumps(speeds[name][-1]), flush=True)
+    best = {name: {k: min(r[k] for r in runs) for k in runs[0]} for name, runs in speeds.items() if runs}
     rows = []
     for n in args.sizes:
         for mode in ("stream", "memory"):
@@ -119,7 +160,8 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "commit": commit,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "torch": torch.__version__, "grid": args.grid, "rows": rows}, indent=1))
+            "torch": torch.__version__, "grid": args.grid, "rows": rows,
+            "ms_per_point_at_k_best": best, "ms_per_point_at_k_runs": speeds}, indent=1))
 
 
 if __name__ == "__main__":

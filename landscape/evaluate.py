@@ -50,7 +50,8 @@ from torch.utils._pytree import tree_map
 from .bn import MomentMerger, batch_slices, has_batchnorm
 from .data import Data
 from .errors import ConfigError, DataError
-from .tasks import Evaluation, batch_size_of, check_evaluation, model_args, output_tree, take, to_device
+from .tasks import (Evaluation, batch_size_of, check_evaluation, logits_of, model_args, output_tree, repeat_targets,
+                    take, to_device)
 
 POLICIES = ("recompute", "interpolate", "stored")
 METRICS = ("train_loss", "train_err", "test_loss", "test_err")   # classification's
@@ -326,12 +327,19 @@ class Evaluator:
         return out
 
     def _evaluate_points(self, output, batch, K: int) -> Evaluation:
-        """The K points' per-sample values, each a (K, n) tensor: one vmapped call of the task where it
-        allows (the built-in tasks do), else one call per point (a task vmap cannot batch, e.g. one
-        that reads values with ``.item()``)."""
+        """The K points' per-sample values, each a (K, n) tensor: for a ``row_wise`` task (the built-in
+        ones: sample i's values depend on its own logits and target only) one call on the K * n rows;
+        else one vmapped call where the task allows, else one call per point (a task vmap cannot
+        batch, e.g. one that reads values with ``.item()``)."""
         def fields(e: Evaluation) -> tuple:
             counts = e.counts if e.counts is not None else torch.ones_like(e.losses, dtype=torch.float64)
             return e.losses, e.metrics, counts
+        if K > 1 and getattr(self.task, "row_wise", False):  # the K points' outputs scored as K * n samples
+            n = batch_size_of(batch)
+            logits = logits_of(output)
+            e = self.task.evaluate(logits.reshape(K * n, *logits.shape[2:]), repeat_targets(batch, K))
+            split = lambda t: None if t is None else t.reshape(K, n)  # noqa: E731
+            return Evaluation(split(e.losses), {m: split(v) for m, v in e.metrics.items()}, split(e.counts))
         if K > 1 and self._vmap_task:
             try:
                 return Evaluation(*vmap(lambda o: fields(self.task.evaluate(o, batch)))(output))

@@ -116,8 +116,11 @@ def logits_of(output) -> torch.Tensor:
 class Task:
     """A task; subclasses set ``name``, ``metrics`` (names of per-sample metrics), ``primary`` (the
     metric figures show on the test split; may be ``loss``), ``percent`` (metrics in percent) and
-    implement :meth:`evaluate`. ``derived`` metrics are functions of the split's means."""
+    implement :meth:`evaluate`. ``derived`` metrics are functions of the split's means. A task is
+    ``row_wise`` when sample i's values depend on its own row of the logits (:func:`logits_of`) and its
+    target only: the evaluator then scores K points' logits as K * n samples in one call."""
     name = "task"
+    row_wise = False
     metrics: tuple = ()
     primary = "loss"
     percent: tuple = ()
@@ -150,7 +153,7 @@ class Task:
 
 class Classification(Task):
     """Cross-entropy of logits (n, C) against class labels (n,); ``err``: error in percent."""
-    name, metrics, primary, percent = "classification", ("err",), "err", ("err",)
+    name, metrics, primary, percent, row_wise = "classification", ("err",), "err", ("err",), True
 
     def evaluate(self, output, batch) -> Evaluation:
         logits, y = logits_of(output), targets_of(batch)
@@ -166,7 +169,7 @@ class Classification(Task):
 
 class Regression(Task):
     """Squared error summed over output dimensions; ``mae``: absolute error, averaged over them."""
-    name, metrics, primary = "regression", ("mae",), "mae"
+    name, metrics, primary, row_wise = "regression", ("mae",), "mae", True
 
     def evaluate(self, output, batch) -> Evaluation:
         pred, y = logits_of(output), targets_of(batch)
@@ -184,6 +187,7 @@ class LanguageModel(Task):
     the token that follows position t), ``ignore_index`` labels left out; ``err``: token error (%),
     ``ppl``: perplexity exp(loss)."""
     name, metrics, primary, percent, derived = "language-model", ("err",), "err", ("err",), ("ppl",)
+    row_wise = True
 
     def __init__(self, ignore_index: int = IGNORE_INDEX):
         self.ignore_index = ignore_index
@@ -276,6 +280,14 @@ def take(batch, index):
     if isinstance(batch, (tuple, list)):
         return type(batch)(v[index] for v in batch)
     return batch[index]
+
+
+def repeat_targets(batch, times: int):
+    """A batch holding only the targets of ``batch``, repeated ``times`` times along the samples (for
+    ``row_wise`` tasks scoring several points' outputs at once)."""
+    y = targets_of(batch)
+    y = y.repeat(times, *([1] * (y.ndim - 1)))
+    return {"labels": y} if isinstance(batch, dict) else (None, y)
 
 
 def to_device(batch, device):
