@@ -111,8 +111,10 @@ class StreamData:
 
     Example::
 
-        train = DataLoader(TensorDataset(x, y), batch_size=256)
-        data = StreamData(train, lambda: iter_test_batches(), task="regression")
+        x, y = torch.randn(100, 3), torch.randn(100)
+        train = DataLoader(TensorDataset(x, y), batch_size=32)            # read in index order
+        test = lambda: ((x[i:i + 25], y[i:i + 25]) for i in range(0, 100, 25))   # a fresh iterable per pass
+        data = StreamData(train, test, task="regression")
     """
     augment = False
     num_classes = None
