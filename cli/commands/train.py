@@ -16,7 +16,6 @@ from landscape.config import GRAFTING_VARY, LOOKAHEAD_INNER_STATE, TrainConfig
 from landscape.data import DataSpec
 from landscape.errors import ConfigError
 from landscape.models import ModelSpec
-from landscape.tasks import TASKS
 from landscape.train import METHODS, SwapThresholdWarning, train
 
 from ..common import add_output_flags, parse_key_values, print_json, seed_int
@@ -36,7 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", default=d.data.name, help="mnist1d, cifar10, npz, synthetic, or package.module:factory")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
                    help="dataset option, e.g. root=DIR and augment=true (cifar10), path=FILE (npz)")
-    p.add_argument("--task", default=d.task, help=f"{', '.join(TASKS)}, or package.module:obj (landscape.tasks)")
+    p.add_argument("--task", default=d.task, help="loss and metrics: classification, regression, language-model, model-loss, or package.module:obj")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epoch budget of every method")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
     p.add_argument("--lr", type=float, default=d.lr, help="initial learning rate")
@@ -93,7 +92,8 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(
         model=ModelSpec(args.model, parse_key_values(args.model_arg, "--model-arg")),
         data=DataSpec(args.dataset, parse_key_values(args.data_option, "--data-option")),
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), task=args.task,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        task=args.task,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, lr_ratio=args.lr_ratio,
         swa_start=args.swa_start,  # None: the library's default, 2/3 of --epochs
