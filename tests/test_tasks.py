@@ -274,7 +274,8 @@ task = Absolute()
 '''
 
 
-def test_a_user_task_by_import_path_trains_and_is_recorded(tmp_path, monkeypatch):
+def test_a_user_task_by_import_path_trains_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """Typed, the import path runs; recorded in the file, it runs again only when allowed."""
     from landscape.cli.main import main
     (tmp_path / "mytasks.py").write_text(USER_TASK)
     monkeypatch.chdir(tmp_path)
@@ -283,6 +284,13 @@ def test_a_user_task_by_import_path_trains_and_is_recorded(tmp_path, monkeypatch
                  "--epochs", "1", "-o", "r.h5", "--quiet"]) == 0
     traj = ls.open_trajectory(tmp_path / "r.h5")
     assert traj.config["task"] == "mytasks:task" and "test_mae" in traj.run("sgd").metrics
+    monkeypatch.delenv("LANDSCAPE_TRUST_CODE", raising=False)
+    monkeypatch.delenv("LANDSCAPE_TRUSTED_MODULES", raising=False)
+    line = ["line", "r.h5", "sgd:0", "sgd", "--points", "3", "-o", "l.h5", "--quiet"]
+    one_line_error(capsys, line, "'mytasks:task'", "--task mytasks:task")
+    one_line_error(capsys, line + ["--task", "mytasks:other"], "--task mytasks:other does not match")
+    assert main(line + ["--task", "mytasks:task"]) == 0
+    assert ls.open_surface(tmp_path / "l.h5").primary_metric == "test_mae"
 
 
 def test_export_writes_accuracy_only_for_a_task_with_an_error(tmp_path):
