@@ -102,17 +102,18 @@ def make_grid(geom, grid=None, margin: float = 0.2, xrange=None, yrange=None) ->
 
 
 def surface_spec(geom, grid: Grid, policy: BatchNormPolicy, weight_decay, traj: Trajectory | None = None,
-                 data=None, samples: int | None = None) -> dict:
+                 data=None, samples: int | None = None, seed: int = 0) -> dict:
     """Everything that defines the values (compared on resume) plus ``derived`` facts for plots; the
     trajectory's dataset and model when there is one. A task other than classification, or metric
     passes on a subset, are recorded under ``task``: its name, metrics, primary metric, the value
-    names stored and the subset (a classification surface of whole splits records none, as always)."""
+    names stored and the subset's size and seed (a classification surface of whole splits records
+    none, as always)."""
     spec = {"kind": geom.kind, **geom.spec, "grid": grid.to_dict(), "bn": policy.to_dict(),
             "weight_decay": weight_decay, "derived": geom.derived}
     task = data.task if data is not None else None
     if task is not None and (task.name != "classification" or samples is not None):
         spec["task"] = dict(task.to_dict(), values=list(metric_names(task, weight_decay, samples is not None)),
-                            samples=samples)
+                            samples=samples, samples_seed=seed if samples is not None else None)
     if traj is not None:
         spec.update(dataset=traj.config.get("data"), model=traj.config.get("model"))
     if getattr(geom, "rays", False):
@@ -164,7 +165,7 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
     points, runs = geom.project(checkpoints=checkpoints, paths=paths)
     points_of = _PointEvaluator(copy.deepcopy(module).to(device), layout, data, geom, grid, policy, batch_size,
                                 weight_decay, device, stderr=samples is not None)  # a copy: the caller's module stays
-    writer = MemorySurfaceWriter(surface_spec(geom, grid, policy, weight_decay, data=data, samples=samples), grid.x,
+    writer = MemorySurfaceWriter(surface_spec(geom, grid, policy, weight_decay, data=data, samples=samples, seed=seed), grid.x,
                                  grid.y, _basis(geom), points, runs, points_of.metrics, geom.values_shape(grid))
     _fill(writer, points_of, Group.single(device), points_per_call, quiet)
     return writer.close()
@@ -377,7 +378,7 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
         model = rebuild_model(traj, data, ranks.device)
         policy = _policy(bn, default_batch if bn_batch_size is None else bn_batch_size, bn_samples, model, geom)
         data = _subset(data, samples, seed)
-        spec = surface_spec(geom, grid, policy, weight_decay, traj, data, samples)
+        spec = surface_spec(geom, grid, policy, weight_decay, traj, data, samples, seed)
         points_of = _PointEvaluator(model, traj.layout, data, geom, grid, policy,
                                     default_batch if batch_size is None else batch_size, weight_decay, ranks.device,
                                     workers=1 if ranks.distributed else None, stderr=samples is not None)
