@@ -241,6 +241,11 @@ def test_regression_end_to_end(capsys, tmp_path):
                                            "--data-option", "n_test=32")
     assert surf.primary_metric == "test_mae" and np.isfinite(surf.values["test_mae"]).all()
     assert "test mean absolute error" in html
+    from landscape.cli.main import main
+    assert main(["line", str(tmp_path / "run.h5"), "sgd", "swa/average", "--points", "3", "--samples", "20",
+                 "-o", str(tmp_path / "line.h5"), "--quiet"]) == 0
+    line = ls.open_surface(tmp_path / "line.h5")
+    assert line.spec["task"]["samples"] == 20 and (line.values["test_mae_se"] > 0).all()
 
 
 def test_language_model_end_to_end(capsys, tmp_path):
