@@ -76,13 +76,15 @@ def add_trust_arguments(p) -> None:
     """The consent flags of every command that rebuilds a file's model and data (landscape.trust)."""
     g = p.add_argument_group("code named by the file (see README: Sharing files safely)")
     g.add_argument("--trust-code", action="store_true",
-                   help="run the import paths (package.module:factory) the file records for its model and "
-                        "dataset; without it only built-in models and datasets are rebuilt (environment: "
+                   help="run the import paths (package.module:factory) the file records for its model, "
+                        "dataset and task; without it only built-in ones are rebuilt (environment: "
                         "LANDSCAPE_TRUST_CODE=1)")
     g.add_argument("--model", metavar="PATH", default=None,
                    help="allow the file's model import path, typed out (must be the one the file records)")
     g.add_argument("--dataset", metavar="PATH", default=None,
                    help="allow the file's dataset import path, typed out (must be the one the file records)")
+    g.add_argument("--task", metavar="PATH", default=None,
+                   help="allow the file's task import path, typed out (must be the one the file records)")
 
 
 def open_trusted_trajectory(args):
@@ -92,10 +94,10 @@ def open_trusted_trajectory(args):
     from landscape.store import open_trajectory
     from landscape.trust import RECORDED_IMPORTS
 
-    traj = open_trajectory(args.file, trust_code=args.trust_code, allow=[args.model, args.dataset])
-    for what, typed in (("model", args.model), ("dataset", args.dataset)):
+    traj = open_trajectory(args.file, trust_code=args.trust_code, allow=[args.model, args.dataset, args.task])
+    for what, typed in (("model", args.model), ("dataset", args.dataset), ("task", args.task)):
         key, field = RECORDED_IMPORTS[what]
-        recorded = (traj.config.get(key) or {}).get(field)
+        recorded = traj.config.get(key) if field is None else (traj.config.get(key) or {}).get(field)
         if typed is not None and typed != recorded:
             raise TrustError(f"--{what} {typed} does not match {traj.path}, which records the {what} {recorded!r}")
     traj.check_trusted()

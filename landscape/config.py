@@ -24,6 +24,8 @@ from typing import ClassVar
 from .data import DataSpec
 from .errors import ConfigError
 from .models import ModelSpec
+from .tasks import TASKS
+from .trust import is_import_path
 
 
 def option(default, help: str, *, at_least=None, above=None, at_most=None, below=None, choices=None):
@@ -109,6 +111,8 @@ class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     methods: tuple = ("sgd", "swa")   # trained from the same initialization and data order
+    task: str = option("classification", "loss and metrics: classification, regression, language-model, "
+                                         "model-loss, or package.module:obj")
     epochs: int = option(150, "epoch budget of every method", at_least=1)
     batch_size: int = option(64, "mini-batch size", at_least=1)
     lr: float = option(0.1, "initial learning rate", above=0)
@@ -179,6 +183,8 @@ class TrainConfig:
                 raise ConfigError(f"unknown method {m!r}; methods: {', '.join(known_methods)}")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("a method is listed twice")
+        if self.task not in TASKS and not is_import_path(self.task):
+            raise ConfigError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)} (or package.module:obj)")
         for f in fields(self):
             check_option(f.name, getattr(self, f.name), f.metadata)
         for opts in self.options:

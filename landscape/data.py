@@ -1,6 +1,11 @@
-"""Datasets as in-memory tensors on the training device (no DataLoader in any hot path).
+"""Datasets as in-memory tensors on the training device (no DataLoader in any hot path), or as data
+sources read batch by batch (:class:`StreamData`, for data that does not fit in memory). Each carries
+the task that scores it (:mod:`landscape.tasks`; classification by default).
 
-Built-in: ``mnist1d`` (the default), ``cifar10``, ``npz``, ``synthetic``; a user dataset is named by
+Built-in: ``mnist1d`` (the default), ``cifar10``, ``npz``, ``synthetic``, and two generated offline for
+other tasks: ``regression`` (a smooth function of uniform inputs plus noise) and ``modular`` (modular
+addition as token sequences, for a language model). Float inputs are read as float32, integer inputs as
+token ids (int64); integer targets are classes, float targets values. A user dataset is named by
 import path ``package.module:factory`` (found on ``sys.path`` or in the current folder), called with the
 dataset options as keyword arguments. It returns ``(x_train, y_train, x_test, y_test)`` (arrays or
 tensors), a dict with those keys, or ``(train, test)`` where each is an ``(x, y)`` pair or a
@@ -14,19 +19,24 @@ Example::
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import pickle
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from .bn import batch_slices
 from .errors import DataError
 from .options import Option, check_options
+from .tasks import IGNORE_INDEX, get_task, to_device
 
 
 @dataclass(frozen=True)
@@ -45,20 +55,147 @@ class DataSpec:
 
 @dataclass
 class Data:
+    """Both splits in memory as tensors (the fast path), with the task that scores them. Inputs are
+    float, or integer token ids; targets are class labels (int), float values, or token labels.
+    ``sizes``: the splits' sizes before :meth:`subset` (for standard errors), else None."""
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
     augment: bool = False  # random crop (padding 4) + horizontal flip, for images
+    task: object = None    # a landscape.tasks task; None: classification
+    sizes: dict = None
+
+    def __post_init__(self):
+        self.task = get_task(self.task)
 
     @property
     def input_shape(self) -> tuple:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
     def to(self, device) -> "Data":
-        return Data(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
-                    self.y_test.to(device), self.num_classes, self.augment)
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
+    def batches(self, split: str, batch_size: int, device=None):
+        """``(x, y)`` batches of ``split`` in order (see :func:`batch_slices`)."""
+        x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+        for sl in batch_slices(len(x), batch_size):
+            yield to_device((x[sl], y[sl]), device) if device is not None else (x[sl], y[sl])
+
+    def population(self, split: str) -> int:
+        """How many samples ``split`` was drawn from."""
+        return (self.sizes or {}).get(split, len(getattr(self, f"x_{split}")))
+
+    def subset(self, samples: int, seed: int = 0, splits=("train", "test")) -> "Data":
+        """A fixed random subset of ``samples`` of each split (in their order), drawn from ``seed``."""
+        g, changes = torch.Generator().manual_seed(seed), {"sizes": {s: self.population(s) for s in splits}}
+        for split in splits:
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if samples < len(x):
+                idx = torch.randperm(len(x), generator=g)[:samples].sort().values.to(x.device)
+                changes.update({f"x_{split}": x[idx], f"y_{split}": y[idx]})
+        return replace(self, **changes)
+
+
+class StreamData:
+    """Both splits as data sources that yield batches, read in a fixed order for every pass, one batch
+    in memory at a time. A source is a ``torch.utils.data.DataLoader`` (one over a map-style dataset is
+    read in index order, shuffling or not) or a function returning a fresh iterable of batches. A
+    batch is an ``(inputs, targets)`` tuple or a dict (see :mod:`landscape.tasks`).
+
+    Example::
+
+        x, y = torch.randn(100, 3), torch.randn(100)
+        train = DataLoader(TensorDataset(x, y), batch_size=32)            # read in index order
+        test = lambda: ((x[i:i + 25], y[i:i + 25]) for i in range(0, 100, 25))   # a fresh iterable per pass
+        data = StreamData(train, test, task="regression")
+    """
+    augment = False
+    num_classes = None
+
+    def __init__(self, train, test, task=None, sizes: dict | None = None):
+        for split, source in (("train", train), ("test", test)):
+            if not (isinstance(source, DataLoader) or callable(source)):
+                raise DataError(f"the {split} data source is a {type(source).__name__}; give a DataLoader or a "
+                                "function returning an iterable of batches")
+        self.train, self.test, self.task, self.sizes = train, test, get_task(task), sizes
+
+    def to(self, device) -> "StreamData":
+        return self  # batches move to the model's device as they are read
+
+    def batches(self, split: str, batch_size: int = None, device=None):
+        """The batches of ``split`` in its fixed order (``batch_size``: the source's own)."""
+        first = None
+        for i, batch in enumerate(_in_order(getattr(self, split))):
+            first = batch if first is None else first
+            _check_like(first, batch, split, i)
+            yield to_device(batch, device) if device is not None else batch
+
+    def population(self, split: str) -> int | None:
+        source = getattr(self, split)
+        if self.sizes and split in self.sizes:
+            return self.sizes[split]
+        return len(source.dataset) if isinstance(source, DataLoader) and _sized(source.dataset) else None
+
+    def subset(self, samples: int, seed: int = 0, splits=("train", "test")) -> "StreamData":
+        """A fixed random subset of ``samples`` of each split (a DataLoader over a map-style dataset)."""
+        g, sources = torch.Generator().manual_seed(seed), {"train": self.train, "test": self.test}
+        for split in splits:
+            loader = sources[split]
+            if not (isinstance(loader, DataLoader) and _sized(loader.dataset)):
+                raise DataError(f"a subset of the {split} data needs a DataLoader over a dataset with a length; "
+                                f"the {split} source is a {type(loader).__name__}")
+            if samples < len(loader.dataset):
+                idx = torch.randperm(len(loader.dataset), generator=g)[:samples].sort().values.tolist()
+                sources[split] = _sequential(loader, Subset(loader.dataset, idx))
+        return StreamData(sources["train"], sources["test"], self.task,
+                          {s: self.population(s) for s in splits})
+
+
+def _sized(dataset) -> bool:
+    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__")
+
+
+def _sequential(loader: DataLoader, dataset=None) -> DataLoader:
+    """``loader``'s dataset (or ``dataset``) read in index order, every sample, same batches otherwise."""
+    return DataLoader(loader.dataset if dataset is None else dataset, batch_size=loader.batch_size or 1,
+                      shuffle=False, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory)
+
+
+def _in_order(source):
+    """One pass over a source in its fixed order: a map-style DataLoader sequentially; any other
+    iterable with torch's random state fixed for the pass (so a shuffling iterable repeats itself)."""
+    if isinstance(source, DataLoader) and _sized(source.dataset) and source.batch_size is not None:
+        yield from _sequential(source)
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield from (source if isinstance(source, DataLoader) else source())
+
+
+def _check_like(first, batch, split: str, i: int) -> None:
+    """Refuse a batch whose tensors differ in length, or whose structure, dimensions or dtypes differ
+    from the first batch's (sizes may vary: sequences padded per batch)."""
+    def kinds(b):
+        if isinstance(b, dict):
+            return {k: kinds(v) for k, v in b.items()}
+        if isinstance(b, (tuple, list)):
+            return [kinds(v) for v in b]
+        return f"{b.ndim}-d {b.dtype}" if torch.is_tensor(b) else type(b).__name__
+    lengths = {len(t) for t in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list))
+                                else [batch]) if torch.is_tensor(t)}
+    if len(lengths) > 1:
+        raise DataError(f"batch {i} of the {split} data holds tensors of {sorted(lengths)} samples; every tensor "
+                        "of a batch needs one row per sample")
+    if i and kinds(first) != kinds(batch):
+        raise DataError(f"batch {i} of the {split} data is {kinds(batch)}, the first was {kinds(first)}")
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -184,9 +321,12 @@ def _npz(options: dict):
                             f"unpickled); save numeric arrays") from None
         except (OSError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"cannot read npz file {path}: {e}") from None
-    arrays = [arrays[0].astype(np.float32), arrays[1].astype(np.int64),
-              arrays[2].astype(np.float32), arrays[3].astype(np.int64)]
-    return arrays, int(max(arrays[1].max(), arrays[3].max())) + 1
+    return [typed_array(a) for a in arrays], None
+
+
+def typed_array(a: np.ndarray) -> np.ndarray:
+    """Float arrays as float32, integer ones as int64 (class labels, token ids)."""
+    return a.astype(np.float32 if np.issubdtype(a.dtype, np.floating) else np.int64)
 
 
 def _synthetic(options: dict):
@@ -209,6 +349,37 @@ def _synthetic(options: dict):
     x_tr, y_tr = make(n_train)
     x_te, y_te = make(n_test)
     return [x_tr, y_tr, x_te, y_te], classes
+
+
+def _regression(options: dict):
+    """A smooth nonlinear function of ``features`` uniform inputs in [-2, 2] plus Gaussian noise:
+    y = sin(x . a) + 0.5 (x . b)^2 / features + noise (a, b fixed by ``seed``). Generated offline."""
+    n_train, n_test = int(options.get("n_train", 2000)), int(options.get("n_test", 1000))
+    features, noise = int(options.get("features", 8)), float(options.get("noise", 0.1))
+    if (n_train + n_test) * features > SYNTHETIC_MAX_VALUES:
+        raise DataError(f"dataset 'regression': {n_train + n_test} samples of {features} features are too many")
+    g = torch.Generator().manual_seed(int(options.get("seed", 0)))
+    a, b = torch.randn(features, generator=g) / math.sqrt(features), torch.randn(features, generator=g)
+    x = torch.rand(n_train + n_test, features, generator=g) * 4 - 2
+    y = torch.sin(x @ a) + 0.5 * (x @ b).square() / features + noise * torch.randn(len(x), generator=g)
+    return [x[:n_train].numpy(), y[:n_train].numpy(), x[n_train:].numpy(), y[n_train:].numpy()], None
+
+
+def _modular(options: dict):
+    """Modular addition as token sequences: every pair (a, b) of residues mod p written as
+    ``a + b = c`` with c = (a + b) mod p (tokens 0..p-1, p for '+', p + 1 for '='). Inputs are the
+    first four tokens, labels the next token at each position with only the answer kept (the others
+    are ``IGNORE_INDEX``); a fixed random ``train_fraction`` of the pairs trains. Generated offline."""
+    p, fraction = int(options.get("modulus", 23)), float(options.get("train_fraction", 0.5))
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    seq = torch.stack([a, torch.full_like(a, p), b, torch.full_like(a, p + 1), (a + b) % p], 1)
+    x, y = seq[:, :-1], torch.full_like(seq[:, 1:], IGNORE_INDEX)
+    y[:, -1] = seq[:, -1]
+    order = torch.randperm(len(seq), generator=torch.Generator().manual_seed(int(options.get("seed", 0))))
+    cut = max(2, min(len(seq) - 1, round(fraction * len(seq))))
+    tr, te = order[:cut], order[cut:]
+    return [x[tr].numpy(), y[tr].numpy(), x[te].numpy(), y[te].numpy()], p + 2
 
 
 def _split_arrays(split, name: str, which: str):
@@ -251,12 +422,11 @@ def _user_factory(name: str, options: dict):
         raise DataError(f"dataset factory {name} returned {type(out).__name__}; expected (x_train, y_train, "
                         "x_test, y_test), a dict with those keys, or (train, test) datasets")
     arrays = [np.asarray(t.detach().cpu() if torch.is_tensor(t) else t) for t in out]
-    arrays = [arrays[0].astype(np.float32), arrays[1].astype(np.int64),
-              arrays[2].astype(np.float32), arrays[3].astype(np.int64)]
-    return arrays, int(max(arrays[1].max(), arrays[3].max())) + 1
+    return [typed_array(a) for a in arrays], None
 
 
-DATASETS = {"mnist1d": _mnist1d, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic}
+DATASETS = {"mnist1d": _mnist1d, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic,
+            "regression": _regression, "modular": _modular}
 # the options each built-in dataset reads, with their types and ranges: any other is a typo, refused
 # rather than recorded unused; a value from a file cannot size more than a test-sized dataset
 _AUGMENT = Option("bool")
@@ -266,7 +436,12 @@ OPTIONS = {"mnist1d": {},
            "synthetic": {"n_train": Option("int", 2, 10 ** 6), "n_test": Option("int", 1, 10 ** 6),
                          "classes": Option("int", 2, 10 ** 4), "shape": Option("ints", 1, 4096, length=3),
                          "seed": Option("int", 0, 2 ** 63 - 1), "noise": Option("float", 0, 1e6),
-                         "augment": _AUGMENT}}
+                         "augment": _AUGMENT},
+           "regression": {"n_train": Option("int", 2, 10 ** 7), "n_test": Option("int", 1, 10 ** 7),
+                          "features": Option("int", 1, 4096), "noise": Option("float", 0, 1e6),
+                          "seed": Option("int", 0, 2 ** 63 - 1)},
+           "modular": {"modulus": Option("int", 2, 1000), "train_fraction": Option("float", 0, 1),
+                       "seed": Option("int", 0, 2 ** 63 - 1)}}
 SYNTHETIC_MAX_VALUES = 1 << 27  # 512 MiB of float32 inputs
 
 
@@ -312,27 +487,64 @@ def _import_module(module_name: str):
             raise
 
 
-def as_data(data, device=None) -> Data:
-    """A :class:`Data` from what a user holds: a Data, or its four tensors or arrays
-    ``(x_train, y_train, x_test, y_test)`` (class labels; the number of classes is the largest
-    label + 1). ``device``: where the tensors go (None: where they are)."""
-    if not isinstance(data, Data):
+def as_data(data, device=None, task=None):
+    """A :class:`Data` or :class:`StreamData` from what a user holds: one of those, the four tensors or
+    arrays ``(x_train, y_train, x_test, y_test)``, or two data sources ``(train, test)`` (DataLoaders or
+    functions returning iterables of batches). Integer labels are classes (their number is the
+    largest label + 1), float targets are values, integer inputs are token ids. ``device``: where
+    in-memory tensors go (None: where they are); ``task``: the task scoring them (None: the data's,
+    classification by default).
+
+    Example::
+
+        data = as_data((x_train, y_train, x_test, y_test), task="regression")
+    """
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        data = StreamData(*data)
+    if not isinstance(data, (Data, StreamData)):
         if not (isinstance(data, (tuple, list)) and len(data) == 4):
-            raise DataError(f"data is a {type(data).__name__}; give a landscape Data or the four tensors "
-                            "(x_train, y_train, x_test, y_test)")
-        x_tr, y_tr, x_te, y_te = (torch.as_tensor(np.asarray(t) if not torch.is_tensor(t) else t) for t in data)
-        if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or len(x_tr) < 2 or len(x_te) < 1:
-            raise DataError(f"data: {len(x_tr)} train inputs with {len(y_tr)} labels and {len(x_te)} test inputs "
-                            f"with {len(y_te)} labels; give equally long inputs and labels, none empty")
-        if x_tr.shape[1:] != x_te.shape[1:]:
-            raise DataError(f"data: train inputs {tuple(x_tr.shape[1:])} and test inputs {tuple(x_te.shape[1:])} "
-                            "differ in shape")
-        classes = int(max(y_tr.max(), y_te.max())) + 1
-        data = Data(x_tr.float(), y_tr.long(), x_te.float(), y_te.long(), classes)
+            raise DataError(f"data is a {type(data).__name__}; give a landscape Data, the four tensors "
+                            "(x_train, y_train, x_test, y_test) or two data sources (train, test)")
+        tensors = [torch.as_tensor(np.asarray(t) if not torch.is_tensor(t) else t) for t in data]
+        check_splits(tensors, "data")
+        tensors, classes = typed(tensors)
+        data = Data(*tensors, classes)
+    if task is not None:
+        data = replace(data, task=task) if isinstance(data, Data) else StreamData(data.train, data.test, task, data.sizes)
     return data if device is None else data.to(device)
 
 
-def load_data(spec: DataSpec, device="cpu") -> Data:
+def check_splits(tensors, name: str) -> None:
+    """Refuse inputs and labels of different lengths, empty splits, train and test inputs of
+    different shapes."""
+    x_tr, y_tr, x_te, y_te = tensors
+    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or len(x_tr) < 2 or len(x_te) < 1:
+        raise DataError(f"{name}: {len(x_tr)} train inputs with {len(y_tr)} labels and {len(x_te)} test inputs "
+                        f"with {len(y_te)} labels; give equally long inputs and labels, none empty")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"{name}: train inputs {tuple(x_tr.shape[1:])} and test inputs {tuple(x_te.shape[1:])} "
+                        "differ in shape")
+
+
+def typed(tensors) -> tuple:
+    """``([x_train, y_train, x_test, y_test], num_classes)`` with float inputs as float32 and integer
+    inputs (token ids) as int64, float targets as float32 and integer targets (classes) as int64.
+    ``num_classes``: the number of classes (for token ids, of tokens in inputs or labels), or of
+    outputs per sample for float targets."""
+    x_tr, y_tr, x_te, y_te = (torch.as_tensor(t) for t in tensors)
+    fix = lambda t: t.float() if t.is_floating_point() else t.long()  # noqa: E731
+    x_tr, y_tr, x_te, y_te = fix(x_tr), fix(y_tr), fix(x_te), fix(y_te)
+    if y_tr.is_floating_point():
+        classes = int(np.prod(y_tr.shape[1:])) if y_tr.ndim > 1 else 1
+    else:
+        classes = int(max(y_tr.max(), y_te.max())) + 1
+        if not x_tr.is_floating_point():
+            classes = max(classes, int(max(x_tr.max(), x_te.max())) + 1)
+    return [x_tr, y_tr, x_te, y_te], classes
+
+
+def load_data(spec: DataSpec, device="cpu", task=None) -> Data:
+    """The dataset ``spec`` names, on ``device``, scored by ``task`` (None: classification)."""
     if spec.name in DATASETS:
         if spec.name in OPTIONS:
             check_options(spec.options, OPTIONS[spec.name], f"dataset {spec.name!r}", DataError)
@@ -355,4 +567,6 @@ def load_data(spec: DataSpec, device="cpu") -> Data:
         raise DataError(f"dataset {spec.name!r}: augment (random crop and flip) needs images (N, C, H, W), "
                         f"got inputs of shape {tuple(x_tr.shape[1:])}")
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-    return Data(*tensors, num_classes=num_classes, augment=augment).to(device)
+    if num_classes is None:  # a dataset of values or tokens: the count follows from the arrays' types
+        tensors, num_classes = typed(tensors)
+    return Data(*tensors, num_classes=num_classes, augment=augment, task=task).to(device)

@@ -1,9 +1,14 @@
-"""The batched evaluator: train and test loss and error at many points of weight space per call.
+"""The batched evaluator: train and test loss and the task's metrics at many points of weight space per call.
 
 Points arrive as the rows of a (K, P) weight matrix (and (K, B) buffers). For K > 1 one call runs
 ``torch.func.functional_call`` under ``torch.func.vmap`` over the K rows, so every data batch passes
-through K models at once; K = 1 runs the plain model. Data stays on the device as tensors, losses are
-summed per sample in float64, errors are in percent, and a point whose logits turn NaN gets NaN error.
+through K models at once; K = 1 runs the plain model. The data's task (:mod:`landscape.tasks`;
+classification: cross-entropy and error in percent) turns each point's output into per-sample values,
+summed in float64 (:class:`MetricSums`), and a point whose loss is not finite gets NaN metrics.
+In-memory data stays on the device as tensors (the fast path); a data source
+(:class:`~landscape.data.StreamData`) is read batch by batch in its fixed order, once per call for all
+K points, so memory does not depend on the dataset's size. On a subset, each value's standard error
+over samples comes beside it (``test_loss_se``).
 
 BatchNorm policies (:class:`BatchNormPolicy`):
 
@@ -36,16 +41,30 @@ import time
 import types
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_map
 
 from .bn import MomentMerger, batch_slices, has_batchnorm
-from .errors import ConfigError
+from .data import Data
+from .errors import ConfigError, DataError
+from .tasks import (Evaluation, batch_size_of, check_evaluation, logits_of, model_args, output_tree, repeat_targets,
+                    take, to_device)
 
 POLICIES = ("recompute", "interpolate", "stored")
-METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+METRICS = ("train_loss", "train_err", "test_loss", "test_err")   # classification's
+
+
+def metric_names(task, weight_decay=None, stderr: bool = False) -> tuple:
+    """The values an evaluation of ``task`` gives: the task's (``train_loss``, ``train_err``, ...),
+    ``train_loss_l2`` with a weight decay, and ``<value>_se`` for the loss and the per-sample
+    metrics with standard errors (subset evaluation)."""
+    names = task.value_names() + (("train_loss_l2",) if weight_decay is not None else ())
+    if stderr:
+        names += tuple(f"{s}_{m}_se" for s in ("train", "test") for m in ("loss",) + tuple(task.metrics))
+    return names
 
 
 @dataclass(frozen=True)
@@ -84,14 +103,13 @@ def resolve_policy(bn, model, can_interpolate: bool, batch_size: int = 1000) -> 
     return BatchNormPolicy(name, pol.batch_size, pol.samples, pol.seed)
 
 
-def bn_inputs(data, bn: BatchNormPolicy) -> torch.Tensor:
-    """The training inputs a ``recompute`` pass reads: the whole training set, or the fixed random
-    subset of ``bn.samples`` of them (in their order) drawn from ``bn.seed``."""
-    if bn.policy == "recompute" and bn.samples is not None and bn.samples < len(data.x_train):
-        g = torch.Generator().manual_seed(bn.seed)
-        idx = torch.randperm(len(data.x_train), generator=g)[:bn.samples].sort().values
-        return data.x_train[idx.to(data.x_train.device)]
-    return data.x_train
+def bn_inputs(data, bn: BatchNormPolicy):
+    """The training data a ``recompute`` pass reads: the whole training set, or the fixed random
+    subset of ``bn.samples`` of them (in their order) drawn from ``bn.seed``: the training inputs of
+    in-memory data, a data source's training batches (inputs and targets) otherwise."""
+    if bn.policy == "recompute" and bn.samples is not None:
+        data = data.subset(bn.samples, bn.seed, splits=("train",))
+    return data.x_train if isinstance(data, Data) else data
 
 
 def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -163,26 +181,28 @@ class Evaluator:
     """Evaluates the points given as rows of (K, P) weights and (K, B) buffers; see the module doc."""
 
     def __init__(self, model, layout, data, bn: BatchNormPolicy = BatchNormPolicy("stored"),
-                 batch_size: int = 1000, weight_decay: float | None = None):
-        if data.x_train.device.type == "cpu":
-            keep_freed_memory()
+                 batch_size: int = 1000, weight_decay: float | None = None, stderr: bool = False):
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.layout, self.data, self.bn = layout, data, bn
+        self.device = next(self.model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.layout, self.data, self.bn, self.task = layout, data, bn, data.task
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-        self.weight_decay = weight_decay
-        self.metrics = METRICS + (("train_loss_l2",) if weight_decay is not None else ())
+        self.weight_decay, self.stderr = weight_decay, stderr
+        self.metrics = metric_names(self.task, weight_decay, stderr)
         self.bn_layers = {n: m for n, m in self.model.named_modules()
                           if isinstance(m, _BatchNorm) and m.track_running_stats}
         self.var_names = [f"{n}.running_var" for n in self.bn_layers]
         self.x_bn = bn_inputs(data, bn)
-        self._per_sample = self._elements_per_sample()
+        self._vmap_task = True  # until the task fails under vmap
+        self._per_sample = self._elements_per_sample(check_task_fits(self.model, data, self.device))
 
     # ------------------------------------------------------------------------------------------
-    def _elements_per_sample(self) -> dict:
+    def _elements_per_sample(self, probe) -> dict:
         """Values per channel per sample that each BatchNorm layer sees (the L of (N, C, L)); also
         finds the BatchNorm layer that runs last, after which a recompute pass can stop (none when a
         layer runs more than once per forward)."""
@@ -197,15 +217,17 @@ class Evaluator:
             hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: seen(mod, args, name)))
         try:
             with torch.no_grad():
-                self.model(self.data.x_train[:2])
+                args, kwargs = model_args(probe)
+                self.model(*args, **kwargs)
         finally:
             for h in hooks:
                 h.remove()
         self._last_bn = order[-1] if order and len(order) == len(set(order)) else None
-        folded = [name for name, n in rows.items() if n != 2]
+        size = batch_size_of(probe)
+        folded = [name for name, n in rows.items() if n != size]
         if folded and self.bn.policy == "recompute":
             # the batched recompute splits a BatchNorm input into batches along dimension 0
-            raise ConfigError(f"BatchNorm layer {folded[0]!r} does not see one row per sample (2 samples "
+            raise ConfigError(f"BatchNorm layer {folded[0]!r} does not see one row per sample ({size} samples "
                               f"gave {rows[folded[0]]} rows), so its statistics cannot be recomputed; "
                               "use --bn stored or --bn interpolate")
         return counts
@@ -219,16 +241,22 @@ class Evaluator:
         b = {k: t.clone(memory_format=torch.contiguous_format) for k, t in self.layout.split_buffers(buffers).items()}
         return p, b
 
-    def _forward(self, p: dict, b: dict, x: torch.Tensor, batched: bool) -> torch.Tensor:
-        """Logits (K, n, classes)."""
-        call = lambda p_, b_, x_: functional_call(self.model, (p_, b_), (x_,))  # noqa: E731
+    def _forward(self, p: dict, b: dict, batch, batched: bool):
+        """The model's output for ``batch`` at the K points, every tensor with a leading K."""
+        args, kwargs = model_args(batch)
+        call = lambda p_, b_: output_tree(functional_call(self.model, (p_, b_), args, kwargs))  # noqa: E731
         if batched:
-            return vmap(call, in_dims=(0, 0, None))(p, b, x)
-        return call(p, b, x)[None]
+            return vmap(call, in_dims=(0, 0))(p, b)
+        return tree_map(lambda t: t[None], call(p, b))
 
-    def _bn_calls(self) -> list:
-        """The recompute pass as (slice of x_bn, BatchNorm batch size) calls: consecutive batches of
-        equal size (those of :func:`batch_slices`) stacked up to about ``batch_size`` samples a call."""
+    def _bn_calls(self):
+        """The recompute pass as (batch, BatchNorm batch size) calls. In memory: consecutive batches
+        of equal size (those of :func:`batch_slices`) stacked up to about ``batch_size`` samples a
+        call; from a data source: each of its training batches, one BatchNorm batch."""
+        if not torch.is_tensor(self.x_bn):
+            for batch in self.x_bn.batches("train", self.bn.batch_size, self.device):
+                yield batch, batch_size_of(batch)
+            return
         batches, calls, i = batch_slices(len(self.x_bn), self.bn.batch_size), [], 0
         per_call = max(1, self.batch_size // self.bn.batch_size)
         while i < len(batches):
@@ -237,7 +265,8 @@ class Evaluator:
                 j += 1
             calls.append((slice(batches[i].start, batches[j - 1].stop), size))
             i = j
-        return calls
+        for sl, size in calls:
+            yield (self.x_bn[sl],), size
 
     def _recompute(self, p: dict, b: dict, batched: bool) -> None:
         """Replace the BatchNorm statistics in ``b`` by whole-training-set ones (see the module doc).
@@ -254,14 +283,14 @@ class Evaluator:
             m.forward = types.MethodType(stacked_batch_norm, m)
             m.last_of_pass = name == self._last_bn
         try:
-            for sl, group in self._bn_calls():
+            for batch, group in self._bn_calls():
                 for m in self.bn_layers.values():
                     m.stacked_batch = group
                 try:
-                    self._forward(p, b, self.x_bn[sl], batched)
+                    self._forward(p, b, batch, batched)
                 except _PassDone:
                     pass
-                n = sl.stop - sl.start
+                n = batch_size_of(batch)
                 for name, merger in mergers.items():
                     merger.add(n * self._per_sample[name], b[f"{name}.running_mean"], b[f"{name}.running_var"])
         finally:
@@ -287,46 +316,133 @@ class Evaluator:
                 b[name] = b[name].clamp_min(0.0)
         out = {}
         for split in ("train", "test"):
-            x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
-            loss_sum = torch.zeros(K, dtype=torch.float64, device=x.device)
-            wrong = torch.zeros(K, dtype=torch.float64, device=x.device)
-            nan = torch.zeros(K, dtype=torch.bool, device=x.device)
-            for sl in batch_slices(len(x), self.batch_size):
-                logits = self._forward(p, b, x[sl], batched)                     # (K, n, C)
-                target = y[sl].expand(K, -1)
-                loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (K, n)
-                loss_sum += loss.double().sum(1)
-                wrong += (logits.argmax(-1) != target).sum(1)
-                nan |= logits.isnan().flatten(1).any(1)
-            # a point whose loss overflowed has no meaningful error either (argmax of inf logits)
-            bad = nan | ~torch.isfinite(loss_sum)
-            err = 100.0 * wrong / len(x)
-            out[f"{split}_loss"] = (loss_sum / len(x)).cpu().numpy()
-            out[f"{split}_err"] = torch.where(bad, float("nan"), err).cpu().numpy()
+            sums = MetricSums(self.task, K, self.device)
+            for batch in self.data.batches(split, self.batch_size, self.device):
+                output = self._forward(p, b, batch, batched)
+                sums.add(self._evaluate_points(output, batch, K))
+            out.update(sums.result(split, self.data.population(split) if self.stderr else None))
         if self.weight_decay is not None:
             sq = params.double().pow(2).sum(1).cpu().numpy()
             out["train_loss_l2"] = out["train_loss"] + 0.5 * self.weight_decay * sq
         return out
 
+    def _evaluate_points(self, output, batch, K: int) -> Evaluation:
+        """The K points' per-sample values, each a (K, n) tensor: for a ``row_wise`` task (the built-in
+        ones: sample i's values depend on its own logits and target only) one call on the K * n rows;
+        else one vmapped call where the task allows, else one call per point (a task vmap cannot
+        batch, e.g. one that reads values with ``.item()``)."""
+        def fields(e: Evaluation) -> tuple:
+            counts = e.counts if e.counts is not None else torch.ones_like(e.losses, dtype=torch.float64)
+            return e.losses, e.metrics, counts
+        if K > 1 and getattr(self.task, "row_wise", False):  # the K points' outputs scored as K * n samples
+            n = batch_size_of(batch)
+            logits = logits_of(output)
+            e = self.task.evaluate(logits.reshape(K * n, *logits.shape[2:]), repeat_targets(batch, K))
+            split = lambda t: None if t is None else t.reshape(K, n)  # noqa: E731
+            return Evaluation(split(e.losses), {m: split(v) for m, v in e.metrics.items()}, split(e.counts))
+        if K > 1 and self._vmap_task:
+            try:
+                return Evaluation(*vmap(lambda o: fields(self.task.evaluate(o, batch)))(output))
+            except Exception:
+                self._vmap_task = False
+        parts = [fields(self.task.evaluate(tree_map(lambda t: t[k], output), batch)) for k in range(K)]
+        return Evaluation(torch.stack([p[0] for p in parts]), {m: torch.stack([p[1][m] for p in parts])
+                                                               for m in parts[0][1]}, torch.stack([p[2] for p in parts]))
+
+
+def check_task_fits(model, data, device):
+    """Two training samples through the model (in eval mode) and the data's task, before any long
+    work: a task that does not fit the model's outputs, data of the wrong shapes or a metric of the
+    wrong length is refused in one line. Returns that probe batch."""
+    first = (data.x_train[:2], data.y_train[:2]) if isinstance(data, Data) else next(iter(data.batches("train")))
+    batch = to_device(take(first, slice(0, 2)), device)
+    args, kwargs = model_args(batch)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            output = output_tree(model.eval()(*args, **kwargs))
+    except Exception as e:
+        raise DataError(f"the model cannot take a batch of the data ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        model.train(was_training)
+    check_evaluation(data.task, data.task.evaluate(output, batch), batch_size_of(batch))
+    return batch
+
+
+class MetricSums:
+    """Running sums of a task's per-sample values for K points, in float64, and the split's values
+    from them: each metric is sum(values) / sum(counts), and, given the population size N the samples
+    were drawn from (without replacement), its standard error over samples (the ratio estimator's,
+    with the finite-population factor sqrt(1 - n/N); the plain standard error of the mean when counts
+    are 1). A point whose loss is not finite gets NaN metrics (an argmax of NaN logits means nothing)."""
+
+    def __init__(self, task, K: int, device):
+        self.task, self.n = task, 0
+        zeros = lambda: torch.zeros(K, dtype=torch.float64, device=device)  # noqa: E731
+        self.names = ("loss",) + tuple(task.metrics)
+        self.sum = {m: zeros() for m in self.names}
+        self.sq = {m: zeros() for m in self.names}       # sum of value^2
+        self.cross = {m: zeros() for m in self.names}    # sum of value * count
+        self.count, self.count_sq = zeros(), zeros()
+
+    def add(self, e: Evaluation) -> None:
+        """One batch: the K points' values as (K, n) tensors (counts (K, n) or None: one each)."""
+        c = torch.ones_like(e.losses, dtype=torch.float64) if e.counts is None else e.counts.double()   # (K, n)
+        self.n += c.shape[1]
+        self.count += c.sum(1)
+        self.count_sq += c.square().sum(1)
+        for m in self.names:
+            v = (e.losses if m == "loss" else e.metrics[m]).double()
+            self.sum[m] += v.sum(1)
+            self.sq[m] += v.square().sum(1)
+            self.cross[m] += (v * c).sum(1)
+
+    def result(self, split: str, population: int | None = None) -> dict:
+        """``{split}_{metric}`` -> (K,) numpy arrays; with ``population`` also ``{split}_{metric}_se``."""
+        if self.n == 0:
+            raise DataError(f"the {split} data yielded no samples")
+        mean = {m: self.sum[m] / self.count for m in self.names}
+        bad = ~torch.isfinite(mean["loss"])
+        out = {f"{split}_{m}": torch.where(bad & (m != "loss"), float("nan"), v) for m, v in mean.items()}
+        if population is not None:
+            for m in self.names:
+                out[f"{split}_{m}_se"] = self._stderr(m, mean[m], population)
+        out = {k: v.cpu().numpy() for k, v in out.items()}
+        for name in getattr(self.task, "derived", ()):
+            values = [self.task.derive({m: float(v[i]) for m, v in mean.items()})[name] for i in range(len(bad))]
+            out[f"{split}_{name}"] = np.asarray(values, dtype=np.float64)
+        return out
+
+    def _stderr(self, m: str, mean: torch.Tensor, population: int) -> torch.Tensor:
+        n = self.n
+        resid = self.sq[m] - 2 * mean * self.cross[m] + mean.square() * self.count_sq    # sum (v - mean c)^2
+        fpc = max(0.0, 1.0 - n / population)
+        return (resid.clamp_min(0) * n / max(n - 1, 1) * fpc).sqrt() / self.count
+
 
 @torch.inference_mode()
 def evaluate_model(model, data, batch_size: int = 1000) -> dict:
-    """Train and test loss (mean cross-entropy) and error (%) of one model in eval mode, sums in
-    float64: the one evaluation of single models (training, the recorder, the importer). Agrees with
-    :class:`Evaluator` at the same weights."""
+    """Train and test loss and the task's metrics (``data.task``; classification: mean cross-entropy
+    and error in %) of one model in eval mode, sums in float64: the one evaluation of single models
+    (training, the recorder, the importer). Agrees with :class:`Evaluator` at the same weights.
+
+    Example::
+
+        evaluate_model(net, as_data((x, y, x_test, y_test)))   # {"train_loss": ..., "test_err": ...}
+    """
     was_training = model.training
     model.eval()
-    out = {}
-    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-        wrong = torch.zeros((), dtype=torch.float64, device=x.device)
-        for sl in batch_slices(len(x), batch_size):
-            logits = model(x[sl])
-            loss_sum += F.cross_entropy(logits, y[sl], reduction="sum").double()
-            wrong += (logits.argmax(1) != y[sl]).sum()
-        out[f"{split}_loss"] = float(loss_sum / len(x))
-        # with a non-finite loss the argmax is meaningless: no error either (as in the evaluator)
-        out[f"{split}_err"] = float(100.0 * wrong / len(x)) if torch.isfinite(loss_sum) else float("nan")
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else data.device
+    task, out = data.task, {}
+    for split in ("train", "test"):
+        sums = MetricSums(task, 1, device)
+        for batch in data.batches(split, batch_size, device):
+            args, kwargs = model_args(batch)
+            e = task.evaluate(output_tree(model(*args, **kwargs)), batch)
+            sums.add(Evaluation(e.losses[None], {m: v[None] for m, v in e.metrics.items()},
+                                None if e.counts is None else e.counts[None]))
+        out.update({k: float(v[0]) for k, v in sums.result(split).items()})
     model.train(was_training)
     return out
 

@@ -42,13 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .data import as_data
+from .data import Data, as_data
 from .errors import CheckpointError, ConfigError, GeometryError, ModelError
 from .params import Layout, match_state_dict, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store import PathData, PointData, Trajectory, open_trajectory
+from .tasks import get_task, output_tree
 
 # a direction shorter than this fraction of the weights' norm counts as zero (duplicate checkpoints)
 DEGENERATE = 1e-6
@@ -587,6 +587,9 @@ class Plane:
             raise ConfigError("a Hessian plane of a live model needs its data: data=(x_train, y_train, x_test, y_test)")
         else:
             data, net = as_data(data, device), copy.deepcopy(src.model).to(device)
+        if not isinstance(data, Data):
+            raise ConfigError("a Hessian plane needs its data in memory (tensors); a streamed data source is "
+                              "evaluated, not differentiated twice")
         (l1, l2), (u, v), its = top_hessian_eigen(net, src.layout, co.params.float(), co.buffers.float(), data,
                                                   samples, seed, iterations, tol, batch_size)
         h = [2 * math.sqrt(2 / max(abs(l), 1e-12)) for l in (l1, l2)]
@@ -793,7 +796,8 @@ def _project(geom, traj: Trajectory | None, checkpoints=None, paths=None) -> tup
 # Hessian eigenvectors
 
 class HessianOperator:
-    """The mean train cross-entropy at fixed BatchNorm buffers (eval mode), as a function of the flat
+    """The mean train loss of the task (cross-entropy by default) at fixed BatchNorm buffers (eval
+    mode), as a function of the flat
     weights: its value and gradient, and Hessian-vector products by double backward through
     ``torch.func.functional_call``; never a (P, P) matrix. Sums run over ``x`` in batches of
     ``batch_size`` and are accumulated in float64. Used by :func:`top_hessian_eigen` and by
@@ -803,8 +807,8 @@ class HessianOperator:
     data batch is built once and serves all k vectors."""
 
     def __init__(self, model, layout, params: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor,
-                 y: torch.Tensor, batch_size: int = 1000):
-        self.model, self.layout = model.eval(), layout
+                 y: torch.Tensor, batch_size: int = 1000, task=None):
+        self.model, self.layout, self.task = model.eval(), layout, get_task(task)
         self.device = x.device
         self.x, self.y, self.batch_size = x, y, int(batch_size)
         self.params = params.to(self.device).float()
@@ -818,7 +822,8 @@ class HessianOperator:
     def _loss(self, w: torch.Tensor, xb, yb) -> torch.Tensor:
         from torch.func import functional_call
         out = functional_call(self.model, (self.layout.split_params(w), self.bufs), (xb,))
-        return F.cross_entropy(out, yb, reduction="sum") / len(self.x)
+        # the task's summed loss over the samples (cross-entropy by default)
+        return self.task.loss(output_tree(out), (xb, yb), reduction="sum") / len(self.x)
 
     @torch.no_grad()
     def loss(self, w: torch.Tensor | None = None) -> float:
@@ -868,7 +873,7 @@ def top_hessian_eigen(model, layout, params: torch.Tensor, buffers: torch.Tensor
     n_train = len(data.x_train)
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(n_train, generator=g)[:min(samples, n_train)].to(device)
-    hvp = HessianOperator(model, layout, params, buffers, data.x_train[idx], data.y_train[idx], batch_size)
+    hvp = HessianOperator(model, layout, params, buffers, data.x_train[idx], data.y_train[idx], batch_size, data.task)
 
     q = torch.linalg.qr(torch.randn(layout.num_params, 2, generator=g, dtype=torch.float64))[0].T.to(device)
     evals, ritz, it = torch.full((2,), float("inf"), dtype=torch.float64), q, 0

@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from math import prod
 
@@ -139,13 +140,66 @@ def vgg16(input_shape, num_classes):
                          nn.Linear(512, num_classes))
 
 
-MODELS = {"mlp": mlp, "cnn1d": cnn1d, "cnn1d-bn": cnn1d_bn, "resnet20": resnet20, "vgg16": vgg16}
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t sees positions <= t (plain matrix products, so
+    that ``torch.func.vmap`` batches it over weights)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(LN x), then x + MLP(LN x)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), CausalSelfAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """A small decoder-only transformer language model: token ids (n, T) -> next-token logits
+    (n, T, vocab), learned position embeddings, ``layers`` pre-norm blocks."""
+
+    def __init__(self, input_shape, num_classes, dim: int = 64, heads: int = 4, layers: int = 2):
+        super().__init__()
+        if len(input_shape) != 1 or dim % heads:
+            raise ModelError(f"transformer expects token sequences (T,) and dim divisible by heads; got inputs "
+                             f"{tuple(input_shape)}, dim {dim}, heads {heads}")
+        context = input_shape[0]
+        self.tokens, self.positions = nn.Embedding(num_classes, dim), nn.Parameter(torch.zeros(context, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(layers)))
+        self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+        nn.init.normal_(self.positions, std=0.02)
+
+    def forward(self, ids):
+        x = self.tokens(ids.long()) + self.positions[:ids.shape[1]]
+        return self.head(self.ln(self.blocks(x)))
+
+
+MODELS = {"mlp": mlp, "cnn1d": cnn1d, "cnn1d-bn": cnn1d_bn, "resnet20": resnet20, "vgg16": vgg16,
+          "transformer": Transformer}
 # the keyword arguments each built-in model takes, with types and ranges (they may come from a file)
 _WIDTH = 1 << 14
 OPTIONS = {"mlp": {"hidden": Option("ints", 1, _WIDTH, length=16)},
            "cnn1d": {"channels": Option("int", 1, _WIDTH), "batchnorm": Option("bool")},
            "cnn1d-bn": {"channels": Option("int", 1, _WIDTH)},
-           "resnet20": {}, "vgg16": {}}
+           "resnet20": {}, "vgg16": {},
+           "transformer": {"dim": Option("int", 1, 4096), "heads": Option("int", 1, 64), "layers": Option("int", 1, 64)}}
 
 
 def register_model(name: str):
@@ -158,7 +212,7 @@ def register_model(name: str):
 
 def build_model(spec: ModelSpec, input_shape, num_classes: int) -> nn.Module:
     """Build the model and check, with one forward pass, that it takes the data's inputs and
-    returns one logit per class."""
+    returns one logit per class (``num_classes`` outputs per sample, or per position of a sequence)."""
     input_shape = tuple(input_shape)
     if spec.name in MODELS:
         factory = MODELS[spec.name]
@@ -191,18 +245,25 @@ def build_model(spec: ModelSpec, input_shape, num_classes: int) -> nn.Module:
 
 
 def check_model_fits(model: nn.Module, name: str, input_shape, num_classes: int) -> None:
+    """One forward pass on two zero inputs (float; integer token ids when the model refuses floats):
+    the model must take them and return ``num_classes`` values per sample (or per position)."""
     was_training = model.training
     model.eval()
+    p = next(model.parameters(), None)
+    error = None
     try:
         with torch.no_grad():
-            p = next(model.parameters(), None)
-            x = torch.zeros(2, *input_shape, device=p.device if p is not None else "cpu")
-            out = model(x)
-    except Exception as e:
-        raise ModelError(f"model {name!r} does not accept inputs of shape {list(input_shape)}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+            for dtype in (torch.float32, torch.long):
+                try:
+                    out = model(torch.zeros(2, *input_shape, dtype=dtype, device=p.device if p is not None else "cpu"))
+                    break
+                except Exception as e:
+                    error = error or e
+            else:
+                raise ModelError(f"model {name!r} does not accept inputs of shape {list(input_shape)}: "
+                                 f"{type(error).__name__}: {str(error).splitlines()[0]}")
     finally:
         model.train(was_training)
-    if out.ndim != 2 or out.shape[1] != num_classes:
+    if torch.is_tensor(out) and (out.ndim < 2 or out.shape[-1] != num_classes):
         raise ModelError(f"model {name!r} returns outputs of shape {list(out.shape[1:])}, "
                          f"expected {num_classes} logits (one per class)")

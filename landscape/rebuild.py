@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .data import Data, DataSpec, load_data
-from .errors import FileFormatError
+from .data import Data, DataSpec, import_object, load_data
+from .errors import ConfigError, FileFormatError
+from .tasks import get_task
 from .models import ModelSpec, build_model
 
 
@@ -29,10 +30,18 @@ def data_spec(traj) -> DataSpec:
     return DataSpec.from_dict(traj.config["data"])
 
 
-def rebuild_data(traj, device="cpu") -> Data:
-    """The file's dataset on ``device`` (refused first if it names code the user has not allowed)."""
+def rebuild_task(traj):
+    """The file's task (``task`` in its configuration; classification when it records none), an
+    import path resolved only when allowed (checked by ``traj.check_trusted``)."""
     traj.check_trusted()
-    return load_data(data_spec(traj), device)
+    return get_task(traj.config.get("task"), lambda path: import_object(path, ConfigError, "task"))
+
+
+def rebuild_data(traj, device="cpu") -> Data:
+    """The file's dataset on ``device``, scored by its task (refused first if it names code the user
+    has not allowed)."""
+    traj.check_trusted()
+    return load_data(data_spec(traj), device, rebuild_task(traj))
 
 
 def rebuild_model(traj, data: Data | None = None, device="cpu") -> nn.Module:

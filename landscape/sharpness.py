@@ -310,7 +310,7 @@ def checkpoint_sharpness(model, layout, params: torch.Tensor, buffers: torch.Ten
         buffers = layout.buffers_to_vector(m)
     g = torch.Generator().manual_seed(int(spec.seed))
     x, y = training_subset(data, spec.samples, g)
-    op = HessianOperator(ev.model, layout, params, buffers, x, y, spec.batch_size)
+    op = HessianOperator(ev.model, layout, params, buffers, x, y, spec.batch_size, data.task)
     P = layout.num_params
     tick = (lambda what: bar.set_postfix_str(what, refresh=True)) if bar is not None else (lambda what: None)
     out = {"metrics": metrics}

@@ -37,7 +37,7 @@ from .data import as_data
 from .device import resolve_device
 from .dist import Group
 from .errors import ConfigError, LandscapeError, ModelError, WriteError
-from .evaluate import METRICS, BatchNormPolicy, Evaluator, choose_points_per_call, resolve_policy
+from .evaluate import BatchNormPolicy, Evaluator, choose_points_per_call, metric_names, resolve_policy
 from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
 from .params import Layout, unwrap
 from .rebuild import rebuild_data, rebuild_model
@@ -65,10 +65,11 @@ def check_points(shape, what: str = "surface") -> int:
 
 
 def check_evaluation_options(batch_size=None, bn_batch_size=None, bn_samples=None, weight_decay=None,
-                             points_per_call=None) -> None:
+                             points_per_call=None, samples=None) -> None:
     """Refuse evaluation options no computation can use (None: the default), before anything starts."""
     for name, value, least in (("batch size", batch_size, 1), ("BatchNorm batch size", bn_batch_size, 2),
-                               ("BatchNorm samples", bn_samples, 2), ("points per call", points_per_call, 1)):
+                               ("BatchNorm samples", bn_samples, 2), ("points per call", points_per_call, 1),
+                               ("samples", samples, 2)):
         if value is not None and not value >= least:
             raise ConfigError(f"{name} must be at least {least}, got {value}")
     if weight_decay is not None and not (math.isfinite(weight_decay) and weight_decay >= 0):
@@ -100,11 +101,19 @@ def make_grid(geom, grid=None, margin: float = 0.2, xrange=None, yrange=None) ->
     return geom.default_grid(shape, margin, xrange, yrange)
 
 
-def surface_spec(geom, grid: Grid, policy: BatchNormPolicy, weight_decay, traj: Trajectory | None = None) -> dict:
+def surface_spec(geom, grid: Grid, policy: BatchNormPolicy, weight_decay, traj: Trajectory | None = None,
+                 data=None, samples: int | None = None, seed: int = 0) -> dict:
     """Everything that defines the values (compared on resume) plus ``derived`` facts for plots; the
-    trajectory's dataset and model when there is one."""
+    trajectory's dataset and model when there is one. A task other than classification, or metric
+    passes on a subset, are recorded under ``task``: its name, metrics, primary metric, the value
+    names stored and the subset's size and seed (a classification surface of whole splits records
+    none, as always)."""
     spec = {"kind": geom.kind, **geom.spec, "grid": grid.to_dict(), "bn": policy.to_dict(),
             "weight_decay": weight_decay, "derived": geom.derived}
+    task = data.task if data is not None else None
+    if task is not None and (task.name != "classification" or samples is not None):
+        spec["task"] = dict(task.to_dict(), values=list(metric_names(task, weight_decay, samples is not None)),
+                            samples=samples, samples_seed=seed if samples is not None else None)
     if traj is not None:
         spec.update(dataset=traj.config.get("data"), model=traj.config.get("model"))
     if getattr(geom, "rays", False):
@@ -118,12 +127,17 @@ def surface_spec(geom, grid: Grid, policy: BatchNormPolicy, weight_decay, traj: 
 def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int = 1000, bn_batch_size: int | None = None,
              bn_samples: int | None = None, weight_decay: float | None = None, points_per_call: int | None = None,
              device=None, margin: float = 0.2, xrange=None, yrange=None, checkpoints=None, paths=None,
-             quiet: bool = True) -> Surface:
+             quiet: bool = True, task=None, samples: int | None = None, seed: int = 0) -> Surface:
     """The surface of a live model over ``geom`` (a :class:`Plane` or :class:`Line`), in memory: no
     file is read or written (``surface.save(path)`` writes the file ``landscape plane`` would).
 
     ``model``: an ``nn.Module`` of the geometry's architecture (wrappers such as ``AveragedModel`` are
-    unwrapped); ``data``: a :class:`~landscape.data.Data` or ``(x_train, y_train, x_test, y_test)``;
+    unwrapped); ``data``: a :class:`~landscape.data.Data`, ``(x_train, y_train, x_test, y_test)``, a
+    :class:`~landscape.data.StreamData` or two data sources ``(train, test)`` (DataLoaders or functions
+    returning iterables of batches, read in a fixed order, one batch in memory at a time); ``task``: a
+    task name or object (:mod:`landscape.tasks`; default: the data's, classification); ``samples``:
+    evaluate the metrics on a fixed random subset of that many samples of each split (drawn from
+    ``seed``) and store each one's standard error beside it (``test_loss_se``, ...);
     ``grid``: a shape ((nx, ny), or (nx,) for lines), a Grid, or None for the default; ``bn``: auto |
     recompute | interpolate | stored; ``checkpoints`` ({name: module, state_dict or tensor}) and
     ``paths`` ({run: [states]}) are projected for the figures, besides the geometry's own points.
@@ -134,13 +148,13 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
         surf = evaluate_surface(sgd_net, plane, (x_train, y_train, x_test, y_test), grid=(21, 21))
         surf.values["test_err"]          # (21, 21), percent
     """
-    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call)
+    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call, samples)
     _check_geometry(geom)
     module = unwrap(model)[0]
     if device is None:
         device = next(module.parameters()).device if any(True for _ in module.parameters()) else "cpu"
     device = resolve_device(str(device))
-    data = as_data(data, device)
+    data = _subset(as_data(data, device, task), samples, seed)
     layout = Layout.of(module)
     if layout.num_params != geom.origin.numel():
         raise ModelError(f"the model has {layout.num_params:,} parameters; the {geom.kind} was made for "
@@ -149,10 +163,10 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
     check_points(geom.values_shape(grid), geom.kind)
     policy = _policy(bn, bn_batch_size or batch_size, bn_samples, module, geom)
     points, runs = geom.project(checkpoints=checkpoints, paths=paths)
-    writer = MemorySurfaceWriter(surface_spec(geom, grid, policy, weight_decay), grid.x, grid.y, _basis(geom),
-                                 points, runs, _metrics(weight_decay), geom.values_shape(grid))
     points_of = _PointEvaluator(copy.deepcopy(module).to(device), layout, data, geom, grid, policy, batch_size,
-                                weight_decay, device)  # a copy: the caller's module stays where it is
+                                weight_decay, device, stderr=samples is not None)  # a copy: the caller's module stays
+    writer = MemorySurfaceWriter(surface_spec(geom, grid, policy, weight_decay, data=data, samples=samples, seed=seed), grid.x,
+                                 grid.y, _basis(geom), points, runs, points_of.metrics, geom.values_shape(grid))
     _fill(writer, points_of, Group.single(device), points_per_call, quiet)
     return writer.close()
 
@@ -168,8 +182,9 @@ def _policy(bn, bn_batch_size: int, bn_samples, model, geom) -> BatchNormPolicy:
     return resolve_policy(bn, model, geom.buffer_basis is not None)
 
 
-def _metrics(weight_decay) -> tuple:
-    return METRICS + (("train_loss_l2",) if weight_decay is not None else ())
+def _subset(data, samples: int | None, seed: int):
+    """``data`` or, with ``samples``, its fixed random subset of that many samples per split."""
+    return data if samples is None else data.subset(samples, seed)
 
 
 def _basis(geom) -> dict:
@@ -189,13 +204,15 @@ class _PointEvaluator:
     resumed. On a CPU, W = torch.get_num_threads() single-threaded evaluators work on different calls
     at once (intra-op threads barely speed up the small operations of one point; separate points scale)."""
 
-    def __init__(self, model, layout, data, geom, grid, policy, batch_size, weight_decay, device, workers=None):
+    def __init__(self, model, layout, data, geom, grid, policy, batch_size, weight_decay, device, workers=None,
+                 stderr: bool = False):
         if workers is None:
             workers = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
         self.geom, self.grid, self.device = geom.to(device), grid, device
         self.interpolate = policy.policy == "interpolate"
         self.workers = workers
-        self.evaluators = [Evaluator(model, layout, data, policy, batch_size, weight_decay) for _ in range(workers)]
+        self.evaluators = [Evaluator(model, layout, data, policy, batch_size, weight_decay, stderr)
+                           for _ in range(workers)]
         self.pool = None
 
     def __enter__(self):
@@ -337,7 +354,8 @@ def _rounds(points_of, todo, k, ranks, keep, flush, write_every) -> None:
 def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bool = False, quiet: bool = False,
                     device="auto", margin: float = 0.2, xrange=None, yrange=None, batch_size: int | None = None,
                     bn_batch_size: int | None = None, bn_samples: int | None = None, weight_decay: float | None = None,
-                    points_per_call: int | None = None, write_every: float = 2.0, on_write=None) -> Surface | None:
+                    points_per_call: int | None = None, write_every: float = 2.0, on_write=None,
+                    samples: int | None = None, seed: int = 0) -> Surface | None:
     """Evaluate ``geom`` (a :class:`Plane` or :class:`Line`) on ``grid`` with the model and data of the
     trajectory ``traj`` and return the surface (read back from ``out``, or in memory when ``out`` is
     None; None on ranks other than 0 without ``out``).
@@ -346,8 +364,10 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
     the trajectory's eval batch size) and ``bn_samples`` refine ``recompute``. ``batch_size``: data
     batch of the metric passes. ``weight_decay``: also store ``train_loss_l2``. ``points_per_call``:
     None measures it (or takes the one a resumed file started with). ``on_write(done, total)`` is
-    called after every flush of the file."""
-    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call)
+    called after every flush of the file. ``samples``/``seed``: metric passes on a fixed random
+    subset, with standard errors (see :func:`evaluate_surface`). The trajectory's task (its
+    configuration's ``task``, classification when it has none) scores the points."""
+    check_evaluation_options(batch_size, bn_batch_size, bn_samples, weight_decay, points_per_call, samples)
     traj = traj if isinstance(traj, Trajectory) else open_trajectory(traj)
     _check_geometry(geom)
     grid = make_grid(geom, grid, margin, xrange, yrange)
@@ -357,11 +377,12 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
         data = rebuild_data(traj, ranks.device)
         model = rebuild_model(traj, data, ranks.device)
         policy = _policy(bn, default_batch if bn_batch_size is None else bn_batch_size, bn_samples, model, geom)
-        spec = surface_spec(geom, grid, policy, weight_decay, traj)
-        writer = _open_writer(ranks, traj, geom, grid, spec, out, overwrite, _metrics(weight_decay))
+        data = _subset(data, samples, seed)
+        spec = surface_spec(geom, grid, policy, weight_decay, traj, data, samples, seed)
         points_of = _PointEvaluator(model, traj.layout, data, geom, grid, policy,
                                     default_batch if batch_size is None else batch_size, weight_decay, ranks.device,
-                                    workers=1 if ranks.distributed else None)
+                                    workers=1 if ranks.distributed else None, stderr=samples is not None)
+        writer = _open_writer(ranks, traj, geom, grid, spec, out, overwrite, points_of.metrics)
         _agree_on_basis(ranks, writer, points_of)
         _fill(writer, points_of, ranks, points_per_call, quiet, write_every, on_write)
         surface = None

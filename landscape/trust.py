@@ -34,9 +34,9 @@ MODULES_ENV = "LANDSCAPE_TRUSTED_MODULES"
 # Where a trajectory's configuration names code: what it is -> (config key, field). Every entry is
 # checked before anything is rebuilt; a new kind of recorded import is added here, and the tests that
 # craft files from this table then cover it too.
-RECORDED_IMPORTS = {"model": ("model", "name"), "dataset": ("data", "name")}
+RECORDED_IMPORTS = {"model": ("model", "name"), "dataset": ("data", "name"), "task": ("task", None)}
 # the command-line option that names each kind, quoted in refusals
-OPTIONS = {"model": "--model", "dataset": "--dataset"}
+OPTIONS = {"model": "--model", "dataset": "--dataset", "task": "--task"}
 
 
 def is_import_path(name) -> bool:
@@ -78,7 +78,7 @@ def recorded_imports(config: dict) -> list:
     found = []
     for kind, (key, field) in RECORDED_IMPORTS.items():
         section = config.get(key)
-        name = section.get(field) if isinstance(section, dict) else None
+        name = section if field is None else section.get(field) if isinstance(section, dict) else None
         if is_import_path(name):
             found.append((kind, name))
     return found

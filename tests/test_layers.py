@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"errors", "options", "trust", "device", "dist", "params", "bn"},
     {"store"},                                  # reads and writes files; builds no model or data
-    {"data", "models", "config", "rebuild"},
+    {"data", "models", "tasks", "config", "rebuild"},
     {"evaluate", "geometry", "sharpness"},
     {"surface", "train", "recorder", "importer", "lightning", "average"},
     {"plot"},

@@ -72,7 +72,10 @@ def _craft(tiny_run, path: Path, names: dict) -> Path:
         config = json.loads(f.attrs["config"])
         for kind, name in names.items():
             key, field = RECORDED_IMPORTS[kind]
-            config[key][field] = name
+            if field is None:  # a top-level name (the task)
+                config[key] = name
+            else:
+                config[key][field] = name
         f.attrs["config"] = json.dumps(config, sort_keys=True)
     return crafted_copy(tiny_run, path, rename)
 
@@ -192,10 +195,11 @@ def test_readers_never_import_what_a_file_names(tiny_run, tmp_path, evil, capsys
 def test_demo_does_not_reuse_a_foreign_run(tiny_run, tmp_path, evil):
     """The demo reuses its folder's run.h5 only when it records the demo's own built-in configuration;
     deciding that imports nothing."""
-    from landscape.demo import DemoConfig, _same_config
+    from landscape.demo import DemoConfig
+    from landscape.train import trained_with
     module, marker = evil
     crafted = _craft(tiny_run, tmp_path / "run.h5", {"model": f"{module}:make"})
-    assert not _same_config(crafted, DemoConfig().quick().train)
+    assert not trained_with(crafted, DemoConfig().quick().train)
     assert not marker.exists()
 
 

@@ -33,6 +33,10 @@ def add_evaluation_arguments(p) -> None:
                         "(default: the whole training set)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="data batch of the metric passes (speed only); default: the trajectory's eval batch size")
+    g.add_argument("--samples", type=int, default=None,
+                   help="metric passes on a fixed random subset of this many samples of each split, with each "
+                        "value's standard error over samples stored beside it (<value>_se); default: whole splits")
+    g.add_argument("--samples-seed", type=int, default=0, help="which subset --samples draws")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="also store train_loss_l2 = train_loss + wd/2 |w|^2 (e.g. the run's weight decay)")
     g.add_argument("--points-per-call", type=int, default=None,
@@ -65,7 +69,7 @@ def check_outputs(args, inputs, rays: bool = False) -> None:
     use and outputs that cannot or must not be written (an input, an unwritable place, the export
     over the surface file)."""
     check_evaluation_options(args.batch_size, args.bn_batch_size, args.bn_samples, args.weight_decay,
-                             args.points_per_call)
+                             args.points_per_call, args.samples)
     if args.bn in ("interpolate", "stored"):
         for dest, flag in (("bn_batch_size", "--bn-batch-size"), ("bn_samples", "--bn-samples")):
             if getattr(args, dest) is not None:
@@ -97,7 +101,8 @@ def run_surface(args, traj, geom, grid) -> int:
     surf = compute_surface(traj, geom, grid, bn=args.bn, out=args.out, overwrite=args.overwrite,
                            quiet=args.quiet, device=args.device, batch_size=args.batch_size,
                            bn_batch_size=args.bn_batch_size, bn_samples=args.bn_samples,
-                           weight_decay=args.weight_decay, points_per_call=args.points_per_call)
+                           weight_decay=args.weight_decay, points_per_call=args.points_per_call,
+                           samples=args.samples, seed=args.samples_seed)
     seconds = time.perf_counter() - start
     if surf is None or launch_rank() != 0:  # under torchrun, rank 0 reports
         return 0

@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
                         "train and test minima are located for the offset; 0 takes the raw grid minima, "
                         "at most the plane's larger number of grid points")
     p.add_argument("--train-metric", default="train_loss", help="left panel and offset start")
-    p.add_argument("--test-metric", default="test_err", help="right panel and offset end")
+    p.add_argument("--test-metric", default=None,
+                   help="right panel and offset end (default: the task's primary metric, test_err for classification)")
     p.add_argument("--json", action="store_true", help="print figures and numbers as JSON")
 
 

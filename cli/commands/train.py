@@ -113,5 +113,5 @@ def run(args) -> int:
     print(f"wrote {summary['path']} in {summary['seconds']:.1f} s")
     for run_name, m in summary["final"].items():
         print(f"  {run_name:<16} epoch {m['epoch']:>6g}  train loss {m['train_loss']:.4f}  "
-              f"test err {m['test_err']:.2f}%")
+              + (f"test err {m['test_err']:.2f}%" if "test_err" in m else f"test loss {m['test_loss']:.4f}"))
     return 0

@@ -24,11 +24,12 @@ def _legend_below(fig, axes, ncol: int | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def plane_figure(surface, *, train_metric: str = "train_loss", test_metric: str = "test_err", levels: int = 7,
+def plane_figure(surface, *, train_metric: str = "train_loss", test_metric: str | None = None, levels: int = 7,
                  off_plane: float = 0.05, vmax: dict | None = None) -> Figure:
     """Train loss and test error side by side over the same plane, log-spaced bands (top band "> x"),
     every checkpoint of interest marked (hollow where it lies off the plane), legend below."""
     static.require_kind(surface, "plane")
+    test_metric = test_metric or surface.primary_metric
     vmax = vmax or {}
     with style():
         width = 2 * _panel_width(surface) + 0.3
@@ -60,10 +61,11 @@ def _plane_title(surface) -> str:
     return f"Plane: {surface.path.name if surface.path else ''}"
 
 
-def offset_figure(surface, *, train_metric: str = "train_loss", test_metric: str = "test_err", levels: int = 7,
+def offset_figure(surface, *, train_metric: str = "train_loss", test_metric: str | None = None, levels: int = 7,
                   off_plane: float = 0.05, result: dict | None = None) -> Figure:
     """Train-loss and test-error contours overlaid on one plane; the two minima and the arrow between
     them, with the offset's length (weight-space units)."""
+    test_metric = test_metric or surface.primary_metric
     res = result or static.offset_of(surface, train_metric, test_metric)
     with style():
         fig = Figure(figsize=(7.2, 6.4), layout="constrained")
@@ -94,15 +96,16 @@ def edge_center_figure(line, rays: dict | None = None, rises=(0.1,), *, numbers:
         ax, ax_r = fig.subplots(1, 2)
         static.draw_line(ax, line, "train_loss", solutions=sols)
         axes = [ax]
-        if "test_err" in line.values:
+        test = line.primary_metric
+        if test != "test_loss":
             tw = ax.twinx()
             tw.spines["right"].set_visible(True)
-            static.draw_line(tw, line, "test_err", solutions=sols, mark=False)
+            static.draw_line(tw, line, test, solutions=sols, mark=False)
             tw.set_xlabel("")
             axes.append(tw)
             ax.set_zorder(tw.get_zorder() + 1)  # train loss and the markers above the test curve
             ax.patch.set_visible(False)
-            te = np.asarray(line.values["test_err"], float)
+            te = np.asarray(line.values[test], float)
             lo = np.nanmin(te)
             tw.set_ylim(max(0.0, lo - 0.5), min(np.nanmax(te), 4 * lo + 1) * 1.05)  # detail near the minimum
         static.mark_solutions(ax, sols)

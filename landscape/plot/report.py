@@ -42,7 +42,7 @@ class PlotResult:
 
 
 def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS, off_plane: float = 0.05,
-               levels: int = 7, train_metric: str = "train_loss", test_metric: str = "test_err",
+               levels: int = 7, train_metric: str = "train_loss", test_metric: str | None = None,
                smooth: float = static.SMOOTH, sharpness=None) -> PlotResult:
     """Draw every figure the inputs allow into ``out_dir`` (created if missing; its parent must exist).
 
@@ -76,7 +76,7 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
     for s in surfs:
         if s.kind == "plane":
             static.require_metric(s, train_metric)
-            static.require_metric(s, test_metric)
+            static.require_metric(s, test_metric or s.primary_metric)
         if s.kind == "plane" and smooth > max(s.done.shape):
             raise ConfigError(f"smoothing of {smooth:g} grid cells is more than {_key(s)}'s grid of "
                               f"{' x '.join(map(str, s.done.shape))}; give at most {max(s.done.shape)}")
@@ -151,7 +151,7 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
                                     out, f"{stem}-offset", formats)
         res.numbers.setdefault("offset", {})[_key(s)] = off
         res.lines.append(f"offset {_key(s)}: {train_metric} minimum at ({off['train_min'][0]:.3g}, "
-                         f"{off['train_min'][1]:.3g}), {test_metric} minimum at ({off['test_min'][0]:.3g}, "
+                         f"{off['train_min'][1]:.3g}), {off['test_metric']} minimum at ({off['test_min'][0]:.3g}, "
                          f"{off['test_min'][1]:.3g}): {off['length']:.3g} weight-space units apart")
     for s in lines:
         stem = stems[id(s)]

@@ -209,21 +209,24 @@ def _inside(surface, coords) -> np.ndarray:
 SMOOTH = 1.0  # grid cells: the Gaussian filter applied before locating the minima (see analysis.grid_minimum)
 
 
-def offset_of(surface, train_metric: str = "train_loss", test_metric: str = "test_err", smooth: float = SMOOTH) -> dict:
-    """The offset between the minima of ``train_metric`` and ``test_metric`` over a plane (each
-    surface smoothed over ``smooth`` grid cells first; 0 for the raw grid minima)."""
+def offset_of(surface, train_metric: str = "train_loss", test_metric: str | None = None, smooth: float = SMOOTH) -> dict:
+    """The offset between the minima of ``train_metric`` and ``test_metric`` (None: the task's primary
+    metric) over a plane (each surface smoothed over ``smooth`` grid cells first; 0 for the raw grid
+    minima)."""
     require_kind(surface, "plane")
+    test_metric = test_metric or surface.primary_metric
     res = analysis.offset(surface.x, surface.y, require_metric(surface, train_metric),
                           require_metric(surface, test_metric), smooth=smooth)
     res.update({"train_metric": train_metric, "test_metric": test_metric, "units": DISTANCE})
     return res
 
 
-def draw_offset(ax, surface, train_metric: str = "train_loss", test_metric: str = "test_err", *,
+def draw_offset(ax, surface, train_metric: str = "train_loss", test_metric: str | None = None, *,
                 levels: int = 7, result: dict | None = None):
     """Train and test contour lines overlaid on one plane, each minimum marked, an arrow from the
     train minimum to the test minimum and its length written next to it."""
     require_kind(surface, "plane")
+    test_metric = test_metric or surface.primary_metric
     res = result or offset_of(surface, train_metric, test_metric)
     x, y = surface.x, surface.y
     for metric, color, ls in ((train_metric, TRAIN_COLOR, "solid"), (test_metric, TEST_COLOR, "dashed")):
@@ -399,11 +402,12 @@ def edge_center_of(line, rays: dict | None = None, rises=(0.1,), solutions: dict
     require_kind(line, "line")
     sols = solutions if solutions is not None else line_solutions(line)
     res = analysis.edge_center(line.x, require_metric(line, "train_loss"), sols, rays or {}, rises)
-    te = line.values.get("test_err")
+    test = line.primary_metric  # test_err for classification
+    te = line.values.get(test) if test != "test_loss" else None
     for name, entry in res.items():
         entry["label"] = role(name).label
         if te is not None:
-            entry["test_err"] = float(analysis.interp_line(line.x, te, sols[name]))
+            entry[test] = float(analysis.interp_line(line.x, te, sols[name]))
     return res
 
 

@@ -30,6 +30,7 @@ METRIC_LABELS = {
     "test_err": "test error (%)",
     "train_loss_l2": "train loss + L2 term",
 }
+WORDS = {"err": "error (%)", "mae": "mean absolute error", "ppl": "perplexity", "loss": "loss"}
 METRIC_TITLES = {"train_loss": "Train loss", "test_loss": "Test loss", "train_err": "Train error",
                  "test_err": "Test error", "train_loss_l2": "Train loss + L2"}
 DISTANCE = "weight-space units"
@@ -118,7 +119,11 @@ OTHER_MARKERS = ("X", "h", "d", "p", "<", ">")
 
 def metric_label(metric: str) -> str:
     """Axis label with unit, e.g. ``test error (%)``."""
-    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    base, se = (metric[:-3], " (standard error)") if metric.endswith("_se") else (metric, "")
+    split, _, name = base.partition("_")
+    return f"{split} {WORDS.get(name, name.replace('_', ' '))}{se}" if name else metric.replace("_", " ")
 
 
 def metric_name(metric: str) -> str:
@@ -134,7 +139,7 @@ def metric_value(metric: str, v: float) -> str:
 
 
 def metric_title(metric: str) -> str:
-    return METRIC_TITLES.get(metric, metric.replace("_", " "))
+    return METRIC_TITLES.get(metric, metric_name(metric).capitalize())
 
 
 def axis_label(axis: str, spec: dict | None = None) -> str:

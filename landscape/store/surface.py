@@ -29,6 +29,8 @@ from .files import (OutputLock, PartialH5, check_version, claim_output, open_rea
 FORMAT = "landscape.surface"
 VERSION = 1
 METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+# what a surface without a recorded task holds (every file before tasks existed)
+CLASSIFICATION = {"name": "classification", "metrics": ["err"], "primary": "err", "percent": ["err"]}
 
 
 @dataclass
@@ -306,6 +308,19 @@ class Surface:
         return "line" if self.y is None else "plane"
 
     @property
+    def task(self) -> dict:
+        """The task that scored the values (``spec["task"]``; a surface that names none is
+        classification's: loss and error in percent)."""
+        return self.spec.get("task") or CLASSIFICATION
+
+    @property
+    def primary_metric(self) -> str:
+        """The test value figures show beside the train loss: ``test_err`` for classification,
+        ``test_mae`` for regression (``test_loss`` when the task has no other metric)."""
+        name = f"test_{self.task.get('primary', 'err')}"
+        return name if name in self.values else "test_loss"
+
+    @property
     def rays(self) -> bool:
         """A line file holding several rays: values are (R, nx), ``values[m][r]`` is ray r."""
         return self.y is None and np.ndim(self.done) == 2
@@ -394,7 +409,8 @@ def _check_surface(f: h5py.File) -> dict:
 def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs=()) -> Path:
     """Write ``surface`` in the layout tomgoldstein/loss-landscape's plotting scripts read: root
     datasets ``xcoordinates``, ``ycoordinates`` (planes), ``train_loss``, ``train_acc``,
-    ``test_loss``, ``test_acc`` (accuracy in %), 2-D arrays shaped (ny, nx) and indexed [iy, ix].
+    ``test_loss``, ``test_acc`` (accuracy in %, written only for a task with an error in percent),
+    2-D arrays shaped (ny, nx) and indexed [iy, ix].
     ``inputs``: files that ``out`` must not be (the surface file itself is always one)."""
     if surface.y is None and np.ndim(surface.done) != 1:
         raise FileFormatError("loss-landscape files hold one line or one plane; this file holds "
@@ -410,11 +426,12 @@ def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs
             for split in ("train", "test"):
                 if f"{split}_loss" not in surface.values:
                     continue
-                loss, err = surface.values[f"{split}_loss"], surface.values[f"{split}_err"]
-                if surface.y is not None:  # ours is [ix, iy]; theirs is [iy, ix]
-                    loss, err = loss.T, err.T
-                f.create_dataset(f"{split}_loss", data=loss)
-                f.create_dataset(f"{split}_acc", data=100.0 - err)
+                # accuracy only where the task has an error in percent (classification, token error)
+                err = surface.values.get(f"{split}_err") if "err" in surface.task.get("percent", ()) else None
+                for name, v in ((f"{split}_loss", surface.values[f"{split}_loss"]),
+                                (f"{split}_acc", None if err is None else 100.0 - err)):
+                    if v is not None:  # ours is [ix, iy]; theirs is [iy, ix]
+                        f.create_dataset(name, data=v.T if surface.y is not None else v)
             return store.finish()
         except BaseException:
             store.remove()

@@ -219,9 +219,11 @@ class TrajectoryWriter:
         return self.file[f"runs/{run}/params"][-1]
 
     def final(self, run: str) -> dict:
-        """The epoch and scalar metrics of the last row of ``run``."""
+        """The epoch and scalar metrics of the last row of ``run``: those of classification and any
+        other task's (every per-row ``train_*`` and ``test_*`` value)."""
         g = self.file[f"runs/{run}"]
-        return dict({k: float(g[k][-1]) for k in METRICS if k in g}, epoch=float(g["epoch"][-1]))
+        names = list(METRICS) + sorted(k for k in g if k.startswith(("train_", "test_")) and k not in METRICS)
+        return dict({k: float(g[k][-1]) for k in names if k in g and g[k].ndim == 1}, epoch=float(g["epoch"][-1]))
 
     # ------------------------------------------------------------------------------------------
     def _run_group(self, run: str) -> h5py.Group:

@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..config import TrainConfig
-from ..data import load_data
+from ..data import import_object, load_data
+from ..evaluate import check_task_fits
+from ..tasks import get_task
 from ..errors import ConfigError, WriteError
 from ..device import resolve_device, seed_everything
 from ..dist import Group
@@ -67,9 +69,11 @@ def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False
 
 def _train(config, out, overwrite, quiet, group: Group, processes: int, progress) -> dict:
     device, rank, world_size = group.device, group.rank, group.world
-    data = load_data(config.data, device)  # bad data fails before any file is created
+    task = get_task(config.task, lambda path: import_object(path, ConfigError, "task"))  # the user's own choice
+    data = load_data(config.data, device, task)  # bad data fails before any file is created
     seed_everything(config.seed)
     init_model = build_model(config.model, data.input_shape, data.num_classes).to(device)
+    check_task_fits(init_model, data, device)
     layout = Layout.of(init_model)
     every = config.record_every or recorded_every(layout.num_params)
     file_config = dict(config.to_dict(), device=str(device), landscape_version=__version__,

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -29,6 +28,7 @@ from ..evaluate import evaluate_model as evaluate  # noqa: F401 (methods use it 
 from ..dist import Group
 from ..data import Data, augment_batch
 from ..params import Layout
+from ..tasks import output_tree
 from ..store import TrajectoryWriter
 
 
@@ -85,7 +85,7 @@ def train_epoch(model: nn.Module, optimizer, data: Data, batch_size: int, genera
         x, y = data.x_train[idx], data.y_train[idx]
         if data.augment:
             x = augment_batch(x, generator)
-        loss = F.cross_entropy(model(x), y)
+        loss = data.task.loss(output_tree(model(x)), (x, y))  # the task's mean loss (cross-entropy by default)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -94,6 +94,12 @@ def train_epoch(model: nn.Module, optimizer, data: Data, batch_size: int, genera
         if on_step is not None:
             on_step(i + 1)
     return float(total / count)
+
+
+def progress_note(run: str, metrics: dict, task) -> str:
+    """``sgd test err 3.4%``: a run's test value of the task's primary metric, for progress bars."""
+    unit = "%" if task.primary in task.percent else ""
+    return f"{run} test {task.primary} {metrics[f'test_{task.primary}']:.{1 if unit else 4}f}{unit}"
 
 
 @dataclass
@@ -153,7 +159,7 @@ class Context:
         self.writer.append(run, self.layout.params_to_vector(model), self.layout.buffers_to_vector(model),
                            epoch=epoch, step=step, **metrics, **extra)
         if self.progress is not None:
-            self.progress.set_postfix_str(f"{run} test err {metrics['test_err']:.1f}%", refresh=False)
+            self.progress.set_postfix_str(progress_note(run, metrics, self.data.task), refresh=False)
         return metrics
 
     def step_recorder(self, run: str, model: nn.Module, epoch: int, global_step: list):

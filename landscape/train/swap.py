@@ -29,17 +29,16 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..bn import batch_slices
 from ..config import MethodOptions, option
 from ..data import augment_batch
 from ..dist import Group
 from ..errors import ConfigError
-from .loop import Context, evaluate, register_method, set_lr, train_epoch
+from ..tasks import output_tree
+from .loop import Context, evaluate, progress_note, register_method, set_lr, train_epoch
 
 WORKER_OFFSET = 10_000  # data order of worker i: ctx.generator(WORKER_OFFSET + i)
-METRIC_KEYS = ("train_loss", "train_err", "test_loss", "test_err")
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,8 @@ def phase1_epoch(model, optimizer, data, workers: int, batch_size: int, generato
         optimizer.zero_grad(set_to_none=True)
         for n, j in enumerate(range(rank, workers, world_size)):
             saved = [b.clone() for b in model.buffers()] if n else None
-            loss = F.cross_entropy(model(x_all[shards[j]]), y_all[shards[j]], reduction="sum") / len(idx)
+            shard = (x_all[shards[j]], y_all[shards[j]])
+            loss = data.task.loss(output_tree(model(shard[0])), shard, reduction="sum") / len(idx)
             loss.backward()
             if saved is not None:  # only this process's first worker updates the running statistics
                 with torch.no_grad():
@@ -111,23 +111,23 @@ def phase1_epoch(model, optimizer, data, workers: int, batch_size: int, generato
 def _append(ctx: Context, run: str, vec: torch.Tensor, meta: torch.Tensor, **extra) -> None:
     """Write one gathered row: ``vec`` = params ++ buffers (float32), ``meta`` = epoch, step, metrics."""
     P = ctx.layout.num_params
-    metrics = {k: float(v) for k, v in zip(METRIC_KEYS, meta[2:6].tolist())}
+    metrics = {k: float(v) for k, v in zip(ctx.data.task.value_names(), meta[2:].tolist())}
     epoch, step = float(meta[0]), int(meta[1])
     ctx.writer.append(run, vec[:P], vec[P:], epoch=epoch, step=step, **metrics, **extra)
     if ctx.progress is not None:
-        ctx.progress.set_postfix_str(f"{run} test err {metrics['test_err']:.1f}%", refresh=False)
+        ctx.progress.set_postfix_str(progress_note(run, metrics, ctx.data.task), refresh=False)
 
 
 def _row(ctx: Context, model, epoch: float, step: int) -> tuple:
     m = evaluate(model, ctx.data, ctx.config.eval_batch_size)
     vec = torch.cat([ctx.layout.params_to_vector(model), ctx.layout.buffers_to_vector(model)]).cpu()
-    meta = torch.tensor([epoch, step] + [m[k] for k in METRIC_KEYS], dtype=torch.float64)
+    meta = torch.tensor([epoch, step] + [m[k] for k in ctx.data.task.value_names()], dtype=torch.float64)
     return vec, meta
 
 
 def train_worker(ctx: Context, start, i: int, step0: int, epoch0: float) -> tuple:
     """Phase 2 of worker ``i`` from the model ``start``; returns (rows of params++buffers (T, P+B),
-    rows of epoch/step/metrics (T, 6), final model). Row 0 is ``start`` itself."""
+    rows of epoch/step/metrics (T, 2 + the task's values), final model). Row 0 is ``start`` itself."""
     cfg, swap = ctx.config, ctx.config.options_of(SWAPOptions)
     per_epoch = ctx.steps_per_epoch()
     with torch.random.fork_rng(devices=[]):  # a worker's own seed for any randomness in the model
@@ -189,7 +189,7 @@ def run_swap(ctx: Context) -> None:
         flag = torch.zeros(2, dtype=torch.float64)
         if writer:
             m = ctx.record("swap/phase1", model, float(phase1["epochs"]), phase1["epochs"] * per_big, keep=True)
-            flag[0] = 100.0 - m["train_err"]
+            flag[0] = 100.0 - m.get("train_err", 100.0)  # a task without an error never reaches the threshold
             flag[1] = float(flag[0] >= swap.threshold)
         ctx.tick()
         flag = group.tensor(flag).cpu()  # every rank stops with rank 0

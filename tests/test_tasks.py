@@ -1,0 +1,355 @@
+"""Tasks and data sources: every task scores the same in the batched evaluator (K points a call) as
+one point at a time and as evaluate_model; streamed data gives the in-memory values; a dict-batch
+model with ``.loss`` evaluates; a subset's standard errors match the spread of repeated subsets; bad
+input is refused in one line before any long work; each task runs train -> plane -> plot -> explore."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import landscape as ls
+from landscape.data import StreamData, as_data
+from landscape.errors import DataError, LandscapeError, ModelError
+from landscape.evaluate import BatchNormPolicy, Evaluator, evaluate_model
+from landscape.models import Transformer
+from landscape.params import Layout
+from landscape.tasks import IGNORE_INDEX, Evaluation, Task, get_task
+
+from _cli import one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _classification():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(90, 6, generator=g), torch.randint(0, 3, (90,), generator=g)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    return net, (x[:60], y[:60], x[60:], y[60:]), "classification"
+
+
+def _regression():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(90, 4, generator=g)
+    y = x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(90, 1, generator=g)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    return net, (x[:60], y[:60, 0], x[60:], y[60:, 0]), "regression"
+
+
+def _language_model():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 7, (50, 5), generator=g)
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = IGNORE_INDEX
+    y[::3, :2] = IGNORE_INDEX  # padding of uneven length: a token-level mean differs from a per-sample one
+    net = Transformer((5,), 7, dim=8, heads=2, layers=1)
+    return net, (x[:30], y[:30], x[30:], y[30:]), "language-model"
+
+
+CASES = {"classification": _classification, "regression": _regression, "language-model": _language_model}
+
+
+def _points(net, k: int = 3, scale: float = 0.3):
+    """k weight vectors near the model's and its buffers: (k, P), (k, B)."""
+    torch.manual_seed(3)
+    layout = Layout.of(net)
+    w = layout.params_to_vector(net)
+    return layout, w + scale * torch.randn(k, w.numel()), layout.buffers_to_vector(net).expand(k, -1).clone()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_batched_equals_one_at_a_time_and_evaluate_model(case):
+    net, tensors, task = CASES[case]()
+    data = as_data(tensors, task=task)
+    bn = BatchNormPolicy("recompute", batch_size=20) if case == "classification" else BatchNormPolicy("none")
+    layout, weights, buffers = _points(net)
+    ev = Evaluator(net, layout, data, bn, batch_size=16)
+    batched = ev(weights, buffers)
+    assert set(batched) == set(data.task.value_names())
+    for k in range(len(weights)):
+        single = ev(weights[k:k + 1], buffers[k:k + 1])
+        for name, v in batched.items():
+            np.testing.assert_allclose(v[k], single[name][0], rtol=1e-5, atol=1e-6, err_msg=name)
+    if case != "classification":  # (with BatchNorm, evaluate_model reads the stored statistics)
+        layout.vector_to_params(weights[1], net)
+        one = evaluate_model(net, data, batch_size=16)
+        for name, v in batched.items():
+            np.testing.assert_allclose(v[1], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_token_level_loss_and_perplexity():
+    """The language-model loss is the mean over the tokens kept, not over samples; ppl = exp(loss)."""
+    net, tensors, _ = _language_model()
+    data = as_data(tensors, task="language-model")
+    out = evaluate_model(net, data)
+    x, y = tensors[0], tensors[1]
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(net(x).transpose(1, 2), y, ignore_index=IGNORE_INDEX)
+    assert out["train_loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert out["train_ppl"] == pytest.approx(np.exp(out["train_loss"]), rel=1e-9)
+
+
+def test_streamed_equals_in_memory_with_batchnorm_recompute():
+    net, (x_tr, y_tr, x_te, y_te), _ = _classification()
+    in_memory = as_data((x_tr, y_tr, x_te, y_te))
+    shuffled = DataLoader(TensorDataset(x_tr, y_tr), batch_size=20, shuffle=True)  # read in index order anyway
+    streamed = as_data((shuffled, lambda: ((x_te[i:i + 16], y_te[i:i + 16]) for i in range(0, len(x_te), 16))))
+    assert isinstance(streamed, StreamData)
+    layout, weights, buffers = _points(net)
+    bn = BatchNormPolicy("recompute", batch_size=20)
+    a = Evaluator(net, layout, in_memory, bn, batch_size=16)(weights, buffers)
+    b = Evaluator(net, layout, streamed, bn, batch_size=16)(weights, buffers)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class DictModel(nn.Module):
+    """A Hugging-Face-style model: keyword inputs, an output object with loss and logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 8), nn.Linear(8, 7)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.emb(input_ids))
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX)
+        return Output(loss, logits)
+
+
+def _dict_loader(x, y, batch_size=10):
+    return DataLoader([{"input_ids": a, "labels": b} for a, b in zip(x, y)], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("task", ["model-loss", "language-model"])
+def test_dict_batch_model_with_loss_evaluates_on_a_line(task):
+    _, (x_tr, y_tr, x_te, y_te), _ = _language_model()
+    net, other = DictModel(), DictModel()
+    data = (_dict_loader(x_tr, y_tr), _dict_loader(x_te, y_te))
+    line = ls.Line.through(net, other)
+    surf = ls.evaluate_surface(net, line, data, 4, task=task, points_per_call=2)
+    assert np.isfinite(surf.values["test_loss"]).all()
+    one = [ls.evaluate_surface(net, line, data, 4, task=task, points_per_call=1).values[m] for m in surf.values]
+    for got, v in zip(surf.values.values(), one):
+        np.testing.assert_allclose(got, v, rtol=1e-5)
+    if task == "model-loss":  # the model's own mean loss, batch by batch, weighted by batch size
+        with torch.no_grad():
+            expected = np.mean([float(net(x_tr[i:i + 10], y_tr[i:i + 10]).loss) for i in range(0, 30, 10)])
+        assert evaluate_model(net, as_data(data, task=task))["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_subset_standard_error_matches_the_spread_of_repeated_subsets():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4000, 5, generator=g), torch.randint(0, 3, (4000,), generator=g)
+    net = nn.Sequential(nn.Linear(5, 3))
+    data = as_data((x[:2000], y[:2000], x[2000:], y[2000:]))
+    layout, weights, buffers = _points(net, k=1, scale=0.0)
+    estimates, errors = [], []
+    for seed in range(40):
+        ev = Evaluator(net, layout, data.subset(100, seed), BatchNormPolicy("none"), stderr=True)
+        out = ev(weights, buffers)
+        estimates.append([out["test_loss"][0], out["test_err"][0]])
+        errors.append([out["test_loss_se"][0], out["test_err_se"][0]])
+    spread, predicted = np.std(estimates, axis=0, ddof=1), np.mean(errors, axis=0)
+    assert np.all(np.abs(spread / predicted - 1) < 0.35), (spread, predicted)
+    full = Evaluator(net, layout, data.subset(2000, 0), BatchNormPolicy("none"), stderr=True)(weights, buffers)
+    assert full["test_loss_se"][0] == 0.0  # the whole split: the value is exact
+
+
+def test_subset_surface_stores_standard_errors_beside_the_values():
+    net, tensors, _ = _regression()
+    surf = ls.evaluate_surface(net, ls.Line.through(net, _regression()[0]), tensors, 3, task="regression",
+                               samples=20, points_per_call=1)
+    assert {"test_mae", "test_mae_se", "train_loss_se"} <= set(surf.values)
+    assert surf.spec["task"]["samples"] == 20 and "test_mae_se" in surf.spec["task"]["values"]
+    assert (surf.values["test_mae_se"] > 0).all()
+
+
+class WrongLength(Task):
+    name, metrics, primary = "wrong-length", ("half",), "half"
+
+    def evaluate(self, output, batch):
+        losses = (output - 0).square().mean(1)
+        return Evaluation(losses, {"half": losses[:-1]})  # one value short
+
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda: (nn.Linear(6, 3), _classification()[1], "regression"), ModelError, ["regression", "[2, 3]"]),
+    (lambda: (nn.Linear(6, 3), (DataLoader(TensorDataset(torch.randn(40, 5), torch.zeros(40).long()), batch_size=8),
+                               DataLoader(TensorDataset(torch.randn(9, 6), torch.zeros(9).long()))), None),
+     DataError, ["cannot take a batch"]),
+    (lambda: (nn.Linear(6, 3), _classification()[1], WrongLength()), ModelError, ["half", "[1]", "expected [2]"]),
+])
+def test_bad_input_is_one_line_before_any_work(make, error, words):
+    net, data, task = make()
+    with pytest.raises(error) as e:
+        ls.evaluate_surface(net, ls.Line.through(net, nn.Linear(6, 3)), data, 10 ** 6, task=task)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_loader_whose_later_batch_changes_shape_is_refused_in_one_line():
+    batches = [(torch.randn(8, 6), torch.zeros(8).long()), (torch.randn(8, 6), torch.zeros(5).long())]
+    data = StreamData(lambda: iter(batches), lambda: iter(batches))
+    with pytest.raises(DataError, match="batch 1 of the train data holds tensors of \\[5, 8\\] samples"):
+        evaluate_model(nn.Linear(6, 3), data)
+
+
+def test_a_user_task_object_and_a_non_task():
+    class Huber(Task):
+        name, metrics, primary = "huber", ("mae",), "mae"
+
+        def evaluate(self, output, batch):
+            d = output[:, 0] - batch[1]
+            return Evaluation(nn.functional.huber_loss(output[:, 0], batch[1], reduction="none"), {"mae": d.abs()})
+
+    net, tensors, _ = _regression()
+    out = evaluate_model(net, as_data(tensors, task=Huber()))
+    assert set(out) == {"train_loss", "train_mae", "test_loss", "test_mae"}
+    with pytest.raises(LandscapeError, match="lacks .*evaluate"):
+        get_task(object())
+
+
+def _train_plane_plot_explore(capsys, tmp_path, task, model, dataset, *extra):
+    from landscape.cli.main import main
+    run, plane = tmp_path / "run.h5", tmp_path / "plane.h5"
+    assert main(["train", "--task", task, "--model", model, "--dataset", dataset, *extra, "--methods", "sgd,swa",
+                 "--epochs", "3", "--swa-start", "2", "--batch-size", "16", "--lr", "0.05", "--swa-lr", "0.05",
+                 "-o", str(run), "--quiet"]) == 0
+    assert main(["plane", str(run), "sgd", "swa/average", "sgd:0", "--grid", "3", "3", "-o", str(plane), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(plane), "--out", str(tmp_path / "fig"), "--format", "png", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)["figures"]
+    assert figures and all(f.endswith(".png") for f in figures)
+    assert main(["explore", str(plane), "-o", str(tmp_path / "explore.html")]) == 0
+    surf = ls.open_surface(plane)
+    return surf, (tmp_path / "explore.html").read_text()
+
+
+def test_regression_end_to_end(capsys, tmp_path):
+    surf, html = _train_plane_plot_explore(capsys, tmp_path, "regression", "mlp", "regression",
+                                           "--model-arg", "hidden=[8]", "--data-option", "n_train=64",
+                                           "--data-option", "n_test=32")
+    assert surf.primary_metric == "test_mae" and np.isfinite(surf.values["test_mae"]).all()
+    assert "test mean absolute error" in html
+    from landscape.cli.main import main
+    assert main(["line", str(tmp_path / "run.h5"), "sgd", "swa/average", "--points", "3", "--samples", "20",
+                 "-o", str(tmp_path / "line.h5"), "--quiet"]) == 0
+    line = ls.open_surface(tmp_path / "line.h5")
+    assert line.spec["task"]["samples"] == 20 and (line.values["test_mae_se"] > 0).all()
+
+
+def test_language_model_end_to_end(capsys, tmp_path):
+    surf, html = _train_plane_plot_explore(capsys, tmp_path, "language-model", "transformer", "modular",
+                                           "--model-arg", "dim=8", "--model-arg", "heads=2", "--model-arg", "layers=1",
+                                           "--data-option", "modulus=5")
+    assert surf.primary_metric == "test_err" and surf.task["name"] == "language-model"
+    assert np.isfinite(surf.values["test_ppl"]).all() and "test perplexity" in html
+
+
+def test_a_task_that_does_not_fit_the_model_is_one_line_before_training(capsys, tmp_path):
+    one_line_error(capsys, ["train", "--task", "regression", "--dataset", "synthetic", "--model", "mlp",
+                            "--epochs", "1", "-o", tmp_path / "r.h5", "--quiet"], "task 'regression'")
+    assert not list(tmp_path.iterdir())
+
+
+USER_TASK = '''
+import torch
+from landscape.tasks import Evaluation, Task
+
+
+class Absolute(Task):
+    name, metrics, primary = "absolute", ("mae",), "mae"
+
+    def evaluate(self, output, batch):
+        d = (output[:, 0] - batch[1]).abs()
+        return Evaluation(d, {"mae": d})
+
+
+task = Absolute()
+'''
+
+
+def test_a_user_task_by_import_path_trains_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """Typed, the import path runs; recorded in the file, it runs again only when allowed."""
+    from landscape.cli.main import main
+    (tmp_path / "mytasks.py").write_text(USER_TASK)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--task", "mytasks:task", "--dataset", "regression", "--data-option", "n_train=32",
+                 "--data-option", "n_test=16", "--model", "mlp", "--model-arg", "hidden=[4]", "--methods", "sgd",
+                 "--epochs", "1", "-o", "r.h5", "--quiet"]) == 0
+    traj = ls.open_trajectory(tmp_path / "r.h5")
+    assert traj.config["task"] == "mytasks:task" and "test_mae" in traj.run("sgd").metrics
+    monkeypatch.delenv("LANDSCAPE_TRUST_CODE", raising=False)
+    monkeypatch.delenv("LANDSCAPE_TRUSTED_MODULES", raising=False)
+    line = ["line", "r.h5", "sgd:0", "sgd", "--points", "3", "-o", "l.h5", "--quiet"]
+    one_line_error(capsys, line, "'mytasks:task'", "--task mytasks:task")
+    one_line_error(capsys, line + ["--task", "mytasks:other"], "--task mytasks:other does not match")
+    assert main(line + ["--task", "mytasks:task"]) == 0
+    assert ls.open_surface(tmp_path / "l.h5").primary_metric == "test_mae"
+
+
+def test_export_writes_accuracy_only_for_a_task_with_an_error(tmp_path):
+    import h5py
+
+    from landscape.store import export_loss_landscape
+    for case, acc in (("regression", False), ("language-model", True)):
+        net, tensors, task = CASES[case]()
+        other = CASES[case]()[0]
+        torch.manual_seed(5)
+        for p in other.parameters():
+            p.data.add_(torch.randn_like(p))
+        surf = ls.evaluate_surface(net, ls.Line.through(net, other), tensors, 3, task=task)
+        with h5py.File(export_loss_landscape(surf, tmp_path / f"{case}.h5"), "r") as f:
+            assert ("test_acc" in f) == acc and "test_loss" in f, list(f)
+            if acc:
+                np.testing.assert_allclose(f["test_acc"][()], 100.0 - surf.values["test_err"])
+
+
+def test_every_method_trains_with_the_task_loss(tmp_path):
+    """Each method records the task's values (SWAP's gathered rows included) for a regression task."""
+    from landscape.config import TrainConfig
+    from landscape.train import train
+    cfg = TrainConfig(model=ls.ModelSpec("mlp", {"hidden": [4]}), task="regression", epochs=2, batch_size=16,
+                      data=ls.DataSpec("regression", {"n_train": 32, "n_test": 16, "features": 3}),
+                      methods=("sgd", "swa", "ema", "swap", "lookahead", "lookahead-adam", "grafting"),
+                      swap_workers=2, swap_phase1_epochs=1, swap_phase2_epochs=1, grafting_baseline=False,
+                      lookahead_fast_epochs=0)
+    with pytest.warns(UserWarning, match="threshold"):  # no training accuracy: phase 1 runs to its cap
+        finals = train(cfg, tmp_path / "all.h5", quiet=True)["final"]
+    assert len(finals) > 10
+    for run, m in finals.items():
+        assert {"train_mae", "test_mae"} <= set(m) and np.isfinite(m["test_mae"]) and "test_err" not in m, run
+
+
+class ScaledByBatch(Task):
+    """Reads a number out of a tensor (``float``), which vmap cannot batch: the evaluator falls back to
+    one call of the task per point."""
+    name, metrics, primary = "scaled", ("mae",), "mae"
+
+    def evaluate(self, output, batch):
+        d = output[:, 0] - batch[1]
+        scale = 1.0 + float(output.abs().max())  # a number read from this point's output
+        return Evaluation(d.square() / scale, {"mae": d.abs()})
+
+
+def test_a_task_vmap_cannot_batch_gives_the_same_values():
+    net, tensors, _ = _regression()
+    data = as_data(tensors, task=ScaledByBatch())
+    layout, weights, buffers = _points(net)
+    ev = Evaluator(net, layout, data, BatchNormPolicy("none"), batch_size=16)
+    batched = ev(weights, buffers)
+    assert not ev._vmap_task
+    for k in range(len(weights)):
+        single = ev(weights[k:k + 1], buffers[k:k + 1])
+        for name, v in batched.items():
+            np.testing.assert_allclose(v[k], single[name][0], rtol=1e-6, err_msg=name)
