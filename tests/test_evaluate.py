@@ -129,9 +129,9 @@ def test_points_per_call_measured_on_real_points():
     """Every timed call is real work handed back to the caller; the sizes stop when points run out."""
     calls = []
 
-    def call(k):  # a fake evaluator whose throughput peaks at 4 points per call
-        calls.append(k)
-        time.sleep(0.002 * k / {1: 1, 2: 1.5, 4: 3, 8: 1.2, 16: 1.0}[k])
+    def call(k):  # a fake evaluator whose throughput peaks at 4 points per call; sleeps of tens of ms, so
+        calls.append(k)  # that a loaded machine's few ms of lateness cannot reorder the sizes
+        time.sleep(0.02 * k / {1: 1, 2: 1.5, 4: 3, 8: 1.2, 16: 1.0}[k])
 
     best, used = choose_points_per_call(call, 100, "cpu", candidates=(1, 2, 4, 8, 16, 32), budget_s=10)
     assert best == 4 and used == sum(calls) and calls == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]  # two slower sizes: stop

@@ -76,6 +76,8 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
             for method, child in list(running.items()):
                 if child.exitcode is not None:
                     del running[method]
+                    if child.exitcode == 130:  # interrupted with the parent (Ctrl-C reaches them all)
+                        raise KeyboardInterrupt
                     if child.exitcode != 0:
                         raise _relay(messages, bar, wait=True) or RuntimeError(
                             f"training {method} in its own process failed (exit code {child.exitcode})")
