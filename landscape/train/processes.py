@@ -6,7 +6,7 @@ thread count changes the floating-point order of reductions, so the same seed ga
 on machines with different core counts; with a fixed thread count per method (``threads``, 1 by
 default) it gives the same file everywhere, whether the methods run one after another or apart.
 
-:func:`train_apart` starts at most ``processes`` children (``spawn``: no forked torch state), each
+:func:`train_apart` starts at most ``processes`` children (``forkserver``: no forked torch state), each
 running :func:`landscape.train.train` on one method into ``NAME.parts/<method>.h5``, with the usual
 resume there. As the methods finish, in the configuration's order, their runs are copied into the
 main file (:meth:`~landscape.store.TrajectoryWriter.adopt`) as finished parts and their files removed.
@@ -21,12 +21,14 @@ import os
 import queue as queues
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import torch
 
 from .. import errors
 from ..store import open_trajectory
+from .loop import METHODS
 
 
 @contextlib.contextmanager
@@ -53,9 +55,12 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
     error), and KeyboardInterrupt with ``under_way``, the methods whose children kept work, when interrupted."""
     folder = parts_folder(writer.path)
     folder.mkdir(exist_ok=True)
-    spawn = multiprocessing.get_context("spawn")
-    messages = spawn.Queue()
-    waiting, running, trained, adopted = list(methods), {}, set(), 0
+    context = _context()
+    messages = context.Queue()
+    # the longest first (their progress ticks measure their epochs), so that no long method starts last
+    # and runs alone; they still join the file in the configuration's order
+    waiting = sorted(methods, key=lambda m: -METHODS[m].ticks(config))
+    running, trained, adopted = {}, set(), 0
     try:
         while adopted < len(methods):
             while waiting and len(running) < processes:
@@ -66,7 +71,7 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
                 bar.set_description(f"train {', '.join(list(running) + [method])}")
                 # a child resumes its own partial file of this configuration; with ``overwrite`` it
                 # replaces one of another configuration
-                child = spawn.Process(target=_child, args=(config.replace(methods=(method,)), str(folder / f"{method}.h5"),
+                child = context.Process(target=_child, args=(config.replace(methods=(method,)), str(folder / f"{method}.h5"),
                                                            overwrite, messages, os.getpid()))
                 child.start()
                 running[method] = child
@@ -108,8 +113,17 @@ def trained_with(path, config) -> bool:
     return all(recorded.get(k) == v for k, v in mine.items() if k != "device")
 
 
+def _context():
+    """Children forked from a server that has imported torch and landscape once (``forkserver``: no
+    state of this process is forked; each child starts in a fraction of a second)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _relay(messages, bar, wait: bool = False):
-    """Pass the children's progress to ``bar``; return the error a child reported, if any."""
+    """Pass the children's progress to ``bar`` and their warnings to this process's; return the error
+    a child reported, if any."""
     while True:
         try:
             kind, *what = messages.get(timeout=1.0 if wait else 0.2)
@@ -117,6 +131,8 @@ def _relay(messages, bar, wait: bool = False):
             return None
         if kind == "tick":
             bar.update(what[0])
+        elif kind == "warning":
+            warnings.warn(what[1], what[0], stacklevel=2)
         elif kind == "error":
             method, name, message = what
             cls = getattr(errors, name, None)
@@ -143,8 +159,10 @@ class _ChildProgress:
         self.messages, self.parent = messages, parent
 
     def update(self, n=1):
-        if os.getppid() != self.parent:
-            raise KeyboardInterrupt("the parent process is gone")
+        try:
+            os.kill(self.parent, 0)  # (a forkserver child's own parent is the server, not the trainer)
+        except ProcessLookupError:
+            raise KeyboardInterrupt("the parent process is gone") from None
         if n:
             self.messages.put(("tick", n))
 
@@ -163,7 +181,11 @@ def _child(config, path: str, overwrite: bool, messages, parent: int) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGINT, once)
     try:
-        train(config, path, overwrite=overwrite, processes=1, progress=_ChildProgress(messages, parent))
+        with warnings.catch_warnings(record=True) as caught:  # shown by the parent, as its own
+            warnings.simplefilter("always")
+            train(config, path, overwrite=overwrite, processes=1, progress=_ChildProgress(messages, parent))
+        for w in caught:
+            messages.put(("warning", w.category, str(w.message)))
     except KeyboardInterrupt:
         raise SystemExit(130)
     except BaseException as e:  # reported to the parent, which raises it as its own
