@@ -278,3 +278,15 @@ def test_thinned_recording_keeps_the_contract(config, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             train(thin, out, quiet=True)
     _assert_same_file(path, train(thin, out, quiet=True)["path"])
+
+
+def test_a_childs_warning_reaches_the_command_line_as_one_line(tmp_path):
+    """SWAP's threshold warning, raised in a child process, is printed once, as one line, by the parent."""
+    from _cli import run_cli
+    r = run_cli("train", "--dataset", "synthetic", "--model", "mlp", "--methods", "swap,sgd", "--epochs", "2",
+                "--swap-phase1-epochs", "1", "--swap-threshold", "100", "--swap-phase2-epochs", "1",
+                "--processes", "2", "--quiet", "-o", tmp_path / "r.h5")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert lines == [line for line in lines if line.startswith("landscape: warning: SWAP phase 1 reached only")]
+    assert len(lines) == 1, r.stderr

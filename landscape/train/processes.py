@@ -71,8 +71,9 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
                 bar.set_description(f"train {', '.join(list(running) + [method])}")
                 # a child resumes its own partial file of this configuration; with ``overwrite`` it
                 # replaces one of another configuration
-                child = context.Process(target=_child, args=(config.replace(methods=(method,)), str(folder / f"{method}.h5"),
-                                                           overwrite, messages, os.getpid()))
+                child = context.Process(target=_child, args=(config.replace(methods=(method,)),
+                                                             str(folder / f"{method}.h5"), overwrite, messages,
+                                                             os.getpid()))
                 child.start()
                 running[method] = child
             failure = _relay(messages, bar)
@@ -92,6 +93,7 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
                 writer.adopt(path, methods[adopted])
                 path.unlink()
                 adopted += 1
+        _relay(messages, bar)  # what the last children said just before they ended (their warnings)
         shutil.rmtree(folder)
     except BaseException as e:
         _stop(running)
