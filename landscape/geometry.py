@@ -320,12 +320,12 @@ class RunPCA:
     :meth:`streamed` runs subspace iteration on the implicit covariance, one pass over the rows per
     iteration, holding only (P, k) matrices and one chunk: memory independent of T."""
 
-    def __init__(self, chunks, n: int, where: str = "", run: str = "run", chunk_bytes: int = 64 * 2 ** 20):
+    def __init__(self, chunks, n: int, last: torch.Tensor, where: str = "", run: str = "run",
+                 chunk_bytes: int = 64 * 2 ** 20):
         self.chunks, self.n, self.where, self.run = chunks, n, where, run
-        self.P = next(iter(chunks(1))).shape[1]
+        self.last = last.double()  # the reference row, w_T
+        self.P = self.last.numel()
         self.chunk_rows = max(1, chunk_bytes // (8 * self.P))
-        for rows in chunks(self.chunk_rows):  # the reference row, w_T
-            self.last = rows[-1]
         self._moments()
 
     def _moments(self) -> None:
@@ -381,8 +381,9 @@ class RunPCA:
         """C z in one pass: D^T (D z) minus the centering term (sum_i d_i)(mean_i d_i z)^T."""
         out, y_sum = torch.zeros_like(z), torch.zeros(z.shape[1], dtype=torch.float64)
         for _, rows in self._passes():
-            y = (rows - self.last) @ z
-            out += (rows - self.last).T @ y
+            d = rows - self.last
+            y = d @ z
+            out += d.T @ y
             y_sum += y.sum(0)
         return out - torch.outer(self.sum_d, y_sum / self.n)
 
@@ -533,6 +534,9 @@ class Plane:
             def chunks(size):  # the run's rows, ``size`` at a time, read afresh on every pass
                 for start in range(0, n, size):
                     yield torch.from_numpy(source.params(run, slice(start, min(n, start + size)))).double()
+
+            def last():
+                return torch.from_numpy(source.params(run, n - 1))
             co = load_checkpoint(source, origin or f"{run}:{n - 1}") if n >= 3 else None
         else:
             states = list(source)
@@ -543,10 +547,13 @@ class Plane:
             def chunks(size):
                 for start in range(0, n, size):
                     yield torch.stack([c.params for c in loaded[start:start + size]]).double()
+
+            def last():
+                return loaded[-1].params
             co = (src.load(origin, "origin") if origin is not None else loaded[-1]) if n >= 3 else None
         if n < 3:
             raise GeometryError(f"PCA of run {run!r} needs at least 3 checkpoints, it has {n}")
-        pca = RunPCA(chunks, n, where=f" of {source.path}" if isinstance(source, Trajectory) else "", run=run)
+        pca = RunPCA(chunks, n, last(), where=f" of {source.path}" if isinstance(source, Trajectory) else "", run=run)
         evals, comps, total = pca.in_memory() if pca.fits(PCA_MEMORY) else pca.streamed()
         if evals[1] <= DEGENERATE * evals[0]:
             raise GeometryError(f"the checkpoints of run {run!r} lie on a line; PCA has no second direction")

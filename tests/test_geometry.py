@@ -216,7 +216,8 @@ def test_streamed_pca_equals_the_in_memory_pca(traj):
     def chunks(size):
         for start in range(0, n, size):
             yield torch.from_numpy(traj.params("sgd", slice(start, min(n, start + size)))).double()
-    pca = RunPCA(chunks, n, chunk_bytes=3 * 8 * traj.layout.num_params)  # 3 rows a chunk
+    last = torch.from_numpy(traj.params("sgd", n - 1))
+    pca = RunPCA(chunks, n, last, chunk_bytes=3 * 8 * traj.layout.num_params)  # 3 rows a chunk
     assert pca.chunk_rows == 3 and not pca.fits(8 * n)
     (e1, c1, t1), (e2, c2, t2) = pca.in_memory(), pca.streamed()
     np.testing.assert_allclose(e2.numpy(), e1.numpy(), rtol=1e-9)
