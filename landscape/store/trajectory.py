@@ -109,7 +109,7 @@ class TrajectoryWriter:
                                                        or complete):
                 return None
             try:
-                layout = Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
+                layout = _stored_layout(f)
             except (KeyError, ValueError, TypeError):
                 return None
             if f.attrs.get("config") != config_json or layout != self.layout:
@@ -170,7 +170,7 @@ class TrajectoryWriter:
         with h5py.File(source, "r") as src:
             if not bool(src.attrs.get("complete", False)):
                 raise FileFormatError(f"{source} is not a complete trajectory file")
-            if Layout.from_dict({k: json.loads(src["layout"].attrs[k]) for k in ("params", "buffers")}) != self.layout:
+            if _stored_layout(src) != self.layout:
                 raise FileFormatError(f"{source} holds another model's weights")
             for name in src["runs"]:
                 src.copy(src["runs"][name], self.file["runs"], name=name)
@@ -392,9 +392,7 @@ class Trajectory:
         self.config = json.loads(f.attrs["config"])
         if not isinstance(self.config, dict):
             raise ValueError("attribute 'config' is not a JSON object")
-        g = f["layout"]
-        self.layout = Layout.from_dict({"params": json.loads(g.attrs["params"]),
-                                        "buffers": json.loads(g.attrs["buffers"])})
+        self.layout = _stored_layout(f)
         _check_layout(self.layout)
         self.runs = []
         f["runs"].visititems(lambda name, obj: self.runs.append(name)
@@ -482,6 +480,11 @@ class Trajectory:
         return {"path": str(self.path), "format": FORMAT, "version": self.version, "bytes": self.path.stat().st_size,
                 "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
                 "runs": runs, "config": self.config}
+
+
+def _stored_layout(f: h5py.File) -> Layout:
+    """The layout a trajectory file records (its ``/layout`` attributes)."""
+    return Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
 
 
 def _check_finite(path, name: str, params: np.ndarray, buffers: np.ndarray) -> None:
