@@ -150,7 +150,7 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
     menus = [dict(type="buttons", direction="right", x=0.0, xanchor="left", y=1.17, yanchor="bottom",
                   buttons=buttons_m, active=metrics.index(metric), showactive=True, pad=dict(r=4, t=2)),
              # left, next to the metric buttons: plotly's toolbar takes the top right corner
-             dict(type="buttons", direction="right", x=0.3, xanchor="left", y=1.17, yanchor="bottom",
+             dict(type="buttons", direction="right", x=_after(buttons_m), xanchor="left", y=1.17, yanchor="bottom",
                   buttons=buttons_s, active=0 if scale == "log" else 1, showactive=True, pad=dict(r=4, t=2))]
     sliders = []
     if epochs:
@@ -170,7 +170,7 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
         annotations=list(fig.layout.annotations) + [
             dict(text=label, x=left, y=1.232, xref="paper", yref="paper", showarrow=False, xanchor="left",
                  yanchor="bottom", font=dict(size=11, color="#555"))
-            for label, left in (("metric", 0.0), ("colour scale", 0.3))])
+            for label, left in (("metric", 0.0), ("colour scale", _after(buttons_m)))])
     fig.update_xaxes(title_text=f"u ({DISTANCE})", range=[float(x[0]), float(x[-1])], row=1, col=2,
                      constrain="domain")
     fig.update_yaxes(title_text=f"v ({DISTANCE})", range=[float(y[0]), float(y[-1])], row=1, col=2,
@@ -337,11 +337,11 @@ def line_figure(surface, *, title: str | None = None):
         title=dict(text=title or "", x=0.01), height=520, template="plotly_white", shapes=shapes,
         annotations=annotations + [dict(text=label, x=left, y=1.32, xref="paper", yref="paper", showarrow=False,
                                         xanchor="left", yanchor="bottom", font=dict(size=11, color="#555"))
-                                   for label, left in (("metric", 0.0), ("scale", 0.3))],
+                                   for label, left in (("metric", 0.0), ("scale", _after(buttons)))],
         margin=dict(l=60, r=20, t=150, b=60),
         updatemenus=[dict(type="buttons", direction="right", x=0.0, xanchor="left", y=1.2, yanchor="bottom",
                           buttons=buttons, active=0),
-                     dict(type="buttons", direction="right", x=0.3, xanchor="left", y=1.2, yanchor="bottom",
+                     dict(type="buttons", direction="right", x=_after(buttons), xanchor="left", y=1.2, yanchor="bottom",
                           buttons=scale_buttons, active=0 if metrics[0].endswith("loss") else 1)],
         xaxis=dict(title=xlabel), yaxis=dict(title=metric_label(metrics[0]),
                                              type="log" if metrics[0].endswith("loss") else "linear"))
@@ -482,3 +482,11 @@ def write_explorer(surfaces, out, title: str = "landscape explorer", overwrite: 
 
 
 __all__ = ["plane_figure", "line_figure", "explorer_html", "write_explorer", "slider_epochs"]
+
+
+def _after(buttons: list, width_px: float = 1200.0) -> float:
+    """Where (paper x) the next row of buttons may start to the right of ``buttons``: their labels'
+    estimated width (about 7 px a character and 22 px of padding each, on a page about ``width_px``
+    wide), at least 0.3. Long metric names (a task's "test mean absolute error") would otherwise hide
+    under the next buttons."""
+    return max(0.3, sum(7 * len(b["label"]) + 22 for b in buttons) / width_px)
