@@ -349,13 +349,17 @@ class RunPCA:
             yield start, rows
             start += len(rows)
 
-    def fits(self, budget: int) -> bool:
-        return 8 * self.n * (self.P + self.n) <= budget
+    def fits(self, budget: int, block: int = 6) -> bool:
+        """Whether :meth:`in_memory` needs at most ``budget`` bytes or no more than :meth:`streamed`
+        does (a few rows of a large model: streaming holds more (P,)-vectors than there are rows)."""
+        streamed = 8 * self.P * (4 * min(block, self.n - 1) + self.chunk_rows)
+        return 8 * self.n * (self.P + self.n) <= max(budget, streamed)
 
     def in_memory(self, k: int = 2) -> tuple:
         """(eigenvalues (k,), components (P, k), total variance), all rows at once."""
-        m = torch.cat([rows for _, rows in self._passes()]) - self.last
-        m = m - m.mean(0)
+        m = torch.cat([rows for _, rows in self._passes()])
+        m.sub_(self.last)
+        m.sub_(m.mean(0))  # in place: the rows are held once
         evals, evecs = torch.linalg.eigh(m @ m.T)  # (T, T): no (P, P) matrix
         evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
         return evals[:k], (m.T @ evecs[:, :k]) / evals[:k].sqrt().clamp_min(1e-300), self.total_variance
@@ -383,7 +387,7 @@ class RunPCA:
         for _, rows in self._passes():
             d = rows - self.last
             y = d @ z
-            out += d.T @ y
+            out.addmm_(d.T, y)
             y_sum += y.sum(0)
         return out - torch.outer(self.sum_d, y_sum / self.n)
 

@@ -218,18 +218,16 @@ def test_streamed_pca_equals_the_in_memory_pca(traj):
             yield torch.from_numpy(traj.params("sgd", slice(start, min(n, start + size)))).double()
     last = torch.from_numpy(traj.params("sgd", n - 1))
     pca = RunPCA(chunks, n, last, chunk_bytes=3 * 8 * traj.layout.num_params)  # 3 rows a chunk
-    assert pca.chunk_rows == 3 and not pca.fits(8 * n)
+    assert pca.chunk_rows == 3 and not pca.fits(8 * n, block=1)
+    assert pca.fits(0)  # 7 rows at once take less memory than streaming's six (P,)-vectors and a chunk
     (e1, c1, t1), (e2, c2, t2) = pca.in_memory(), pca.streamed()
     np.testing.assert_allclose(e2.numpy(), e1.numpy(), rtol=1e-9)
     assert t1 == t2
     np.testing.assert_allclose(np.abs((c1 * c2).sum(0).numpy()), 1.0, atol=1e-9)  # the same unit directions
     whole = Plane.pca(traj, "sgd")
-    old = geometry.PCA_MEMORY
-    try:
-        geometry.PCA_MEMORY = 0  # every run streamed
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(geometry.RunPCA, "fits", lambda self, budget: False)  # every run streamed
         streamed = Plane.pca(traj, "sgd")
-    finally:
-        geometry.PCA_MEMORY = old
     np.testing.assert_allclose(streamed.u.numpy(), whole.u.numpy(), atol=1e-6)
     np.testing.assert_allclose(streamed.v.numpy(), whole.v.numpy(), atol=1e-6)
     np.testing.assert_allclose(np.array(streamed.extent), np.array(whole.extent), rtol=1e-6, atol=1e-9)

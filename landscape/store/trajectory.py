@@ -23,7 +23,7 @@ import torch
 from ..errors import CheckpointError, FileFormatError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
-from .files import (PartialH5, check_version, claim_output, interrupts_deferred, open_read, partial_path,
+from .files import (PartialH5, ResumeStates, check_version, claim_output, interrupts_deferred, open_read, partial_path,
                     prepare_output, read_partial, sha256, to_json)
 
 FORMAT = "landscape.trajectory"
@@ -63,6 +63,8 @@ class TrajectoryWriter:
         self._runs = []     # runs created, in order
         self._saved = False  # whether the partial on disk holds resumable work
         self._progress = {}  # key -> the state bytes of the last save point
+        self._generation = 0  # the save point whose states ResumeStates holds (0: none)
+        self.states = ResumeStates(self.tmp)
         self.complete = False  # a partial completed by a run killed before it was moved into place
         self.lock = claim_output(self.path, overwrite)
         try:
@@ -74,13 +76,18 @@ class TrajectoryWriter:
     def _open(self, config_json: str, overwrite: bool, resume: bool) -> None:
         held = self._held_work(config_json)
         if held in ("same", "complete") and resume:
-            self._reopen()
+            self._reopen(held == "complete")
             return
         if held is not None and not overwrite:
             other = " with another configuration" if held == "other" else ""
             raise FileFormatError(f"{self.tmp} holds interrupted work{other}; delete it, choose another "
                                   f"output, or pass --overwrite to discard it")
-        self.store = PartialH5(self.tmp, self.path, create=True, reopen=True, track_order=True)
+        # the space of dropped resume states (a model and its optimizer, every epoch) is reused after
+        # the file is reopened, not lost: without it a 15 M-parameter run grows by GBs of dead bytes
+        self.states.remove()  # those of a partial discarded (or deleted by hand)
+        # space freed in the file (a resized dataset's old chunks) is reused after it is reopened
+        self.store = PartialH5(self.tmp, self.path, create=True, reopen=True, track_order=True,
+                               fs_strategy="fsm", fs_persist=True, fs_threshold=1)
         f = self.file
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
@@ -116,19 +123,26 @@ class TrajectoryWriter:
                 return "other"
             return "complete" if complete else "same"
 
-    def _reopen(self) -> None:
-        """Continue ``NAME.partial``: it holds exactly what the last save point saved."""
-        self.store = PartialH5(self.tmp, self.path, create=False, reopen=True)
+    def _reopen(self, complete: bool) -> None:
+        """Continue ``NAME.partial``: it holds exactly what the last save point saved. A complete one is
+        only moved into place: opened read-only, since even opening it for writing changes its bytes."""
+        self.store = PartialH5(self.tmp, self.path, create=False, reopen=not complete, mode="r" if complete else None)
         in_progress = self._read_state()
         self._runs = [r for part_runs in self.finished.values() for r in part_runs] + list(in_progress)
+        if self._generation:
+            self._progress = self.states.read(self._generation)
+        elif "progress" in self.file:  # a partial of an earlier version: the states inside it
+            self.file["progress"].visititems(lambda key, obj: self._progress.__setitem__(key, obj[()].tobytes())
+                                             if isinstance(obj, h5py.Dataset) else None)
+        self.states.remove(keep=self._generation)  # a generation written but never committed
         self._saved = True
         if self.complete:  # every part done: its runs are all there is; close() only moves it into place
             self.file["runs"].visititems(lambda name, obj: self._runs.append(name)
                                          if isinstance(obj, h5py.Group) and "params" in obj else None)
 
     def _read_state(self) -> dict:
-        """Read what a resumed run needs (finished parts, progress states), and return the row counts
-        of the part under way. Done after every save point too, so that an uninterrupted run asks HDF5
+        """Read what a resumed run needs (finished parts, the generation of the resume states), and
+        return the row counts of the part under way. Done after every save point too, so that an uninterrupted run asks HDF5
         exactly what a resumed one asks, and both write the same bytes."""
         f = self.file
         finished = json.loads(f.attrs.get("finished", "{}"))  # JSON keys are sorted: order parts by their runs
@@ -138,10 +152,7 @@ class TrajectoryWriter:
             return min((created.get(r.split("/")[0], len(created)) for r in finished[part]), default=len(created))
         self.finished = {part: finished[part] for part in sorted(finished, key=first_run)}
         self.complete = bool(f.attrs["complete"])
-        self._progress = {}
-        if "progress" in f:  # keys may hold "/": nested groups
-            f["progress"].visititems(lambda key, obj: self._progress.__setitem__(key, obj[()].tobytes())
-                                     if isinstance(obj, h5py.Dataset) else None)
+        self._generation = int(f.attrs.get("progress_state", 0))
         return json.loads(f.attrs.get("progress_rows", "{}"))
 
     def _unfinished_runs(self) -> list:
@@ -153,15 +164,16 @@ class TrajectoryWriter:
     def finish_part(self, part: str) -> None:
         """Mark the runs created since the last finished part as ``part``'s, kept if work stops now."""
         with interrupts_deferred():
-            before = dict(self.finished)
+            before = dict(self.finished), dict(self._progress)
             self.finished[part] = self._unfinished_runs()
             self.file.attrs["finished"] = to_json(self.finished)
             self._drop_progress()
             try:
                 self._save()
             except WriteError:
-                self.finished = before  # what the disk holds
+                self.finished, self._progress = before  # what the disk holds
                 raise
+            self.states.remove()
 
     def adopt(self, source, part: str) -> None:
         """Copy every run of the complete trajectory file ``source`` (another writer's output, with this
@@ -181,18 +193,19 @@ class TrajectoryWriter:
     def save_progress(self, key: str, state: bytes) -> None:
         """Keep ``state`` (opaque bytes: where the part in progress stands) under ``key``, with the row
         count of every run the part has written so far; both are what a resumed writer starts from."""
-        data = np.frombuffer(state, np.uint8)
         with interrupts_deferred():  # the state and the row counts change together or not at all
-            name = f"progress/{key}"
-            if name not in self.file:
-                self.file.create_dataset(name, (0,), np.uint8, maxshape=(None,), chunks=(1 << 16,),
-                                         track_times=False)
-            ds = self.file[name]
-            ds.resize(len(data), axis=0)
-            ds[:] = data
+            states, n = dict(self._progress, **{key: bytes(state)}), self._generation + 1
+            self.states.write(n, states)  # on the disk before the commit that names it
+            self.file.attrs["progress_state"] = n
             self.file.attrs["progress_rows"] = to_json(
                 {r: self.file[f"runs/{r}/params"].shape[0] for r in self._unfinished_runs()})
-            self._save()
+            try:
+                self._save()
+            except WriteError:
+                self.states.remove(keep=self._generation)  # the disk holds the last save point's
+                raise
+            self._progress = states
+            self.states.remove(keep=n)
 
     def _save(self) -> None:
         self.store.save()
@@ -204,10 +217,13 @@ class TrajectoryWriter:
         return self._progress.get(key)
 
     def _drop_progress(self) -> None:
-        if "progress" in self.file:
+        """The part's resume states are no longer needed (its files go after the next commit)."""
+        if "progress" in self.file:  # a partial of an earlier version
             del self.file["progress"]
-        if "progress_rows" in self.file.attrs:
-            del self.file.attrs["progress_rows"]
+        for name in ("progress_rows", "progress_state"):
+            if name in self.file.attrs:
+                del self.file.attrs[name]
+        self._progress = {}
 
     @property
     def runs(self) -> list:
@@ -286,7 +302,9 @@ class TrajectoryWriter:
             self._drop_progress()
             self.file.attrs["complete"] = True
         try:
-            return self.store.finish()
+            path = self.store.finish()
+            self.states.remove()
+            return path
         except WriteError as e:
             kept = ", ".join(self.finished) if self._saved else ""
             raise WriteError(f"{e}; " + (f"{kept} kept in {self.tmp}; free space and run the same command again "
@@ -316,6 +334,7 @@ class TrajectoryWriter:
         """Drop the partial file (bad input or a failure before anything worth keeping)."""
         try:
             self.store.remove()
+            self.states.remove()
         finally:
             self.lock.release()
 

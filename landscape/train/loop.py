@@ -30,6 +30,7 @@ from ..data import Data, augment_batch
 from ..params import Layout
 from ..tasks import output_tree
 from ..store import TrajectoryWriter
+from ..store.files import interrupts_deferred
 
 
 @dataclass(frozen=True)
@@ -215,5 +216,6 @@ class Context:
             return obj.state_dict()
         buf = io.BytesIO()
         torch.save({"epoch": epoch, "state": {name: dump(obj) for name, obj in state.items()}}, buf)
-        self.writer.save_progress(key, buf.getvalue())
-        self.last_epoch_done = (key, epoch)
+        with interrupts_deferred():  # a Ctrl-C during the save is raised once both say the same epoch
+            self.writer.save_progress(key, buf.getvalue())
+            self.last_epoch_done = (key, epoch)
