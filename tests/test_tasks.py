@@ -240,7 +240,7 @@ def test_regression_end_to_end(capsys, tmp_path):
                                            "--model-arg", "hidden=[8]", "--data-option", "n_train=64",
                                            "--data-option", "n_test=32")
     assert surf.primary_metric == "test_mae" and np.isfinite(surf.values["test_mae"]).all()
-    assert "test mean absolute error" in html
+    assert "test mean absolute error" in html and "errors in %" not in html  # no error, no percent
     from landscape.cli.main import main
     assert main(["line", str(tmp_path / "run.h5"), "sgd", "swa/average", "--points", "3", "--samples", "20",
                  "-o", str(tmp_path / "line.h5"), "--quiet"]) == 0
@@ -253,7 +253,7 @@ def test_language_model_end_to_end(capsys, tmp_path):
                                            "--model-arg", "dim=8", "--model-arg", "heads=2", "--model-arg", "layers=1",
                                            "--data-option", "modulus=5")
     assert surf.primary_metric == "test_err" and surf.task["name"] == "language-model"
-    assert np.isfinite(surf.values["test_ppl"]).all() and "test perplexity" in html
+    assert np.isfinite(surf.values["test_ppl"]).all() and "test perplexity" in html and "errors in %" in html
 
 
 def test_a_task_that_does_not_fit_the_model_is_one_line_before_training(capsys, tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError, FileFormatError
 from . import analysis, static
-from .style import DISTANCE, metric_label, metric_name, role
+from .style import DISTANCE, WORDS, metric_label, metric_name, role
 
 COLORSCALE = "Viridis"
 METRIC_ORDER = ("train_loss", "test_loss", "train_err", "test_err", "train_loss_l2")
@@ -410,13 +410,19 @@ table.flat td:first-child, table.flat th:first-child {{ text-align: left; }}
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head><body>
 <h1>{html.escape(title)}</h1>
-<p class="what">Coordinates are distances in weight space ({DISTANCE}); errors in %. Buttons switch the
+<p class="what">Coordinates are distances in weight space ({DISTANCE}){_percent_note(surfs)}. Buttons switch the
 metric and the colour scale; the slider shows the trajectories up to an epoch; hover for values;
 click legend entries to hide or show runs.</p>
 {"<nav><ul>" + nav + "</ul></nav>" if nav else ""}
 {"".join(sections)}
 </body></html>
 """
+
+
+def _percent_note(surfaces) -> str:
+    """"; errors in %" for the metrics the surfaces' tasks give in percent (none for regression)."""
+    names = sorted({WORDS.get(m, m).replace(" (%)", "") + "s" for s in surfaces for m in s.task.get("percent", ())})
+    return f"; {' and '.join(names)} in %" if names else ""
 
 
 def flatness_lines(sharp) -> dict:
