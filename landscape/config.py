@@ -128,7 +128,7 @@ class TrainConfig:
     checkpoint_every: int = option(0, "also record every N steps (0: once per epoch)", at_least=0)
     record_every: int = option(0, "keep every N-th epoch's checkpoints of each run (0: by model size, every epoch "
                                   "up to 50,000 parameters, else 1 in ceil(P / 50,000)); first and last rows, "
-                                  "SWA's averaging window and SWAP's runs always", at_least=0)
+                                  "SWA's averaging window and SWAP's phase-1 end and average always", at_least=0)
     eval_batch_size: int = field(default=1000, metadata=dict(at_least=1))  # metrics and BatchNorm recomputation
     options: tuple = ()
 

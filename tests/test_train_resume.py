@@ -256,7 +256,8 @@ def test_thinned_recording_keeps_the_contract(config, tmp_path):
     """Every 2nd epoch kept: first and last rows, SWA's window whole (its averages stay the mean of the
     iterates), Lookahead's fast window; names, projections and resume work as with every epoch."""
     from landscape.geometry import Plane
-    thin = config.replace(methods=("sgd", "swa", "lookahead"), epochs=5, swa_start=3, record_every=2)
+    thin = config.replace(methods=("sgd", "swa", "lookahead", "swap"), epochs=5, swa_start=3, record_every=2,
+                          swap_threshold=100.0, swap_phase1_epochs=3, swap_phase2_epochs=3)
     path = train(thin, tmp_path / "thin.h5", quiet=True)["path"]
     t = open_trajectory(path)
     assert t.config["recorded_every"] == 2
@@ -269,6 +270,13 @@ def test_thinned_recording_keeps_the_contract(config, tmp_path):
     # window (epoch index 2 = epochs // 2: steps 21-30), whose every inner step is in lookahead/fast
     assert t.run("lookahead/slow").epoch.tolist() == [0.0, 2.0, 2.5, 3.0, 4.0, 5.0]
     np.testing.assert_allclose(t.run("lookahead/fast").epoch, np.arange(21, 31) / 10)
+    # SWAP: phase 1 to its cap of 3 epochs (the last kept: phase 2 starts there), every worker from
+    # that start over 3 epochs; its average is the mean of the workers' last rows
+    assert t.run("swap/phase1").epoch.tolist() == [0.0, 2.0, 3.0]
+    for w in range(3):
+        assert t.run(f"swap/worker{w}").epoch.tolist() == [3.0, 5.0, 6.0]
+    np.testing.assert_allclose(t.params("swap/average", 0), np.mean([t.params(f"swap/worker{w}", -1) for w in range(3)],
+                                                                      axis=0), rtol=1e-5, atol=1e-6)
     plane = Plane.through(t, "sgd", "swa/average", "sgd:1")
     points, paths = plane.project(t)
     assert len(paths["sgd"].coords) == 4 and "sgd:1" in points

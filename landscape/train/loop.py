@@ -137,10 +137,11 @@ class Context:
         return len(batch_slices(len(self.data.x_train), batch_size or self.config.batch_size))
 
     def record(self, run: str, model: nn.Module, epoch: float, step: int, recompute: bool = False,
-               metrics: bool = True, keep: bool | None = None, **extra) -> dict:
+               metrics: bool = True, keep: bool | None = None, evaluated: dict | None = None, **extra) -> dict:
         """Evaluate ``model`` and append it to ``run``. ``recompute`` first recomputes BatchNorm
         statistics on the training set (for averaged weights). ``metrics=False`` appends the weights
-        without evaluating them (the row's train/test metrics read NaN) and returns ``{}``.
+        without evaluating them (the row's train/test metrics read NaN) and returns ``{}``;
+        ``evaluated``: the model's metrics, already computed.
 
         Thinned recording (``record_every`` > 1) skips the row, evaluating nothing and returning
         ``{}``, unless it is the run's first, or ``keep`` is True (a window recorded densely), or, with
@@ -156,7 +157,7 @@ class Context:
             self.writer.append(run, self.layout.params_to_vector(model), self.layout.buffers_to_vector(model),
                                epoch=epoch, step=step, **extra)
             return {}
-        metrics = evaluate(model, self.data, self.config.eval_batch_size)
+        metrics = evaluated if evaluated is not None else evaluate(model, self.data, self.config.eval_batch_size)
         self.writer.append(run, self.layout.params_to_vector(model), self.layout.buffers_to_vector(model),
                            epoch=epoch, step=step, **metrics, **extra)
         if self.progress is not None:

@@ -127,7 +127,8 @@ def _row(ctx: Context, model, epoch: float, step: int) -> tuple:
 
 def train_worker(ctx: Context, start, i: int, step0: int, epoch0: float) -> tuple:
     """Phase 2 of worker ``i`` from the model ``start``; returns (rows of params++buffers (T, P+B),
-    rows of epoch/step/metrics (T, 2 + the task's values), final model). Row 0 is ``start`` itself."""
+    rows of epoch/step/metrics (T, 2 + the task's values), final model). Row 0 is ``start`` itself,
+    then every ``record_every``-th epoch's end and the last."""
     cfg, swap = ctx.config, ctx.config.options_of(SWAPOptions)
     per_epoch = ctx.steps_per_epoch()
     with torch.random.fork_rng(devices=[]):  # a worker's own seed for any randomness in the model
@@ -144,9 +145,10 @@ def train_worker(ctx: Context, start, i: int, step0: int, epoch0: float) -> tupl
         for e in range(E):
             set_lr(opt, swap.phase2_lr * (1.0 - e / E))  # linear to 0 (the last epoch at lr / E)
             train_epoch(model, opt, ctx.data, cfg.batch_size, gen)
-            v, m = _row(ctx, model, epoch0 + e + 1, step0 + (e + 1) * per_epoch)
-            vecs.append(v)
-            metas.append(m)
+            if (e + 1) % ctx.record_every == 0 or e + 1 == E:  # thinned recording keeps the last too
+                v, m = _row(ctx, model, epoch0 + e + 1, step0 + (e + 1) * per_epoch)
+                vecs.append(v)
+                metas.append(m)
             ctx.tick()
     return torch.stack(vecs), torch.stack(metas), model
 
@@ -182,15 +184,18 @@ def run_swap(ctx: Context) -> None:
     if resumable:
         ctx.resume_point("swap/phase1", **state)
     if writer and phase1["epochs"] == 0:
-        ctx.record("swap/phase1", model, 0.0, 0, keep=True)  # SWAP's runs are short: never thinned
+        ctx.record("swap/phase1", model, 0.0, 0)
     while not phase1["reached"] and phase1["epochs"] < swap.phase1_epochs:
         phase1_epoch(model, opt, ctx.data, W, cfg.batch_size, gen, group)
         phase1["epochs"] += 1
         flag = torch.zeros(2, dtype=torch.float64)
         if writer:
-            m = ctx.record("swap/phase1", model, float(phase1["epochs"]), phase1["epochs"] * per_big, keep=True)
+            e = phase1["epochs"]
+            m = evaluate(model, ctx.data, cfg.eval_batch_size)  # every epoch: the threshold needs it
             flag[0] = 100.0 - m.get("train_err", 100.0)  # a task without an error never reaches the threshold
             flag[1] = float(flag[0] >= swap.threshold)
+            last = bool(flag[1]) or e == swap.phase1_epochs  # phase 2 starts from it: always kept
+            ctx.record("swap/phase1", model, float(e), e * per_big, keep=last or ctx.kept_epoch(e), evaluated=m)
         ctx.tick()
         flag = group.tensor(flag).cpu()  # every rank stops with rank 0
         phase1.update(acc=float(flag[0]), reached=bool(flag[1]))
