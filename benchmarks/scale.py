@@ -115,7 +115,7 @@ def job_plane(model: str, data: dict, n_train: int, grid: int) -> dict:
     seconds = time.perf_counter() - start
     finite = all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in surf.values.values())
     return {"seconds": seconds, "per_point": seconds / grid ** 2, "peak_mb": peak_mb(), "peak_before_mb": before,
-            "params": sum(p.numel() for p in net.parameters()), "bn": surf.spec.get("bn", {}).get("policy") if isinstance(surf.spec.get("bn"), dict) else surf.spec.get("bn"), "finite": finite,
+            "params": sum(p.numel() for p in net.parameters()), "bn": surf.spec["bn"]["policy"], "finite": finite,
             "points_per_call": surf.points_per_call}
 
 

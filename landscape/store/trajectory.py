@@ -23,8 +23,8 @@ import torch
 from ..errors import CheckpointError, FileFormatError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
-from .files import (PartialH5, ResumeStates, check_version, claim_output, interrupts_deferred, open_read, partial_path,
-                    prepare_output, read_partial, sha256, to_json)
+from .files import (PartialH5, ResumeStates, check_version, claim_output, interrupts_deferred, open_read,
+                    partial_path, prepare_output, read_partial, sha256, to_json)
 
 FORMAT = "landscape.trajectory"
 VERSION = 1
@@ -82,8 +82,6 @@ class TrajectoryWriter:
             other = " with another configuration" if held == "other" else ""
             raise FileFormatError(f"{self.tmp} holds interrupted work{other}; delete it, choose another "
                                   f"output, or pass --overwrite to discard it")
-        # the space of dropped resume states (a model and its optimizer, every epoch) is reused after
-        # the file is reopened, not lost: without it a 15 M-parameter run grows by GBs of dead bytes
         self.states.remove()  # those of a partial discarded (or deleted by hand)
         # space freed in the file (a resized dataset's old chunks) is reused after it is reopened
         self.store = PartialH5(self.tmp, self.path, create=True, reopen=True, track_order=True,
@@ -126,7 +124,8 @@ class TrajectoryWriter:
     def _reopen(self, complete: bool) -> None:
         """Continue ``NAME.partial``: it holds exactly what the last save point saved. A complete one is
         only moved into place: opened read-only, since even opening it for writing changes its bytes."""
-        self.store = PartialH5(self.tmp, self.path, create=False, reopen=not complete, mode="r" if complete else None)
+        self.store = PartialH5(self.tmp, self.path, create=False, reopen=not complete,
+                               mode="r" if complete else None)
         in_progress = self._read_state()
         self._runs = [r for part_runs in self.finished.values() for r in part_runs] + list(in_progress)
         if self._generation:
@@ -142,8 +141,8 @@ class TrajectoryWriter:
 
     def _read_state(self) -> dict:
         """Read what a resumed run needs (finished parts, the generation of the resume states), and
-        return the row counts of the part under way. Done after every save point too, so that an uninterrupted run asks HDF5
-        exactly what a resumed one asks, and both write the same bytes."""
+        return the row counts of the part under way. Done after every save point too, so that an
+        uninterrupted run asks HDF5 exactly what a resumed one asks, and both write the same bytes."""
         f = self.file
         finished = json.loads(f.attrs.get("finished", "{}"))  # JSON keys are sorted: order parts by their runs
         created = {name: i for i, name in enumerate(f["runs"])}  # /runs keeps creation order
