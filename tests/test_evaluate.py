@@ -215,3 +215,39 @@ def test_overflowing_loss_with_finite_logits_has_no_error(setup):
     layout, w, b = _vectors(model)
     out = Evaluator(model, layout, data, BatchNormPolicy("stored"), batch_size=128)(w, b)
     assert not np.isfinite(out["train_loss"][0]) and np.isnan(out["train_err"][0])
+
+
+class _ConvNet(torch.nn.Module):
+    """2-D convolutions with BatchNorm; ``view`` flattens with ``.view``, which channels-last
+    activations do not allow."""
+
+    def __init__(self, view=False):
+        super().__init__()
+        self.view = view
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU())
+        self.head = torch.nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = self.body(x)
+        return self.head(x.view(x.size(0), -1) if self.view else x.flatten(1))
+
+
+def test_channels_last_images_give_the_values_of_the_plain_layout():
+    """On a CPU, models with 2-D convolutions get channels-last images (faster convolutions), BatchNorm
+    recompute included; the values are those of the plain modules. A model that cannot take them
+    (``.view`` on an activation) is given the plain layout."""
+    from landscape.data import DataSpec, load_data
+    data = load_data(DataSpec("synthetic", {"n_train": 300, "n_test": 120, "shape": [3, 8, 8]}), "cpu")
+    for view in (False, True):
+        torch.manual_seed(0)
+        model = _ConvNet(view)
+        layout, w, b = _vectors(model)
+        w = torch.cat([w, w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))])
+        b = b.expand(2, -1)
+        ev = Evaluator(model, layout, data, BatchNormPolicy("recompute", 100), batch_size=128)
+        assert ev._channels_last is not view
+        got = {k: np.concatenate([ev(w[i:i + 1], b[i:i + 1])[k] for i in range(2)]) for k in ("train_loss", "test_loss",
+                                                                                              "train_err", "test_err")}
+        _assert_same(got, _sequential(model, layout, data, w, b, 100))
