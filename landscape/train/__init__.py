@@ -120,7 +120,7 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
 def recorded_every(num_params: int, per_row: int = 50_000) -> int:
     """``record_every`` by model size: every epoch up to ``per_row`` parameters, then 1 in
     ceil(P / per_row): 6 for resnet20 (0.27 M), whose every method over the default 150 epochs of CIFAR-10
-    then keeps 854 rows of 1.09 MB, 0.93 GB (counted by benchmarks/scale.py)."""
+    then keeps 733 rows of 1.09 MB, 0.80 GB (counted by benchmarks/scale.py)."""
     return max(1, math.ceil(num_params / per_row))
 
 
