@@ -1,18 +1,18 @@
 """Benchmark: how file size, memory and time grow with the model, the recipe, the grid and the data.
 
-Every measurement runs in a fresh Python process, so that one peak (``ru_maxrss``) cannot hide another.
+Every measurement runs in a fresh Python process, so that one peak (``VmHWM``) cannot hide another.
 Models: ``cnn1d`` on MNIST-1D (5,210 parameters), ``resnet20`` (0.27 M) and ``vgg16`` (15.2 M) on
 CIFAR-shaped synthetic data (3 x 32 x 32, 10 classes). Three parts:
 
 - ``files``: ``landscape train`` with the demo's seven methods over a few epochs, recording thinned by
   model size as by default (``record_every`` 0): the file's size, its rows per run, the peak memory of
   training, then the peak memory of a PCA plane through the run with the most rows (read in a fresh
-  process; streamed when its rows exceed 256 MB).
+  process; streamed when its rows exceed 256 MB and streaming needs less memory).
 - ``recipe``: the rows that the *default* recipe (150 epochs, every method) keeps on the full data
   sizes (MNIST-1D 4,000 samples; CIFAR 50,000, 782 steps an epoch), counted by training it for real
-  with a two-weight MLP on data of the same sizes and the model's ``record_every``: which rows are
-  kept depends on epochs, steps, the methods and ``record_every``, not on the weights. The file size
-  is those rows times the model's bytes per row.
+  with a two-weight MLP on data of the same sizes and the model's ``record_every`` (which rows are
+  kept depends on epochs, steps, the methods and ``record_every``, not on the weights; SWAP's phase 1
+  runs to its cap). The file size is those rows times the model's bytes per row.
 - ``plane``: ``evaluate_surface`` of a random filter-normalized plane through a freshly initialized
   model (BatchNorm recompute for resnet20), train and test loss and error at every point, against the
   grid's points, the samples (train; test a quarter of it) and the model: wall time, seconds per point
@@ -20,7 +20,7 @@ CIFAR-shaped synthetic data (3 x 32 x 32, 10 classes). Three parts:
 
 Usage::
 
-    python benchmarks/scale.py                         # every part (about 30 minutes on 2 cores)
+    python benchmarks/scale.py                         # every part (about an hour on 2 cores)
     python benchmarks/scale.py --parts plane --json benchmarks/scale-results.json
     python benchmarks/scale.py --smoke                 # tiny sizes, a minute
 """
