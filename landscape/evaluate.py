@@ -125,7 +125,7 @@ def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     m = x.shape[0] // g
     per = x[0, 0].numel()                      # values per channel per sample (the L of (N, C, L))
     count = g * per                            # values per channel in one batch
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _is_channels_last(x):
         return _stacked_channels_last(bn, x, m, g, c, per)
     cols = x.reshape(m, g, c * per)            # a view
 
@@ -176,6 +176,15 @@ def _keep_statistics(bn: _BatchNorm, mean: torch.Tensor, m2: torch.Tensor, m: in
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    if x.dim() != 4:
+        return False
+    try:
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:  # under vmap, which cannot tell (the batched path gets the plain layout)
+        return False
 
 
 class _PassDone(Exception):

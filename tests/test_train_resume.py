@@ -66,7 +66,7 @@ def _contents(path):
 def _assert_same_file(whole, resumed):
     """The same datasets, values and attributes, the runs in the same order, no resume bookkeeping."""
     a, b = _contents(whole), _contents(resumed)
-    assert a.keys() == b.keys() and "finished" not in b["attrs"] and "progress" not in b
+    assert a.keys() == b.keys() and "finished" not in b["attrs"] and "progress_state" not in b["attrs"]
     for key in a:
         if isinstance(a[key], np.ndarray):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -230,11 +230,11 @@ def test_ctrl_c_while_methods_train_apart_keeps_every_one_and_resumes(config, tm
 
 
 def _saved_epochs(parts) -> bool:
-    """Whether a child has kept at least one epoch (a partial file with progress) in ``parts``."""
+    """Whether a child has kept at least one epoch (a partial file naming a resume state) in ``parts``."""
     for partial in parts.glob("*.h5.partial") if parts.exists() else []:
         try:
             with h5py.File(partial, "r", locking=False) as f:
-                if "progress" in f:
+                if "progress_state" in f.attrs:
                     return True
         except OSError:  # being written
             continue
