@@ -121,9 +121,11 @@ class Context:
         if self.group is None:
             self.group = Group.single(self.device)
 
-    def kept_epoch(self, epoch: int) -> bool:
-        """Whether the rows of the end of ``epoch`` are kept: every ``record_every``-th and the last."""
-        return self.record_every == 1 or epoch % self.record_every == 0 or epoch >= self.config.epochs
+    def kept_epoch(self, epoch: int, last: int | None = None) -> bool:
+        """Whether the rows of the end of ``epoch`` are kept: every ``record_every``-th and the last
+        (``last``: of a phase counting its own epochs; default the configuration's budget)."""
+        last = self.config.epochs if last is None else last
+        return self.record_every == 1 or epoch % self.record_every == 0 or epoch >= last
 
     def fresh_model(self) -> nn.Module:
         """A copy of the shared initialization."""

@@ -145,7 +145,7 @@ def train_worker(ctx: Context, start, i: int, step0: int, epoch0: float) -> tupl
         for e in range(E):
             set_lr(opt, swap.phase2_lr * (1.0 - e / E))  # linear to 0 (the last epoch at lr / E)
             train_epoch(model, opt, ctx.data, cfg.batch_size, gen)
-            if (e + 1) % ctx.record_every == 0 or e + 1 == E:  # thinned recording keeps the last too
+            if ctx.kept_epoch(e + 1, last=E):
                 v, m = _row(ctx, model, epoch0 + e + 1, step0 + (e + 1) * per_epoch)
                 vecs.append(v)
                 metas.append(m)
@@ -194,8 +194,8 @@ def run_swap(ctx: Context) -> None:
             m = evaluate(model, ctx.data, cfg.eval_batch_size)  # every epoch: the threshold needs it
             flag[0] = 100.0 - m.get("train_err", 100.0)  # a task without an error never reaches the threshold
             flag[1] = float(flag[0] >= swap.threshold)
-            last = bool(flag[1]) or e == swap.phase1_epochs  # phase 2 starts from it: always kept
-            ctx.record("swap/phase1", model, float(e), e * per_big, keep=last or ctx.kept_epoch(e), evaluated=m)
+            keep = bool(flag[1]) or ctx.kept_epoch(e, last=swap.phase1_epochs)  # phase 2 starts from the last
+            ctx.record("swap/phase1", model, float(e), e * per_big, keep=keep, evaluated=m)
         ctx.tick()
         flag = group.tensor(flag).cpu()  # every rank stops with rank 0
         phase1.update(acc=float(flag[0]), reached=bool(flag[1]))
