@@ -23,9 +23,10 @@ BatchNorm policies (:class:`BatchNormPolicy`):
 - ``stored``: the origin's buffers at every point.
 - ``none``: the model has no BatchNorm.
 
-On a CPU, the number of points per call that runs fastest is found by a short measurement on the
-first points of the grid (:func:`choose_points_per_call`). On a CPU it usually settles on K = 1 (vmap
-turns convolutions into grouped ones, which are slow there); on a GPU, on large K.
+The number of points per call that runs fastest is found by a short measurement on the first points
+of the grid (:func:`choose_points_per_call`): on a GPU it settles on large K; on a CPU a model with
+convolutions runs K = 1 without measuring (vmap turns convolutions into grouped ones, which are slow
+there), and an MLP may gain from a few points per call.
 
 Example::
 
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .bn import MomentMerger, batch_slices, has_batchnorm
@@ -240,6 +242,15 @@ class Evaluator:
         probe = check_task_fits(self.model, data, self.device)
         self._per_sample = self._elements_per_sample(probe)
         self._channels_last = self._takes_channels_last(probe)
+
+    def points_per_call_candidates(self) -> tuple | None:
+        """The points per call worth timing (None: the default sizes). On a CPU a model with
+        convolutions runs one point per call: under vmap its convolutions become grouped ones, several
+        times slower per point there (cnn1d, resnet20, measured), and timing K > 1 would cost more
+        than a few points (a minute for resnet20)."""
+        if self.device.type == "cpu" and any(isinstance(m, _ConvNd) for m in self.model.modules()):
+            return (1,)
+        return None
 
     # ------------------------------------------------------------------------------------------
     def _elements_per_sample(self, probe) -> dict:
@@ -508,14 +519,14 @@ def evaluate_model(model, data, batch_size: int = 1000) -> dict:
 
 
 def choose_points_per_call(call, available: int, device, candidates=None, budget_s: float = 1.0,
-                           report=None) -> tuple:
+                           report=None, workers: int = 1) -> tuple:
     """The number of points per call with the highest throughput, from timing real work: ``call(k)``
-    must evaluate the next ``k`` points still to do (and keep their values), so the measurement costs
-    nothing but running a few calls at a slower size. Each candidate K = 1, 2, 4, ... runs twice (the
-    first call at a new size builds kernels) and the second call is timed. It stops after two sizes in
-    a row that are no faster than the best (on a CPU, vmap's grouped convolutions usually lose to one
-    point at a time, so this ends after K = 4 with 14 points done), when points or ``budget_s`` run
-    out, or on out-of-memory.
+    must evaluate the next ``k`` points still to do on each of ``workers`` workers at once (and keep
+    their values), so the measurement costs nothing but running a few calls at a slower size. Each
+    candidate K = 1, 2, 4, ... runs twice (the first call at a new size builds kernels) and the second
+    call is timed. It stops after two sizes in a row that are no faster than the best, when points or
+    ``budget_s`` run out, or on out-of-memory. (A model with convolutions on a CPU has only K = 1 to
+    try: :meth:`Evaluator.points_per_call_candidates`.)
     Returns (the best K, how many points ``call`` evaluated)."""
     device = torch.device(device)
     if candidates is None:
@@ -523,7 +534,7 @@ def choose_points_per_call(call, available: int, device, candidates=None, budget
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best_k, best_rate, used, slower, start = 1, 0.0, 0, 0, time.perf_counter()
     for k in candidates:
-        if used + 2 * k > available:
+        if used + 2 * k * workers > available:
             break
         try:
             call(k)
@@ -535,8 +546,8 @@ def choose_points_per_call(call, available: int, device, candidates=None, budget
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             break
-        used += 2 * k
-        rate = k / dt
+        used += 2 * k * workers
+        rate = k * workers / dt
         if report is not None:
             report(k, rate)
         if rate > best_rate:

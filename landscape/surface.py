@@ -25,9 +25,11 @@ Example::
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -202,7 +204,8 @@ class _PointEvaluator:
     copies of its last point), so a point's values depend only on the point and ``k``: not on which
     points share its call, on the number of workers or ranks, or on where an interrupted computation
     resumed. On a CPU, W = torch.get_num_threads() single-threaded evaluators work on different calls
-    at once (intra-op threads barely speed up the small operations of one point; separate points scale)."""
+    at once (intra-op threads barely speed up the small operations of one point; separate points scale);
+    each takes the next call as soon as it is free, so a slow call does not hold the others up."""
 
     def __init__(self, model, layout, data, geom, grid, policy, batch_size, weight_decay, device, workers=None,
                  stderr: bool = False):
@@ -231,6 +234,10 @@ class _PointEvaluator:
     def metrics(self) -> tuple:
         return self.evaluators[0].metrics
 
+    @property
+    def candidates(self):
+        return self.evaluators[0].points_per_call_candidates()
+
     def with_basis(self, origin, vecs, grid) -> None:
         """Evaluate on exactly these vectors and this grid (those of a file being resumed)."""
         self.geom, self.grid = self.geom.with_basis(origin, vecs).to(self.device), grid
@@ -242,15 +249,41 @@ class _PointEvaluator:
         return {m: v[:len(flat)] for m, v in vals.items()}
 
     def __call__(self, flat: np.ndarray, k: int) -> dict:
-        """Values of the points ``flat``, k a call, the calls spread over the workers."""
+        """Values of the points ``flat`` (in their order), k a call, the calls spread over the workers."""
+        by_first = {int(p[0]): v for p, v in self.stream(flat, k)}   # the points of a grid are distinct
+        parts = [by_first[int(flat[i])] for i in range(0, len(flat), k)]
+        return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}
+
+    def stream(self, flat: np.ndarray, k: int):
+        """``(points, values)`` of the calls of ``k`` points that ``flat`` makes, as they finish: each
+        worker takes the next call when it is free, and a few calls wait ahead (memory stays small)."""
         pieces = [flat[i:i + k] for i in range(0, len(flat), k)]
         if self.pool is None or len(pieces) == 1:
-            parts = [self.call(0, p, k) for p in pieces]
-        else:
-            w = self.workers
-            done = list(self.pool.map(lambda j: [self.call(j, p, k) for p in pieces[j::w]], range(min(w, len(pieces)))))
-            parts = [done[i % w][i // w] for i in range(len(pieces))]
-        return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}
+            for p in pieces:
+                yield p, self.call(0, p, k)
+            return
+        free = queue.SimpleQueue()
+        for j in range(self.workers):
+            free.put(j)
+
+        def work(p):
+            j = free.get()
+            try:
+                return p, self.call(j, p, k)
+            finally:
+                free.put(j)
+
+        ahead = iter(pieces)
+        pending = {self.pool.submit(work, p) for p in itertools.islice(ahead, 2 * self.workers)}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                pending |= {self.pool.submit(work, p) for p in itertools.islice(ahead, len(done))}
+                for f in done:
+                    yield f.result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, quiet: bool,
@@ -306,17 +339,18 @@ def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, qui
 
 
 def _measure(points_of: _PointEvaluator, todo: np.ndarray, keep) -> tuple:
-    """(K, the points still to do): K from timing real calls on the first points (rank 0). The values
-    of the calls made at the chosen K are kept; the others' points are evaluated again later, at K."""
+    """(K, the points still to do): K from timing real calls on the first points (rank 0, every worker
+    busy, as in the long part). The values of the calls made at the chosen K are kept; the others'
+    points are evaluated again later, at K."""
     made, used = {}, 0
 
     def call(n):
         nonlocal used
-        flat = todo[used:used + n]
-        made.setdefault(n, []).append((flat, points_of.call(0, flat, n)))
-        used += n
+        flat = todo[used:used + n * points_of.workers]
+        made.setdefault(n, []).append((flat, points_of(flat, n)))
+        used += len(flat)
 
-    k, _ = choose_points_per_call(call, len(todo), points_of.device)
+    k, _ = choose_points_per_call(call, len(todo), points_of.device, points_of.candidates, workers=points_of.workers)
     for flat, vals in made.get(k, []):
         keep(flat, vals)
     kept = np.concatenate([f for f, _ in made.get(k, [])]) if k in made else np.zeros(0, np.int64)
@@ -324,12 +358,26 @@ def _measure(points_of: _PointEvaluator, todo: np.ndarray, keep) -> tuple:
 
 
 def _rounds(points_of, todo, k, ranks, keep, flush, write_every) -> None:
+    """Evaluate ``todo``, ``k`` points a call, flushing every ``write_every`` seconds. One process: the
+    workers stream through the points. Under torchrun: in rounds of one call per worker and rank,
+    gathered on rank 0."""
+    last_write = time.perf_counter()
+
+    def kept(flat, vals):
+        nonlocal last_write
+        keep(flat, vals)
+        if time.perf_counter() - last_write >= write_every:
+            flush()
+            last_write = time.perf_counter()
+
+    if not ranks.distributed:
+        for flat, vals in points_of.stream(todo, k):
+            kept(flat, vals)
+        return
     step = k * points_of.workers
     chunks = [todo[i:i + step] for i in range(0, len(todo), step)]
-    rounds = math.ceil(len(chunks) / ranks.world)
     metrics = points_of.metrics
-    last_write = time.perf_counter()
-    for r in range(rounds):
+    for r in range(math.ceil(len(chunks) / ranks.world)):
         c = r * ranks.world + ranks.rank
         mine = chunks[c] if c < len(chunks) else np.zeros(0, np.int64)
         rows = torch.full((step, 1 + len(metrics)), -1.0, dtype=torch.float64)
@@ -337,15 +385,11 @@ def _rounds(points_of, todo, k, ranks, keep, flush, write_every) -> None:
             vals = points_of(mine, k)
             rows[:len(mine), 0] = torch.from_numpy(mine.astype(np.float64))
             rows[:len(mine), 1:] = torch.from_numpy(np.stack([vals[m] for m in metrics], 1))
-        rows = ranks.gather(rows.to(points_of.device if ranks.distributed else "cpu"))
-        if ranks.rank != 0:
-            continue
-        rows = rows.cpu().numpy()
-        rows = rows[rows[:, 0] >= 0]
-        keep(rows[:, 0].astype(np.int64), {m: rows[:, 1 + i] for i, m in enumerate(metrics)})
-        if time.perf_counter() - last_write >= write_every:
-            flush()
-            last_write = time.perf_counter()
+        rows = ranks.gather(rows.to(points_of.device))
+        if ranks.rank == 0:
+            rows = rows.cpu().numpy()
+            rows = rows[rows[:, 0] >= 0]
+            kept(rows[:, 0].astype(np.int64), {m: rows[:, 1 + i] for i, m in enumerate(metrics)})
 
 
 # ----------------------------------------------------------------------------------------------

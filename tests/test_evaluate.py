@@ -138,6 +138,19 @@ def test_points_per_call_measured_on_real_points():
     calls.clear()
     best, used = choose_points_per_call(call, 7, "cpu")
     assert calls == [1, 1, 2, 2] and used == 6  # 4 + 4 would pass the 7 points available
+    calls.clear()
+    best, used = choose_points_per_call(call, 13, "cpu", workers=2)  # each call: k points on each of 2 workers
+    assert calls == [1, 1, 2, 2] and used == 12
+
+
+def test_models_with_convolutions_run_one_point_per_call_on_a_cpu(setup):
+    """vmap makes grouped convolutions of a convolutional model's, slow on a CPU: K = 1 is not measured
+    against larger K; a model without convolutions is."""
+    traj, data, model = setup
+    from landscape.models import build_model
+    assert Evaluator(model, traj.layout, data).points_per_call_candidates() == (1,)
+    mlp = build_model(ModelSpec("mlp", {"hidden": [8]}), data.input_shape, data.num_classes)
+    assert Evaluator(mlp, Layout.of(mlp), data).points_per_call_candidates() is None
 
 
 @pytest.mark.gpu
