@@ -231,31 +231,38 @@ def test_overflowing_loss_with_finite_logits_has_no_error(setup):
 
 
 class _ConvNet(torch.nn.Module):
-    """2-D convolutions with BatchNorm; ``view`` flattens with ``.view``, which channels-last
-    activations do not allow."""
+    """2-D convolutions with BatchNorm (or 1-D ones, with ``dims=1``); ``view`` flattens with
+    ``.view``, which channels-last activations do not allow."""
 
-    def __init__(self, view=False):
+    def __init__(self, view=False, dims=2):
         super().__init__()
         self.view = view
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),
+        conv, bn = (torch.nn.Conv2d, torch.nn.BatchNorm2d) if dims == 2 else (torch.nn.Conv1d, torch.nn.BatchNorm1d)
+        mode = "zeros" if dims == 2 else "circular"  # (a 2-D one would return the plain layout)
+        self.body = torch.nn.Sequential(conv(3, 8, 3, padding=1), bn(8), torch.nn.ReLU(),
+                                        conv(8, 8, 3, stride=2, padding=1, padding_mode=mode), bn(8),
+                                        torch.nn.ReLU(), conv(8, 8, 3, dilation=2, padding="same"), bn(8, affine=False),
                                         torch.nn.ReLU())
-        self.head = torch.nn.Linear(8 * 4 * 4, 4)
+        self.head = torch.nn.Linear(8 * 4 * 4 if dims == 2 else 8 * 8, 4)
 
     def forward(self, x):
         x = self.body(x)
         return self.head(x.view(x.size(0), -1) if self.view else x.flatten(1))
 
 
-def test_channels_last_images_give_the_values_of_the_plain_layout():
-    """On a CPU, models with 2-D convolutions get channels-last images (faster convolutions), BatchNorm
-    recompute included; the values are those of the plain modules. A model that cannot take them
-    (``.view`` on an activation) is given the plain layout."""
+@pytest.mark.parametrize("dims", [2, 1])
+def test_channels_last_inputs_give_the_values_of_the_plain_layout(dims):
+    """On a CPU, models with 2-D convolutions get channels-last images, and models with 1-D ones
+    channels-last sequences, their convolutions run as 2-D ones (faster convolutions), BatchNorm
+    recompute included (padding modes, dilation, BatchNorm without affine weights); the values are
+    those of the plain modules. A model that cannot take them (``.view`` on an activation) is given
+    the plain layout."""
     from landscape.data import DataSpec, load_data
-    data = load_data(DataSpec("synthetic", {"n_train": 300, "n_test": 120, "shape": [3, 8, 8]}), "cpu")
+    shape = [3, 8, 8] if dims == 2 else [3, 16]
+    data = load_data(DataSpec("synthetic", {"n_train": 300, "n_test": 120, "shape": shape}), "cpu")
     for view in (False, True):
         torch.manual_seed(0)
-        model = _ConvNet(view)
+        model = _ConvNet(view, dims)
         layout, w, b = _vectors(model)
         w = torch.cat([w, w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))])
         b = b.expand(2, -1)
