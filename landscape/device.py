@@ -1,5 +1,8 @@
-"""Device resolution and seeding: the one place that decides where tensors live."""
+"""Device resolution, seeding and torch threads: the one place that decides where tensors live and
+how many threads work on them."""
+import contextlib
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -20,6 +23,43 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
     return dev
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch threads (None: as they are), then restore the count."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def thread_workers(workers: int, threads_each: int | None = 1):
+    """A pool of ``workers`` threads, each running torch on ``threads_each`` threads, and the caller on
+    as many (None: its count as it is); None instead of a pool when ``workers`` is 1. The caller's
+    thread count is restored after.
+
+    On a CPU, small models are bound by per-operation overhead: a second intra-op thread barely speeds
+    one computation up, while independent computations (plane points, checkpoints) on single-threaded
+    workers scale with the cores. Example::
+
+        with thread_workers(torch.get_num_threads()) as pool:
+            values = list(pool.map(evaluate, points))
+    """
+    with torch_threads(threads_each):
+        if workers <= 1:
+            yield None
+            return
+        pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                                  initargs=(threads_each or torch.get_num_threads(),))
+        try:
+            yield pool
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 def seed_everything(seed: int) -> torch.Generator:

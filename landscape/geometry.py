@@ -815,11 +815,12 @@ class HessianOperator:
     :mod:`landscape.sharpness`.
 
     ``op(vs)`` takes (k, P) vectors and returns (k, P) float64 products H v: the gradient graph of each
-    data batch is built once and serves all k vectors."""
+    data batch is built once and serves all k vectors. ``stop`` (a ``threading.Event``): once set,
+    the next batch raises KeyboardInterrupt (a computation on a worker thread ends early)."""
 
     def __init__(self, model, layout, params: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor,
-                 y: torch.Tensor, batch_size: int = 1000, task=None):
-        self.model, self.layout, self.task = model.eval(), layout, get_task(task)
+                 y: torch.Tensor, batch_size: int = 1000, task=None, stop=None):
+        self.model, self.layout, self.task, self.stop = model.eval(), layout, get_task(task), stop
         self.device = x.device
         self.x, self.y, self.batch_size = x, y, int(batch_size)
         self.params = params.to(self.device).float()
@@ -828,6 +829,8 @@ class HessianOperator:
 
     def _batches(self):
         for start in range(0, len(self.x), self.batch_size):
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt
             yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
 
     def _loss(self, w: torch.Tensor, xb, yb) -> torch.Tensor:

@@ -32,7 +32,9 @@ Example::
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -40,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from .bn import recompute_bn
-from .device import resolve_device
+from .device import resolve_device, thread_workers
 from .errors import ConfigError
 from .evaluate import BatchNormPolicy, Evaluator, bn_inputs, resolve_policy
 from .geometry import HessianOperator, load_checkpoint, training_subset
@@ -297,9 +299,10 @@ def epsilon_sharpness(op: HessianOperator, layout, epsilon: float, steps: int, t
 # one checkpoint, many checkpoints
 
 def checkpoint_sharpness(model, layout, params: torch.Tensor, buffers: torch.Tensor, data,
-                         spec: SharpnessSpec, policy: BatchNormPolicy, bar=None) -> dict:
+                         spec: SharpnessSpec, policy: BatchNormPolicy, bar=None, stop=None) -> dict:
     """Every number of the module doc for one checkpoint (``params``, ``buffers``), and the
-    evaluator's train/test loss and error (%) there."""
+    evaluator's train/test loss and error (%) there. ``stop`` (a ``threading.Event``): once set, the
+    next Hessian pass raises KeyboardInterrupt."""
     device = data.x_train.device
     params, buffers = params.to(device).float(), buffers.to(device).float()
     ev = Evaluator(model, layout, data, policy, batch_size=spec.batch_size)
@@ -310,7 +313,7 @@ def checkpoint_sharpness(model, layout, params: torch.Tensor, buffers: torch.Ten
         buffers = layout.buffers_to_vector(m)
     g = torch.Generator().manual_seed(int(spec.seed))
     x, y = training_subset(data, spec.samples, g)
-    op = HessianOperator(ev.model, layout, params, buffers, x, y, spec.batch_size, data.task)
+    op = HessianOperator(ev.model, layout, params, buffers, x, y, spec.batch_size, data.task, stop)
     P = layout.num_params
     tick = (lambda what: bar.set_postfix_str(what, refresh=True)) if bar is not None else (lambda what: None)
     out = {"metrics": metrics}
@@ -352,16 +355,36 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
     model = rebuild_model(traj, data, dev)
     policy = resolve_policy(bn if bn is not None else "auto", model, can_interpolate=False,
                             batch_size=spec.batch_size)
-    results = []
     start = time.perf_counter()
-    with tqdm(names, desc="sharpness", unit="ckpt", disable=quiet, leave=False) as bar:
-        for name in bar:
-            c = load_checkpoint(traj, name)
-            t0 = time.perf_counter()
-            r = checkpoint_sharpness(model, traj.layout, c.params.float(), c.buffers.float(), data, spec, policy, bar)
-            ck = traj.checkpoint(name)
-            r.update(checkpoint=c.name, epoch=ck.epoch, seconds=time.perf_counter() - t0)
-            results.append(r)
+    # on a CPU, checkpoints side by side on the cores (a second thread barely speeds up one small model)
+    workers = min(len(names), torch.get_num_threads()) if dev.type == "cpu" else 1
+    stop = threading.Event()
+
+    def one(name, bar=None):
+        c = load_checkpoint(traj, name)
+        t0 = time.perf_counter()
+        r = checkpoint_sharpness(model, traj.layout, c.params.float(), c.buffers.float(), data, spec, policy, bar,
+                                 stop)
+        r.update(checkpoint=c.name, epoch=traj.checkpoint(name).epoch, seconds=time.perf_counter() - t0)
+        return r
+
+    with tqdm(total=len(names), desc="sharpness", unit="ckpt", disable=quiet, leave=False) as bar, \
+            thread_workers(workers, torch.get_num_threads() // workers if workers > 1 else None) as pool:
+        if pool is None:
+            results = []
+            for name in names:
+                results.append(one(name, bar))
+                bar.update(1)
+        else:
+            futures = [pool.submit(one, name) for name in names]
+            try:
+                for f in as_completed(futures):
+                    f.result()
+                    bar.update(1)
+            except BaseException:
+                stop.set()  # the checkpoints under way end at their next Hessian pass
+                raise
+            results = [f.result() for f in futures]
     full_spec = {"sharpness": spec.to_dict(), "bn": policy.to_dict(), "dataset": traj.config.get("data"),
                  "model": traj.config.get("model"), "num_params": traj.layout.num_params,
                  "ball": "filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with "

@@ -24,19 +24,20 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import queue
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .data import as_data
-from .device import resolve_device
+from .device import resolve_device, thread_workers
 from .dist import Group
 from .errors import ConfigError, LandscapeError, ModelError, WriteError
 from .evaluate import BatchNormPolicy, Evaluator, choose_points_per_call, metric_names, resolve_policy
@@ -219,16 +220,13 @@ class _PointEvaluator:
         self.pool = None
 
     def __enter__(self):
-        self.threads_before = torch.get_num_threads()
-        if self.workers > 1:
-            self.pool = ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads, initargs=(1,))
-            torch.set_num_threads(1)
+        self._workers = contextlib.ExitStack()
+        self.pool = self._workers.enter_context(thread_workers(self.workers, 1 if self.workers > 1 else None))
         return self
 
     def __exit__(self, *exc):
-        torch.set_num_threads(self.threads_before)
-        if self.pool is not None:
-            self.pool.shutdown()
+        self._workers.close()
+        self.pool = None
 
     @property
     def metrics(self) -> tuple:

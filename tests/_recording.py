@@ -49,7 +49,7 @@ def sgd_epoch(model, opt, data, order) -> int:
     one torch thread, as `landscape train` trains: the thread count decides the order of float sums."""
     import torch.nn.functional as F
 
-    from landscape.train.processes import torch_threads
+    from landscape.device import torch_threads
     model.train()
     steps = 0
     with torch_threads(1):

@@ -80,7 +80,7 @@ def fit(pl, tmp_path, out, fail_at_epoch=None, extra_callbacks=(), **callback_kw
     trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=[callback, *extra_callbacks], accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=bool(extra_callbacks),
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    from landscape.train.processes import torch_threads
+    from landscape.device import torch_threads
     with torch_threads(1):  # landscape train's thread count: the same float sums
         trainer.fit(lit_module(pl, net, fail_at_epoch), loader)
     callback.net = net

@@ -133,7 +133,7 @@ def _replay(t, cfg, prefix, interrupt_after=None):
 
 @pytest.mark.parametrize("prefix", PREFIXES)
 def test_run_interrupted_and_resumed_from_state_dict_equals_the_recorded_run(la_run, prefix):
-    from landscape.train.processes import torch_threads
+    from landscape.device import torch_threads
     cfg, t = la_run
     with torch_threads(cfg.threads):  # the thread count training used: float sums in the same order
         final_params, final_slow = _replay(t, cfg, prefix, interrupt_after=1)  # step 20: mid-cycle

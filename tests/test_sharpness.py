@@ -195,3 +195,24 @@ def test_bad_input_is_one_line_before_any_work(tiny_run, tmp_path, capsys, argv,
 def test_missing_file_is_one_line(tmp_path, capsys):
     assert main(["sharpness", str(tmp_path / "none.h5"), "sgd", "-o", str(tmp_path / "s.h5")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_checkpoints_side_by_side_give_the_numbers_of_one_at_a_time(tiny_run):
+    """On a CPU with two threads, two checkpoints are computed at once, each on one thread: the numbers
+    are exactly those of each checkpoint alone on one thread."""
+    from landscape.device import torch_threads
+    from landscape.sharpness import compute_sharpness
+    traj = open_trajectory(tiny_run)
+    spec = SharpnessSpec(top_k=2, iterations=10, probes=4, ascent_steps=2, density=True, density_runs=1,
+                         density_steps=6)
+    with torch_threads(2):
+        both = compute_sharpness(traj, ["sgd", "swa/average:-1"], spec, device="cpu").results
+        assert torch.get_num_threads() == 2  # restored
+    with torch_threads(1):
+        alone = [compute_sharpness(traj, [name], spec, device="cpu").results[0] for name in ("sgd", "swa/average:-1")]
+    assert [r["checkpoint"] for r in both] == ["sgd:6", "swa/average:3"]
+    for a, b in zip(both, alone):
+        for key in ("eigenvalues", "trace", "trace_probes", "density_nodes", "density_weights", "epsilon_sharpness",
+                    "eigenvector_sharpness", "metrics"):
+            assert np.array_equal(np.asarray(a[key] if key != "metrics" else list(a[key].values())),
+                                  np.asarray(b[key] if key != "metrics" else list(b[key].values()))), key

@@ -28,7 +28,7 @@ from ..data import import_object, load_data
 from ..evaluate import check_task_fits
 from ..tasks import get_task
 from ..errors import ConfigError, WriteError
-from ..device import resolve_device, seed_everything
+from ..device import resolve_device, seed_everything, torch_threads
 from ..dist import Group
 from ..models import build_model
 from ..params import Layout
@@ -37,7 +37,7 @@ from .loop import METHODS, Context, evaluate, register_method, train_epoch
 # importing the methods' modules registers them (and their options) in METHODS, in this order
 from . import methods, swap, lookahead, grafting  # noqa: F401  isort: skip
 from .lookahead import Lookahead
-from .processes import parts_folder, torch_threads, train_apart, trained_with
+from .processes import parts_folder, train_apart, trained_with
 from .swap import SWAPOptions, SwapThresholdWarning
 
 

@@ -24,23 +24,10 @@ import signal
 import warnings
 from pathlib import Path
 
-import torch
-
 from .. import errors
+from ..device import torch_threads
 from ..store import open_trajectory
 from .loop import METHODS
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run the block with ``n`` torch threads (None: as they are), then restore the count."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def parts_folder(path) -> Path:
