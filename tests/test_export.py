@@ -3,6 +3,7 @@
 rays refused where a format has no grid for them."""
 import csv
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,26 @@ def test_csv_rows(plane, tmp_path):
     assert len(rows) == 20
     for r in rows:
         assert float(r["train_loss"]) == pytest.approx(float(r["x"]) * 100 + float(r["y"]))
+
+
+def test_exports_reach_the_disk_before_they_get_their_names(plane, tmp_path, monkeypatch):
+    """Every file of an export (VTK: the folder's files, the folder, the .vtm; CSV) is synced before
+    the rename that names it, and its folder after: a power cut leaves no named file with missing bytes."""
+    import os
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(a), str(b))) or replace(a, b))
+    export_vtk(plane, tmp_path / "plane.vtm")
+    export_csv(plane, tmp_path / "plane.csv")
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert [Path(events[i][2]).name for i in renames] == ["plane", "plane.vtm", "plane.csv"]
+    for i in renames:
+        src = events[i][1]
+        synced = {e[1] for e in events[:i] if e[0] == "sync"}
+        inside = [str(f) for f in Path(events[i][2]).rglob("*")] if Path(events[i][2]).is_dir() else []
+        assert src in synced and all(str(f).replace(events[i][2], src, 1) in synced for f in inside)
+        assert ("sync", str(tmp_path)) in events[i + 1:]  # the folder holding the new name
 
 
 def test_cli_exports_and_refuses(plane, tmp_path, capsys):

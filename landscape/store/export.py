@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -31,7 +30,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from ..errors import FileFormatError
-from .files import partial_path, prepare_output, reason
+from .files import partial_path, prepare_output, publish, reason
 from .surface import Surface, export_loss_landscape
 
 FORMATS = ("loss-landscape", "vtk", "csv")
@@ -161,8 +160,8 @@ def export_vtk(surface: Surface, out, overwrite: bool = False, inputs=()) -> Pat
         tmp.write_text(vtm_text(folder.name, with_paths))
         if folder.exists():
             shutil.rmtree(folder)
-        os.replace(tmp_dir, folder)
-        os.replace(tmp, out)
+        publish(tmp_dir, folder)
+        publish(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp.unlink(missing_ok=True)
@@ -195,7 +194,7 @@ def export_csv(surface: Surface, out, overwrite: bool = False, inputs=()) -> Pat
                 w.writerow(["x", *names])
                 for i, x in enumerate(surface.x):
                     w.writerow([repr(float(x)), *(repr(float(surface.values[m][i])) for m in names)])
-        os.replace(tmp, out)
+        publish(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise FileFormatError(f"cannot write {out}: {reason(e)}") from None

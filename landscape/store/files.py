@@ -186,6 +186,21 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+def publish(tmp, final) -> None:
+    """Move the finished file or folder ``tmp`` to ``final`` so that a crash or power cut leaves the
+    old ``final`` or the whole new one, never a named file with missing bytes: what ``tmp`` holds is
+    synced to the disk before the rename, and the folder after it."""
+    tmp, final = Path(tmp), Path(final)
+    for path in (sorted(tmp.rglob("*")) + [tmp]) if tmp.is_dir() else [tmp]:
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            sync_folder(path)
+    os.replace(tmp, final)
+    sync_folder(final.parent)
+
+
 def sync_folder(folder) -> None:
     """fsync a folder, so that a rename inside it is on the disk (where the system allows it)."""
     try:

@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError
-from .files import open_read, partial_path, prepare_output, reason, sha256, to_json
+from .files import open_read, partial_path, prepare_output, publish, reason, sha256, to_json
 
 FORMAT = "landscape.sharpness"
 VERSION = 1
@@ -86,7 +85,7 @@ def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite:
                     f.create_dataset(name, data=np.stack([np.asarray(r[name], np.float64) for r in results]))
             for name in METRICS:
                 f.create_dataset(f"metrics/{name}", data=np.array([r["metrics"][name] for r in results]))
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
