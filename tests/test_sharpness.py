@@ -216,3 +216,19 @@ def test_checkpoints_side_by_side_give_the_numbers_of_one_at_a_time(tiny_run):
                     "eigenvector_sharpness", "metrics"):
             assert np.array_equal(np.asarray(a[key] if key != "metrics" else list(a[key].values())),
                                   np.asarray(b[key] if key != "metrics" else list(b[key].values()))), key
+
+
+def test_a_stopped_hessian_operator_ends_at_its_next_batch(small):
+    """Ctrl-C during checkpoints computed side by side sets the workers' stop event: their next Hessian
+    pass ends with KeyboardInterrupt instead of running to the end of the checkpoint."""
+    import threading
+    data, model, layout, w, _ = small
+    stop = threading.Event()
+    op = HessianOperator(model, layout, w, layout.buffers_to_vector(model), data.x_train, data.y_train, 50,
+                         stop=stop)
+    assert op(torch.ones(1, layout.num_params)).shape == (1, layout.num_params)
+    stop.set()
+    with pytest.raises(KeyboardInterrupt):
+        op(torch.ones(1, layout.num_params))
+    with pytest.raises(KeyboardInterrupt):
+        op.loss_and_grad()
