@@ -194,7 +194,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _conv1d_channels_last(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """``conv`` as a 2-D convolution of height 1 on channels-last memory, which oneDNN runs 1.6 to 1.7
+    """``conv`` as a 2-D convolution of height 1 on channels-last memory, which oneDNN runs 1.3 to 1.7
     times faster than its 1-D one for few channels (cnn1d's layers, measured); the output (N, C, L)
     keeps its channels last in memory."""
     padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
@@ -343,7 +343,7 @@ class Evaluator:
         """Whether to give the model its inputs channels-last (one point per call on a CPU): images
         (N, C, H, W) to a model with 2-D convolutions, whose oneDNN convolutions of few channels run
         1.5 to 2.4 times faster so (resnet20's layers, measured); sequences (N, C, L) to a model with
-        1-D convolutions, which then run as 2-D ones of height 1 on channels-last memory (1.6 to 1.7
+        1-D convolutions, which then run as 2-D ones of height 1 on channels-last memory (1.3 to 1.7
         times faster on cnn1d's layers). Only if the model takes a channels-last probe batch and gives
         the same outputs: one that calls ``.view`` on its activations cannot."""
         args, kwargs = model_args(probe)
