@@ -276,6 +276,26 @@ def test_plot_command_writes_figures_and_numbers(plane, line, tmp_path, capsys):
     assert not list(out.glob("*.partial"))
 
 
+def test_figures_and_the_explorer_reach_the_disk_before_they_get_their_names(plane, tmp_path, monkeypatch):
+    """Every figure, numbers.json and the explorer page are synced before the rename that gives them
+    their final names (and their folder after): a power cut leaves no named file with missing bytes."""
+    import os
+    from pathlib import Path
+    from landscape.plot.interactive import write_explorer
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(a), str(b))) or replace(a, b))
+    out = tmp_path / "figs"
+    res = plot_files([plane], out, formats=("png",))
+    write_explorer([plane], tmp_path / "explore.html")
+    finals = {str(p) for p in res.figures} | {str(out / "numbers.json"), str(tmp_path / "explore.html")}
+    named = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] in finals]
+    assert {events[i][2] for i in named} == finals
+    for i in named:
+        assert ("sync", events[i][1]) in events[:i] and ("sync", str(Path(events[i][2]).parent)) in events[i + 1:]
+
+
 def test_plot_files_pairs_rays_with_the_line(line, tmp_path):
     rays = [make_rays("sgd:10", 3.0725, [0.5, 0.6]), make_rays("swa/average:5", 0.01, [4.0, 5.0]),
             make_rays("swap/average:2", 0.02, [3.0])]

@@ -274,8 +274,8 @@ def rays_figure(rays: dict, rise: float = 0.1) -> Figure:
 
 def save(fig: Figure, out_dir, name: str, formats=("png", "pdf")) -> list:
     """Write ``fig`` as ``out_dir/name.<fmt>`` for each format (each file written whole, then moved
-    into place); return the paths."""
-    import os
+    into place, on the disk before it gets its name); return the paths."""
+    from ..store.files import publish
     out_dir = Path(out_dir)
     paths = []
     for fmt in formats:
@@ -283,7 +283,7 @@ def save(fig: Figure, out_dir, name: str, formats=("png", "pdf")) -> list:
         tmp = out_dir / f".{name}.{fmt}.partial"
         try:
             fig.savefig(tmp, format=fmt)
-            os.replace(tmp, p)
+            publish(tmp, p)
         finally:
             tmp.unlink(missing_ok=True)
         paths.append(p)

@@ -473,14 +473,14 @@ def _describe(s) -> str:
 
 def write_explorer(surfaces, out, title: str = "landscape explorer", overwrite: bool = True, sharpness=None) -> Path:
     """Write the explorer page to ``out`` (whole, then moved into place); return its path."""
-    from ..store.files import prepare_output, reason
+    from ..store.files import prepare_output, publish, reason
     inputs = [s if isinstance(s, (str, os.PathLike)) else getattr(s, "path", None) for s in surfaces]
     out = prepare_output(out, overwrite, inputs=inputs)
     page = explorer_html(surfaces, title, sharpness)
     tmp = out.with_name(out.name + ".partial")
     try:
         tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
+        publish(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise FileFormatError(f"cannot write {out}: {reason(e)}") from None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FileFormatError
-from ..store.files import probe_writable, reason, same_file
+from ..store.files import probe_writable, publish, reason, same_file
 from . import figures, static
 from .analysis import format_rise
 
@@ -102,7 +102,7 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
                                           f"choose another output folder")
         res.numbers_path = _write_json(staging / "numbers.json", res.numbers)
         for name in names:  # numbers.json last: a folder with a new numbers.json holds every new figure
-            os.replace(staging / name, out / name)
+            publish(staging / name, out / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created:
