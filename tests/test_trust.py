@@ -322,6 +322,29 @@ def test_surface_files_are_held_to_the_same_rule(tiny_run, tmp_path, capsys):
         one_line_error(capsys, argv, "external link")
 
 
+def test_a_file_found_self_contained_is_checked_again_once_it_changes(tiny_run, tmp_path, monkeypatch):
+    """The check runs once per version of a file in a process: reading an unchanged trajectory
+    checkpoint by checkpoint does not walk it again, and a file changed in place after it passed is
+    walked again and refused."""
+    from landscape.store import files
+    crafted = tmp_path / "crafted.h5"
+    crafted.write_bytes(tiny_run.read_bytes())
+    walks = []
+    walk = files._walk
+    monkeypatch.setattr(files, "_walk", lambda f, size: walks.append(f.filename) or walk(f, size))
+    traj = open_trajectory(crafted)
+    for i in range(3):
+        traj.params("sgd", i)
+    assert walks == [str(crafted)]
+    with h5py.File(crafted, "r+") as f:
+        _outside_link(f, tmp_path)
+    with pytest.raises(FileFormatError, match="external link"):
+        traj.params("sgd", 0)
+    with pytest.raises(FileFormatError, match="external link"):
+        open_trajectory(crafted)
+    assert len(walks) == 3
+
+
 @pytest.mark.slow
 def test_the_refusal_is_one_line_from_the_installed_command(tiny_run, tmp_path):
     """The console command, as a user runs it: exit 2, one line, no traceback, nothing imported."""

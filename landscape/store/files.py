@@ -106,33 +106,65 @@ def open_read(path, expected_format: str) -> h5py.File:
 # its declared size may exceed what the file holds, by far less than this.
 UNWRITTEN_ALLOWANCE = 1 << 30
 
+# Files this process found self-contained, by identity: device, inode, size and change times of the
+# opened file. Rewriting a file changes its change time, so it is checked again; an unchanged one
+# (a trajectory read checkpoint by checkpoint) is checked once, not at every open.
+_SELF_CONTAINED: dict = {}
+
 
 def check_self_contained(f: h5py.File, path) -> None:
     """Refuse a file that reaches outside itself (external links, external raw storage, virtual
     datasets: each reads another file, which a file handed to us may name at will) or declares a
     dataset larger than it can hold, before anything is read or allocated."""
-    problems = []
-
-    def visit(name, link):
-        if isinstance(link, h5py.ExternalLink):
-            problems.append(f"/{name} is an external link to {link.filename}:{link.path}")
-        elif isinstance(link, h5py.HardLink) and isinstance(f.get(name), h5py.Dataset):
-            problems.extend(_dataset_problems(f[name], name, path))
-
-    f.visititems_links(visit)
+    identity = _identity(f)
+    if identity is not None and identity in _SELF_CONTAINED:
+        return
+    problems = _walk(f, Path(path).stat().st_size)
     if problems:
         raise FileFormatError(f"{path} is refused: {problems[0]}"
                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    if identity is not None:
+        if len(_SELF_CONTAINED) > 1024:
+            _SELF_CONTAINED.clear()
+        _SELF_CONTAINED[identity] = True
 
 
-def _dataset_problems(ds: h5py.Dataset, name: str, path) -> list:
-    if ds.is_virtual:
+def _walk(f: h5py.File, file_size: int) -> list:
+    """What reaches outside the file: every link of every group, once; objects are opened only for
+    datasets (the low-level calls cost a tenth of h5py's object layer)."""
+    problems = []
+
+    def visit(name: bytes, info) -> None:
+        if info.type == h5py.h5l.TYPE_EXTERNAL:
+            filename, target = f.id.links.get_val(name)
+            problems.append(f"/{name.decode()} is an external link to {filename.decode()}:{target.decode()}")
+        elif info.type == h5py.h5l.TYPE_HARD and h5py.h5o.get_info(f.id, name).type == h5py.h5o.TYPE_DATASET:
+            problems.extend(_dataset_problems(h5py.h5d.open(f.id, name), name.decode(), file_size))
+
+    f.id.links.visit(visit, info=True)
+    return problems
+
+
+def _identity(f: h5py.File):
+    """What tells the opened file apart from any other file or version of it (None when the driver
+    has no file descriptor to ask)."""
+    try:
+        st = os.fstat(f.id.get_vfd_handle())
+    except (OSError, RuntimeError, ValueError):  # e.g. a file opened through a Python file object
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _dataset_problems(ds: h5py.h5d.DatasetID, name: str, file_size: int) -> list:
+    dcpl = ds.get_create_plist()
+    if dcpl.get_layout() == h5py.h5d.VIRTUAL:
         return [f"/{name} is a virtual dataset (it reads other files)"]
-    if ds.external:
-        return [f"/{name} keeps its data in an external file ({ds.external[0][0]!r})"]
-    declared = int(np.prod(ds.shape, dtype=np.float64) * ds.dtype.itemsize) if ds.shape else ds.dtype.itemsize
-    filtered = ds.id.get_create_plist().get_nfilters() > 0  # compressed: may legitimately hold less
-    limit = available_memory() if filtered else Path(path).stat().st_size + UNWRITTEN_ALLOWANCE
+    if dcpl.get_external_count() > 0:
+        return [f"/{name} keeps its data in an external file ({dcpl.get_external(0)[0].decode()!r})"]
+    itemsize = ds.get_type().get_size()
+    declared = int(np.prod(ds.shape, dtype=np.float64) * itemsize) if ds.shape else itemsize
+    filtered = dcpl.get_nfilters() > 0  # compressed: may legitimately hold less
+    limit = available_memory() if filtered else file_size + UNWRITTEN_ALLOWANCE
     if declared > limit:
         return [f"/{name} declares {ds.shape} values ({_size(declared)}), more than the file "
                 f"{'could expand to in memory' if filtered else 'holds'} ({_size(limit)})"]
