@@ -139,14 +139,7 @@ def add_averages(path, averages, out, device="auto", overwrite: bool = False, qu
     total = sum(len(rows) for _, rows, _ in jobs)
     with TrajectoryWriter(out, config, traj.layout, overwrite=overwrite) as w, \
             tqdm(total=total, desc="average", unit="ckpt", disable=quiet, leave=False) as bar:
-        for run in traj.runs:  # the input's runs, row by row, as they are
-            d = traj.run(run)
-            params, buffers = traj.params(run), traj.buffers(run)
-            for t in range(len(d)):
-                w.append(run, params[t], buffers[t], epoch=float(d.epoch[t]), step=int(d.step[t]),
-                         **{k: v[t] for k, v in d.metrics.items()})
-            if d.attrs:
-                w.set_attrs(run, **d.attrs)
+        w.adopt(traj.path)  # the input's runs, as they are
         for a, rows, name in jobs:
             src = traj.run(a.window.run)
             params, buffers = traj.params(a.window.run), traj.buffers(a.window.run)

@@ -55,9 +55,16 @@ def test_batchnorm_recomputed_and_input_copied(averaged, tiny_config):
     recompute_bn(model, data.x_train, tiny_config.eval_batch_size)
     np.testing.assert_allclose(out.buffers("avg/sgd/uniform_2_6")[-1], src.layout.buffers_to_vector(model).numpy(),
                                rtol=1e-5, atol=1e-6)
-    for run in src.runs:  # every input run as it was
+    assert [r for r in out.runs if not r.startswith("avg/")] == src.runs
+    for run in src.runs:  # every input run as it was: weights, buffers, rows, metrics, attributes
         np.testing.assert_array_equal(out.params(run), src.params(run))
-        np.testing.assert_array_equal(out.run(run).metrics["test_err"], src.run(run).metrics["test_err"])
+        np.testing.assert_array_equal(out.buffers(run), src.buffers(run))
+        mine, theirs = out.run(run), src.run(run)
+        np.testing.assert_array_equal(mine.epoch, theirs.epoch)
+        np.testing.assert_array_equal(mine.step, theirs.step)
+        assert mine.metrics.keys() == theirs.metrics.keys() and mine.attrs == theirs.attrs
+        for name in theirs.metrics:
+            np.testing.assert_array_equal(mine.metrics[name], theirs.metrics[name])
 
 
 def test_windows():

@@ -174,11 +174,11 @@ class TrajectoryWriter:
                 raise
             self.states.remove()
 
-    def adopt(self, source, part: str) -> None:
-        """Copy every run of the complete trajectory file ``source`` (another writer's output, with this
-        layout), datasets and attributes as they are, and mark them as the finished ``part``: how
-        methods trained in separate processes come together in one file."""
-        with h5py.File(source, "r") as src:
+    def adopt(self, source, part: str | None = None) -> None:
+        """Copy every run of the complete trajectory file ``source`` (with this layout), datasets and
+        attributes as they are, and with ``part`` mark them as that finished part: how methods trained
+        in separate processes come together in one file, and how a file with added runs starts."""
+        with open_read(source, FORMAT) as src:
             if not bool(src.attrs.get("complete", False)):
                 raise FileFormatError(f"{source} is not a complete trajectory file")
             if _stored_layout(src) != self.layout:
@@ -187,7 +187,8 @@ class TrajectoryWriter:
                 src.copy(src["runs"][name], self.file["runs"], name=name)
             src["runs"].visititems(lambda name, obj: self._runs.append(name)
                                    if isinstance(obj, h5py.Group) and "params" in obj else None)
-        self.finish_part(part)
+        if part is not None:
+            self.finish_part(part)
 
     def save_progress(self, key: str, state: bytes) -> None:
         """Keep ``state`` (opaque bytes: where the part in progress stands) under ``key``, with the row
