@@ -139,12 +139,12 @@ def stacked_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     mean = cols.sum(1).reshape(m, c, per).double().sum(2) / count                      # (m, C)
     d = cols - along(mean)
     m2 = d.square().sum(1).reshape(m, c, per).double().sum(2)                          # (m, C)
+    _keep_statistics(bn, mean, m2, m, count)
     scale = _scale(bn, m2, count)
     if bn.bias is not None:
         y = torch.addcmul(along(bn.bias[None]), d, along(scale))
     else:
         y = d.mul_(along(scale))
-    _keep_statistics(bn, mean, m2, m, count)
     return y.reshape(x.shape)
 
 
@@ -157,9 +157,9 @@ def _stacked_channels_last(bn: _BatchNorm, x: torch.Tensor, m: int, g: int, c: i
     mean = rows.reshape(m, g, per, c).sum(1).double().sum(1) / count                  # (m, C)
     d = rows - mean.float()[:, None, :]
     m2 = d.square().reshape(m, g, per, c).sum(1).double().sum(1)                      # (m, C)
+    _keep_statistics(bn, mean, m2, m, count)
     scale = _scale(bn, m2, count).float()[:, None, :]
     y = torch.addcmul(bn.bias.float()[None, None, :], d, scale) if bn.bias is not None else d.mul_(scale)
-    _keep_statistics(bn, mean, m2, m, count)
     return y.reshape(x.shape[0], *x.shape[2:], c).movedim(-1, 1)                     # channels-last again
 
 
@@ -169,8 +169,8 @@ def _scale(bn: _BatchNorm, m2: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _keep_statistics(bn: _BatchNorm, mean: torch.Tensor, m2: torch.Tensor, m: int, count: int) -> None:
-    """The batches' statistics merged into the layer's running buffers; the pass ends after the last
-    BatchNorm layer."""
+    """The batches' statistics merged into the layer's running buffers; the pass ends at the last
+    BatchNorm layer, before its output is normalized."""
     total = mean.mean(0)
     merged = m2.sum(0) + count * (mean - total).square().sum(0)
     bn.running_mean.copy_(total)
