@@ -229,6 +229,35 @@ def test_ctrl_c_while_methods_train_apart_keeps_every_one_and_resumes(config, tm
     assert not parts.exists()
 
 
+# Ctrl-C at the worst moment of a child's first message: after its queue registered the exit handler
+# that joins the feeder thread, before the one that stops it.
+CTRL_C_IN_FIRST_PUT = """
+import multiprocessing, os, signal, sys
+from multiprocessing import util
+from landscape.train.processes import put
+register = util.Finalize.__init__
+def registered(self, obj, callback, *args, **kwargs):
+    register(self, obj, callback, *args, **kwargs)
+    if callback.__name__ == "_finalize_join":
+        os.kill(os.getpid(), signal.SIGINT)
+util.Finalize.__init__ = registered
+messages = multiprocessing.get_context("forkserver").Queue()
+try:
+    put(messages, ("tick", 1))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_during_a_childs_first_message_does_not_hang_its_exit():
+    """Without Ctrl-C held back around the put, the process never exits (its feeder thread is joined
+    but never told to stop)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", CTRL_C_IN_FIRST_PUT], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, r.stderr
+
+
 def _saved_epochs(parts) -> bool:
     """Whether a child has kept at least one epoch (a partial file naming a resume state) in ``parts``."""
     for partial in parts.glob("*.h5.partial") if parts.exists() else []:

@@ -153,13 +153,24 @@ class _ChildProgress:
         except ProcessLookupError:
             raise KeyboardInterrupt("the parent process is gone") from None
         if n:
-            self.messages.put(("tick", n))
+            put(self.messages, ("tick", n))
 
     def set_postfix_str(self, *args, **kwargs):
         pass
 
     def set_description(self, *args, **kwargs):
         pass
+
+
+def put(messages, message) -> None:
+    """``messages.put(message)`` with Ctrl-C held back until it returns. The first put starts the
+    queue's feeder thread and registers two exit handlers, one that stops the thread and one that
+    joins it; a KeyboardInterrupt between the two left only the join, and the child hung at exit."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the feeder thread inherits the mask
+    try:
+        messages.put(message)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _child(config, path: str, overwrite: bool, messages, parent: int) -> None:
@@ -174,9 +185,9 @@ def _child(config, path: str, overwrite: bool, messages, parent: int) -> None:
             warnings.simplefilter("always")
             train(config, path, overwrite=overwrite, processes=1, progress=_ChildProgress(messages, parent))
         for w in caught:
-            messages.put(("warning", w.category, str(w.message)))
+            put(messages, ("warning", w.category, str(w.message)))
     except KeyboardInterrupt:
         raise SystemExit(130)
     except BaseException as e:  # reported to the parent, which raises it as its own
-        messages.put(("error", config.methods[0], type(e).__name__, str(e)))
+        put(messages, ("error", config.methods[0], type(e).__name__, str(e)))
         raise SystemExit(1)
