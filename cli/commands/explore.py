@@ -10,8 +10,6 @@ Examples:
 """
 from __future__ import annotations
 
-from landscape.plot.interactive import write_explorer
-
 HELP = "write an interactive HTML page (offline) of surface files"
 
 
@@ -25,6 +23,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from landscape.plot.interactive import write_explorer  # plotly and matplotlib, only when writing
     out = write_explorer(args.surfaces, args.out, title=args.title, overwrite=args.overwrite,
                          sharpness=args.sharpness)
     print(out)

@@ -16,8 +16,7 @@ Examples:
 """
 from __future__ import annotations
 
-from landscape.plot.report import FORMATS, MAX_LEVELS, plot_files
-from landscape.plot.static import SMOOTH
+from landscape.plot.analysis import FORMATS, MAX_LEVELS, SMOOTH
 
 from ..common import print_json
 
@@ -54,6 +53,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from landscape.plot.report import plot_files  # matplotlib, only when drawing
     res = plot_files(args.surfaces, args.out, trajectory=args.trajectory, rises=args.rise, formats=args.format,
                      off_plane=args.off_plane, levels=args.levels, train_metric=args.train_metric,
                      test_metric=args.test_metric, smooth=args.smooth, sharpness=args.sharpness)

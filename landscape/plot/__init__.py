@@ -17,14 +17,30 @@ Example::
     from landscape.plot import plane_figure, save
     save(plane_figure(open_surface("plane.h5")), "figures", "plane")   # figures/plane.png, .pdf
 """
-from .figures import (edge_center_figure, grafting_figure, grafting_figure_from, lookahead_figure,
-                      lookahead_figure_from, offset_figure, plane_figure, rays_figure, save)
-from .interactive import explorer_html, interactive_figure, write_explorer
-from .report import PlotResult, plot_files
-from .static import (draw_checkpoints, draw_grafting, draw_line, draw_lookahead, draw_offset, draw_plane, draw_rays,
-                     edge_center_of, offset_of)
+import importlib
 
-plot_plane = plane_figure  # the name DESIGN.md's example uses
+# what each name comes from: imported on first use, so that reading the options below (the command
+# line builds its parser from them) or ``analysis`` needs no matplotlib, which takes most of a second
+_SOURCES = {
+    "figures": ("edge_center_figure", "grafting_figure", "grafting_figure_from", "lookahead_figure",
+                "lookahead_figure_from", "offset_figure", "plane_figure", "rays_figure", "save"),
+    "interactive": ("explorer_html", "interactive_figure", "write_explorer"),
+    "report": ("PlotResult", "plot_files"),
+    "static": ("draw_checkpoints", "draw_grafting", "draw_line", "draw_lookahead", "draw_offset", "draw_plane",
+               "draw_rays", "edge_center_of", "offset_of"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+_MODULE_OF["plot_plane"] = "figures"  # the name DESIGN.md's example uses for plane_figure
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_MODULE_OF[name]}", __name__)
+    value = getattr(module, "plane_figure" if name == "plot_plane" else name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["plane_figure", "plot_plane", "offset_figure", "edge_center_figure", "rays_figure", "lookahead_figure",
            "grafting_figure", "lookahead_figure_from", "grafting_figure_from", "save", "plot_files", "PlotResult",

@@ -21,6 +21,11 @@ import numpy as np
 
 from ..errors import ConfigError
 
+# options of the figures, here (numpy only) so that the command line reads them without matplotlib
+FORMATS = ("png", "pdf")   # what plot_files writes unless told otherwise
+MAX_LEVELS = 50            # contour bands: more cannot be told apart by colour, nor labelled on a colour bar
+SMOOTH = 1.0  # grid cells: the Gaussian filter applied before locating the minima (see grid_minimum)
+
 
 # ---------------------------------------------------------------------------------------------
 # contour levels

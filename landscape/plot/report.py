@@ -25,11 +25,8 @@ from pathlib import Path
 from ..errors import ConfigError, FileFormatError
 from ..store.files import probe_writable, publish, reason, same_file
 from . import figures, static
-from .analysis import format_rise
+from .analysis import FORMATS, MAX_LEVELS, format_rise
 
-FORMATS = ("png", "pdf")
-# more contour bands than this cannot be told apart by colour, nor labelled on a colour bar
-MAX_LEVELS = 50
 STAGING = ".landscape-plot.partial"  # figures are drawn here, then moved into place together
 
 

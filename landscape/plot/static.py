@@ -206,7 +206,7 @@ def _inside(surface, coords) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # train-vs-test offset
 
-SMOOTH = 1.0  # grid cells: the Gaussian filter applied before locating the minima (see analysis.grid_minimum)
+SMOOTH = analysis.SMOOTH
 
 
 def offset_of(surface, train_metric: str = "train_loss", test_metric: str | None = None, smooth: float = SMOOTH) -> dict:
