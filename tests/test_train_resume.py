@@ -235,6 +235,7 @@ CTRL_C_IN_FIRST_PUT = """
 import multiprocessing, os, signal, sys
 from multiprocessing import util
 from landscape.train.processes import put
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a child does (a background job inherits SIG_IGN)
 register = util.Finalize.__init__
 def registered(self, obj, callback, *args, **kwargs):
     register(self, obj, callback, *args, **kwargs)
