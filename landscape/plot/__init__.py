@@ -33,7 +33,12 @@ _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in nam
 _MODULE_OF["plot_plane"] = "figures"  # the name DESIGN.md's example uses for plane_figure
 
 
+_SUBMODULES = ("analysis", "figures", "flatness", "interactive", "report", "static", "style")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:  # ``landscape.plot.static`` without importing it first, as before
+        return importlib.import_module(f".{name}", __name__)
     if name not in _MODULE_OF:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module = importlib.import_module(f".{_MODULE_OF[name]}", __name__)
