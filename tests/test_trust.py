@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -336,6 +337,7 @@ def test_a_file_found_self_contained_is_checked_again_once_it_changes(tiny_run, 
     for i in range(3):
         traj.params("sgd", i)
     assert walks == [str(crafted)]
+    time.sleep(0.05)  # past the file system's timestamp granularity (a jiffy on kernels without fine-grained ctimes)
     with h5py.File(crafted, "r+") as f:
         _outside_link(f, tmp_path)
     with pytest.raises(FileFormatError, match="external link"):
