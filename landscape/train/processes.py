@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 from .. import errors
-from ..device import torch_threads
 from ..store import open_trajectory
 from .loop import METHODS
 
