@@ -116,10 +116,11 @@ def check_self_contained(f: h5py.File, path) -> None:
     """Refuse a file that reaches outside itself (external links, external raw storage, virtual
     datasets: each reads another file, which a file handed to us may name at will) or declares a
     dataset larger than it can hold, before anything is read or allocated."""
-    identity = _identity(f)
-    if identity is not None and identity in _SELF_CONTAINED:
+    st = _opened_stat(f)
+    identity = None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if identity in _SELF_CONTAINED:
         return
-    problems = _walk(f, Path(path).stat().st_size)
+    problems = _walk(f, Path(path).stat().st_size if st is None else st.st_size)
     if problems:
         raise FileFormatError(f"{path} is refused: {problems[0]}"
                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -145,14 +146,14 @@ def _walk(f: h5py.File, file_size: int) -> list:
     return problems
 
 
-def _identity(f: h5py.File):
-    """What tells the opened file apart from any other file or version of it (None when the driver
-    has no file descriptor to ask)."""
+def _opened_stat(f: h5py.File):
+    """The status of the file ``f`` opened (not of whatever its path names now): device, inode, size
+    and change times tell it apart from any other file or version of it. None when the driver has no
+    file descriptor to ask."""
     try:
-        st = os.fstat(f.id.get_vfd_handle())
+        return os.fstat(f.id.get_vfd_handle())
     except (OSError, RuntimeError, ValueError):  # e.g. a file opened through a Python file object
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _dataset_problems(ds: h5py.h5d.DatasetID, name: str, file_size: int) -> list:
