@@ -31,8 +31,6 @@ _SOURCES = {
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
 _MODULE_OF["plot_plane"] = "figures"  # the name DESIGN.md's example uses for plane_figure
-
-
 _SUBMODULES = ("analysis", "figures", "flatness", "interactive", "report", "static", "style")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import ConfigError, FileFormatError
 from ..store.files import probe_writable, publish, reason, same_file
 from . import figures, static
-from .analysis import FORMATS, MAX_LEVELS, format_rise
+from .analysis import FORMATS, MAX_LEVELS, SMOOTH, format_rise
 
 STAGING = ".landscape-plot.partial"  # figures are drawn here, then moved into place together
 
@@ -40,7 +40,7 @@ class PlotResult:
 
 def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS, off_plane: float = 0.05,
                levels: int = 7, train_metric: str = "train_loss", test_metric: str | None = None,
-               smooth: float = static.SMOOTH, sharpness=None) -> PlotResult:
+               smooth: float = SMOOTH, sharpness=None) -> PlotResult:
     """Draw every figure the inputs allow into ``out_dir`` (created if missing; its parent must exist).
 
     ``surfaces``: paths of surface files or :class:`~landscape.store.Surface` objects; ``trajectory``:

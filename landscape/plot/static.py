@@ -206,7 +206,7 @@ def _inside(surface, coords) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # train-vs-test offset
 
-SMOOTH = analysis.SMOOTH
+SMOOTH = analysis.SMOOTH  # (its home is analysis; this name is part of static's interface)
 
 
 def offset_of(surface, train_metric: str = "train_loss", test_metric: str | None = None, smooth: float = SMOOTH) -> dict:
