@@ -364,6 +364,26 @@ class Evaluator:
         return len(plain) == len(other) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
                                                 for a, b in zip(plain, other))
 
+    @contextlib.contextmanager
+    def conv1d_as_2d(self):
+        """For work on ``self.model`` outside the evaluator (Hessian-vector products, one point at a
+        time): while the block runs, the model's 1-D convolutions run as 2-D ones of height 1 on
+        channels-last memory, as in the evaluator's one-point forward; yields the function that gives
+        an input batch that memory. The identity, and nothing switched, where the evaluator does not
+        (GPUs, models without Conv1d, a model whose outputs differ so). Images keep their plain layout
+        here: a resnet20 Hessian-vector product gains nothing measurable from channels-last memory.
+
+        Example::
+
+            with ev.conv1d_as_2d() as memory:
+                loss = F.cross_entropy(ev.model(memory(x)), y)
+        """
+        if not (self._channels_last and self._layers_1d):
+            yield lambda x: x
+            return
+        with self._layers_channels_last(True):
+            yield _channels_last
+
     def _layers_channels_last(self, on: bool):
         """For one forward: the model's 1-D layers on channels-last memory (if ``on``; nothing to do
         for 2-D layers, which take channels-last inputs as they are)."""

@@ -11,7 +11,7 @@ from torch.func import functional_call, hessian
 
 from landscape.cli.main import main
 from landscape.data import DataSpec, load_data
-from landscape.evaluate import BatchNormPolicy
+from landscape.evaluate import BatchNormPolicy, Evaluator
 from landscape.geometry import HessianOperator, top_hessian_eigen
 from landscape.rebuild import rebuild_data, rebuild_model
 from landscape.models import ModelSpec, build_model
@@ -74,6 +74,37 @@ def test_lanczos_run_to_the_dimension_is_the_whole_spectrum(small):
     grid = np.linspace(exact[-1] - 1, exact[0] + 1, 4001)
     curve = density_curve(nodes, weights, grid, sigma=0.05)
     assert np.trapezoid(curve, grid) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_a_conv1d_model_run_as_2d_has_the_exact_hessians_eigenvalues():
+    """A small cnn1d-bn (stored BatchNorm statistics): its Hessian-vector products run its Conv1d
+    layers as 2-D ones on channels-last memory (as the evaluator does on a CPU), and the eigenvalues
+    and trace still are those of the exact Hessian of the plain model."""
+    data = load_data(DataSpec("synthetic", {"n_train": 120, "n_test": 30, "shape": [1, 20]}))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("cnn1d-bn", {"channels": 4}), data.input_shape, data.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(data.x_train), data.y_train).backward()
+        opt.step()
+    model.eval()
+    layout = Layout.of(model)
+    w, b = layout.params_to_vector(model), layout.buffers_to_vector(model)
+    ev = Evaluator(model, layout, data, BatchNormPolicy("stored"))
+    with ev.conv1d_as_2d():  # the 2-D path is the one tested
+        assert all("forward" in m.__dict__ for m in ev.model.modules() if isinstance(m, torch.nn.Conv1d))
+    buffers = layout.split_buffers(b)
+
+    def loss(v):
+        out = functional_call(model, (layout.split_params(v), buffers), (data.x_train,))
+        return F.cross_entropy(out, data.y_train)
+    H = hessian(loss)(w).double()
+    exact = torch.linalg.eigvalsh(0.5 * (H + H.T)).flip(0)
+    r = checkpoint_sharpness(model, layout, w, b, data, SharpnessSpec(top_k=3, probes=300, ascent_steps=0, tol=1e-7),
+                             BatchNormPolicy("stored"))
+    np.testing.assert_allclose(r["eigenvalues"], exact[:3].numpy(), rtol=1e-4)
+    assert abs(r["trace"] - float(H.trace())) < 4 * r["trace_stderr"]
 
 
 def test_lanczos_agrees_with_power_iteration(tiny_run):
