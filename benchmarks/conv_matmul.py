@@ -65,7 +65,8 @@ class MatmulCNN:
         self.layers = []
         for (name, conv), bn in zip(convs, bns):
             w = p[f"{name}.weight"]                                                     # (K, C_out, C_in, k)
-            scale = p[f"{bn}.weight"] * torch.rsqrt(b[f"{bn}.running_var"] + 1e-5)      # (K, C_out)
+            eps = model.get_submodule(bn).eps
+            scale = p[f"{bn}.weight"] * torch.rsqrt(b[f"{bn}.running_var"] + eps)       # (K, C_out)
             shift = p[f"{bn}.bias"] + (p[f"{name}.bias"] - b[f"{bn}.running_mean"]) * scale
             k_out, c_out, c_in, k = w.shape
             w = (w * scale[:, :, None, None]).permute(0, 3, 2, 1).reshape(k_out, k * c_in, c_out)  # (k, C_in) rows
@@ -135,8 +136,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn1d-bn"), input_shape=tuple(data.x_train.shape[1:]), num_classes=10).eval()
     layout = Layout.of(model)
-    record = {"machine": machine(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                                 text=True).stdout.strip(), "matmul_gflops_1_thread": matmul_gflops(), "rows": []}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"machine": machine(), "commit": commit, "matmul_gflops_1_thread": matmul_gflops(), "rows": []}
     print(f"{record['machine']['cpu']}, 1 thread, fp32 matmul {record['matmul_gflops_1_thread']:.0f} GFLOP/s")
     print(f"{'K':>3} " + "".join(f"{name:>28}" for name in contenders(model, layout, data, *points(model, layout, 1))))
     for K in args.points:

@@ -20,7 +20,6 @@ def test_gpu_benchmark_runs_and_its_contenders_agree(tmp_path):
     assert "results agree" in r.stdout and out.exists()
 
 
-
 def test_points_as_matrix_products_equal_the_evaluators_values(tmp_path):
     """conv_matmul.py checks its hand-written unfold + matmul forward against the evaluator, one point
     per call and K per call, before it times anything; a wrong unfold order or a missed BatchNorm
