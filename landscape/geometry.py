@@ -161,7 +161,10 @@ def live_checkpoint(obj, name: str, model: torch.nn.Module) -> _Ckpt:
     if isinstance(obj, torch.nn.Module):
         module, _ = unwrap(obj)
         layout.check_module(module)
-        return _Ckpt(name, layout.params_to_vector(module).double(), layout.buffers_to_vector(module).double(), name)
+        # on the CPU, as from a file: checkpoints may live on different devices (an initialization kept
+        # on the CPU, nets trained on a GPU); the caller moves the geometry where it evaluates
+        return _Ckpt(name, layout.params_to_vector(module).double().cpu(),
+                     layout.buffers_to_vector(module).double().cpu(), name)
     if isinstance(obj, Mapping):
         params, buffers, _ = match_state_dict(obj, model, f"state_dict {name!r}")
         flat = lambda d: torch.cat([t.detach().reshape(-1).double().cpu() for t in d.values()]) if d \

@@ -1,0 +1,86 @@
+"""The GPU path as a notebook user takes it, against what the CPU gives: a plane of live nets on
+different devices, a surface evaluated on the GPU, a trajectory trained there, sharpness there.
+
+Marked ``gpu``: the default run and CI skip them; on a CUDA machine ``./run test -m gpu`` runs them.
+``LANDSCAPE_GPU_TESTS_DEVICE=cpu ./run test -m gpu tests/test_gpu.py`` runs the same tests with the CPU
+standing in for the GPU, which checks the tests themselves (not the GPU) on a machine without one."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from landscape import evaluate_surface
+from landscape.geometry import Plane
+from landscape.rebuild import rebuild_data, rebuild_model
+from landscape.sharpness import SharpnessSpec, compute_sharpness
+from landscape.store import open_trajectory
+from landscape.train import train
+
+pytestmark = pytest.mark.gpu
+
+THREE = ("sgd", "swa/average", "swa/iterates:0")
+
+
+@pytest.fixture(scope="module")
+def gpu() -> torch.device:
+    device = torch.device(os.environ.get("LANDSCAPE_GPU_TESTS_DEVICE", "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return device
+
+
+def _assert_close(got: dict, ref: dict, n_train: int, n_test: int) -> None:
+    """Losses to float32 rounding of a different device's kernels; errors to one sample (a logit tie
+    may break the other way)."""
+    for name, r in ref.items():
+        if name.endswith("err"):
+            one = 100.0 / (n_train if name.startswith("train") else n_test)
+            np.testing.assert_allclose(got[name], r, rtol=0, atol=one + 1e-9, err_msg=name)
+        else:
+            np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_plane_of_nets_on_two_devices_evaluates_on_the_gpu_as_on_the_cpu(tiny_run, gpu):
+    """An initialization kept on the CPU and two nets on the GPU make one plane (the geometry is held
+    on the CPU, as from a file); its surface on the GPU, K points per call, equals the CPU's."""
+    traj = open_trajectory(tiny_run)
+    data = rebuild_data(traj)
+    nets = [traj.layout.load(rebuild_model(traj, data), c.params, c.buffers)
+            for c in (traj.checkpoint(name) for name in THREE)]
+    plane = Plane.through(nets[0], nets[1].to(gpu), nets[2].to(gpu), names=("sgd", "swa", "early"))
+    named = Plane.through(traj, *THREE)
+    for vector in ("origin", "u", "v", "buffers"):
+        assert torch.equal(getattr(plane, vector), getattr(named, vector)), vector
+    on_gpu = evaluate_surface(nets[1], plane, data, (4, 3), bn="recompute", device=gpu, points_per_call=4,
+                              quiet=True)
+    on_cpu = evaluate_surface(nets[0].cpu(), plane, data, (4, 3), bn="recompute", device="cpu", points_per_call=1,
+                              quiet=True)
+    assert np.all(on_gpu.done)
+    _assert_close(on_gpu.values, on_cpu.values, len(data.x_train), len(data.x_test))
+
+
+def test_training_on_the_gpu_keeps_swa_the_mean_of_its_iterates(tiny_config, tmp_path, gpu):
+    """``train`` on the GPU (no per-step host synchronization): the file is written, every metric is
+    finite, and the SWA average is the mean of the iterates it averages."""
+    t = open_trajectory(train(tiny_config.replace(device=str(gpu)), tmp_path / "gpu.h5", quiet=True)["path"])
+    iterates, averages = t.params("swa/iterates"), t.params("swa/average")
+    for k in range(len(averages)):
+        np.testing.assert_allclose(averages[k], iterates[: k + 1].astype(np.float64).mean(0), rtol=0, atol=2e-6)
+    for run in t.runs:
+        for name in ("train_loss", "test_loss", "train_err", "test_err"):
+            assert np.all(np.isfinite(t.run(run).metrics[name])), (run, name)
+
+
+def test_sharpness_on_the_gpu_equals_the_cpus(tiny_run, gpu):
+    """Lanczos eigenvalues and the epsilon-sharpness of a checkpoint, on the GPU and on the CPU, from
+    the same starting vectors and probes."""
+    traj = open_trajectory(tiny_run)
+    spec = SharpnessSpec(top_k=2, probes=8, ascent_steps=3, tol=1e-6)
+    got = compute_sharpness(traj, ["sgd"], spec, bn="stored", device=str(gpu)).results[0]
+    ref = compute_sharpness(traj, ["sgd"], spec, bn="stored", device="cpu").results[0]
+    np.testing.assert_allclose(got["eigenvalues"], ref["eigenvalues"], rtol=1e-3)
+    np.testing.assert_allclose(got["trace"], ref["trace"], rtol=1e-3)
+    np.testing.assert_allclose(got["epsilon_sharpness"], ref["epsilon_sharpness"], rtol=1e-2)
