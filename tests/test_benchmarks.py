@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow  # two tiny workloads, three contenders each: ~30 s on a CPU
-def test_gpu_benchmark_runs_and_its_contenders_agree(tmp_path):
-    out = tmp_path / "gpu.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--device", "cpu",
-                        "--json", str(out)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "results agree" in r.stdout and out.exists()
+@pytest.mark.slow  # the gpu tests on the CPU, then two tiny workloads, three contenders each: ~40 s
+def test_gpu_session_runs_the_gpu_tests_and_the_benchmark_and_its_contenders_agree(tmp_path):
+    """benchmarks/gpu_session.sh, as a GPU machine runs it, with the CPU standing in for the GPU."""
+    env = dict(os.environ, OUT=str(tmp_path), LANDSCAPE_GPU_TESTS_DEVICE="cpu",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    r = subprocess.run([str(ROOT / "benchmarks" / "gpu_session.sh"), "--smoke", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in (tmp_path / "gpu-tests.log").read_text()
+    assert "results agree" in (tmp_path / "gpu-benchmark.log").read_text()
+    assert json.loads((tmp_path / "gpu-results.json").read_text())["results"]
 
 
 def test_points_as_matrix_products_equal_the_evaluators_values(tmp_path):
