@@ -75,12 +75,13 @@ def test_training_on_the_gpu_keeps_swa_the_mean_of_its_iterates(tiny_config, tmp
 
 
 def test_sharpness_on_the_gpu_equals_the_cpus(tiny_run, gpu):
-    """Lanczos eigenvalues and the epsilon-sharpness of a checkpoint, on the GPU and on the CPU, from
-    the same starting vectors and probes."""
+    """Lanczos eigenvalues, the trace, the density's largest node and the epsilon-sharpness of a
+    checkpoint, on the GPU and on the CPU, from the same starting vectors and probes."""
     traj = open_trajectory(tiny_run)
-    spec = SharpnessSpec(top_k=2, probes=8, ascent_steps=3, tol=1e-6)
+    spec = SharpnessSpec(top_k=2, probes=8, ascent_steps=3, tol=1e-6, density=True, density_runs=1, density_steps=8)
     got = compute_sharpness(traj, ["sgd"], spec, bn="stored", device=str(gpu)).results[0]
     ref = compute_sharpness(traj, ["sgd"], spec, bn="stored", device="cpu").results[0]
     np.testing.assert_allclose(got["eigenvalues"], ref["eigenvalues"], rtol=1e-3)
     np.testing.assert_allclose(got["trace"], ref["trace"], rtol=1e-3)
     np.testing.assert_allclose(got["epsilon_sharpness"], ref["epsilon_sharpness"], rtol=1e-2)
+    np.testing.assert_allclose(np.nanmax(got["density_nodes"]), np.nanmax(ref["density_nodes"]), rtol=1e-3)
