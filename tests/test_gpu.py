@@ -1,5 +1,6 @@
 """The GPU path as a notebook user takes it, against what the CPU gives: a plane of live nets on
-different devices, a surface evaluated on the GPU, a trajectory trained there, sharpness there.
+different devices, a surface evaluated on the GPU, a trajectory trained there, sharpness there, and
+their own loop on the GPU recorded.
 
 Marked ``gpu``: the default run and CI skip them; on a CUDA machine ``./run test -m gpu`` runs them.
 ``LANDSCAPE_GPU_TESTS_DEVICE=cpu ./run test -m gpu tests/test_gpu.py`` runs the same tests with the CPU
@@ -85,3 +86,33 @@ def test_sharpness_on_the_gpu_equals_the_cpus(tiny_run, gpu):
     np.testing.assert_allclose(got["trace"], ref["trace"], rtol=1e-3)
     np.testing.assert_allclose(got["epsilon_sharpness"], ref["epsilon_sharpness"], rtol=1e-2)
     np.testing.assert_allclose(np.nanmax(got["density_nodes"]), np.nanmax(ref["density_nodes"]), rtol=1e-3)
+
+
+def test_recording_a_loop_on_the_gpu_keeps_its_weights_and_the_cpus_metrics(tmp_path, gpu):
+    """A user's own loop on the GPU with the recorder: every row holds the weights the net had, and the
+    metrics it evaluated there are those of the same weights on the CPU."""
+    from _recording import DATA, MODEL, same_start
+    from landscape.evaluate import evaluate_model
+    from landscape.params import Layout
+    from landscape.recorder import Recorder
+    data, model, order = same_start()
+    model, on_gpu, layout = model.to(gpu), data.to(gpu), Layout.of(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kept = []
+    with Recorder(tmp_path / "gpu.h5", model=MODEL.name, model_kwargs=MODEL.kwargs, data=DATA.name,
+                  data_options=DATA.options, evaluate=True) as rec:
+        for epoch in range(3):
+            for idx in torch.randperm(len(data.x_train), generator=order).split(32):
+                idx = idx.to(gpu)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(on_gpu.x_train[idx]), on_gpu.y_train[idx]).backward()
+                opt.step()
+            rec.record("sgd", model, epoch=epoch + 1)
+            kept.append((layout.params_to_vector(model).cpu(), layout.buffers_to_vector(model).cpu()))
+    traj = open_trajectory(tmp_path / "gpu.h5")
+    for i, (params, buffers) in enumerate(kept):
+        np.testing.assert_array_equal(traj.params("sgd")[i], params.numpy())
+        np.testing.assert_array_equal(traj.buffers("sgd")[i], buffers.numpy())
+    cpu_metrics = evaluate_model(layout.load(model.cpu(), *kept[-1]), data)
+    _assert_close({k: traj.run("sgd").metrics[k][-1] for k in cpu_metrics}, cpu_metrics, len(data.x_train),
+                  len(data.x_test))
