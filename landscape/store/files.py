@@ -109,7 +109,7 @@ UNWRITTEN_ALLOWANCE = 1 << 30
 # Files this process found self-contained, by identity: device, inode, size and change times of the
 # opened file. Rewriting a file changes its change time, so it is checked again; an unchanged one
 # (a trajectory read checkpoint by checkpoint) is checked once, not at every open.
-_SELF_CONTAINED: dict = {}
+_SELF_CONTAINED: set = set()
 
 
 def check_self_contained(f: h5py.File, path) -> None:
@@ -127,7 +127,7 @@ def check_self_contained(f: h5py.File, path) -> None:
     if identity is not None:
         if len(_SELF_CONTAINED) > 1024:
             _SELF_CONTAINED.clear()
-        _SELF_CONTAINED[identity] = True
+        _SELF_CONTAINED.add(identity)
 
 
 def _walk(f: h5py.File, file_size: int) -> list:
