@@ -64,8 +64,8 @@ def test_a_plane_of_nets_on_two_devices_evaluates_on_the_gpu_as_on_the_cpu(tiny_
 
 
 def test_training_on_the_gpu_keeps_swa_the_mean_of_its_iterates(tiny_config, tmp_path, gpu):
-    """``train`` on the GPU (no per-step host synchronization): the file is written, every metric is
-    finite, and the SWA average is the mean of the iterates it averages."""
+    """``train`` on the GPU: the file is written, every metric is finite, and the SWA average is the
+    mean of the iterates it averages."""
     t = open_trajectory(train(tiny_config.replace(device=str(gpu)), tmp_path / "gpu.h5", quiet=True)["path"])
     iterates, averages = t.params("swa/iterates"), t.params("swa/average")
     for k in range(len(averages)):
