@@ -103,9 +103,11 @@ def trained_with(path, config) -> bool:
 
 def _context():
     """Children forked from a server that has imported torch and landscape once (``forkserver``: no
-    state of this process is forked; each child starts in a fraction of a second)."""
+    state of this process is forked; each child starts in a fraction of a second). The server also
+    imports ``torch._dynamo``, which torch imports on a process's first optimizer (2.3 s of every
+    child's start here otherwise)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload([__name__, "torch._dynamo"])
     return context
 
 
