@@ -31,10 +31,12 @@ Example::
 """
 from __future__ import annotations
 
+import hashlib
+import heapq
 import math
 import threading
 import time
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -140,11 +142,9 @@ def ritz(alpha: torch.Tensor, beta: torch.Tensor):
     return torch.linalg.eigh(T)
 
 
-def top_eigen(op, num_params: int, k: int, iterations: int, tol: float, generator: torch.Generator,
-              device) -> dict:
-    """The k largest eigenvalues (descending) of ``op`` by Lanczos, their residual bounds and the top
-    eigenvector (P,) float64."""
-    start = torch.randn(num_params, generator=generator, dtype=torch.float64).to(device)
+def top_eigen(op, num_params: int, k: int, iterations: int, tol: float, start: torch.Tensor) -> dict:
+    """The k largest eigenvalues (descending) of ``op`` by Lanczos from ``start``, their residual
+    bounds and the top eigenvector (P,) float64."""
 
     def converged(alpha, beta) -> bool:
         if len(alpha) < k:
@@ -162,29 +162,30 @@ def top_eigen(op, num_params: int, k: int, iterations: int, tol: float, generato
             "top_vector": vecs[0]}
 
 
-def hutchinson(op, num_params: int, probes: int, generator: torch.Generator, device, chunk: int = 16) -> dict:
-    """Hutchinson's trace estimate: the mean of z^T H z over Rademacher z, with its standard error."""
-    values = []
-    for start in range(0, probes, chunk):
-        n = min(chunk, probes - start)
-        z = torch.randint(0, 2, (n, num_params), generator=generator).double().mul_(2).sub_(1).to(device)
-        values.append((z * op(z)).sum(1).cpu())
-    v = torch.cat(values).numpy()
-    return {"trace": float(v.mean()), "trace_stderr": float(v.std(ddof=1) / math.sqrt(len(v))),
-            "trace_probes": v}
+def probe_values(op, z: torch.Tensor) -> np.ndarray:
+    """z^T H z for every Rademacher probe z, a row of ``z`` (n, P): one Hessian pass for all n."""
+    return (z * op(z)).sum(1).cpu().numpy()
 
 
-def spectral_density(op, num_params: int, runs: int, steps: int, generator: torch.Generator, device) -> dict:
-    """Stochastic Lanczos quadrature: per run the Ritz values (nodes) and squared first components of
-    their eigenvectors (weights, summing to 1), (runs, steps) arrays padded with NaN."""
-    m = min(steps, num_params)
-    nodes, weights = np.full((runs, m), np.nan), np.full((runs, m), np.nan)
-    for r in range(runs):
-        z = torch.randint(0, 2, (num_params,), generator=generator).double().mul_(2).sub_(1).to(device)
-        alpha, beta, _ = lanczos(op, num_params, m, z)
-        theta, s = ritz(alpha, beta)
-        nodes[r, :len(theta)] = theta.numpy()
-        weights[r, :len(theta)] = (s[0] ** 2).numpy()
+def trace_estimate(values: np.ndarray) -> dict:
+    """Hutchinson's trace estimate from the probes' z^T H z: their mean and its standard error."""
+    return {"trace": float(values.mean()), "trace_stderr": float(values.std(ddof=1) / math.sqrt(len(values))),
+            "trace_probes": values}
+
+
+def density_run(op, num_params: int, steps: int, z: torch.Tensor) -> tuple:
+    """One run of stochastic Lanczos quadrature from the Rademacher start ``z``: the Ritz values
+    (nodes) and the squared first components of their eigenvectors (weights, summing to 1)."""
+    alpha, beta, _ = lanczos(op, num_params, steps, z)
+    theta, s = ritz(alpha, beta)
+    return theta.numpy(), (s[0] ** 2).numpy()
+
+
+def density_arrays(runs: list, steps: int) -> dict:
+    """The runs' (nodes, weights) as (runs, steps) arrays padded with NaN (a run may stop early)."""
+    nodes, weights = np.full((len(runs), steps), np.nan), np.full((len(runs), steps), np.nan)
+    for r, (n, w) in enumerate(runs):
+        nodes[r, :len(n)], weights[r, :len(w)] = n, w
     return {"density_nodes": nodes, "density_weights": weights}
 
 
@@ -263,80 +264,225 @@ class FilterBall:
         return worst
 
 
-def epsilon_sharpness(op: HessianOperator, layout, epsilon: float, steps: int, top_vector=None) -> dict:
-    """Projected gradient ascent of the loss over the filter-normalized epsilon-ball (see the module
-    doc); starts: the checkpoint (first step along the gradient) and +-``top_vector`` on the
-    boundary. Returns the largest rise found, the rise along the top eigenvector at the same radius,
-    and the largest ||d_f|| / ||w_f|| of the maximizer (never above epsilon)."""
+def ascend(op: HessianOperator, ball: FilterBall, d: torch.Tensor, steps: int, from_checkpoint: bool) -> dict:
+    """Projected gradient ascent of the loss from w + ``d`` inside ``ball`` (see the module doc):
+    ``steps`` steps of 2.5 / steps of the radius (the usual PGD step, in the ball's own units). Returns
+    the loss at the start (None from the checkpoint itself, whose loss is the base), the largest loss
+    seen (the start's included) and the first ``d`` where it was seen."""
     w = op.params.double()
-    ball = FilterBall(layout, w, epsilon)
-    base = op.loss()
-    lr = 2.5 / max(steps, 1)  # the usual PGD step: 2.5 epsilon / steps, in the ball's own units
-    best = (base, torch.zeros_like(w))
-    along = None
-    starts = [torch.zeros_like(w)]
-    if top_vector is not None:
-        v = ball.onto_boundary(top_vector.double().to(w.device))
-        starts += [v, -v]
-    for i, d in enumerate(starts):
-        if i > 0:
-            value = op.loss((w + d).float())
-            along = value if along is None else max(along, value)
-            if value > best[0]:
-                best = (value, d)
-        for _ in range(steps):
-            _, g = op.loss_and_grad((w + d).float())
-            d = ball.project(d + lr * ball.step(g))
-            value = op.loss((w + d).float())
-            if value > best[0]:
-                best = (value, d)
-    return {"loss": base, "epsilon_sharpness": best[0] - base,
-            "eigenvector_sharpness": (along - base) if along is not None else float("nan"),
-            "epsilon_ratio": ball.ratio(best[1])}
+    lr = 2.5 / max(steps, 1)
+    start = None if from_checkpoint else op.loss((w + d).float())
+    best, at = -math.inf, None
+    if start is not None and start > best:
+        best, at = start, d
+    for _ in range(steps):
+        _, g = op.loss_and_grad((w + d).float())
+        d = ball.project(d + lr * ball.step(g))
+        value = op.loss((w + d).float())
+        if value > best:
+            best, at = value, d
+    return {"start": start, "best": best, "at": at}
+
+
+def epsilon_sharpness(base: float, ascents: list, ball: FilterBall) -> dict:
+    """The largest rise over ``base`` that the ascents (in order: from the checkpoint, from +-the top
+    eigenvector on the boundary) found, the rise along the top eigenvector at the same radius, and the
+    largest ||d_f|| / ||w_f|| of the maximizer (never above epsilon)."""
+    best, at = base, None
+    for a in ascents:
+        if a["best"] > best:
+            best, at = a["best"], a["at"]
+    along = max((a["start"] for a in ascents if a["start"] is not None), default=math.nan)
+    return {"loss": base, "epsilon_sharpness": best - base, "eigenvector_sharpness": along - base,
+            "epsilon_ratio": ball.ratio(at) if at is not None else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------
-# one checkpoint, many checkpoints
+# one checkpoint as pieces of work
 
-def checkpoint_sharpness(model, layout, params: torch.Tensor, buffers: torch.Tensor, data,
-                         spec: SharpnessSpec, policy: BatchNormPolicy, bar=None, stop=None) -> dict:
-    """Every number of the module doc for one checkpoint (``params``, ``buffers``), and the
-    evaluator's train/test loss and error (%) there. ``stop`` (a ``threading.Event``): once set, the
-    next Hessian pass raises KeyboardInterrupt."""
-    device = data.x_train.device
-    params, buffers = params.to(device).float(), buffers.to(device).float()
-    ev = Evaluator(model, layout, data, policy, batch_size=spec.batch_size)
-    metrics = {k: float(v[0]) for k, v in ev(params[None], buffers[None]).items()}
-    if policy.policy == "recompute":  # the statistics held fixed around the checkpoint
-        m = layout.load(ev.model, params, buffers)
-        recompute_bn(m, bn_inputs(data, policy), policy.batch_size)
-        buffers = layout.buffers_to_vector(m)
-    g = torch.Generator().manual_seed(int(spec.seed))
-    x, y = training_subset(data, spec.samples, g)
+PROBES_PER_PASS = 16  # Hutchinson probes per Hessian pass: one gradient graph per data batch serves them all
+# which ready piece a free worker takes first (after the earlier checkpoints'): those the rest waits
+# for or that take longest (a density run is the longest chain of products), the short ones last
+_URGENCY = {"prepare": -1, "eigen": 0, "density": 1, "ascent+-": 2, "trace": 3, "ascent0": 4}
+
+
+def _rademacher(shape, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=generator).double().mul_(2).sub_(1)
+
+
+class CheckpointWork:
+    """One checkpoint's numbers as pieces that run on any thread, in any order, with the same results:
+    the Lanczos run for the top eigenvalues, Hutchinson's probes 16 per Hessian pass, each density run,
+    and the three ascents (the two from the top eigenvector once it is known). Each piece draws its
+    random vectors from the generator state at which one piece after the other would draw them, and the
+    pieces' results are combined in a fixed order.
+
+    ``load()`` gives the checkpoint's (params, buffers). :meth:`prepare` (once) returns the first
+    pieces; :meth:`run` computes one; :meth:`take` keeps its result and returns the pieces it made
+    ready; :meth:`result` once :attr:`done`."""
+
+    def __init__(self, spec: SharpnessSpec, layout, load):
+        self.spec, self.layout, self.load = spec, layout, load
+        self.trace_passes = math.ceil(spec.probes / PROBES_PER_PASS)
+        self.density_runs = spec.density_runs if spec.density else 0
+        self.results, self.seconds = {}, 0.0
+
+    def prepare(self, ev: Evaluator, data, policy: BatchNormPolicy) -> list:
+        """The evaluator's metrics at the checkpoint, the BatchNorm statistics held fixed around it, the
+        training subset and every piece's generator state; returns the first pieces."""
+        device = data.x_train.device
+        params, buffers = (t.to(device).float() for t in self.load())
+        self.metrics = {k: float(v[0]) for k, v in ev(params[None], buffers[None]).items()}
+        if policy.policy == "recompute":  # the statistics held fixed around the checkpoint
+            m = self.layout.load(ev.model, params, buffers)
+            recompute_bn(m, bn_inputs(data, policy), policy.batch_size)
+            buffers = self.layout.buffers_to_vector(m)
+        self.params, self.buffers = params, buffers
+        g = torch.Generator().manual_seed(int(self.spec.seed))
+        x, self.y = training_subset(data, self.spec.samples, g)
+        with ev.conv1d_as_2d() as memory:  # the memory layout the pieces' model runs on (see _run_piece)
+            self.x = memory(x)
+        draws = [("eigen", 0)] + [("trace", i) for i in range(self.trace_passes)] + \
+                [("density", r) for r in range(self.density_runs)]
+        self.states = {}
+        for piece in draws:  # the order one piece after the other draws them in
+            self.states[piece] = g.get_state()
+            self._draw(piece, g)
+        return draws + [("ascent", 0)]
+
+    def _draw(self, piece, g: torch.Generator) -> torch.Tensor:
+        kind, i = piece
+        P = self.layout.num_params
+        if kind == "eigen":
+            return torch.randn(P, generator=g, dtype=torch.float64)  # the Lanczos start
+        if kind == "trace":
+            return _rademacher((min(PROBES_PER_PASS, self.spec.probes - i * PROBES_PER_PASS), P), g)
+        return _rademacher((P,), g)  # a density run's start
+
+    def run(self, piece, op: HessianOperator):
+        """The result of one piece, by ``op`` (the Hessian at this checkpoint)."""
+        kind, i = piece
+        spec, P = self.spec, self.layout.num_params
+        if piece in self.states:
+            g = torch.Generator()
+            g.set_state(self.states[piece])
+            v = self._draw(piece, g).to(op.device)
+        if kind == "eigen":
+            return top_eigen(op, P, spec.top_k, spec.iterations, spec.tol, v)
+        if kind == "trace":
+            return probe_values(op, v)
+        if kind == "density":
+            return density_run(op, P, min(spec.density_steps, P), v)
+        ball = FilterBall(self.layout, op.params.double(), spec.epsilon)
+        if i == 0:
+            d = torch.zeros(P, dtype=torch.float64, device=op.device)
+            return {"base": op.loss(), **ascend(op, ball, d, spec.ascent_steps, from_checkpoint=True)}
+        v = ball.onto_boundary(self.top_vector.double().to(op.device))
+        return ascend(op, ball, v if i > 0 else -v, spec.ascent_steps, from_checkpoint=False)
+
+    def take(self, piece, result) -> list:
+        self.results[piece] = result
+        if piece[0] == "eigen":
+            self.top_vector = result.pop("top_vector")
+            return [("ascent", 1), ("ascent", -1)]
+        return []
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == 4 + self.trace_passes + self.density_runs
+
+    def result(self) -> dict:
+        """Every number of the module doc and the evaluator's metrics."""
+        r = self.results
+        out = {"metrics": self.metrics}
+        out.update(trace_estimate(np.concatenate([r[("trace", i)] for i in range(self.trace_passes)])))
+        if self.density_runs:
+            runs = [r[("density", k)] for k in range(self.density_runs)]
+            out.update(density_arrays(runs, min(self.spec.density_steps, self.layout.num_params)))
+        ball = FilterBall(self.layout, self.params.double(), self.spec.epsilon)
+        ascents = [r[("ascent", s)] for s in (0, 1, -1)]
+        out.update(epsilon_sharpness(ascents[0]["base"], ascents, ball))
+        out.update(r[("eigen", 0)])
+        return out
+
+
+def _run_piece(ev: Evaluator, work: CheckpointWork, piece, stop):
     # 1-D convolutions as 2-D ones on channels-last memory, as the evaluator runs them: a cnn1d
     # checkpoint's sharpness 1.1 to 1.3x faster on a CPU (measured), the same numbers to rounding
-    with ev.conv1d_as_2d() as memory:
-        op = HessianOperator(ev.model, layout, params, buffers, memory(x), y, spec.batch_size, data.task, stop)
-        return {"metrics": metrics, **_hessian_numbers(op, layout, spec, g, device, bar)}
+    with ev.conv1d_as_2d():
+        op = HessianOperator(ev.model, work.layout, work.params, work.buffers, work.x, work.y,
+                             work.spec.batch_size, ev.task, stop)
+        return work.run(piece, op)
 
 
-def _hessian_numbers(op: HessianOperator, layout, spec: SharpnessSpec, g: torch.Generator, device, bar=None) -> dict:
-    """Eigenvalues, trace, density (if asked) and epsilon-sharpness of ``op``'s Hessian."""
-    P = layout.num_params
-    tick = (lambda what: bar.set_postfix_str(what, refresh=True)) if bar is not None else (lambda what: None)
-    out = {}
-    tick("eigenvalues")
-    eig = top_eigen(op, P, spec.top_k, spec.iterations, spec.tol, g, device)
-    tick("trace")
-    out.update(hutchinson(op, P, spec.probes, g, device))
-    if spec.density:
-        tick("density")
-        out.update(spectral_density(op, P, spec.density_runs, spec.density_steps, g, device))
-    tick("epsilon-sharpness")
-    out.update(epsilon_sharpness(op, layout, spec.epsilon, spec.ascent_steps, eig["top_vector"]))
-    out.update({k: v for k, v in eig.items() if k != "top_vector"})
-    return out
+def _urgency(index: int, piece) -> tuple:
+    kind, i = piece
+    kind = "ascent+-" if kind == "ascent" and i else "ascent0" if kind == "ascent" else kind
+    return index, _URGENCY[kind], i
 
+
+def run_works(works: list, model, layout, data, policy: BatchNormPolicy, workers: int = 1, stop=None,
+              on_done=None) -> None:
+    """Every piece of every :class:`CheckpointWork` on ``workers`` threads (in this one for 1), each
+    thread with its own evaluator (a copy of the model), the most urgent ready piece first: the
+    earliest checkpoint's, and of it the one the rest waits for or the longest. ``on_done(index)``
+    when a work is done. ``stop`` (a ``threading.Event``) is set when a piece fails or the run is
+    interrupted: the pieces under way end at their next Hessian pass."""
+    stop = stop if stop is not None else threading.Event()
+    local = threading.local()
+
+    def timed(work, piece):
+        t = time.perf_counter()
+        if not hasattr(local, "ev"):
+            local.ev = Evaluator(model, layout, data, policy, batch_size=work.spec.batch_size)
+        result = work.prepare(local.ev, data, policy) if piece is None else _run_piece(local.ev, work, piece, stop)
+        return result, time.perf_counter() - t
+
+    ready = [(i, _URGENCY["prepare"], 0, None) for i in range(len(works))]  # a heap
+    running = {}
+    with thread_workers(workers, 1 if workers > 1 else None) as pool:
+        try:
+            while ready or running:
+                while ready and len(running) < max(workers, 1):
+                    i, _, _, piece = heapq.heappop(ready)
+                    running[(pool or _INLINE).submit(timed, works[i], piece)] = i, piece
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    i, piece = running.pop(f)
+                    result, seconds = f.result()
+                    works[i].seconds += seconds
+                    for p in result if piece is None else works[i].take(piece, result):
+                        heapq.heappush(ready, (*_urgency(i, p), p))
+                    if piece is not None and works[i].done and on_done is not None:
+                        on_done(i)
+        except BaseException:
+            stop.set()
+            raise
+
+
+class _Inline:
+    """An executor that runs what is submitted at once, in the caller's thread."""
+
+    def submit(self, fn, *args) -> Future:
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+
+_INLINE = _Inline()
+
+
+def checkpoint_sharpness(model, layout, params: torch.Tensor, buffers: torch.Tensor, data,
+                         spec: SharpnessSpec, policy: BatchNormPolicy, workers: int = 1, stop=None) -> dict:
+    """Every number of the module doc for one checkpoint (``params``, ``buffers``), and the
+    evaluator's train/test loss and error (%) there, its pieces on ``workers`` threads."""
+    work = CheckpointWork(spec, layout, lambda: (params, buffers))
+    run_works([work], model, layout, data, policy, workers, stop)
+    return work.result()
+
+
+# ----------------------------------------------------------------------------------------------
+# many checkpoints
 
 def check_checkpoints(traj, checkpoints) -> list:
     """Canonical names of ``checkpoints`` (RUN or RUN:INDEX); a missing one is one error."""
@@ -352,7 +498,9 @@ def check_checkpoints(traj, checkpoints) -> list:
 def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), bn="auto", device="auto",
                       out=None, overwrite: bool = False, quiet: bool = True) -> SharpnessFile:
     """The numbers of the module doc for every checkpoint of ``traj`` named; written to ``out`` (a
-    sharpness file, docs/FORMAT.md) when given. Every input is checked before any work."""
+    sharpness file, docs/FORMAT.md) when given. Every input is checked before any work. On a CPU the
+    checkpoints' pieces run side by side, one per torch thread; checkpoints with the same weights and
+    buffers are computed once."""
     names = check_checkpoints(traj, checkpoints)
     spec.check(traj.layout.num_params)
     dev = resolve_device(device)
@@ -364,35 +512,26 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
     policy = resolve_policy(bn if bn is not None else "auto", model, can_interpolate=False,
                             batch_size=spec.batch_size)
     start = time.perf_counter()
-    # on a CPU, checkpoints side by side on the cores (a second thread barely speeds up one small model)
-    workers = min(len(names), torch.get_num_threads()) if dev.type == "cpu" else 1
-    stop = threading.Event()
-
-    def one(name, bar=None):
+    works, work_of, first = [], [], {}
+    for name in names:
         c = load_checkpoint(traj, name)
-        t0 = time.perf_counter()
-        r = checkpoint_sharpness(model, traj.layout, c.params.float(), c.buffers.float(), data, spec, policy, bar,
-                                 stop)
-        r.update(checkpoint=c.name, epoch=traj.checkpoint(name).epoch, seconds=time.perf_counter() - t0)
-        return r
-
-    with tqdm(total=len(names), desc="sharpness", unit="ckpt", disable=quiet, leave=False) as bar, \
-            thread_workers(workers, torch.get_num_threads() // workers if workers > 1 else None) as pool:
-        if pool is None:
-            results = []
-            for name in names:
-                results.append(one(name, bar))
-                bar.update(1)
-        else:
-            futures = [pool.submit(one, name) for name in names]
-            try:
-                for f in as_completed(futures):
-                    f.result()
-                    bar.update(1)
-            except BaseException:
-                stop.set()  # the checkpoints under way end at their next Hessian pass
-                raise
-            results = [f.result() for f in futures]
+        key = _identity(c.params, c.buffers)
+        if key not in first:
+            first[key] = len(works)
+            works.append(CheckpointWork(spec, traj.layout, lambda name=name: _weights(traj, name)))
+        work_of.append((c.name, first[key]))
+    with tqdm(total=len(names), desc="sharpness", unit="ckpt", disable=quiet, leave=False) as bar:
+        # on a CPU, pieces side by side on the cores (a second thread barely speeds up one small model)
+        run_works(works, model, traj.layout, data, policy, torch.get_num_threads() if dev.type == "cpu" else 1,
+                  on_done=lambda i: bar.update(sum(k == i for _, k in work_of)))
+    results, seen = [], set()
+    for (name, k), canonical in zip(work_of, names):
+        r = works[k].result()
+        # a checkpoint equal to an earlier one took no time of its own
+        r.update(checkpoint=name, epoch=traj.checkpoint(canonical).epoch,
+                 seconds=0.0 if k in seen else works[k].seconds)
+        seen.add(k)
+        results.append(r)
     full_spec = {"sharpness": spec.to_dict(), "bn": policy.to_dict(), "dataset": traj.config.get("data"),
                  "model": traj.config.get("model"), "num_params": traj.layout.num_params,
                  "ball": "filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with "
@@ -402,3 +541,16 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
         result = write_sharpness(out, full_spec, results, trajectory=traj.path, overwrite=overwrite)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _weights(traj, name) -> tuple:
+    c = load_checkpoint(traj, name)
+    return c.params, c.buffers
+
+
+def _identity(params: torch.Tensor, buffers: torch.Tensor) -> bytes:
+    """A checkpoint's weights and buffers as float32, hashed: equal for equal checkpoints."""
+    h = hashlib.sha256()
+    for t in (params, buffers):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.digest()

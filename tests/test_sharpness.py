@@ -59,6 +59,33 @@ def test_top_eigenvalues_and_trace_match_the_exact_hessian(small):
     assert r["trace_stderr"] == pytest.approx(np.std(r["trace_probes"], ddof=1) / np.sqrt(400))
 
 
+def test_trace_probes_are_drawn_as_one_piece_after_the_other_would(small):
+    """The trace's probes come in pieces of 16, but each piece draws from the generator state at which
+    a sequential computation would: after the Lanczos start, in order. Checked against z^T H z of the
+    exact Hessian for the Rademacher vectors so drawn."""
+    data, model, layout, w, H = small
+    r = checkpoint_sharpness(model, layout, w, layout.buffers_to_vector(model), data,
+                             SharpnessSpec(top_k=1, probes=40, ascent_steps=0), BatchNormPolicy("none"))
+    g = torch.Generator().manual_seed(0)
+    torch.randn(layout.num_params, generator=g, dtype=torch.float64)  # the Lanczos start
+    z = torch.cat([torch.randint(0, 2, (n, layout.num_params), generator=g) for n in (16, 16, 8)]).double() * 2 - 1
+    np.testing.assert_allclose(r["trace_probes"], ((z @ H) * z).sum(1).numpy(), rtol=1e-4)
+
+
+def test_one_checkpoints_pieces_on_two_threads_give_the_numbers_of_one_thread(small):
+    """Its Lanczos run, trace passes, density runs and ascents spread over two worker threads: every
+    number exactly as when they run one after the other on one thread."""
+    data, model, layout, w, _ = small
+    spec = SharpnessSpec(top_k=2, iterations=20, probes=40, density=True, density_runs=2, density_steps=8,
+                         ascent_steps=3)
+    one, two = (checkpoint_sharpness(model, layout, w, layout.buffers_to_vector(model), data, spec,
+                                     BatchNormPolicy("none"), workers=n) for n in (1, 2))
+    assert one.keys() == two.keys()
+    for key in one:
+        a, b = (np.asarray(list(r[key].values()) if key == "metrics" else r[key], dtype=float) for r in (one, two))
+        assert np.array_equal(a, b, equal_nan=True), key
+
+
 def test_lanczos_run_to_the_dimension_is_the_whole_spectrum(small):
     """With as many steps as parameters the Ritz values are the eigenvalues (the SLQ nodes too)."""
     data, model, layout, w, H = small
@@ -229,8 +256,8 @@ def test_missing_file_is_one_line(tmp_path, capsys):
 
 
 def test_checkpoints_side_by_side_give_the_numbers_of_one_at_a_time(tiny_run):
-    """On a CPU with two threads, two checkpoints are computed at once, each on one thread: the numbers
-    are exactly those of each checkpoint alone on one thread."""
+    """On a CPU with two threads, two checkpoints' pieces are computed at once, each on one thread: the
+    numbers are exactly those of each checkpoint alone on one thread."""
     from landscape.device import torch_threads
     from landscape.sharpness import compute_sharpness
     traj = open_trajectory(tiny_run)
@@ -247,6 +274,23 @@ def test_checkpoints_side_by_side_give_the_numbers_of_one_at_a_time(tiny_run):
                     "eigenvector_sharpness", "metrics"):
             assert np.array_equal(np.asarray(a[key] if key != "metrics" else list(a[key].values())),
                                   np.asarray(b[key] if key != "metrics" else list(b[key].values()))), key
+
+
+def test_a_checkpoint_named_twice_is_computed_once(tiny_run, monkeypatch):
+    """Checkpoints with the same weights and buffers (here one named twice) are computed once: the same
+    numbers for both, and the second took no time of its own."""
+    import landscape.sharpness as sharpness
+    prepared = []
+    prepare = sharpness.CheckpointWork.prepare
+    monkeypatch.setattr(sharpness.CheckpointWork, "prepare", lambda self, *a: prepared.append(1) or prepare(self, *a))
+    traj = open_trajectory(tiny_run)
+    spec = SharpnessSpec(top_k=1, iterations=5, probes=2, ascent_steps=1)
+    a, b, c = sharpness.compute_sharpness(traj, ["sgd", "swa/average", "sgd:-1"], spec, device="cpu").results
+    assert len(prepared) == 2
+    assert [r["checkpoint"] for r in (a, b, c)] == ["sgd:6", "swa/average:3", "sgd:6"]
+    assert a["seconds"] > 0 and c["seconds"] == 0.0
+    assert a["eigenvalues"] == c["eigenvalues"] and a["trace"] == c["trace"] and a["metrics"] == c["metrics"]
+    assert b["eigenvalues"] != a["eigenvalues"]
 
 
 def test_a_stopped_hessian_operator_ends_at_its_next_batch(small):
