@@ -41,6 +41,7 @@ import ctypes
 import platform
 import time
 import types
+import weakref
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -235,6 +236,36 @@ def _one_dimensional_channels_last(layers):
             del m.forward
 
 
+def channels_last_layers(model, probe, device) -> list | None:
+    """Whether to give ``model`` its inputs channels-last (one point per call on a CPU): None for no;
+    else the 1-D layers to switch while it runs (:func:`_one_dimensional_channels_last`; none for
+    images). Images (N, C, H, W) to a model with 2-D convolutions, whose oneDNN convolutions of few
+    channels run 1.5 to 2.4 times faster so (resnet20's layers, measured); sequences (N, C, L) to a
+    model with 1-D convolutions, which then run as 2-D ones of height 1 on channels-last memory (1.3
+    to 1.7 times faster on cnn1d's layers). Only if the model takes the channels-last ``probe`` batch
+    and gives the same outputs: one that calls ``.view`` on its activations cannot; nor does a
+    compiled model, whose layers are not switched."""
+    args, kwargs = model_args(probe)
+    conv = {4: torch.nn.Conv2d, 3: torch.nn.Conv1d}.get(args[0].dim() if args and torch.is_tensor(args[0]) else 0)
+    if (torch.device(device).type != "cpu" or conv is None or not args[0].is_floating_point()
+            or hasattr(model, "_orig_mod") or not any(isinstance(m, conv) for m in model.modules())):
+        return None
+    layers = []
+    if conv is torch.nn.Conv1d:
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)
+                  or isinstance(m, torch.nn.BatchNorm1d) and m.track_running_stats]
+    try:
+        with torch.no_grad():
+            plain = tree_leaves(output_tree(model(*args, **kwargs)))
+            with _one_dimensional_channels_last(layers):
+                other = tree_leaves(output_tree(model(_channels_last(args[0]), *args[1:], **kwargs)))
+    except Exception:
+        return None
+    same = len(plain) == len(other) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                            for a, b in zip(plain, other))
+    return layers if same else None
+
+
 class _PassDone(Exception):
     """Raised by the last BatchNorm layer of a recompute pass to skip the rest of the forward."""
 
@@ -287,8 +318,9 @@ class Evaluator:
         self._vmap_task = True  # until the task fails under vmap
         probe = check_task_fits(self.model, data, self.device)
         self._per_sample = self._elements_per_sample(probe)
-        self._layers_1d = []  # the layers _layers_channels_last switches, when inputs are (N, C, L)
-        self._channels_last = self._takes_channels_last(probe)
+        layers = channels_last_layers(self.model, probe, self.device)
+        self._channels_last = layers is not None
+        self._layers_1d = layers or []  # the layers _layers_channels_last switches, when inputs are (N, C, L)
 
     def points_per_call_candidates(self) -> tuple | None:
         """The points per call worth timing (None: the default sizes). On a CPU a model with
@@ -338,31 +370,6 @@ class Evaluator:
         # statistics, which copies a strided view, and the in-place update would be lost
         b = {k: t.clone(memory_format=torch.contiguous_format) for k, t in self.layout.split_buffers(buffers).items()}
         return p, b
-
-    def _takes_channels_last(self, probe) -> bool:
-        """Whether to give the model its inputs channels-last (one point per call on a CPU): images
-        (N, C, H, W) to a model with 2-D convolutions, whose oneDNN convolutions of few channels run
-        1.5 to 2.4 times faster so (resnet20's layers, measured); sequences (N, C, L) to a model with
-        1-D convolutions, which then run as 2-D ones of height 1 on channels-last memory (1.3 to 1.7
-        times faster on cnn1d's layers). Only if the model takes a channels-last probe batch and gives
-        the same outputs: one that calls ``.view`` on its activations cannot."""
-        args, kwargs = model_args(probe)
-        conv = {4: torch.nn.Conv2d, 3: torch.nn.Conv1d}.get(args[0].dim() if args and torch.is_tensor(args[0]) else 0)
-        if (self.device.type != "cpu" or conv is None or not args[0].is_floating_point()
-                or not any(isinstance(m, conv) for m in self.model.modules())):
-            return False
-        if conv is torch.nn.Conv1d:
-            self._layers_1d = [m for m in self.model.modules() if isinstance(m, torch.nn.Conv1d)
-                               or isinstance(m, torch.nn.BatchNorm1d) and m.track_running_stats]
-        try:
-            with torch.no_grad():
-                plain = tree_leaves(output_tree(self.model(*args, **kwargs)))
-                with self._layers_channels_last(True):
-                    other = tree_leaves(output_tree(self.model(_channels_last(args[0]), *args[1:], **kwargs)))
-        except Exception:
-            return False
-        return len(plain) == len(other) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-                                                for a, b in zip(plain, other))
 
     @contextlib.contextmanager
     def conv1d_as_2d(self):
@@ -577,7 +584,9 @@ class MetricSums:
 def evaluate_model(model, data, batch_size: int = 1000) -> dict:
     """Train and test loss and the task's metrics (``data.task``; classification: mean cross-entropy
     and error in %) of one model in eval mode, sums in float64: the one evaluation of single models
-    (training, the recorder, the importer). Agrees with :class:`Evaluator` at the same weights.
+    (training, the recorder, the importer). Agrees with :class:`Evaluator` at the same weights, and
+    like it gives a CPU model with convolutions its inputs channels-last where the outputs stay the
+    same (:func:`channels_last_layers`, decided once per model).
 
     Example::
 
@@ -586,17 +595,37 @@ def evaluate_model(model, data, batch_size: int = 1000) -> dict:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else data.device
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # as the evaluator: without it every batch page-faults its memory in again
     task, out = data.task, {}
     for split in ("train", "test"):
         sums = MetricSums(task, 1, device)
         for batch in data.batches(split, batch_size, device):
             args, kwargs = model_args(batch)
-            e = task.evaluate(output_tree(model(*args, **kwargs)), batch)
+            layers = _channels_last_of(model, batch, device)
+            if layers is not None:
+                args = (_channels_last(args[0]),) + tuple(args[1:])
+            with _one_dimensional_channels_last(layers or []):
+                e = task.evaluate(output_tree(model(*args, **kwargs)), batch)
             sums.add(Evaluation(e.losses[None], {m: v[None] for m, v in e.metrics.items()},
                                 None if e.counts is None else e.counts[None]))
         out.update({k: float(v[0]) for k, v in sums.result(split).items()})
     model.train(was_training)
     return out
+
+
+# model -> (device type, input dimensions, its channels_last_layers): decided once per model
+_CHANNELS_LAST = weakref.WeakKeyDictionary()
+
+
+def _channels_last_of(model, batch, device) -> list | None:
+    args, _ = model_args(batch)
+    key = (torch.device(device).type, args[0].dim() if args and torch.is_tensor(args[0]) else None)
+    known = _CHANNELS_LAST.get(model)
+    if known is None or known[:2] != key:
+        known = key + (channels_last_layers(model, take(batch, slice(0, 2)), device),)
+        _CHANNELS_LAST[model] = known
+    return known[2]
 
 
 def choose_points_per_call(call, available: int, device, candidates=None, budget_s: float = 1.0,

@@ -251,6 +251,32 @@ class _ConvNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dims", [2, 1])
+def test_evaluate_model_gives_a_conv_model_channels_last_inputs_and_the_plain_values(dims):
+    """The evaluation of single models (training, the recorder) takes the evaluator's channels-last
+    path on a CPU where the model allows it, with the values of the plain model; afterwards the model
+    is as it was (no layer left switched, train mode restored)."""
+    import torch.nn.functional as F
+    from landscape.data import DataSpec, load_data
+    from landscape.evaluate import _CHANNELS_LAST, evaluate_model
+    shape = [3, 8, 8] if dims == 2 else [3, 16]
+    data = load_data(DataSpec("synthetic", {"n_train": 300, "n_test": 120, "shape": shape}), "cpu")
+    for view in (False, True):
+        torch.manual_seed(0)
+        model = _ConvNet(view, dims).train()
+        got = evaluate_model(model, data, batch_size=128)
+        assert (_CHANNELS_LAST[model][2] is not None) is not view
+        assert model.training and not any("forward" in m.__dict__ for m in model.modules())
+        with torch.no_grad():
+            model.eval()
+            ref = {}
+            for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+                logits = model(x)
+                ref[f"{split}_loss"] = F.cross_entropy(logits, y, reduction="none").double().mean().item()
+                ref[f"{split}_err"] = 100.0 * (logits.argmax(1) != y).double().mean().item()
+        _assert_same({k: np.array([v]) for k, v in got.items()}, {k: np.array([v]) for k, v in ref.items()})
+
+
+@pytest.mark.parametrize("dims", [2, 1])
 def test_channels_last_inputs_give_the_values_of_the_plain_layout(dims):
     """On a CPU, models with 2-D convolutions get channels-last images, and models with 1-D ones
     channels-last sequences, their convolutions run as 2-D ones (faster convolutions), BatchNorm
