@@ -382,6 +382,8 @@ class CheckpointWork:
 
     def take(self, piece, result) -> list:
         self.results[piece] = result
+        if self.done:
+            self.x = self.y = self.top_vector = None  # (a layout copy of the data, for large 1-D data)
         if piece[0] == "eigen":
             self.top_vector = result.pop("top_vector")
             return [("ascent", 1), ("ascent", -1)]
