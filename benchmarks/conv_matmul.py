@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from landscape.data import DataSpec, load_data  # noqa: E402
 from landscape.evaluate import BatchNormPolicy, Evaluator  # noqa: E402
 from landscape.models import ModelSpec, build_model  # noqa: E402
 from landscape.params import Layout  # noqa: E402
+from common import commit  # noqa: E402
 from plane_cpu import machine, matmul_gflops  # noqa: E402
 
 BATCH = 1000
@@ -136,8 +136,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn1d-bn"), input_shape=tuple(data.x_train.shape[1:]), num_classes=10).eval()
     layout = Layout.of(model)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"machine": machine(), "commit": commit, "matmul_gflops_1_thread": matmul_gflops(), "rows": []}
+    record = {"machine": machine(), "commit": commit(), "matmul_gflops_1_thread": matmul_gflops(), "rows": []}
     print(f"{record['machine']['cpu']}, 1 thread, fp32 matmul {record['matmul_gflops_1_thread']:.0f} GFLOP/s")
     print(f"{'K':>3} " + "".join(f"{name:>28}" for name in contenders(model, layout, data, *points(model, layout, 1))))
     for K in args.points:

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from landscape.config import TrainConfig  # noqa: E402
 from landscape.store import open_trajectory  # noqa: E402
 from landscape.train import train  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 # method -> [(label, run whose last row is reported)]
 ROWS = {
@@ -44,15 +45,7 @@ ROWS = {
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"Python {platform.python_version()}")
 
 

@@ -36,7 +36,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ import landscape.surface as surface_module  # noqa: E402
 from landscape.surface import compute_surface  # noqa: E402
 from landscape.rebuild import rebuild_data, rebuild_model  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
+from common import commit, cpu_name  # noqa: E402
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 LOADER_BATCH = 128  # both reference repositories evaluate with batch 128
@@ -210,14 +210,7 @@ def compare(ours, ref) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "os": platform.platform(),
@@ -314,11 +307,7 @@ def main(argv=None) -> int:
     mm = max(mm_before, matmul_gflops())
     info["matmul_fp32_gflops"] = mm
     info["load_avg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        pass
+    info["commit"] = commit()
     print(f"\nfp32 matmul (2048 x 2048): {mm:.1f} GFLOP/s")
     for r in results:
         print(f"{r['model']}: points per call chosen by ours: {r['points_per_call_chosen']}")

@@ -39,6 +39,8 @@ import time
 import warnings
 from pathlib import Path
 
+from common import commit, cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = {"shape": [3, 32, 32], "classes": 10}
 MODELS = {  # name -> data of the few-epoch files and of the planes
@@ -185,15 +187,9 @@ SMOKE_SIZES = {m: [(256, 2)] for m in MODELS}
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import torch
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"commit {commit.strip() or '?'}")
+    return (f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"commit {commit()}")
 
 
 def checkpoint_share(files_result: dict) -> float:

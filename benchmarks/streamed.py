@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import commit, cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES, CLASSES, BATCH = 128, 10, 1000
 
@@ -156,10 +158,9 @@ def main() -> None:
         assert max(same.values()) - min(same.values()) < 1e-9, same
     if args.json:
         import torch
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
         args.json.write_text(json.dumps({
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "commit": commit,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "commit": commit(),
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.platform()}",
             "torch": torch.__version__, "grid": args.grid, "rows": rows,
             "ms_per_point_at_k_best": best, "ms_per_point_at_k_runs": speeds}, indent=1))
 

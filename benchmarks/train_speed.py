@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from landscape.demo import DemoConfig  # noqa: E402
 from landscape.train import train  # noqa: E402
+from common import commit, cpu_name  # noqa: E402
 
 
 def config(epochs: int):
@@ -53,14 +53,7 @@ def same(a, b) -> bool:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, commit {commit or '?'}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, commit {commit()}"
 
 
 def main(argv=None) -> int:
