@@ -72,6 +72,31 @@ def test_trajectory_file_round_trips_exactly(tmp_path):
         t.checkpoint("swap/average")
 
 
+def test_rows_keep_every_dataset_as_long_as_the_run_across_save_points(tmp_path):
+    """Metrics that come and go read NaN where missing; a save point (which reopens the file) between
+    appends changes nothing; a row that does not fit is refused before anything is written."""
+    layout = Layout.of(torch.nn.Linear(3, 2))
+    w = TrajectoryWriter(tmp_path / "r.h5", {}, layout)
+    w.append("a", np.full(8, 1, np.float32), epoch=0.0, step=0, train_loss=1.0, norms=[1.0, 2.0])
+    w.save_progress("a", b"state")
+    w.append("a", np.full(8, 2, np.float32), epoch=1.0, step=5, test_err=3.0)
+    w.flush()
+    w.append("a", np.full(8, 3, np.float32), epoch=2.0, step=9, norms=5.0)  # a scalar fills the row
+    with pytest.raises(FileFormatError, match="norms: a row of shape \\(3,\\) does not fit rows of shape \\(2,\\)"):
+        w.append("a", np.full(8, 4, np.float32), epoch=3.0, step=12, train_loss=0.5, norms=[1.0, 2.0, 3.0])
+    w.append("b", np.full(8, 5, np.float32))
+    w.close()
+    run = open_trajectory(tmp_path / "r.h5").run("a")
+    np.testing.assert_array_equal(run.epoch, [0, 1, 2])
+    np.testing.assert_array_equal(run.step, [0, 5, 9])
+    np.testing.assert_array_equal(run.metrics["train_loss"], [1, np.nan, np.nan])
+    np.testing.assert_array_equal(run.metrics["test_err"], [np.nan, 3, np.nan])
+    np.testing.assert_array_equal(run.metrics["norms"], [[1, 2], [np.nan, np.nan], [5, 5]])
+    t = open_trajectory(tmp_path / "r.h5")
+    np.testing.assert_array_equal(t.params("a")[:, 0], [1, 2, 3])
+    assert t.checkpoint("b").step == -1 and np.isnan(t.checkpoint("b").epoch)
+
+
 def test_crash_leaves_no_complete_file(tmp_path):
     model = build_model(ModelSpec("mlp"), (4,), 2)
     with pytest.raises(RuntimeError):

@@ -66,6 +66,7 @@ class TrajectoryWriter:
         self._generation = 0  # the save point whose states ResumeStates holds (0: none)
         self.states = ResumeStates(self.tmp)
         self.complete = False  # a partial completed by a run killed before it was moved into place
+        self._open_file, self._open_datasets = None, {}  # see _datasets
         self.lock = claim_output(self.path, overwrite)
         try:
             self._open(to_json(config), overwrite, resume)
@@ -259,30 +260,35 @@ class TrajectoryWriter:
     def append(self, run: str, params, buffers=None, epoch: float = float("nan"), step: int = -1, **metrics) -> int:
         """Add one checkpoint to ``run``; return its row index. Metrics are scalars or 1-D arrays
         (stored as (T,) or (T, k) datasets next to the weights; missing rows read NaN)."""
-        g = self._run_group(run)
-        t = g["params"].shape[0]
+        datasets = self._datasets(run)
+        t = datasets["params"].shape[0]
         params = _as_numpy(params).reshape(-1)
         if params.shape[0] != self.layout.num_params:
             raise FileFormatError(f"run {run}: parameter vector has {params.shape[0]} entries, layout has "
                                   f"{self.layout.num_params}")
         buffers = np.zeros(self.layout.num_buffers, np.float32) if buffers is None else _as_numpy(buffers).reshape(-1)
-        for name, value in (("params", params), ("buffers", buffers), ("epoch", epoch), ("step", step)):
-            ds = g[name]
-            ds.resize(t + 1, axis=0)
-            ds[t] = value
+        row = dict(params=params, buffers=buffers, epoch=epoch, step=step)
         for name, value in metrics.items():
-            value = np.asarray(_as_numpy(value), dtype=np.float64)
-            if name not in g:
-                g.create_dataset(name, (t,) + value.shape, np.float64, maxshape=(None,) + value.shape,
-                                 chunks=(256,) + value.shape, fillvalue=np.nan, track_times=False)
-            ds = g[name]
-            ds.resize(t + 1, axis=0)
-            ds[t] = value
-        for name in g:  # metrics not given this time read NaN, keeping all datasets T rows long
-            ds = g[name]
-            if isinstance(ds, h5py.Dataset) and ds.shape[0] == t:
-                ds.resize(t + 1, axis=0)
+            row[name] = value = np.asarray(_as_numpy(value), dtype=np.float64)
+            if name not in datasets:
+                datasets[name] = self.file[f"runs/{run}"].create_dataset(
+                    name, (t,) + value.shape, np.float64, maxshape=(None,) + value.shape,
+                    chunks=(256,) + value.shape, fillvalue=np.nan, track_times=False)
+        # every value shaped as its row before anything is written: a bad one leaves the run as it was
+        rows = {name: _as_row(ds, row.get(name)) for name, ds in datasets.items()}
+        for name, ds in datasets.items():  # metrics not given this time read NaN: all datasets T rows long
+            _write_row(ds, t, rows[name])
         return t
+
+    def _datasets(self, run: str) -> dict:
+        """``run``'s datasets by name (created with the run if new), looked up once while the file
+        stays open: appending is per-row work, and h5py's lookups cost more than the writes."""
+        if self._open_file is not self.file:  # a save point reopened it: the handles are closed
+            self._open_file, self._open_datasets = self.file, {}
+        if run not in self._open_datasets:
+            g = self._run_group(run)
+            self._open_datasets[run] = {name: ds for name, ds in g.items() if isinstance(ds, h5py.Dataset)}
+        return self._open_datasets[run]
 
     def set_attrs(self, run: str, **attrs) -> None:
         """Attach JSON-able facts to a run (e.g. the layer names behind a (T, k) metric)."""
@@ -349,6 +355,28 @@ class TrajectoryWriter:
         else:
             self.abort()
         return False
+
+
+def _as_row(ds: h5py.Dataset, value):
+    """``value`` as one row of ``ds`` (None stays None: the fill value)."""
+    if value is None:
+        return None
+    try:
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(value, ds.dtype), (1,) + ds.shape[1:]))
+    except ValueError:
+        raise FileFormatError(f"{ds.name}: a row of shape {np.shape(value)} does not fit rows of shape "
+                              f"{ds.shape[1:]}") from None
+
+
+def _write_row(ds: h5py.Dataset, t: int, row) -> None:
+    """Extend ``ds`` to ``t + 1`` rows and write ``row`` (None: the fill value) as row ``t``, through
+    HDF5's calls themselves: for one row, h5py's indexing takes longer than the write."""
+    ds.id.set_extent((t + 1,) + ds.shape[1:])
+    if row is None or row.size == 0:
+        return
+    space = ds.id.get_space()
+    space.select_hyperslab((t,) + (0,) * (row.ndim - 1), row.shape)
+    ds.id.write(h5py.h5s.create_simple(row.shape), space, row)
 
 
 def _as_numpy(x):
