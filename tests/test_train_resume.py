@@ -230,9 +230,10 @@ def test_ctrl_c_while_methods_train_apart_keeps_every_one_and_resumes(config, tm
 
 
 # Ctrl-C at the worst moment of a child's first message: after its queue registered the exit handler
-# that joins the feeder thread, before the one that stops it.
+# that joins the feeder thread, before the one that stops it. The pause lets the kernel deliver it to
+# whichever thread does not block it (numpy's OpenBLAS threads, on a machine with several cores).
 CTRL_C_IN_FIRST_PUT = """
-import multiprocessing, os, signal, sys
+import multiprocessing, os, signal, sys, time
 from multiprocessing import util
 from landscape.train.processes import put
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a child does (a background job inherits SIG_IGN)
@@ -241,6 +242,7 @@ def registered(self, obj, callback, *args, **kwargs):
     register(self, obj, callback, *args, **kwargs)
     if callback.__name__ == "_finalize_join":
         os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
 util.Finalize.__init__ = registered
 messages = multiprocessing.get_context("forkserver").Queue()
 try:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import errors
 from ..store import open_trajectory
+from ..store.files import interrupts_deferred
 from .loop import METHODS
 
 
@@ -166,12 +167,11 @@ class _ChildProgress:
 def put(messages, message) -> None:
     """``messages.put(message)`` with Ctrl-C held back until it returns. The first put starts the
     queue's feeder thread and registers two exit handlers, one that stops the thread and one that
-    joins it; a KeyboardInterrupt between the two left only the join, and the child hung at exit."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the feeder thread inherits the mask
-    try:
+    joins it; a KeyboardInterrupt between the two left only the join, and the child hung at exit.
+    The handler is swapped, not the signal masked: a process-directed SIGINT reaches any thread that
+    does not block it (numpy's OpenBLAS threads), and Python raises it in the main thread all the same."""
+    with interrupts_deferred():
         messages.put(message)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _child(config, path: str, overwrite: bool, messages, parent: int) -> None:
