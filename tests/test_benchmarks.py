@@ -34,3 +34,13 @@ def test_points_as_matrix_products_equal_the_evaluators_values(tmp_path):
                         "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert [row["K"] for row in json.loads(out.read_text())["rows"]] == [3]
+
+
+def test_the_file_work_benchmark_times_every_model(tmp_path):
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rows.py"), "--epochs", "2", "--repeats", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"cnn1d", "resnet20"} and results["cnn1d"]["parameters"] == 5210
+    assert all(v > 0 for model in results.values() for v in model.values())
