@@ -1,6 +1,7 @@
 """Where a benchmark ran: the CPU's name and the commit of this repository, for every script's record."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -23,3 +24,8 @@ def commit() -> str:
     except OSError:
         return "?"
     return r.stdout.strip() or "?"
+
+
+def machine() -> str:
+    """One line for a record: the CPU, its cores, Python and the commit."""
+    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, commit {commit()}"

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ import torch  # noqa: E402
 from landscape.models import ModelSpec, build_model  # noqa: E402
 from landscape.params import Layout  # noqa: E402
 from landscape.store import TrajectoryWriter  # noqa: E402
-from common import commit, cpu_name  # noqa: E402
+from common import machine  # noqa: E402
 
 MODELS = {"cnn1d": ((1, 40), 10), "resnet20": ((3, 32, 32), 10)}
 RUNS = ("swa/iterates", "swa/average", "sgd")
@@ -59,10 +57,6 @@ def time_rows(layout: Layout, folder: Path, epochs: int, inner: int = 12) -> dic
     finally:
         w.abort()
     return {k: 1000 * v / epochs for k, v in times.items()}
-
-
-def machine() -> str:
-    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, commit {commit()}"
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from landscape.demo import DemoConfig  # noqa: E402
 from landscape.train import train  # noqa: E402
-from common import commit, cpu_name  # noqa: E402
+from common import machine  # noqa: E402
 
 
 def config(epochs: int):
@@ -50,10 +49,6 @@ def contents(path) -> dict:
 def same(a, b) -> bool:
     a, b = contents(a), contents(b)
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
-
-
-def machine() -> str:
-    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, commit {commit()}"
 
 
 def main(argv=None) -> int:
