@@ -48,6 +48,7 @@ from .errors import CheckpointError, ConfigError, GeometryError, ModelError
 from .params import Layout, match_state_dict, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store import PathData, PointData, Trajectory, open_trajectory
+from .store.files import available_memory
 from .tasks import get_task, output_tree
 
 # a direction shorter than this fraction of the weights' norm counts as zero (duplicate checkpoints)
@@ -811,15 +812,16 @@ def _project(geom, traj: Trajectory | None, checkpoints=None, paths=None) -> tup
 
 class HessianOperator:
     """The mean train loss of the task (cross-entropy by default) at fixed BatchNorm buffers (eval
-    mode), as a function of the flat
-    weights: its value and gradient, and Hessian-vector products by double backward through
-    ``torch.func.functional_call``; never a (P, P) matrix. Sums run over ``x`` in batches of
-    ``batch_size`` and are accumulated in float64. Used by :func:`top_hessian_eigen` and by
-    :mod:`landscape.sharpness`.
+    mode), as a function of the flat weights: its value and gradient, and Hessian-vector products by
+    double backward through ``torch.func.functional_call``; never a (P, P) matrix. Sums run over ``x``
+    in batches of ``batch_size`` and are accumulated in float64. Used by :func:`top_hessian_eigen` and
+    by :mod:`landscape.sharpness`.
 
     ``op(vs)`` takes (k, P) vectors and returns (k, P) float64 products H v: the gradient graph of each
-    data batch is built once and serves all k vectors. ``stop`` (a ``threading.Event``): once set,
-    the next batch raises KeyboardInterrupt (a computation on a worker thread ends early)."""
+    data batch is built once and serves all k vectors, and the next calls too where the graphs fit in
+    memory (:meth:`_gradients`; the products are the same either way). ``stop`` (a
+    ``threading.Event``): once set, the next batch raises KeyboardInterrupt (a computation on a worker
+    thread ends early)."""
 
     def __init__(self, model, layout, params: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor,
                  y: torch.Tensor, batch_size: int = 1000, task=None, stop=None):
@@ -829,12 +831,16 @@ class HessianOperator:
         self.params = params.to(self.device).float()
         self.bufs = {k: t for k, t in layout.split_buffers(buffers.to(self.device)).items()}
         self.num_params = layout.num_params
+        self._kept = None  # (w, the gradient of every batch with its graph), see _gradients
 
     def _batches(self):
         for start in range(0, len(self.x), self.batch_size):
-            if self.stop is not None and self.stop.is_set():
-                raise KeyboardInterrupt
+            self._check_stop()
             yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+
+    def _check_stop(self):
+        if self.stop is not None and self.stop.is_set():
+            raise KeyboardInterrupt
 
     def _loss(self, w: torch.Tensor, xb, yb) -> torch.Tensor:
         from torch.func import functional_call
@@ -861,14 +867,63 @@ class HessianOperator:
 
     def __call__(self, vs: torch.Tensor) -> torch.Tensor:
         vs = vs.to(self.device).float()
-        w = self.params.clone().requires_grad_(True)
         out = torch.zeros(vs.shape, dtype=torch.float64, device=self.device)
-        for xb, yb in self._batches():
-            (grad,) = torch.autograd.grad(self._loss(w, xb, yb), w, create_graph=True)
+        for w, grad, kept in self._gradients():
             for k in range(len(vs)):
-                (hv,) = torch.autograd.grad(grad @ vs[k], w, retain_graph=k + 1 < len(vs))
+                (hv,) = torch.autograd.grad(grad @ vs[k], w, retain_graph=kept or k + 1 < len(vs))
                 out[k] += hv.double()
         return out
+
+    def _gradients(self):
+        """Per data batch: (w, the gradient at the weights with its graph, whether that is kept). The
+        graphs are kept for the next products when all the batches' together fit in a quarter of the
+        memory free on the device (measured on the first batch): a Lanczos run takes one product after
+        another at the same weights, and building the graph is a third of a product's time."""
+        if self._kept is not None:
+            w, grads = self._kept
+            for grad in grads:
+                self._check_stop()
+                yield w, grad, True
+            return
+        w, grads, keep = self.params.clone().requires_grad_(True), [], None
+        for xb, yb in self._batches():
+            with _SavedBytes() as saved:
+                (grad,) = torch.autograd.grad(self._loss(w, xb, yb), w, create_graph=True)
+            if keep is None:
+                batches = math.ceil(len(self.x) / self.batch_size)
+                keep = saved.bytes * batches <= free_memory(self.device) // 4
+            if keep:
+                grads.append(grad)
+            yield w, grad, keep
+        if keep:
+            self._kept = (w, grads)
+
+
+class _SavedBytes:
+    """Counts the bytes of the tensors autograd saves for backward inside the block (each storage once)."""
+
+    def __enter__(self):
+        self.storages = {}
+
+        def pack(t):
+            self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        self.bytes = sum(self.storages.values())
+        return False
+
+
+def free_memory(device) -> int:
+    """Bytes free now on ``device``: the GPU's own memory for CUDA, else the machine's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
 
 
 def training_subset(data, samples: int | None, generator: torch.Generator) -> tuple:

@@ -307,3 +307,20 @@ def test_a_stopped_hessian_operator_ends_at_its_next_batch(small):
         op(torch.ones(1, layout.num_params))
     with pytest.raises(KeyboardInterrupt):
         op.loss_and_grad()
+
+
+def test_hessian_products_keep_their_graphs_only_where_they_fit(small, monkeypatch):
+    """The gradient graphs kept for the next products give the products of graphs built anew, bit for
+    bit, and the exact Hessian's; where they would not fit in memory, they are not kept."""
+    import landscape.geometry as geometry
+    data, model, layout, w, H = small
+    args = (model, layout, w, layout.buffers_to_vector(model), data.x_train, data.y_train, 64)
+    vs = torch.randn(3, layout.num_params, generator=torch.Generator().manual_seed(1))
+    kept = HessianOperator(*args)
+    first, again = kept(vs[:2]), kept(vs)
+    assert kept._kept is not None and len(kept._kept[1]) == 4  # 200 samples in batches of 64
+    monkeypatch.setattr(geometry, "free_memory", lambda device: 0)
+    anew = HessianOperator(*args)
+    assert torch.equal(anew(vs), again) and torch.equal(anew(vs[:2]), first)
+    assert anew._kept is None
+    np.testing.assert_allclose(again.numpy(), (vs.double() @ H).numpy(), rtol=1e-4, atol=1e-6)
