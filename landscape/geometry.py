@@ -33,9 +33,12 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
+import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -818,8 +821,8 @@ class HessianOperator:
     by :mod:`landscape.sharpness`.
 
     ``op(vs)`` takes (k, P) vectors and returns (k, P) float64 products H v: the gradient graph of each
-    data batch is built once and serves all k vectors, and the next calls too where the graphs fit in
-    memory (:meth:`_gradients`; the products are the same either way). ``stop`` (a
+    data batch is built once and serves all k vectors, and from the second call on the next calls too,
+    where the graphs fit in memory (:meth:`_gradients`; the products are the same either way). ``stop`` (a
     ``threading.Event``): once set, the next batch raises KeyboardInterrupt (a computation on a worker
     thread ends early)."""
 
@@ -832,6 +835,7 @@ class HessianOperator:
         self.bufs = {k: t for k, t in layout.split_buffers(buffers.to(self.device)).items()}
         self.num_params = layout.num_params
         self._kept = None  # (w, the gradient of every batch with its graph), see _gradients
+        self._graph_bytes = None  # what autograd saves for all batches, measured by the first call
 
     def _batches(self):
         for start in range(0, len(self.x), self.batch_size):
@@ -875,47 +879,74 @@ class HessianOperator:
         return out
 
     def _gradients(self):
-        """Per data batch: (w, the gradient at the weights with its graph, whether that is kept). The
-        graphs are kept for the next products when all the batches' together fit in a quarter of the
-        memory free on the device (measured on the first batch): a Lanczos run takes one product after
-        another at the same weights, and building the graph is a third of a product's time."""
+        """Per data batch: (w, the gradient at the weights with its graph, whether that is kept). From
+        the second call on, the graphs are kept for the next calls where they fit (a Lanczos run takes
+        one product after another at the same weights, and building the graph is a third of a product's
+        time): all operators together keep at most a quarter of the memory free on the device, at the
+        size the first call measured."""
         if self._kept is not None:
             w, grads = self._kept
             for grad in grads:
                 self._check_stop()
                 yield w, grad, True
             return
-        w, grads, keep = self.params.clone().requires_grad_(True), [], None
+        measure = self._graph_bytes is None
+        keep = not measure and _reserve_graph_memory(self, self._graph_bytes)
+        w, grads, measured = self.params.clone().requires_grad_(True), [], 0
         for xb, yb in self._batches():
-            with _SavedBytes() as saved:
+            with _SavedBytes() if measure else contextlib.nullcontext() as saved:
                 (grad,) = torch.autograd.grad(self._loss(w, xb, yb), w, create_graph=True)
-            if keep is None:
-                batches = math.ceil(len(self.x) / self.batch_size)
-                keep = saved.bytes * batches <= free_memory(self.device) // 4
+            measured += saved.bytes if measure else 0
             if keep:
                 grads.append(grad)
             yield w, grad, keep
+        if measure:
+            self._graph_bytes = measured
         if keep:
             self._kept = (w, grads)
 
 
 class _SavedBytes:
-    """Counts the bytes of the tensors autograd saves for backward inside the block (each storage once)."""
+    """Counts the bytes of the tensors autograd saves for backward inside the block (each once)."""
 
     def __enter__(self):
-        self.storages = {}
+        self.tensors = {}
 
         def pack(t):
-            self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
+            self.tensors[t.data_ptr(), t.numel(), t.dtype] = t.numel() * t.element_size()
+            # detached: a saved output returned as itself would form a reference cycle through its own
+            # graph node that no garbage collection frees (autograd restores the history on unpacking)
+            return t.detach()
         self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         self.hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
         self.hooks.__exit__(*exc)
-        self.bytes = sum(self.storages.values())
+        self.bytes = sum(self.tensors.values())
         return False
+
+
+_GRAPHS_LOCK = threading.Lock()
+_GRAPHS_KEPT = {}  # device -> bytes of the gradient graphs that live operators keep
+
+
+def _reserve_graph_memory(op, nbytes: int) -> bool:
+    """Whether ``op`` may keep ``nbytes`` of gradient graphs: all operators' together at most a
+    quarter of the device's free memory (counting theirs as free). Given back when ``op`` is freed."""
+    key = str(op.device)
+    with _GRAPHS_LOCK:
+        kept = _GRAPHS_KEPT.get(key, 0)
+        if kept + nbytes > (free_memory(op.device) + kept) // 4:
+            return False
+        _GRAPHS_KEPT[key] = kept + nbytes
+    weakref.finalize(op, _release_graph_memory, key, nbytes)
+    return True
+
+
+def _release_graph_memory(key: str, nbytes: int) -> None:
+    with _GRAPHS_LOCK:
+        _GRAPHS_KEPT[key] -= nbytes
 
 
 def free_memory(device) -> int:

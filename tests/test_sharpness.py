@@ -310,17 +310,31 @@ def test_a_stopped_hessian_operator_ends_at_its_next_batch(small):
 
 
 def test_hessian_products_keep_their_graphs_only_where_they_fit(small, monkeypatch):
-    """The gradient graphs kept for the next products give the products of graphs built anew, bit for
-    bit, and the exact Hessian's; where they would not fit in memory, they are not kept."""
+    """From the second call on, the gradient graphs are kept for the next products: those give the
+    products of graphs built anew, bit for bit, and the exact Hessian's. Where they would not fit in
+    memory they are not kept, and an operator's graphs and its share of memory go with it."""
+    import gc
     import landscape.geometry as geometry
     data, model, layout, w, H = small
     args = (model, layout, w, layout.buffers_to_vector(model), data.x_train, data.y_train, 64)
     vs = torch.randn(3, layout.num_params, generator=torch.Generator().manual_seed(1))
+    gc.collect()
+    tensors_before = sum(torch.is_tensor(o) for o in gc.get_objects())
     kept = HessianOperator(*args)
-    first, again = kept(vs[:2]), kept(vs)
+    first = kept(vs[:2])
+    assert kept._kept is None  # one call (a pass of trace probes) keeps nothing
+    second, third = kept(vs), kept(vs)
     assert kept._kept is not None and len(kept._kept[1]) == 4  # 200 samples in batches of 64
+    assert torch.equal(second, third)
+    assert geometry._GRAPHS_KEPT[str(kept.device)] == kept._graph_bytes > 0
     monkeypatch.setattr(geometry, "free_memory", lambda device: 0)
     anew = HessianOperator(*args)
-    assert torch.equal(anew(vs), again) and torch.equal(anew(vs[:2]), first)
+    assert torch.equal(anew(vs[:2]), first) and torch.equal(anew(vs), second) and torch.equal(anew(vs), third)
     assert anew._kept is None
-    np.testing.assert_allclose(again.numpy(), (vs.double() @ H).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(second.numpy(), (vs.double() @ H).numpy(), rtol=1e-4, atol=1e-6)
+    unused = HessianOperator(*args)  # a first call whose graphs no product frees (no vectors)
+    assert unused(vs[:0]).shape == (0, layout.num_params)
+    del kept, anew, unused
+    gc.collect()
+    assert geometry._GRAPHS_KEPT[str(w.device)] == 0
+    assert sum(torch.is_tensor(o) for o in gc.get_objects()) <= tensors_before + 4  # first, second, third, vs

@@ -547,7 +547,8 @@ def interrupts_deferred():
     try:
         yield
     finally:
-        for s, handler in previous.items():
+        # SIGINT back last: a Ctrl-C that its own handler raises from here leaves nothing unrestored
+        for s, handler in reversed(previous.items()):
             signal.signal(s, handler)
         if caught:
             handler = previous[caught[0][0]]
