@@ -529,3 +529,24 @@ def test_malformed_surface_is_one_line_for_every_reader(good_plane, tmp_path, ca
         r = run_main(capsys, *args)
         one_line_error(r, str(bad), message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
+
+
+@pytest.mark.parametrize("files, room", [
+    ({"memory.max": "max\n", "memory.current": "123\n"}, None),                     # v2 without a limit
+    ({"memory.max": "1000\n", "memory.current": "400\n"}, 600),                     # v2, a container's limit
+    ({"memory.max": "1000\n", "memory.current": "1500\n"}, 0),
+    ({"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "5\n"}, None),
+    ({"memory/memory.limit_in_bytes": "2048\n", "memory/memory.usage_in_bytes": "48\n"}, 2000),  # v1
+    ({}, None),                                                                      # no cgroup files
+])
+def test_available_memory_stays_within_a_containers_limit(tmp_path, monkeypatch, files, room):
+    """Memory checks (a file's declared sizes, the Hessian graphs kept) count what the memory cgroup
+    still allows, not only the host's MemAvailable."""
+    from landscape.store import files as store_files
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert store_files.cgroup_room(tmp_path) == room
+    monkeypatch.setattr(store_files, "CGROUP", tmp_path)
+    if room is not None:  # a few bytes: far below what the host has available
+        assert store_files.available_memory() == room

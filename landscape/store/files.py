@@ -173,15 +173,38 @@ def _dataset_problems(ds: h5py.h5d.DatasetID, name: str, file_size: int) -> list
 
 
 def available_memory() -> int:
-    """Bytes of memory available now (Linux: MemAvailable), else the physical memory."""
+    """Bytes of memory available now (Linux: MemAvailable, and no more than the memory cgroup's limit
+    leaves: a container's), else the physical memory."""
+    available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    room = cgroup_room()
+    return available if room is None else min(available, room)
+
+
+CGROUP = Path("/sys/fs/cgroup")
+# (limit, usage) of the process's memory cgroup, as a container sees it: version 2, then version 1
+_CGROUP_MEMORY = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+
+
+def cgroup_room(root: Path | None = None) -> int | None:
+    """Bytes the memory cgroup's limit still leaves (limit - usage), or None where there is no limit."""
+    root = CGROUP if root is None else Path(root)
+    for limit_name, usage_name in _CGROUP_MEMORY:
+        try:
+            limit = (root / limit_name).read_text().strip()
+            usage = int((root / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
+            return None
+        return max(int(limit) - usage, 0)
+    return None
 
 
 def _size(n: int) -> str:
