@@ -913,7 +913,8 @@ class _SavedBytes:
         self.tensors = {}
 
         def pack(t):
-            self.tensors[t.data_ptr(), t.numel(), t.dtype] = t.numel() * t.element_size()
+            where = t.data_ptr() if t.layout == torch.strided else id(t)  # (a sparse tensor has no pointer)
+            self.tensors[where, t.numel(), t.dtype] = t.numel() * t.element_size()
             # detached: a saved output returned as itself would form a reference cycle through its own
             # graph node that no garbage collection frees (autograd restores the history on unpacking)
             return t.detach()

@@ -189,7 +189,8 @@ def available_memory() -> int:
 
 CGROUP = Path("/sys/fs/cgroup")
 # (limit, usage) of the process's memory cgroup, as a container sees it: version 2, then version 1
-_CGROUP_MEMORY = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+_CGROUP_MEMORY = (("memory.max", "memory.current"),
+                  ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
 
 
 def cgroup_room(root: Path | None = None) -> int | None:
