@@ -84,6 +84,10 @@ def test_rows_keep_every_dataset_as_long_as_the_run_across_save_points(tmp_path)
     w.append("a", np.full(8, 3, np.float32), epoch=2.0, step=9, norms=5.0)  # a scalar fills the row
     with pytest.raises(FileFormatError, match="norms: a row of shape \\(3,\\) does not fit rows of shape \\(2,\\)"):
         w.append("a", np.full(8, 4, np.float32), epoch=3.0, step=12, train_loss=0.5, norms=[1.0, 2.0, 3.0])
+    with pytest.raises(FileFormatError, match="step: nan cannot be stored as int64"):
+        w.append("a", np.full(8, 4, np.float32), epoch=3.0, step=float("nan"))
+    with pytest.raises(FileFormatError, match="run a: metric note = 'x' is not numbers"):
+        w.append("a", np.full(8, 4, np.float32), epoch=3.0, step=12, note="x")
     w.append("b", np.full(8, 5, np.float32))
     w.close()
     run = open_trajectory(tmp_path / "r.h5").run("a")

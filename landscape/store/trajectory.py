@@ -269,7 +269,10 @@ class TrajectoryWriter:
         buffers = np.zeros(self.layout.num_buffers, np.float32) if buffers is None else _as_numpy(buffers).reshape(-1)
         row = dict(params=params, buffers=buffers, epoch=epoch, step=step)
         for name, value in metrics.items():
-            row[name] = value = np.asarray(_as_numpy(value), dtype=np.float64)
+            try:
+                row[name] = value = np.asarray(_as_numpy(value), dtype=np.float64)
+            except (ValueError, TypeError) as e:
+                raise FileFormatError(f"run {run}: metric {name} = {value!r} is not numbers ({e})") from None
             if name not in datasets:
                 datasets[name] = self.file[f"runs/{run}"].create_dataset(
                     name, (t,) + value.shape, np.float64, maxshape=(None,) + value.shape,
@@ -362,7 +365,11 @@ def _as_row(ds: h5py.Dataset, value):
     if value is None:
         return None
     try:
-        return np.ascontiguousarray(np.broadcast_to(np.asarray(value, ds.dtype), (1,) + ds.shape[1:]))
+        value = np.asarray(value, ds.dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise FileFormatError(f"{ds.name}: {value!r} cannot be stored as {ds.dtype} ({e})") from None
+    try:
+        return np.ascontiguousarray(np.broadcast_to(value, (1,) + ds.shape[1:]))
     except ValueError:
         raise FileFormatError(f"{ds.name}: a row of shape {np.shape(value)} does not fit rows of shape "
                               f"{ds.shape[1:]}") from None
