@@ -535,8 +535,12 @@ def test_malformed_surface_is_one_line_for_every_reader(good_plane, tmp_path, ca
     ({"memory.max": "max\n", "memory.current": "123\n"}, None),                     # v2 without a limit
     ({"memory.max": "1000\n", "memory.current": "400\n"}, 600),                     # v2, a container's limit
     ({"memory.max": "1000\n", "memory.current": "1500\n"}, 0),
+    ({"memory.max": "1000\n", "memory.current": "900\n",                          # page cache counts as free
+      "memory.stat": "anon 300\ninactive_file 500\nactive_file 100\n"}, 600),
     ({"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "5\n"}, None),
     ({"memory/memory.limit_in_bytes": "2048\n", "memory/memory.usage_in_bytes": "48\n"}, 2000),  # v1
+    ({"memory/memory.limit_in_bytes": "2048\n", "memory/memory.usage_in_bytes": "2000\n",
+      "memory/memory.stat": "cache 1900\ntotal_inactive_file 1000\n"}, 1048),
     ({}, None),                                                                      # no cgroup files
 ])
 def test_available_memory_stays_within_a_containers_limit(tmp_path, monkeypatch, files, room):

@@ -188,15 +188,18 @@ def available_memory() -> int:
 
 
 CGROUP = Path("/sys/fs/cgroup")
-# (limit, usage) of the process's memory cgroup, as a container sees it: version 2, then version 1
-_CGROUP_MEMORY = (("memory.max", "memory.current"),
-                  ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+# (limit, usage, statistics, the statistic of reclaimable page cache) of the process's memory cgroup, as
+# a container sees it: version 2, then version 1
+_CGROUP_MEMORY = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                  ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+                   "total_inactive_file"))
 
 
 def cgroup_room(root: Path | None = None) -> int | None:
-    """Bytes the memory cgroup's limit still leaves (limit - usage), or None where there is no limit."""
+    """Bytes the memory cgroup's limit still leaves, or None where there is no limit: the limit less the
+    usage, whose inactive page cache counts as free (the kernel reclaims it before it refuses memory)."""
     root = CGROUP if root is None else Path(root)
-    for limit_name, usage_name in _CGROUP_MEMORY:
+    for limit_name, usage_name, stat_name, cache_name in _CGROUP_MEMORY:
         try:
             limit = (root / limit_name).read_text().strip()
             usage = int((root / usage_name).read_text())
@@ -204,8 +207,20 @@ def cgroup_room(root: Path | None = None) -> int | None:
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
             return None
-        return max(int(limit) - usage, 0)
+        return max(int(limit) - usage + _stat(root / stat_name, cache_name), 0)
     return None
+
+
+def _stat(path: Path, key: str) -> int:
+    """The value of ``key`` in a cgroup statistics file (lines "key value"), 0 where it is missing."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _size(n: int) -> str:
