@@ -16,7 +16,7 @@ from landscape.geometry import Line, Plane
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import compute_surface
 
-from _cli import run_cli
+from _cli import one_line_error, run_cli
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,10 +133,10 @@ def test_lines_and_rays(traj, tmp_path):
 
 
 def test_cli_plane_export_non_square(tiny_run, tmp_path):
+    from landscape.cli.main import main
     out = tmp_path / "p.h5"
-    r = run_cli("plane", tiny_run, *THREE, "-o", out, "--grid", 5, 4, "--export", "loss-landscape", "--quiet",
-                "--points-per-call", 4)
-    assert r.returncode == 0, r.stderr
+    assert main(["plane", str(tiny_run), *THREE, "-o", str(out), "--grid", "5", "4", "--export", "loss-landscape",
+                 "--quiet", "--points-per-call", "4"]) == 0
     surf = open_surface(out)
     with h5py.File(tmp_path / "p.loss-landscape.h5", "r") as f:
         assert f["train_loss"].shape == (4, 5) and f["test_acc"].shape == (4, 5)  # [iy, ix]
@@ -161,11 +161,10 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, args, message):
     assert not (tmp_path / "p.h5").exists()
 
 
-def test_cli_not_a_trajectory(tmp_path):
+def test_cli_not_a_trajectory(tmp_path, capsys):
     bad = tmp_path / "bad.h5"
     bad.write_text("hello")
-    r = run_cli("line", bad, "sgd", "swa/average", "-o", tmp_path / "l.h5")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not an HDF5 file" in r.stderr
+    one_line_error(capsys, ["line", bad, "sgd", "swa/average", "-o", tmp_path / "l.h5"], "not an HDF5 file")
 
 
 @pytest.mark.slow
