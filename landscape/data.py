@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import (DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset,
+                              SubsetRandomSampler)
 
 from .bn import batch_slices
 from .errors import DataError
@@ -106,7 +107,8 @@ class Data:
 class StreamData:
     """Both splits as data sources that yield batches, read in a fixed order for every pass, one batch
     in memory at a time. A source is a ``torch.utils.data.DataLoader`` (one over a map-style dataset is
-    read in index order, shuffling or not) or a function returning a fresh iterable of batches. A
+    read in index order, shuffling or not; with a ``SubsetRandomSampler`` or a list of indices as its
+    sampler, those samples in their order) or a function returning a fresh iterable of batches. A
     batch is an ``(inputs, targets)`` tuple or a dict (see :mod:`landscape.tasks`).
 
     Example::
@@ -124,6 +126,8 @@ class StreamData:
             if not (isinstance(source, DataLoader) or callable(source)):
                 raise DataError(f"the {split} data source is a {type(source).__name__}; give a DataLoader or a "
                                 "function returning an iterable of batches")
+            if _map_style(source):
+                _samples(source, split)  # a sampler whose samples cannot be read in a fixed order is refused here
         self.train, self.test, self.task, self.sizes = train, test, get_task(task), sizes
 
     def to(self, device) -> "StreamData":
@@ -141,25 +145,49 @@ class StreamData:
         source = getattr(self, split)
         if self.sizes and split in self.sizes:
             return self.sizes[split]
-        return len(source.dataset) if isinstance(source, DataLoader) and _sized(source.dataset) else None
+        return len(_samples(source, split)) if _map_style(source) else None
 
     def subset(self, samples: int, seed: int = 0, splits=("train", "test")) -> "StreamData":
         """A fixed random subset of ``samples`` of each split (a DataLoader over a map-style dataset)."""
         g, sources = torch.Generator().manual_seed(seed), {"train": self.train, "test": self.test}
         for split in splits:
             loader = sources[split]
-            if not (isinstance(loader, DataLoader) and _sized(loader.dataset)):
+            if not _map_style(loader):
                 raise DataError(f"a subset of the {split} data needs a DataLoader over a dataset with a length; "
                                 f"the {split} source is a {type(loader).__name__}")
-            if samples < len(loader.dataset):
-                idx = torch.randperm(len(loader.dataset), generator=g)[:samples].sort().values.tolist()
-                sources[split] = _sequential(loader, Subset(loader.dataset, idx))
+            read = _samples(loader, split)
+            if samples < len(read):
+                idx = torch.randperm(len(read), generator=g)[:samples].sort().values.tolist()
+                sources[split] = _sequential(loader, Subset(read, idx))
         return StreamData(sources["train"], sources["test"], self.task,
                           {s: self.population(s) for s in splits})
 
 
 def _sized(dataset) -> bool:
     return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__")
+
+
+def _map_style(source) -> bool:
+    """A DataLoader that reads samples of a map-style dataset one by one (not a user's batch sampler)."""
+    return isinstance(source, DataLoader) and _sized(source.dataset) and source.batch_size is not None
+
+
+def _samples(loader: DataLoader, split: str = ""):
+    """The samples a map-style ``loader`` reads, as a dataset to read in index order: its whole dataset
+    when its sampler takes every sample once (sequential or shuffling), the chosen ones for a
+    ``SubsetRandomSampler`` or a list of indices. Another sampler (weighted, distributed, a user's own)
+    draws a different selection on every pass, which no fixed order can read: refused."""
+    sampler, dataset = loader.sampler, loader.dataset
+    if isinstance(sampler, SequentialSampler) or (
+            isinstance(sampler, RandomSampler) and not sampler.replacement and len(sampler) == len(dataset)):
+        return dataset
+    if isinstance(sampler, SubsetRandomSampler):
+        return Subset(dataset, [int(i) for i in sampler.indices])
+    if isinstance(sampler, (list, tuple, range)):
+        return Subset(dataset, [int(i) for i in sampler])
+    raise DataError(f"the {split + ' ' if split else ''}DataLoader draws its samples with a {type(sampler).__name__}, "
+                    "which no fixed order can read; give a DataLoader over the samples to evaluate (e.g. a "
+                    "torch.utils.data.Subset, or a SubsetRandomSampler) or a function returning its batches")
 
 
 def _sequential(loader: DataLoader, dataset=None) -> DataLoader:
@@ -172,8 +200,8 @@ def _sequential(loader: DataLoader, dataset=None) -> DataLoader:
 def _in_order(source):
     """One pass over a source in its fixed order: a map-style DataLoader sequentially; any other
     iterable with torch's random state fixed for the pass (so a shuffling iterable repeats itself)."""
-    if isinstance(source, DataLoader) and _sized(source.dataset) and source.batch_size is not None:
-        yield from _sequential(source)
+    if _map_style(source):
+        yield from _sequential(source, _samples(source))
         return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -396,13 +424,21 @@ def _split_arrays(split, name: str, which: str):
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise DataError(f"dataset factory {name}: item {i} of the {which} set is "
                                 f"{type(item).__name__}, expected an (x, y) pair")
-            xs.append(torch.as_tensor(np.asarray(item[0].cpu() if torch.is_tensor(item[0]) else item[0])))
-            ys.append(int(item[1]))
+            xs.append(_item_tensor(item[0]))
+            ys.append(_item_tensor(item[1]))  # a class label, a float value or a vector: as given
         if not xs:
             raise DataError(f"dataset {name!r}: the {which} set is empty")
-        return [torch.stack(xs), torch.tensor(ys)]
+        for what, items in (("inputs", xs), ("targets", ys)):
+            if len({(t.shape, t.is_floating_point()) for t in items}) > 1:
+                raise DataError(f"dataset factory {name}: the {which} set's {what} differ in shape or type "
+                                "from item to item")
+        return [torch.stack(xs), torch.stack(ys)]
     raise DataError(f"dataset factory {name}: the {which} set is {type(split).__name__}, expected an "
                     "(x, y) pair or a dataset of (x, y) items")
+
+
+def _item_tensor(value) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(value.detach().cpu() if torch.is_tensor(value) else value))
 
 
 def _user_factory(name: str, options: dict):
@@ -529,8 +565,9 @@ def check_splits(tensors, name: str) -> None:
 def typed(tensors) -> tuple:
     """``([x_train, y_train, x_test, y_test], num_classes)`` with float inputs as float32 and integer
     inputs (token ids) as int64, float targets as float32 and integer targets (classes) as int64.
-    ``num_classes``: the number of classes (for token ids, of tokens in inputs or labels), or of
-    outputs per sample for float targets."""
+    ``num_classes``: the number of classes (the largest label + 1; for labels per position of token
+    inputs, a language model's, the largest token of inputs or labels + 1), or of outputs per sample for
+    float targets."""
     x_tr, y_tr, x_te, y_te = (torch.as_tensor(t) for t in tensors)
     fix = lambda t: t.float() if t.is_floating_point() else t.long()  # noqa: E731
     x_tr, y_tr, x_te, y_te = fix(x_tr), fix(y_tr), fix(x_te), fix(y_te)
@@ -538,7 +575,7 @@ def typed(tensors) -> tuple:
         classes = int(np.prod(y_tr.shape[1:])) if y_tr.ndim > 1 else 1
     else:
         classes = int(max(y_tr.max(), y_te.max())) + 1
-        if not x_tr.is_floating_point():
+        if not x_tr.is_floating_point() and y_tr.ndim > 1:  # next-token labels: the vocabulary of both
             classes = max(classes, int(max(x_tr.max(), x_te.max())) + 1)
     return [x_tr, y_tr, x_te, y_te], classes
 

@@ -208,7 +208,11 @@ def test_user_data_factory_forms(tmp_path, monkeypatch):
         "    def __len__(self): return len(self.a)\n"
         "    def __getitem__(self, i): return torch.tensor(self.a[i]), int(self.b[i])\n"
         "def datasets(): return D(x[:6], y[:6]), torch.utils.data.TensorDataset(torch.tensor(x[6:]), torch.tensor(y[6:]))\n"
-        "def wrong(): return 42\n")
+        "def wrong(): return 42\n"
+        "class AsGiven(D):\n"
+        "    def __getitem__(self, i): return self.a[i], self.b[i]\n"
+        "def values(): return AsGiven(x[:6], x[:6, 0] / 7), AsGiven(x[6:], x[6:, 0] / 7)\n"
+        "def ragged(): return AsGiven(x[:6], [0, 1, 2, [3, 4], 0, 1]), D(x[6:], y[6:])\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     for name in ("four", "as_dict", "pairs", "datasets"):
@@ -216,6 +220,11 @@ def test_user_data_factory_forms(tmp_path, monkeypatch):
         assert d.x_train.shape == (6, 4) and d.x_test.shape == (4, 4) and d.num_classes == 2, name
         assert d.x_train.dtype == torch.float32 and d.y_test.dtype == torch.int64, name
         np.testing.assert_array_equal(d.x_test.numpy()[:, 0], [24, 28, 32, 36])
+    values = load_data(DataSpec("userdata_forms:values"), task="regression")  # float targets stay values
+    assert values.y_train.dtype == torch.float32 and values.num_classes == 1
+    np.testing.assert_allclose(values.y_test.numpy(), np.array([24, 28, 32, 36]) / 7, rtol=1e-6)
+    with pytest.raises(DataError, match="the train set's targets differ in shape or type"):
+        load_data(DataSpec("userdata_forms:ragged"))
     with pytest.raises(DataError, match="returned int"):
         load_data(DataSpec("userdata_forms:wrong"))
     with pytest.raises(DataError, match="cannot import dataset module 'no_such_module_here'"):

@@ -204,6 +204,36 @@ def test_a_loader_whose_later_batch_changes_shape_is_refused_in_one_line():
         evaluate_model(nn.Linear(6, 3), data)
 
 
+def test_a_loader_with_a_subset_sampler_reads_its_samples_and_another_sampler_is_refused():
+    """One dataset, two loaders that pick the train and test samples (a common split): each split is
+    its own samples, read in their order, in values, populations and subsets alike."""
+    net, (x_tr, y_tr, x_te, y_te), _ = _classification()
+    whole = TensorDataset(torch.cat([x_tr, x_te]), torch.cat([y_tr, y_te]))
+    train_idx, test_idx = list(range(len(x_tr))), list(range(len(x_tr), len(x_tr) + len(x_te)))
+    by_sampler = StreamData(DataLoader(whole, batch_size=16, sampler=torch.utils.data.SubsetRandomSampler(train_idx)),
+                            DataLoader(whole, batch_size=16, sampler=test_idx))
+    expect = evaluate_model(net, as_data((x_tr, y_tr, x_te, y_te)), batch_size=16)
+    got = evaluate_model(net, by_sampler, batch_size=16)
+    for name in expect:
+        np.testing.assert_allclose(got[name], expect[name], rtol=1e-6, err_msg=name)
+    assert by_sampler.population("train") == len(x_tr) and by_sampler.population("test") == len(x_te)
+    sub = by_sampler.subset(10, seed=1)
+    test_rows = torch.cat([b[0] for b in sub.batches("test")])
+    assert len(test_rows) == 10 and all(any(torch.equal(r, t) for t in x_te) for r in test_rows)
+    weighted = torch.utils.data.WeightedRandomSampler(torch.ones(len(whole)), len(x_tr))
+    with pytest.raises(DataError, match="train DataLoader draws its samples with a WeightedRandomSampler"):
+        StreamData(DataLoader(whole, batch_size=16, sampler=weighted), DataLoader(whole, batch_size=16))
+
+
+def test_labels_are_classes_for_token_inputs_and_the_vocabulary_for_next_token_labels():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 12, (40, 6), generator=g)
+    labels = torch.randint(0, 3, (40,), generator=g)  # one class per sequence
+    assert as_data((tokens[:30], labels[:30], tokens[30:], labels[30:])).num_classes == 3
+    next_tokens = torch.roll(tokens, -1, 1).clamp(max=9)  # per-position labels: a language model's
+    assert as_data((tokens[:30], next_tokens[:30], tokens[30:], next_tokens[30:])).num_classes == 12
+
+
 def test_a_user_task_object_and_a_non_task():
     class Huber(Task):
         name, metrics, primary = "huber", ("mae",), "mae"
