@@ -316,6 +316,7 @@ class Evaluator:
         self.var_names = [f"{n}.running_var" for n in self.bn_layers]
         self.x_bn = bn_inputs(data, bn)
         self._vmap_task = True  # until the task fails under vmap
+        self._vmap_model = True  # until the model fails under vmap (an operation without a batching rule)
         probe = check_task_fits(self.model, data, self.device)
         self._per_sample = self._elements_per_sample(probe)
         layers = channels_last_layers(self.model, probe, self.device)
@@ -403,10 +404,31 @@ class Evaluator:
         if channels_last:
             args = (_channels_last(args[0]),) + tuple(args[1:])
         call = lambda p_, b_: output_tree(functional_call(self.model, (p_, b_), args, kwargs))  # noqa: E731
+        if batched and self._vmap_model:
+            try:
+                return vmap(call, in_dims=(0, 0))(p, b)
+            except (_PassDone, torch.cuda.OutOfMemoryError):
+                raise
+            except Exception:  # e.g. a GRU: vmap has no rule for it; a real error recurs point by point
+                self._vmap_model = False
         if batched:
-            return vmap(call, in_dims=(0, 0))(p, b)
+            return self._forward_each(p, b, batch)
         with self._layers_channels_last(channels_last):
             return tree_map(lambda t: t[None], call(p, b))
+
+    def _forward_each(self, p: dict, b: dict, batch):
+        """:meth:`_forward` of the K points one call each, the calls of K = 1 (a model vmap cannot
+        batch). The recompute pass's statistics go to ``b`` through views; it ends after every point."""
+        outputs, done = [], None
+        for k in range(len(next(iter(b.values()), next(iter(p.values()))))):
+            try:
+                outputs.append(self._forward({n: t[k] for n, t in p.items()}, {n: t[k] for n, t in b.items()},
+                                             batch, batched=False))
+            except _PassDone as e:
+                done = e
+        if done is not None:
+            raise done
+        return tree_map(lambda *ts: torch.cat(ts), *outputs)
 
     def _bn_calls(self):
         """The recompute pass as (batch, BatchNorm batch size) calls. In memory: consecutive batches

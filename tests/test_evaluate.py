@@ -70,6 +70,37 @@ def test_batched_equals_one_at_a_time(setup, policy):
         _assert_same({m: np.array(v) for m, v in got.items()}, ref)
 
 
+class _RecurrentNet(torch.nn.Module):
+    """Tokens -> GRU -> BatchNorm -> logits: vmap has no batching rule for the GRU."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn = torch.nn.Embedding(12, 8), torch.nn.GRU(8, 8, batch_first=True)
+        self.bn, self.head = torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(self.rnn(self.emb(x))[0][:, -1]))
+
+
+@pytest.mark.parametrize("policy", ["recompute", "stored"])
+def test_a_model_vmap_cannot_batch_runs_its_points_one_by_one_with_the_same_values(policy):
+    from landscape.data import as_data
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 12, (60, 6)), torch.randint(0, 3, (60,))
+    net = _RecurrentNet()
+    layout = Layout.of(net)
+    w = layout.params_to_vector(net) + 0.3 * torch.randn(3, layout.num_params)
+    b = layout.buffers_to_vector(net).expand(3, -1).clone()
+    ev = Evaluator(net, layout, as_data((x[:40], y[:40], x[40:], y[40:])), BatchNormPolicy(policy, batch_size=10),
+                   batch_size=16)
+    batched = ev(w, b)
+    assert not ev._vmap_model  # it tried vmap once, then went point by point
+    for k in range(3):
+        single = ev(w[k:k + 1], b[k:k + 1])
+        for name, values in batched.items():
+            assert values[k] == single[name][0], (name, k)
+
+
 def test_recompute_on_a_fixed_subset(setup):
     traj, data, model = setup
     line = Line.through(traj, "sgd", "swa/average")
