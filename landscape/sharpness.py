@@ -535,7 +535,7 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
         seen.add(k)
         results.append(r)
     full_spec = {"sharpness": spec.to_dict(), "bn": policy.to_dict(), "dataset": traj.config.get("data"),
-                 "model": traj.config.get("model"), "num_params": traj.layout.num_params,
+                 "model": traj.config.get("model"), "num_params": traj.layout.num_params, "task": data.task.to_dict(),
                  "ball": "filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with "
                          ">= 2 dimensions; biases and BatchNorm parameters fixed"}
     result = SharpnessFile(None, full_spec, results, str(traj.path), None)

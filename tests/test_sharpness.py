@@ -338,3 +338,26 @@ def test_hessian_products_keep_their_graphs_only_where_they_fit(small, monkeypat
     gc.collect()
     assert geometry._GRAPHS_KEPT[str(w.device)] == 0
     assert sum(torch.is_tensor(o) for o in gc.get_objects()) <= tensors_before + 4  # first, second, third, vs
+
+
+def test_a_regression_trajectorys_sharpness_file_keeps_its_own_metrics(tmp_path, capsys):
+    """The file, the command's table and the flatness figure take the task's values (test_mae for
+    regression), not classification's."""
+    from landscape.config import TrainConfig
+    from landscape.plot.flatness import flatness_figure
+    from landscape.sharpness import compute_sharpness
+    from landscape.train import train
+    cfg = TrainConfig(model=ModelSpec("mlp", {"hidden": [4]}), task="regression", epochs=2, batch_size=16,
+                      data=DataSpec("regression", {"n_train": 32, "n_test": 16, "features": 3}), methods=("sgd",))
+    traj = train(cfg, tmp_path / "r.h5", quiet=True)["path"]
+    spec = SharpnessSpec(top_k=2, iterations=10, probes=4, ascent_steps=2)
+    sharp = compute_sharpness(open_trajectory(traj), ["sgd"], spec, device="cpu", out=tmp_path / "s.h5")
+    again = open_sharpness(tmp_path / "s.h5")
+    assert set(again.results[0]["metrics"]) == {"train_loss", "train_mae", "test_loss", "test_mae"}
+    assert again.results[0]["metrics"] == sharp.results[0]["metrics"] and again.test_metric == "test_mae"
+    assert again.summary()[0]["test_mae"] == sharp.results[0]["metrics"]["test_mae"]
+    fig = flatness_figure(again)
+    assert fig.axes[0].get_ylabel() == "test mae"
+    assert main(["sharpness", str(traj), "sgd", "--top-k", "2", "--iterations", "10", "--probes", "4",
+                 "--ascent-steps", "2", "-o", str(tmp_path / "cli.h5"), "--quiet", "--device", "cpu"]) == 0
+    assert "test mae" in capsys.readouterr().out

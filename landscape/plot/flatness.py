@@ -82,9 +82,11 @@ def draw_density(ax, sharp, checkpoints=None, *, sigma: float | None = None, flo
     return ax
 
 
-def draw_sharpness_vs_error(ax, sharp, measure: str = "top_eigenvalue", *, error: str = "test_err", log: bool = False):
+def draw_sharpness_vs_error(ax, sharp, measure: str = "top_eigenvalue", *, error: str | None = None, log: bool = False):
     """One marker per checkpoint (its method's colour and marker; the legend names them): ``measure``
-    against its test error (%); for the trace, two standard errors as a horizontal bar."""
+    against its test error (%) or ``error``, by default the task's primary test value; for the trace, two
+    standard errors as a horizontal bar."""
+    error = error or sharp.test_metric
     looks = _looks([r["checkpoint"] for r in sharp.results])
     for r in sharp.results:
         color, marker, hollow, _, size = looks[r["checkpoint"]]
@@ -102,8 +104,9 @@ def draw_sharpness_vs_error(ax, sharp, measure: str = "top_eigenvalue", *, error
     if measure == "trace":
         title += " (+-2 s.e.)"
     ax.set_xlabel(title)
-    ax.set_ylabel("test error (%)")
-    ax.set_title(f"{MEASURES[measure].split(' (')[0]} vs test error")
+    what = "test error" if error == "test_err" else error.replace("_", " ")
+    ax.set_ylabel("test error (%)" if error == "test_err" else what)
+    ax.set_title(f"{MEASURES[measure].split(' (')[0]} vs {what}")
     ax.grid(alpha=0.3)
     return ax
 

@@ -184,10 +184,12 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
         from .flatness import flatness_figure
         res.figures += figures.save(flatness_figure(sharp), out, "flatness", formats)
         res.numbers["sharpness"] = sharp.summary()
+        shown = sharp.test_metric
         for r in sharp.summary():
+            value = f"test error {r[shown]:.2f} %" if shown == "test_err" else f"{shown.replace('_', ' ')} {r[shown]:.4g}"
             res.lines.append(f"flatness {r['checkpoint']}: top Hessian eigenvalue {r['eigenvalues'][0]:.4g}, "
                              f"trace {r['trace']:.4g} +- {r['trace_stderr']:.2g}, epsilon-sharpness "
-                             f"{r['epsilon_sharpness']:.4g} (epsilon {r['epsilon']:g}), test error {r['test_err']:.2f} %")
+                             f"{r['epsilon_sharpness']:.4g} (epsilon {r['epsilon']:g}), {value}")
     if not res.figures:
         what = ", ".join(str(s.path) for s in surfs) or "no surface files"
         raise ConfigError(f"nothing to draw from {what}" + (f" and {traj.path}" if traj is not None else "") +

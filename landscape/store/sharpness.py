@@ -29,7 +29,8 @@ SCALARS = ("epoch", "loss", "trace", "trace_stderr", "epsilon_sharpness", "eigen
            "epsilon_ratio", "lanczos_steps", "seconds")
 # (N, ...) float64 datasets
 ARRAYS = ("eigenvalues", "residuals", "trace_probes", "density_nodes", "density_weights")
-METRICS = ("train_loss", "train_err", "test_loss", "test_err")
+# and /metrics/NAME, float64 (N,): the evaluator's values of the trajectory's task (train_loss, train_err,
+# test_loss, test_err for classification; train_mae, ... for regression)
 
 
 @dataclass
@@ -45,6 +46,12 @@ class SharpnessFile:
     def epsilon(self) -> float:
         return float(self.spec["sharpness"]["epsilon"])
 
+    @property
+    def test_metric(self) -> str:
+        """The test value that tables and figures show: ``test_<primary>`` of the task the file records
+        (``test_err`` for classification, and for files written before tasks were recorded)."""
+        return f"test_{(self.spec.get('task') or {}).get('primary', 'err')}"
+
     def summary(self) -> list:
         """Per checkpoint, the numbers ``landscape sharpness --json`` prints."""
         out = []
@@ -53,7 +60,7 @@ class SharpnessFile:
                  "eigenvalues": [float(v) for v in r["eigenvalues"]], "trace": r["trace"],
                  "trace_stderr": r["trace_stderr"], "epsilon": self.epsilon,
                  "epsilon_sharpness": r["epsilon_sharpness"], "eigenvector_sharpness": r["eigenvector_sharpness"],
-                 "train_loss": r["metrics"]["train_loss"], "test_err": r["metrics"]["test_err"]}
+                 "train_loss": r["metrics"]["train_loss"], self.test_metric: r["metrics"][self.test_metric]}
             out.append(d)
         return out
 
@@ -83,7 +90,7 @@ def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite:
             for name in ARRAYS:
                 if results and all(name in r for r in results):
                     f.create_dataset(name, data=np.stack([np.asarray(r[name], np.float64) for r in results]))
-            for name in METRICS:
+            for name in (results[0]["metrics"] if results else ()):
                 f.create_dataset(f"metrics/{name}", data=np.array([r["metrics"][name] for r in results]))
         publish(tmp, path)
     except BaseException:
@@ -107,10 +114,9 @@ def open_sharpness(path) -> SharpnessFile:
                     values = f[name][()]
                     for r, v in zip(results, values):
                         r[name] = v.tolist() if np.ndim(v) else float(v)
-            for name in METRICS:
-                if f"metrics/{name}" in f:
-                    for r, v in zip(results, f[f"metrics/{name}"][()]):
-                        r["metrics"][name] = float(v)
+            for name, values in (f["metrics"].items() if "metrics" in f else ()):
+                for r, v in zip(results, values[()]):
+                    r["metrics"][name] = float(v)
             spec = json.loads(f.attrs["spec"])
         except (KeyError, ValueError) as e:
             raise FileFormatError(f"{path} is not a valid sharpness file: {e}") from None
