@@ -31,7 +31,7 @@ from .data import load_data
 from .errors import CheckpointError, FileFormatError
 from .models import build_model
 from .params import Layout, match_state_dict
-from .recorder import check_run_name, data_spec, model_spec
+from .recorder import check_run_name, data_spec, model_spec, recorded_task
 from .store import TrajectoryWriter
 from .store.files import prepare_output
 
@@ -174,14 +174,17 @@ def _vector(tensors: dict, width: int) -> torch.Tensor:
 
 def import_checkpoints(runs: dict, out, model, data, *, model_kwargs=None, data_options=None,
                        order: str = "name", overwrite: bool = False, evaluate: bool = False,
-                       config=None, progress=None) -> dict:
-    """Write ``out`` with one run per entry of ``runs`` (``{run name: [files or folders]}``).
+                       task=None, config=None, progress=None) -> dict:
+    """Write ``out`` with one run per entry of ``runs`` (``{run name: [files or folders]}``); ``task``
+    (a name, as for :class:`~landscape.recorder.Recorder`) scores the model, in ``evaluate`` and in
+    every later evaluation of the file.
 
     Returns a summary ``{"path", "runs": {run: {"checkpoints", "files"}}}``. On any bad input nothing
     is left behind: no ``out``, no ``out.partial``. ``progress(done, total)`` is called per file."""
     if order not in ORDERS:
         raise CheckpointError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     mspec, dspec = model_spec(model, model_kwargs), data_spec(data, data_options)
+    task_name, task = recorded_task(task, dict(config or {}))
     names = []
     for run in runs:
         check_run_name(run, names)
@@ -191,7 +194,7 @@ def import_checkpoints(runs: dict, out, model, data, *, model_kwargs=None, data_
     if isinstance((data_options or {}).get("path"), str):  # a dataset file (npz)
         sources.append(data_options["path"])
     out = prepare_output(out, overwrite, inputs=sources)
-    d = load_data(dspec, "cpu")
+    d = load_data(dspec, "cpu", task)
     reference = build_model(mspec, d.input_shape, d.num_classes)
     layout = Layout.of(reference)
     if order == "name":
@@ -201,6 +204,8 @@ def import_checkpoints(runs: dict, out, model, data, *, model_kwargs=None, data_
     file_config = dict(config or {}, model=mspec.to_dict(), data=dspec.to_dict(), source="import",
                        num_classes=d.num_classes, input_shape=list(d.input_shape), landscape_version=__version__,
                        imported={run: [str(p) for p in paths] for run, paths in files.items()}, order=order)
+    if task_name is not None:
+        file_config["task"] = task_name
     total, done = sum(len(p) for p in files.values()), 0
     evaluate_fn = None
     if evaluate:

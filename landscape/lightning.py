@@ -70,15 +70,15 @@ def _make_class(Callback):
         checkpoints), ``step`` the trainer's ``global_step``.
 
         ``model``/``model_kwargs`` and ``data``/``data_options`` say how later commands rebuild the
-        model and the data (see :class:`landscape.recorder.Recorder`, which also takes ``config``,
-        ``evaluate``, ``overwrite`` and ``check``). ``metrics``: which logged values
+        model and the data (see :class:`landscape.recorder.Recorder`, which also takes ``task``,
+        ``config``, ``evaluate``, ``overwrite`` and ``check``). ``metrics``: which logged values
         (``trainer.callback_metrics``) to store with each epoch checkpoint: ``None`` every scalar
         under its logged name (``/`` becomes ``_``), a list of names, or a dict ``{stored name:
         logged name}``; ``[]`` none. Only global rank 0 writes."""
 
         def __init__(self, path, model, data, *, run: str = "sgd", model_kwargs=None, data_options=None,
                      every_n_epochs: int = 1, every_n_steps: int = 0, record_init: bool = True, metrics=None,
-                     module=None, config=None, evaluate: bool = False, overwrite: bool = False,
+                     module=None, task=None, config=None, evaluate: bool = False, overwrite: bool = False,
                      check: bool = True):
             super().__init__()
             if every_n_epochs < 0 or every_n_steps < 0:
@@ -87,7 +87,7 @@ def _make_class(Callback):
             self.every_n_epochs, self.every_n_steps, self.record_init = every_n_epochs, every_n_steps, record_init
             self.metrics = metrics
             self._recorder_args = dict(model=model, data=data, model_kwargs=model_kwargs, data_options=data_options,
-                                       config=config, evaluate=evaluate, overwrite=overwrite, check=check,
+                                       task=task, config=config, evaluate=evaluate, overwrite=overwrite, check=check,
                                        source="lightning")
             self.recorder = None
             self.written = None  # the path of the finished file

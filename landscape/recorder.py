@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import DataSpec, load_data
+from .data import DataSpec, import_object, load_data
 from .errors import CheckpointError, ConfigError, ModelError
 from .models import ModelSpec, build_model
 from .params import Layout, unwrap
 from .store import TrajectoryWriter
 from .store.files import prepare_output
+from .tasks import TASKS, get_task
 
 # per-parameter keys under which Lookahead implementations keep the slow weights: ours
 # (landscape.train.Lookahead), and the common reference implementations
@@ -73,6 +74,20 @@ def data_spec(data, options=None) -> DataSpec:
     if isinstance(data, str) and data:
         return DataSpec(data, dict(options or {}))
     raise ConfigError(f"data must be a dataset name or package.module:factory, got {data!r}")
+
+
+def recorded_task(task, config: dict):
+    """(the task a file records: ``task`` or the configuration's ``task``, None for classification, and
+    that task). A file records a task by name: a built-in one or ``package.module:obj``, imported here
+    because the caller gave it."""
+    named = config.get("task")
+    if task is not None and named is not None and task != named:
+        raise ConfigError(f"task={task!r} and the configuration's task {named!r} differ; give one")
+    task = named if task is None else task
+    if task is not None and not (isinstance(task, str) and (task in TASKS or ":" in task)):
+        raise ConfigError(f"a file records its task by name: one of {', '.join(TASKS)} or package.module:obj, "
+                          f"got {task!r}")
+    return task, get_task(task, lambda path: import_object(path, ConfigError, "task"))
 
 
 def check_run_name(run: str, existing=()) -> str:
@@ -126,17 +141,20 @@ class Recorder:
     ``model``: the built-in name or ``package.module:factory`` that rebuilds your model (with
     ``model_kwargs``; the factory also receives ``input_shape`` and ``num_classes`` if it accepts
     them). ``data``: a built-in dataset name or ``package.module:factory`` (with ``data_options``).
-    ``config``: anything else worth keeping (hyperparameters); stored in the file's ``config``
-    (``eval_batch_size`` there sets the default batch of later evaluations). ``evaluate``: also
-    record ``train_loss``, ``train_err``, ``test_loss``, ``test_err`` of every checkpoint, computed
-    in eval mode on the full sets as ``landscape train`` does. ``check=False`` skips building the
+    ``task``: what scores the model (``"classification"`` by default, ``"regression"``,
+    ``"language-model"``, ``"model-loss"`` or ``package.module:obj``); recorded, so that every later
+    evaluation of the file uses it. ``config``: anything else worth keeping (hyperparameters); stored
+    in the file's ``config`` (``eval_batch_size`` there sets the default batch of later evaluations).
+    ``evaluate``: also record the task's values of every checkpoint (``train_loss``, ``train_err``,
+    ``test_loss``, ``test_err`` for classification), computed in eval mode on the full sets as
+    ``landscape train`` does. ``check=False`` skips building the
     model and data at start (the layout is then taken from the first recorded module, unchecked).
 
     Use it as a context manager, or call :meth:`close` at the end: only then does ``path`` appear.
     Until then (and after a crash) the checkpoints are in ``path.partial``, marked incomplete.
     """
 
-    def __init__(self, path, model, data, *, model_kwargs=None, data_options=None, config=None,
+    def __init__(self, path, model, data, *, model_kwargs=None, data_options=None, task=None, config=None,
                  overwrite: bool = False, evaluate: bool = False, check: bool = True, source: str = "recorder"):
         self.model_spec = model_spec(model, model_kwargs)
         self.data_spec = data_spec(data, data_options)
@@ -149,8 +167,11 @@ class Recorder:
         for key in ("model", "data"):
             if key in extra:
                 raise ConfigError(f"config must not hold {key!r}; give it as {key}=")
+        task_name, self.task = recorded_task(task, extra)
         self.config = dict(extra, model=self.model_spec.to_dict(), data=self.data_spec.to_dict(),
                            source=source, landscape_version=__version__)
+        if task_name is not None:
+            self.config["task"] = task_name
         self.data = None
         self.layout = None
         self.writer = None
@@ -159,7 +180,7 @@ class Recorder:
         self._runs = []
         if check:
             with _rng_untouched():  # building them must not change the user's run
-                self.data = load_data(self.data_spec, "cpu")
+                self.data = load_data(self.data_spec, "cpu", self.task)
                 reference = build_model(self.model_spec, self.data.input_shape, self.data.num_classes)
             self.config.update(num_classes=self.data.num_classes, input_shape=list(self.data.input_shape))
             self._open(Layout.of(reference))

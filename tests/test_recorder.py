@@ -229,3 +229,47 @@ def test_user_data_factory_forms(tmp_path, monkeypatch):
         load_data(DataSpec("userdata_forms:wrong"))
     with pytest.raises(DataError, match="cannot import dataset module 'no_such_module_here'"):
         load_data(DataSpec("no_such_module_here:f"))
+
+
+def test_a_regression_model_is_recorded_imported_and_evaluated_with_its_task(tmp_path, capsys):
+    """task= (Recorder, import_checkpoints, `landscape import --task`) is recorded: the checkpoints'
+    values and every later plane are the task's (mae, not a classification error)."""
+    from landscape.cli.main import main
+    from landscape.data import DataSpec, load_data
+    from landscape.geometry import Plane
+    from landscape.importer import import_checkpoints
+    from landscape.models import ModelSpec, build_model
+    from landscape.store import open_surface
+    from landscape.surface import compute_surface
+    data_args = dict(data="regression", data_options={"n_train": 32, "n_test": 16, "features": 3})
+    model_args = dict(model="mlp", model_kwargs={"hidden": [4]})
+    data = load_data(DataSpec("regression", data_args["data_options"]), task="regression")
+    torch.manual_seed(0)
+    nets = [build_model(ModelSpec("mlp", {"hidden": [4]}), data.input_shape, data.num_classes) for _ in range(3)]
+    with Recorder(tmp_path / "rec.h5", **model_args, **data_args, task="regression", evaluate=True) as rec:
+        for i, net in enumerate(nets):
+            rec.record("sgd", net, epoch=i)
+    traj = open_trajectory(tmp_path / "rec.h5")
+    assert traj.config["task"] == "regression" and "test_mae" in traj.run("sgd").metrics
+    surf = compute_surface(traj, Plane.through(traj, "sgd:0", "sgd:1", "sgd:2"), (3, 3), out=tmp_path / "p.h5",
+                           quiet=True)
+    assert "test_mae" in surf.values and "test_err" not in surf.values
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for i, net in enumerate(nets):
+        torch.save(net.state_dict(), folder / f"epoch{i}.pt")
+    import_checkpoints({"sgd": [folder]}, tmp_path / "imp.h5", **model_args, **data_args, task="regression",
+                       evaluate=True)
+    imported = open_trajectory(tmp_path / "imp.h5")
+    np.testing.assert_allclose(imported.run("sgd").metrics["test_mae"], traj.run("sgd").metrics["test_mae"], rtol=1e-6)
+    assert main(["import", str(folder), "--run", "sgd", "--model", "mlp", "--model-arg", "hidden=[4]",
+                 "--dataset", "regression", "--data-option", "n_train=32", "--data-option", "n_test=16",
+                 "--data-option", "features=3", "--task", "regression", "-o", str(tmp_path / "cli.h5"), "--quiet"]) == 0
+    assert main(["plane", str(tmp_path / "cli.h5"), "sgd:0", "sgd:1", "sgd:2", "--grid", "3", "3",
+                 "-o", str(tmp_path / "cli-plane.h5"), "--quiet"]) == 0
+    np.testing.assert_allclose(open_surface(tmp_path / "cli-plane.h5").values["test_mae"], surf.values["test_mae"],
+                               rtol=1e-6)
+    with pytest.raises(ConfigError, match="differ"):
+        Recorder(tmp_path / "x.h5", **model_args, **data_args, task="regression", config={"task": "classification"})
+    with pytest.raises(ConfigError, match="records its task by name"):
+        Recorder(tmp_path / "x.h5", **model_args, **data_args, task=object())

@@ -38,6 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", required=True,
                    help="mnist1d, cifar10, npz, synthetic, or package.module:factory returning train and test data")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="dataset option")
+    p.add_argument("--task", default=None,
+                   help="what scores the model: classification (the default), regression, language-model, "
+                        "model-loss or package.module:obj; recorded for every later evaluation")
     p.add_argument("--order", choices=ORDERS, default="name",
                    help="checkpoint order within a run: by path (natural sort), by the epoch each file records, "
                         "or as given")
@@ -74,6 +77,7 @@ def run(args) -> int:
                                      model_kwargs=parse_key_values(args.model_arg, "--model-arg"),
                                      data_options=parse_key_values(args.data_option, "--data-option"),
                                      order=args.order, overwrite=args.overwrite, evaluate=args.evaluate,
+                                     task=args.task,
                                      progress=progress if bar is not None else None)
     finally:
         if bar is not None:
