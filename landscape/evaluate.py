@@ -55,8 +55,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .bn import MomentMerger, batch_slices, has_batchnorm
 from .data import Data
 from .errors import ConfigError, DataError
-from .tasks import (Evaluation, batch_size_of, check_evaluation, logits_of, model_args, output_tree, repeat_targets,
-                    take, to_device)
+from .tasks import (Classification, Evaluation, LanguageModel, batch_size_of, check_evaluation, logits_of, model_args,
+                    output_tree, repeat_targets, take, targets_of, to_device)
 
 POLICIES = ("recompute", "interpolate", "stored")
 METRICS = ("train_loss", "train_err", "test_loss", "test_err")   # classification's
@@ -532,23 +532,50 @@ class Evaluator:
 
 
 def check_task_fits(model, data, device):
-    """Two training samples through the model (in eval mode) and the data's task, before any long
-    work: a task that does not fit the model's outputs, data of the wrong shapes or a metric of the
-    wrong length is refused in one line. Returns that probe batch."""
-    first = (data.x_train[:2], data.y_train[:2]) if isinstance(data, Data) else next(iter(data.batches("train")))
-    batch = to_device(take(first, slice(0, 2)), device)
-    args, kwargs = model_args(batch)
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            output = output_tree(model.eval()(*args, **kwargs))
-    except Exception as e:
-        raise DataError(f"the model cannot take a batch of the data ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    finally:
-        model.train(was_training)
-    check_evaluation(data.task, data.task.evaluate(output, batch), batch_size_of(batch))
-    return batch
+    """Two samples of each split through the model (in eval mode) and the data's task, before any long
+    work: a task that does not fit the model's outputs, data of the wrong shapes, a metric of the
+    wrong length, a split without batches or (in memory) a class label past the model's logits is
+    refused in one line. Returns the training probe batch."""
+    probes = {}
+    for split in ("train", "test"):
+        if isinstance(data, Data):
+            first = (getattr(data, f"x_{split}")[:2], getattr(data, f"y_{split}")[:2])
+        else:
+            first = next(iter(data.batches(split)), None)
+            if first is None:
+                raise DataError(f"the {split} data yields no batches")
+        batch = to_device(take(first, slice(0, 2)), device)
+        args, kwargs = model_args(batch)
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                output = output_tree(model.eval()(*args, **kwargs))
+        except Exception as e:
+            raise DataError(f"the model cannot take a batch of the {split} data ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        finally:
+            model.train(was_training)
+        _check_labels(data.task, getattr(data, f"y_{split}") if isinstance(data, Data) else targets_of(batch),
+                      output, split)
+        check_evaluation(data.task, data.task.evaluate(output, batch), batch_size_of(batch))
+        probes[split] = batch
+    return probes["train"]
+
+
+def _check_labels(task, y, output, split: str) -> None:
+    """Class labels (classification, language model; a whole split in memory, else the probe's)
+    within the model's logits: a label past them would fail deep inside a pass (on a GPU, stop the
+    process)."""
+    logits = logits_of(output)
+    if not isinstance(task, (Classification, LanguageModel)) or not torch.is_tensor(y) or y.is_floating_point() \
+            or not torch.is_tensor(logits) or logits.ndim < 2:
+        return  # (the task's own check names what does not fit)
+    width = logits.shape[-1]
+    if isinstance(task, LanguageModel):
+        y = y[y != task.ignore_index]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= width):
+        raise DataError(f"the {split} labels run from {int(y.min())} to {int(y.max())}, but the model gives "
+                        f"{width} logits (labels 0 to {width - 1})")
 
 
 class MetricSums:

@@ -48,6 +48,7 @@ import torch
 
 from .data import Data, as_data
 from .errors import CheckpointError, ConfigError, GeometryError, ModelError
+from .evaluate import check_task_fits
 from .params import Layout, match_state_dict, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store import PathData, PointData, Trajectory, open_trajectory
@@ -584,13 +585,14 @@ class Plane:
     @classmethod
     def hessian(cls, source, origin: str | None = None, data=None, samples: int = 2000, seed: int = 0,
                 iterations: int = 100, tol: float = 1e-4, batch_size: int = 1000, device="cpu", *,
-                model=None, name: str = "origin") -> "Plane":
+                model=None, name: str = "origin", task=None) -> "Plane":
         """The two eigenvectors of the train-loss Hessian at ``origin`` with the largest |eigenvalue|,
         by subspace iteration on Hessian-vector products over ``samples`` training samples (eval-mode
         BatchNorm with the origin's buffers). The default grid spans +-2 sqrt(2 / |lambda|) per axis,
         where the quadratic model predicts a loss rise of 4. ``Plane.hessian(traj, "sgd")`` rebuilds the
         file's model and data; ``Plane.hessian(net, data=data)`` takes a live module (or a state_dict
-        or flat tensor with ``model=``) and a :class:`~landscape.data.Data` or its four tensors."""
+        or flat tensor with ``model=``) and a :class:`~landscape.data.Data` or its four tensors, whose
+        loss is the ``task``'s (default: the data's; the file's for a trajectory)."""
         if not samples >= 1:
             raise ConfigError(f"Hessian samples must be at least 1, got {samples}")
         if not iterations >= 1:
@@ -599,15 +601,16 @@ class Plane:
             raise ConfigError(f"Hessian tolerance must be non-negative, got {tol}")
         src, co = _origin_of(source, origin, model, name)
         if src.traj is not None:
-            data = data if data is not None else rebuild_data(src.traj, device)
+            data = as_data(data if data is not None else rebuild_data(src.traj, device), device, task)
             net = rebuild_model(src.traj, data, device)
         elif data is None:
             raise ConfigError("a Hessian plane of a live model needs its data: data=(x_train, y_train, x_test, y_test)")
         else:
-            data, net = as_data(data, device), copy.deepcopy(src.model).to(device)
+            data, net = as_data(data, device, task), copy.deepcopy(src.model).to(device)
         if not isinstance(data, Data):
             raise ConfigError("a Hessian plane needs its data in memory (tensors); a streamed data source is "
                               "evaluated, not differentiated twice")
+        check_task_fits(net, data, device)
         (l1, l2), (u, v), its = top_hessian_eigen(net, src.layout, co.params.float(), co.buffers.float(), data,
                                                   samples, seed, iterations, tol, batch_size)
         h = [2 * math.sqrt(2 / max(abs(l), 1e-12)) for l in (l1, l2)]

@@ -189,6 +189,17 @@ class WrongLength(Task):
                                DataLoader(TensorDataset(torch.randn(9, 6), torch.zeros(9).long()))), None),
      DataError, ["cannot take a batch"]),
     (lambda: (nn.Linear(6, 3), _classification()[1], WrongLength()), ModelError, ["half", "[1]", "expected [2]"]),
+    # the test split is probed too: features of another size there
+    (lambda: (nn.Linear(6, 3), (DataLoader(TensorDataset(torch.randn(40, 6), torch.zeros(40).long()), batch_size=8),
+                               DataLoader(TensorDataset(torch.randn(9, 7), torch.zeros(9).long()))), None),
+     DataError, ["cannot take a batch of the test data"]),
+    (lambda: (nn.Linear(6, 3), (DataLoader(TensorDataset(torch.randn(0, 6), torch.zeros(0).long())),
+                               DataLoader(TensorDataset(torch.randn(9, 6), torch.zeros(9).long()))), None),
+     DataError, ["the train data yields no batches"]),
+    # a label past the logits, anywhere in a split held in memory (here the last test sample)
+    (lambda: (nn.Linear(6, 3), _classification()[1][:3] + (torch.cat([_classification()[1][3][:-1],
+                                                                      torch.tensor([3])]),), None),
+     DataError, ["the test labels run from 0 to 3, but the model gives 3 logits"]),
 ])
 def test_bad_input_is_one_line_before_any_work(make, error, words):
     net, data, task = make()
@@ -383,3 +394,12 @@ def test_a_task_vmap_cannot_batch_gives_the_same_values():
         single = ev(weights[k:k + 1], buffers[k:k + 1])
         for name, v in batched.items():
             np.testing.assert_allclose(v[k], single[name][0], rtol=1e-6, err_msg=name)
+
+
+def test_a_hessian_plane_takes_the_task_and_refuses_one_that_does_not_fit():
+    net, tensors, _ = _regression()
+    plane = ls.Plane.hessian(net, data=tensors, task="regression", samples=60)
+    same = ls.Plane.hessian(net, data=as_data(tensors, task="regression"), samples=60)
+    assert plane.derived["eigenvalues"] == same.derived["eigenvalues"]
+    with pytest.raises(ModelError, match="task 'classification' needs logits"):  # float targets, the default task
+        ls.Plane.hessian(net, data=tensors, samples=60)
