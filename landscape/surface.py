@@ -162,6 +162,8 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
     if layout.num_params != geom.origin.numel():
         raise ModelError(f"the model has {layout.num_params:,} parameters; the {geom.kind} was made for "
                          f"{geom.origin.numel():,}")
+    if geom.model is not None:
+        _check_same_shapes(Layout.of(unwrap(geom.model)[0]), layout, geom.kind)
     grid = make_grid(geom, grid, margin, xrange, yrange)
     check_points(geom.values_shape(grid), geom.kind)
     policy = _policy(bn, bn_batch_size or batch_size, bn_samples, module, geom)
@@ -172,6 +174,18 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
                                  grid.y, _basis(geom), points, runs, points_of.metrics, geom.values_shape(grid))
     _fill(writer, points_of, Group.single(device), points_per_call, quiet)
     return writer.close()
+
+
+def _check_same_shapes(made_for: Layout, layout: Layout, kind: str) -> None:
+    """Refuse a model whose parameters and buffers differ in shape, in order, from those of the model
+    the geometry's live checkpoints fit (the flat weights would be read as other tensors)."""
+    for what, mine, theirs in (("parameter", made_for.params, layout.params), ("buffer", made_for.buffers, layout.buffers)):
+        for a, b in zip(mine, theirs):
+            if a.shape != b.shape:
+                raise ModelError(f"the model's {what} {b.name} is {list(b.shape)}, but the {kind} was made for a model "
+                                 f"whose {what} {a.name} is {list(a.shape)}: evaluate it with that model")
+        if len(mine) != len(theirs):
+            raise ModelError(f"the model has {len(theirs)} {what}s; the {kind} was made for a model with {len(mine)}")
 
 
 def _check_geometry(geom) -> None:

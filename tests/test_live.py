@@ -173,3 +173,17 @@ def test_resume_after_a_measured_start_is_bit_identical(traj, tmp_path):
     uninterrupted = compute_surface(traj, plane, (7, 5), quiet=True, points_per_call=k)
     for m in uninterrupted.values:
         np.testing.assert_array_equal(resumed.values[m], uninterrupted.values[m])
+
+
+def test_a_model_of_another_architecture_with_as_many_parameters_is_refused():
+    def made():
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    other = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 8, bias=False), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 2))  # 58 parameters too
+    a, b = made(), made()
+    line = Line.through(a, b)
+    x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    with pytest.raises(ModelError, match="parameter 0.weight is \\[4\\], but the line was made for a model"):
+        evaluate_surface(other, line, (x[:30], y[:30], x[30:], y[30:]), grid=3)
+    surf = evaluate_surface(made(), line, (x[:30], y[:30], x[30:], y[30:]), grid=3)  # the same architecture
+    assert surf.values["train_loss"].shape == (3,)
