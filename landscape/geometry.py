@@ -621,8 +621,17 @@ class Plane:
                             derived=derived, extent=((-h[0], h[0]), (-h[1], h[1])), pad=False), [co], src)
 
 
+def _finite(*ckpts) -> None:
+    """Refuse a checkpoint with NaN or infinite weights (a diverged run's): no plane passes through it."""
+    for c in ckpts:
+        if not bool(torch.isfinite(c.params).all()):
+            raise GeometryError(f"checkpoint {c.name} holds NaN or infinite weights (a diverged run?); "
+                                "choose finite checkpoints")
+
+
 def _distinct(*ckpts) -> None:
-    """Refuse a checkpoint given twice, or two checkpoints with the same weights."""
+    """Refuse a checkpoint given twice, or two checkpoints with the same weights (or any not finite)."""
+    _finite(*ckpts)
     what = "a plane needs three" if len(ckpts) == 3 else "a line needs two"
     scale = max(float(c.params.norm()) for c in ckpts)
     for i, a in enumerate(ckpts):
@@ -658,9 +667,13 @@ def _origin_of(source, origin, model, name: str):
     if isinstance(source, Trajectory):
         if origin is None:
             raise ConfigError("give the origin checkpoint's name after the trajectory")
-        return Checkpoints(source, None), load_checkpoint(source, origin)
+        co = load_checkpoint(source, origin)
+        _finite(co)
+        return Checkpoints(source, None), co
     src, objs, labels = checkpoints_of((source,), 1, [name], model)
-    return src, src.load(objs[0], labels[0])
+    co = src.load(objs[0], labels[0])
+    _finite(co)
+    return src, co
 
 
 def _replace(obj, **changes):

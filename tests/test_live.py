@@ -10,7 +10,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from landscape import evaluate_surface
-from landscape.errors import ConfigError, ModelError
+from landscape.errors import ConfigError, GeometryError, ModelError
 from landscape.geometry import Line, Plane
 from landscape.plot import interactive_figure
 from landscape.store import open_surface, open_trajectory
@@ -187,3 +187,12 @@ def test_a_model_of_another_architecture_with_as_many_parameters_is_refused():
         evaluate_surface(other, line, (x[:30], y[:30], x[30:], y[30:]), grid=3)
     surf = evaluate_surface(made(), line, (x[:30], y[:30], x[30:], y[30:]), grid=3)  # the same architecture
     assert surf.values["train_loss"].shape == (3,)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_name():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        b.weight[0, 0] = float("nan")
+    for make in (lambda: Line.through(a, b, names=("a", "diverged")), lambda: Plane.random(b, name="diverged")):
+        with pytest.raises(GeometryError, match="checkpoint diverged holds NaN or infinite weights"):
+            make()

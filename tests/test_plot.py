@@ -306,6 +306,14 @@ def test_plot_files_pairs_rays_with_the_line(line, tmp_path):
     ec = res.numbers["edge_center"][str(line.path)]
     assert len(ec["swa/average:5"]["rise"]["0.1"]["rays"]["distances"]) == 2
     assert "rays" in res.numbers
+    # the figure functions take the rays surfaces too, paired with the line's solutions the same way
+    from landscape.plot import edge_center_figure, rays_figure
+    from landscape.plot.static import edge_center_of, match_rays, rays_of, line_solutions
+    fig = edge_center_figure(line, rays, rises=(0.1,))
+    matched = match_rays(rays_of(rays), line_solutions(line))[0]
+    assert edge_center_of(line, matched, (0.1,)) == ec
+    assert any(label.endswith("random rays") for label in fig.axes[1].get_legend_handles_labels()[1])
+    assert len(rays_figure(rays[2]).axes[0].lines) == len(rays_figure(rays_of(rays[2:])).axes[0].lines) > 0
 
 
 def test_plot_bad_input_is_one_line(plane, tmp_path, capsys):

@@ -82,13 +82,17 @@ def offset_figure(surface, *, train_metric: str = "train_loss", test_metric: str
     return fig
 
 
-def edge_center_figure(line, rays: dict | None = None, rises=(0.1,), *, numbers: dict | None = None,
+def edge_center_figure(line, rays=None, rises=(0.1,), *, numbers: dict | None = None,
                        solutions: dict | None = None) -> Figure:
     """Left: train loss (log) and test error along the line through the two solutions, both marked
     (the test-error axis shows up to four times its minimum). Right: train loss against distance from
     each solution along the line (both directions) and along random rays, with the point where each
-    curve has risen by ``rises[0]`` marked and the distances listed under the panel."""
+    curve has risen by ``rises[0]`` marked and the distances listed under the panel. ``rays``: rays
+    surfaces (``Line.random_rays``; each joins the solution it starts from), or their curves by
+    solution name as :func:`static.match_rays` gives them."""
     sols = solutions if solutions is not None else static.line_solutions(line)
+    if rays is not None and not isinstance(rays, dict):
+        rays = static.match_rays(_ray_curves(rays), sols)[0]
     numbers = numbers or static.edge_center_of(line, rays, rises, sols)
     rise = rises[0]
     with style():
@@ -260,9 +264,16 @@ def grafting_figure_from(traj, prefix: str = "grafting/net") -> Figure:
 
 # ---------------------------------------------------------------------------------------------
 
-def rays_figure(rays: dict, rise: float = 0.1) -> Figure:
-    """Train loss along random rays from one or more checkpoints (``rays``: name -> list of
-    ``(distance, train_loss)``), with the point where each has risen by ``rise`` marked."""
+def _ray_curves(rays) -> dict:
+    """Rays surfaces (one or a list) or their curves (origin name -> list of ``(distance, train_loss)``)
+    as the curves."""
+    return rays if isinstance(rays, dict) else static.rays_of(rays if isinstance(rays, (list, tuple)) else [rays])
+
+
+def rays_figure(rays, rise: float = 0.1) -> Figure:
+    """Train loss along random rays from one or more checkpoints (``rays``: rays surfaces, or origin
+    name -> list of ``(distance, train_loss)``), with the point where each has risen by ``rise`` marked."""
+    rays = _ray_curves(rays)
     with style():
         fig = Figure(figsize=(7.2, 5.6), layout="constrained")
         ax = fig.subplots()
