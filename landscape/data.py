@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torch.utils.data import (DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset,
-                              SubsetRandomSampler)
+from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler,
+                              Subset, SubsetRandomSampler)
 
 from .bn import batch_slices
 from .errors import DataError
 from .options import Option, check_options
-from .tasks import IGNORE_INDEX, get_task, to_device
+from .tasks import IGNORE_INDEX, Classification, get_task, to_device
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Data:
 class StreamData:
     """Both splits as data sources that yield batches, read in a fixed order for every pass, one batch
     in memory at a time. A source is a ``torch.utils.data.DataLoader`` (one over a map-style dataset is
-    read in index order, shuffling or not; with a ``SubsetRandomSampler`` or a list of indices as its
+    read in index order, shuffling or not; with a ``SubsetRandomSampler`` or an array of indices as its
     sampler, those samples in their order) or a function returning a fresh iterable of batches. A
     batch is an ``(inputs, targets)`` tuple or a dict (see :mod:`landscape.tasks`).
 
@@ -126,9 +126,10 @@ class StreamData:
             if not (isinstance(source, DataLoader) or callable(source)):
                 raise DataError(f"the {split} data source is a {type(source).__name__}; give a DataLoader or a "
                                 "function returning an iterable of batches")
-            if _map_style(source):
-                _samples(source, split)  # a sampler whose samples cannot be read in a fixed order is refused here
         self.train, self.test, self.task, self.sizes = train, test, get_task(task), sizes
+        # what each map-style loader reads, worked out once (a sampler no fixed order can read is refused here)
+        self._read = {split: _samples(source, split) for split, source in (("train", train), ("test", test))
+                      if _map_style(source)}
 
     def to(self, device) -> "StreamData":
         return self  # batches move to the model's device as they are read
@@ -136,7 +137,7 @@ class StreamData:
     def batches(self, split: str, batch_size: int = None, device=None):
         """The batches of ``split`` in its fixed order (``batch_size``: the source's own)."""
         first = None
-        for i, batch in enumerate(_in_order(getattr(self, split))):
+        for i, batch in enumerate(_in_order(getattr(self, split), self._read.get(split))):
             first = batch if first is None else first
             _check_like(first, batch, split, i)
             yield to_device(batch, device) if device is not None else batch
@@ -145,17 +146,19 @@ class StreamData:
         source = getattr(self, split)
         if self.sizes and split in self.sizes:
             return self.sizes[split]
-        return len(_samples(source, split)) if _map_style(source) else None
+        return len(self._read[split]) if split in self._read else None
 
     def subset(self, samples: int, seed: int = 0, splits=("train", "test")) -> "StreamData":
         """A fixed random subset of ``samples`` of each split (a DataLoader over a map-style dataset)."""
         g, sources = torch.Generator().manual_seed(seed), {"train": self.train, "test": self.test}
         for split in splits:
             loader = sources[split]
-            if not _map_style(loader):
-                raise DataError(f"a subset of the {split} data needs a DataLoader over a dataset with a length; "
-                                f"the {split} source is a {type(loader).__name__}")
-            read = _samples(loader, split)
+            if split not in self._read:
+                what = "a DataLoader with a batch_sampler" if isinstance(loader, DataLoader) and _sized(loader.dataset) \
+                    else f"a {type(loader).__name__}"
+                raise DataError(f"a subset of the {split} data needs a DataLoader that reads the samples of a dataset "
+                                f"with a length one by one; the {split} source is {what}")
+            read = self._read[split]
             if samples < len(read):
                 idx = torch.randperm(len(read), generator=g)[:samples].sort().values.tolist()
                 sources[split] = _sequential(loader, Subset(read, idx))
@@ -176,15 +179,17 @@ def _samples(loader: DataLoader, split: str = ""):
     """The samples a map-style ``loader`` reads, as a dataset to read in index order: its whole dataset
     when its sampler takes every sample once (sequential or shuffling), the chosen ones for a
     ``SubsetRandomSampler`` or a list of indices. Another sampler (weighted, distributed, a user's own)
-    draws a different selection on every pass, which no fixed order can read: refused."""
+    draws a different selection on every pass, which no fixed order can read: refused. A
+    ``DistributedSampler`` reads the whole dataset: under torchrun, processes share the points, and
+    each point is evaluated on all the data."""
     sampler, dataset = loader.sampler, loader.dataset
-    if isinstance(sampler, SequentialSampler) or (
+    if isinstance(sampler, (SequentialSampler, DistributedSampler)) or (
             isinstance(sampler, RandomSampler) and not sampler.replacement and len(sampler) == len(dataset)):
         return dataset
     if isinstance(sampler, SubsetRandomSampler):
-        return Subset(dataset, [int(i) for i in sampler.indices])
-    if isinstance(sampler, (list, tuple, range)):
-        return Subset(dataset, [int(i) for i in sampler])
+        return Subset(dataset, np.asarray(sampler.indices, dtype=np.int64).tolist())
+    if isinstance(sampler, (list, tuple, range, np.ndarray, torch.Tensor)):
+        return Subset(dataset, np.asarray(sampler, dtype=np.int64).tolist())
     raise DataError(f"the {split + ' ' if split else ''}DataLoader draws its samples with a {type(sampler).__name__}, "
                     "which no fixed order can read; give a DataLoader over the samples to evaluate (e.g. a "
                     "torch.utils.data.Subset, or a SubsetRandomSampler) or a function returning its batches")
@@ -197,11 +202,12 @@ def _sequential(loader: DataLoader, dataset=None) -> DataLoader:
                       pin_memory=loader.pin_memory)
 
 
-def _in_order(source):
-    """One pass over a source in its fixed order: a map-style DataLoader sequentially; any other
-    iterable with torch's random state fixed for the pass (so a shuffling iterable repeats itself)."""
-    if _map_style(source):
-        yield from _sequential(source, _samples(source))
+def _in_order(source, read=None):
+    """One pass over a source in its fixed order: a map-style DataLoader's samples ``read`` (see
+    :func:`_samples`) sequentially; any other iterable with torch's random state fixed for the pass (so
+    a shuffling iterable repeats itself)."""
+    if read is not None:
+        yield from _sequential(source, read)
         return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -432,7 +438,8 @@ def _split_arrays(split, name: str, which: str):
             if len({(t.shape, t.is_floating_point()) for t in items}) > 1:
                 raise DataError(f"dataset factory {name}: the {which} set's {what} differ in shape or type "
                                 "from item to item")
-        return [torch.stack(xs), torch.stack(ys)]
+        y = torch.stack(ys)
+        return [torch.stack(xs), y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y]  # [c] or [v]: one per sample
     raise DataError(f"dataset factory {name}: the {which} set is {type(split).__name__}, expected an "
                     "(x, y) pair or a dataset of (x, y) items")
 
@@ -580,6 +587,17 @@ def typed(tensors) -> tuple:
     return [x_tr, y_tr, x_te, y_te], classes
 
 
+def _whole_labels_as_classes(tensors: list) -> list:
+    """For classification: float labels (N,) that are all whole non-negative numbers (``3.0``, as a
+    table or a float dataset gives them) read as class labels."""
+    x_tr, y_tr, x_te, y_te = tensors
+    ys = (y_tr, y_te)
+    if all(y.is_floating_point() and y.ndim == 1 for y in ys) and \
+            all(bool((y == y.round()).all() and (y >= 0).all()) for y in ys):
+        return [x_tr, y_tr.long(), x_te, y_te.long()]
+    return tensors
+
+
 def load_data(spec: DataSpec, device="cpu", task=None) -> Data:
     """The dataset ``spec`` names, on ``device``, scored by ``task`` (None: classification)."""
     if spec.name in DATASETS:
@@ -604,6 +622,8 @@ def load_data(spec: DataSpec, device="cpu", task=None) -> Data:
         raise DataError(f"dataset {spec.name!r}: augment (random crop and flip) needs images (N, C, H, W), "
                         f"got inputs of shape {tuple(x_tr.shape[1:])}")
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    if num_classes is None and (task is None or task == "classification" or isinstance(task, Classification)):
+        tensors = _whole_labels_as_classes(tensors)
     if num_classes is None:  # a dataset of values or tokens: the count follows from the arrays' types
         tensors, num_classes = typed(tensors)
     return Data(*tensors, num_classes=num_classes, augment=augment, task=task).to(device)

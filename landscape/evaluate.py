@@ -41,6 +41,7 @@ import ctypes
 import platform
 import time
 import types
+import warnings
 import weakref
 from dataclasses import asdict, dataclass
 
@@ -407,10 +408,12 @@ class Evaluator:
         if batched and self._vmap_model:
             try:
                 return vmap(call, in_dims=(0, 0))(p, b)
-            except (_PassDone, torch.cuda.OutOfMemoryError):
-                raise
-            except Exception:  # e.g. a GRU: vmap has no rule for it; a real error recurs point by point
+            except RuntimeError as e:  # e.g. a GRU: vmap has no batching rule for it
+                if not _cannot_vmap(e):
+                    raise
                 self._vmap_model = False
+                warnings.warn(f"vmap cannot batch this model ({str(e).splitlines()[0][:120]}); its points run one "
+                              "call each, with the same values")
         if batched:
             return self._forward_each(p, b, batch)
         with self._layers_channels_last(channels_last):
@@ -531,6 +534,13 @@ class Evaluator:
                                                                for m in parts[0][1]}, torch.stack([p[2] for p in parts]))
 
 
+def _cannot_vmap(e: RuntimeError) -> bool:
+    """Whether ``e`` is vmap's own refusal (no batching rule, data-dependent Python), not a failure
+    that would recur one point at a time (such as running out of memory)."""
+    text = str(e).lower()
+    return ("batching rule" in text or "vmap" in text) and "out of memory" not in text
+
+
 def check_task_fits(model, data, device):
     """Two samples of each split through the model (in eval mode) and the data's task, before any long
     work: a task that does not fit the model's outputs, data of the wrong shapes, a metric of the
@@ -555,25 +565,26 @@ def check_task_fits(model, data, device):
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         finally:
             model.train(was_training)
-        _check_labels(data.task, getattr(data, f"y_{split}") if isinstance(data, Data) else targets_of(batch),
+        _check_labels(data.task, lambda: getattr(data, f"y_{split}") if isinstance(data, Data) else targets_of(batch),
                       output, split)
         check_evaluation(data.task, data.task.evaluate(output, batch), batch_size_of(batch))
         probes[split] = batch
     return probes["train"]
 
 
-def _check_labels(task, y, output, split: str) -> None:
-    """Class labels (classification, language model; a whole split in memory, else the probe's)
-    within the model's logits: a label past them would fail deep inside a pass (on a GPU, stop the
-    process)."""
+def _check_labels(task, labels, output, split: str) -> None:
+    """Class labels (classification, language model; ``labels()``: a whole split in memory, else the
+    probe's) within the model's logits: a label past them would fail deep inside a pass (on a GPU,
+    stop the process)."""
     logits = logits_of(output)
-    if not isinstance(task, (Classification, LanguageModel)) or not torch.is_tensor(y) or y.is_floating_point() \
-            or not torch.is_tensor(logits) or logits.ndim < 2:
+    if not isinstance(task, (Classification, LanguageModel)) or not torch.is_tensor(logits) or logits.ndim < 2:
+        return
+    y, width = labels(), logits.shape[-1]
+    if not torch.is_tensor(y) or y.is_floating_point() or not y.numel():
         return  # (the task's own check names what does not fit)
-    width = logits.shape[-1]
-    if isinstance(task, LanguageModel):
-        y = y[y != task.ignore_index]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= width):
+    if isinstance(task, LanguageModel):  # left-out labels read as 0, without a copy of the kept ones
+        y = torch.where(y == task.ignore_index, 0, y)
+    if int(y.min()) < 0 or int(y.max()) >= width:
         raise DataError(f"the {split} labels run from {int(y.min())} to {int(y.max())}, but the model gives "
                         f"{width} logits (labels 0 to {width - 1})")
 

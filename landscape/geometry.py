@@ -50,7 +50,7 @@ from .data import Data, as_data
 from .errors import CheckpointError, ConfigError, GeometryError, ModelError
 from .evaluate import check_task_fits
 from .params import Layout, match_state_dict, unwrap
-from .rebuild import rebuild_data, rebuild_model
+from .rebuild import rebuild_data, rebuild_model, rebuild_task
 from .store import PathData, PointData, Trajectory, open_trajectory
 from .store.files import available_memory
 from .tasks import get_task, output_tree
@@ -601,7 +601,8 @@ class Plane:
             raise ConfigError(f"Hessian tolerance must be non-negative, got {tol}")
         src, co = _origin_of(source, origin, model, name)
         if src.traj is not None:
-            data = as_data(data if data is not None else rebuild_data(src.traj, device), device, task)
+            data = as_data(data if data is not None else rebuild_data(src.traj, device), device,
+                           task if task is not None else rebuild_task(src.traj))
             net = rebuild_model(src.traj, data, device)
         elif data is None:
             raise ConfigError("a Hessian plane of a live model needs its data: data=(x_train, y_train, x_test, y_test)")

@@ -49,6 +49,8 @@ def rebuild_model(traj, data: Data | None = None, device="cpu") -> nn.Module:
     file names code the user has not allowed)."""
     traj.check_trusted()
     data = data if data is not None else rebuild_data(traj)
-    model = build_model(model_spec(traj), data.input_shape, data.num_classes).to(device)
+    # the class count the model was built with, as the file records it (the data's own count may be
+    # worked out otherwise by a later version)
+    model = build_model(model_spec(traj), data.input_shape, traj.config.get("num_classes", data.num_classes)).to(device)
     traj.layout.check_module(model)
     return model

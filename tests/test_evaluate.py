@@ -93,12 +93,21 @@ def test_a_model_vmap_cannot_batch_runs_its_points_one_by_one_with_the_same_valu
     b = layout.buffers_to_vector(net).expand(3, -1).clone()
     ev = Evaluator(net, layout, as_data((x[:40], y[:40], x[40:], y[40:])), BatchNormPolicy(policy, batch_size=10),
                    batch_size=16)
-    batched = ev(w, b)
+    with pytest.warns(UserWarning, match="vmap cannot batch this model"):
+        batched = ev(w, b)
     assert not ev._vmap_model  # it tried vmap once, then went point by point
     for k in range(3):
         single = ev(w[k:k + 1], b[k:k + 1])
         for name, values in batched.items():
             assert values[k] == single[name][0], (name, k)
+
+
+def test_only_vmaps_own_refusals_make_the_points_run_one_by_one():
+    from landscape.evaluate import _cannot_vmap
+    assert _cannot_vmap(RuntimeError("Batching rule not implemented for aten::gru.input. We could not generate"))
+    assert _cannot_vmap(RuntimeError("vmap: It looks like you're calling .item() on a Tensor."))
+    assert not _cannot_vmap(RuntimeError("CUDA error: out of memory"))
+    assert not _cannot_vmap(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_recompute_on_a_fixed_subset(setup):

@@ -212,7 +212,8 @@ def test_user_data_factory_forms(tmp_path, monkeypatch):
         "class AsGiven(D):\n"
         "    def __getitem__(self, i): return self.a[i], self.b[i]\n"
         "def values(): return AsGiven(x[:6], x[:6, 0] / 7), AsGiven(x[6:], x[6:, 0] / 7)\n"
-        "def ragged(): return AsGiven(x[:6], [0, 1, 2, [3, 4], 0, 1]), D(x[6:], y[6:])\n")
+        "def ragged(): return AsGiven(x[:6], [0, 1, 2, [3, 4], 0, 1]), D(x[6:], y[6:])\n"
+        "def boxed(): return AsGiven(x[:6], [np.array([c]) for c in y[:6]]), AsGiven(x[6:], [float(c) for c in y[6:]])\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     for name in ("four", "as_dict", "pairs", "datasets"):
@@ -223,6 +224,9 @@ def test_user_data_factory_forms(tmp_path, monkeypatch):
     values = load_data(DataSpec("userdata_forms:values"), task="regression")  # float targets stay values
     assert values.y_train.dtype == torch.float32 and values.num_classes == 1
     np.testing.assert_allclose(values.y_test.numpy(), np.array([24, 28, 32, 36]) / 7, rtol=1e-6)
+    boxed = load_data(DataSpec("userdata_forms:boxed"))  # labels as [c] arrays and as 1.0: classes still
+    assert boxed.y_train.dtype == torch.int64 and boxed.y_train.shape == (6,) and boxed.num_classes == 2
+    np.testing.assert_array_equal(boxed.y_test.numpy(), [0, 1, 0, 1])
     with pytest.raises(DataError, match="the train set's targets differ in shape or type"):
         load_data(DataSpec("userdata_forms:ragged"))
     with pytest.raises(DataError, match="returned int"):
@@ -273,3 +277,19 @@ def test_a_regression_model_is_recorded_imported_and_evaluated_with_its_task(tmp
         Recorder(tmp_path / "x.h5", **model_args, **data_args, task="regression", config={"task": "classification"})
     with pytest.raises(ConfigError, match="records its task by name"):
         Recorder(tmp_path / "x.h5", **model_args, **data_args, task=object())
+
+
+def test_a_file_rebuilds_its_model_with_the_class_count_it_records(tmp_path):
+    """The file says how many outputs its model was built with; the data's count, worked out again by a
+    later version, does not change the model."""
+    from landscape.data import DataSpec, load_data
+    from landscape.models import ModelSpec, build_model
+    from landscape.rebuild import rebuild_model
+    data = load_data(DataSpec("synthetic", {"n_train": 20, "n_test": 8}))
+    net = build_model(ModelSpec("mlp", {"hidden": [4]}), data.input_shape, data.num_classes + 2)
+    with Recorder(tmp_path / "r.h5", model="mlp", model_kwargs={"hidden": [4]}, data="synthetic",
+                  data_options={"n_train": 20, "n_test": 8}, check=False,
+                  config={"num_classes": data.num_classes + 2, "input_shape": list(data.input_shape)}) as rec:
+        rec.record("sgd", net, epoch=0)
+    model = rebuild_model(open_trajectory(tmp_path / "r.h5"))
+    assert model[-1].out_features == data.num_classes + 2

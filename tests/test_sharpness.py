@@ -358,6 +358,13 @@ def test_a_regression_trajectorys_sharpness_file_keeps_its_own_metrics(tmp_path,
     assert again.summary()[0]["test_mae"] == sharp.results[0]["metrics"]["test_mae"]
     fig = flatness_figure(again)
     assert fig.axes[0].get_ylabel() == "test mae"
+    from landscape.plot.interactive import flatness_table_html
+    assert "<th>test mae</th>" in flatness_table_html(again)
+    from landscape.geometry import Plane
+    data = load_data(DataSpec("regression", {"n_train": 32, "n_test": 16, "features": 3}), task="regression")
+    tensors = (data.x_train, data.y_train, data.x_test, data.y_test)  # scored with the file's task
+    plane = Plane.hessian(open_trajectory(traj), "sgd", data=tensors, samples=32)
+    assert plane.derived["eigenvalues"] == Plane.hessian(open_trajectory(traj), "sgd", samples=32).derived["eigenvalues"]
     assert main(["sharpness", str(traj), "sgd", "--top-k", "2", "--iterations", "10", "--probes", "4",
                  "--ascent-steps", "2", "-o", str(tmp_path / "cli.h5"), "--quiet", "--device", "cpu"]) == 0
     assert "test mae" in capsys.readouterr().out

@@ -222,7 +222,7 @@ def test_a_loader_with_a_subset_sampler_reads_its_samples_and_another_sampler_is
     whole = TensorDataset(torch.cat([x_tr, x_te]), torch.cat([y_tr, y_te]))
     train_idx, test_idx = list(range(len(x_tr))), list(range(len(x_tr), len(x_tr) + len(x_te)))
     by_sampler = StreamData(DataLoader(whole, batch_size=16, sampler=torch.utils.data.SubsetRandomSampler(train_idx)),
-                            DataLoader(whole, batch_size=16, sampler=test_idx))
+                            DataLoader(whole, batch_size=16, sampler=np.array(test_idx)))
     expect = evaluate_model(net, as_data((x_tr, y_tr, x_te, y_te)), batch_size=16)
     got = evaluate_model(net, by_sampler, batch_size=16)
     for name in expect:
@@ -234,6 +234,12 @@ def test_a_loader_with_a_subset_sampler_reads_its_samples_and_another_sampler_is
     weighted = torch.utils.data.WeightedRandomSampler(torch.ones(len(whole)), len(x_tr))
     with pytest.raises(DataError, match="train DataLoader draws its samples with a WeightedRandomSampler"):
         StreamData(DataLoader(whole, batch_size=16, sampler=weighted), DataLoader(whole, batch_size=16))
+    # under torchrun the processes share the points, not the data: a DistributedSampler reads it all
+    shard = torch.utils.data.DistributedSampler(whole, num_replicas=2, rank=1, shuffle=False)
+    assert StreamData(DataLoader(whole, batch_size=16, sampler=shard), by_sampler.test).population("train") == len(whole)
+    batched = DataLoader(whole, batch_sampler=torch.utils.data.BatchSampler(range(len(whole)), 16, False))
+    with pytest.raises(DataError, match="the train source is a DataLoader with a batch_sampler"):
+        StreamData(batched, by_sampler.test).subset(10)
 
 
 def test_labels_are_classes_for_token_inputs_and_the_vocabulary_for_next_token_labels():
@@ -394,6 +400,32 @@ def test_a_task_vmap_cannot_batch_gives_the_same_values():
         single = ev(weights[k:k + 1], buffers[k:k + 1])
         for name, v in batched.items():
             np.testing.assert_allclose(v[k], single[name][0], rtol=1e-6, err_msg=name)
+
+
+def test_a_user_task_on_dict_batches_without_labels_is_checked_and_evaluated():
+    """Only the tasks with class labels have them read before any work: a task of its own reads its
+    batches as it likes."""
+    class OwnKeys(Task):
+        name, metrics, primary = "own", ("mae",), "mae"
+
+        def evaluate(self, output, batch):
+            d = output[:, 0] - batch["target"]
+            return Evaluation(d.square(), {"mae": d.abs()})
+
+    class KeywordNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, features, target=None):
+            return self.lin(features)
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"features": torch.randn(4, generator=g), "target": torch.randn((), generator=g)} for _ in range(30)]
+    data = (DataLoader(rows[:20], batch_size=8), DataLoader(rows[20:], batch_size=8))
+    a, b = KeywordNet(), KeywordNet()
+    surf = ls.evaluate_surface(a, ls.Line.through(a, b), data, 3, task=OwnKeys())
+    assert np.isfinite(surf.values["test_mae"]).all()
 
 
 def test_a_hessian_plane_takes_the_task_and_refuses_one_that_does_not_fit():

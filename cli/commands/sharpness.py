@@ -71,11 +71,9 @@ def run(args) -> int:
     print(f"wrote {res.path} ({len(res.results)} checkpoint(s) in {res.seconds:.1f} s; "
           f"epsilon = {res.epsilon:g} of each filter's norm)")
     shown = res.test_metric  # the task's primary test value: test_err (%) for classification
-    percent = shown.removeprefix("test_") in (res.spec.get("task") or {"percent": ["err"]})["percent"]
     print(f"{'checkpoint':<22}{shown.replace('_', ' '):>9}{'top eigenvalues':>34}{'trace':>20}{'eps-sharp':>11}")
     for r in res.summary():
         eig = " ".join(f"{v:.4g}" for v in r["eigenvalues"][:4])
-        value = f"{r[shown]:>8.2f}%" if percent else f"{r[shown]:>9.4g}"
-        print(f"{r['checkpoint']:<22}{value}{eig:>34}"
+        print(f"{r['checkpoint']:<22}{res.format_test_metric(r[shown]).replace(' ', ''):>9}{eig:>34}"
               f"{r['trace']:>12.4g} +-{r['trace_stderr']:<6.2g}{r['epsilon_sharpness']:>11.4g}")
     return 0

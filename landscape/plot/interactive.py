@@ -438,7 +438,9 @@ def flatness_lines(sharp) -> dict:
 def flatness_table_html(sharp) -> str:
     """A section with the numbers of every checkpoint of a sharpness file."""
     k = max(len(r["eigenvalues"]) for r in sharp.results)
-    head = ("<tr><th>checkpoint</th><th>epoch</th><th>train loss</th><th>test error (%)</th>"
+    shown = sharp.test_metric  # the task's primary test value: test_err for classification
+    head = ("<tr><th>checkpoint</th><th>epoch</th><th>train loss</th>"
+            f"<th>{'test error (%)' if shown == 'test_err' else html.escape(shown.replace('_', ' '))}</th>"
             f"<th>top {k} Hessian eigenvalues</th><th>trace (+- s.e.)</th>"
             f"<th>epsilon-sharpness (epsilon {sharp.epsilon:g})</th></tr>")
     rows = []
@@ -446,7 +448,7 @@ def flatness_table_html(sharp) -> str:
         eig = ", ".join(f"{v:.4g}" for v in r["eigenvalues"])
         rows.append(f"<tr><td>{html.escape(r['checkpoint'])} ({html.escape(role(r['checkpoint']).label)})</td>"
                     f"<td>{r['epoch']:g}</td><td>{r['metrics']['train_loss']:.4f}</td>"
-                    f"<td>{r['metrics']['test_err']:.2f}</td><td>{eig}</td>"
+                    f"<td>{sharp.format_test_metric(r['metrics'][shown]).removesuffix(' %')}</td><td>{eig}</td>"
                     f"<td>{r['trace']:.4g} +- {r['trace_stderr']:.2g}</td><td>{r['epsilon_sharpness']:.4g}</td></tr>")
     name = html.escape(sharp.path.name) if sharp.path is not None else "sharpness"
     policy = str(sharp.spec.get("bn", {}).get("policy", "?"))

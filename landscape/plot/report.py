@@ -186,7 +186,7 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
         res.numbers["sharpness"] = sharp.summary()
         shown = sharp.test_metric
         for r in sharp.summary():
-            value = f"test error {r[shown]:.2f} %" if shown == "test_err" else f"{shown.replace('_', ' ')} {r[shown]:.4g}"
+            value = f"{'test error' if shown == 'test_err' else shown.replace('_', ' ')} {sharp.format_test_metric(r[shown])}"
             res.lines.append(f"flatness {r['checkpoint']}: top Hessian eigenvalue {r['eigenvalues'][0]:.4g}, "
                              f"trace {r['trace']:.4g} +- {r['trace_stderr']:.2g}, epsilon-sharpness "
                              f"{r['epsilon_sharpness']:.4g} (epsilon {r['epsilon']:g}), {value}")

@@ -52,6 +52,11 @@ class SharpnessFile:
         (``test_err`` for classification, and for files written before tasks were recorded)."""
         return f"test_{(self.spec.get('task') or {}).get('primary', 'err')}"
 
+    def format_test_metric(self, value: float) -> str:
+        """``value`` of :attr:`test_metric` as tables show it: ``4.90 %`` for a metric in percent."""
+        percent = (self.spec.get("task") or {"percent": ["err"]}).get("percent", ())
+        return f"{value:.2f} %" if self.test_metric.removeprefix("test_") in percent else f"{value:.4g}"
+
     def summary(self) -> list:
         """Per checkpoint, the numbers ``landscape sharpness --json`` prints."""
         out = []
