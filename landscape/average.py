@@ -32,6 +32,7 @@ from .bn import recompute_bn
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_model as evaluate
+from .recorder import check_run_name
 from .rebuild import rebuild_data, rebuild_model
 from .store import Trajectory, TrajectoryWriter, open_trajectory
 from .store.files import prepare_output
@@ -115,6 +116,7 @@ def plan(traj, averages) -> list:
         name = a.run_name(rows)
         if name in traj.runs or name in names:
             raise CheckpointError(f"run {name!r} exists already; choose another --name")
+        check_run_name(name, [*traj.runs, *names])  # a group path of the file: not inside another run
         names.add(name)
         out.append((a, rows, name))
     return out

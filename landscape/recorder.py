@@ -93,7 +93,7 @@ def recorded_task(task, config: dict):
 def check_run_name(run: str, existing=()) -> str:
     """Run names are HDF5 group paths (``sgd``, ``swa/average``); a ``:`` would clash with
     checkpoint names (``RUN:INDEX``), and a run cannot sit inside another."""
-    if not isinstance(run, str) or not run or run.startswith("/") or run.endswith("/") or "//" in run:
+    if not isinstance(run, str) or not run or any(part in ("", ".", "..") for part in run.split("/")):
         raise CheckpointError(f"run name {run!r} is not valid; use names like 'sgd' or 'swa/average'")
     if ":" in run:
         raise CheckpointError(f"run name {run!r} contains ':', which separates a run from a checkpoint index")

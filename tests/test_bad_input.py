@@ -258,3 +258,18 @@ def test_interruption_says_what_was_kept(tiny_run, tmp_path, capsys, monkeypatch
     assert err == f"landscape: interrupted: 2 of 9 points kept in {out}.partial; run the same command again to finish\n"
     monkeypatch.setattr(Evaluator, "__call__", real)
     assert main(argv) == 0 and open_surface(out).done.all()
+
+
+def test_damaged_metadata_and_run_names_that_are_not_runs_are_one_line(tiny_run, tmp_path, capsys):
+    """A copy whose HDF5 metadata was damaged (flipped bytes of an object header) is named as damaged,
+    not a traceback; `landscape average --name` takes only names that are runs of their own."""
+    data = bytearray(Path(tiny_run).read_bytes())
+    at = data.find(b"OHDR", 100)
+    data[at + 8:at + 24] = bytes(b ^ 0x5A for b in data[at + 8:at + 24])
+    (tmp_path / "damaged.h5").write_bytes(bytes(data))
+    one_line_error(capsys, ["info", tmp_path / "damaged.h5"], "damaged.h5 is damaged")
+    for name, words in (("sgd/x", "cannot sit beside run 'sgd'"), ("swa", "cannot sit beside run 'swa/"),
+                        (".", "is not valid"), ("trail/", "is not valid")):
+        one_line_error(capsys, ["average", tiny_run, "--from", "sgd:1:", "--uniform", "--name", name, "--quiet",
+                                "-o", tmp_path / "a.h5"], words)
+    assert not (tmp_path / "a.h5").exists()

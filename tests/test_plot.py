@@ -333,6 +333,25 @@ def test_plot_bad_input_is_one_line(plane, tmp_path, capsys):
         plot_files([], tmp_path / "f")
     with pytest.raises(ConfigError, match="positive"):
         plot_files([plane], tmp_path / "f", rises=(0.0,))
+    from dataclasses import replace
+    thin = replace(plane, y=plane.y[:1], values={k: v[:, :1] for k, v in plane.values.items()})
+    with pytest.raises(ConfigError, match="a plane of [0-9]+ x 1 points; its contours need at least 2 x 2"):
+        plot_files([thin], tmp_path / "f")
+
+
+def test_a_figure_that_cannot_be_written_is_one_line(plane, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from landscape.errors import WriteError
+    from matplotlib.figure import Figure
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(WriteError, match="no space left on device writing .*plane-landscape.png"):
+        plot_files([plane], tmp_path / "f", formats=("png",))
+    assert not (tmp_path / "f").exists() or not list((tmp_path / "f").glob("*.png"))
 
 
 def test_rays_files_pair_with_the_line_by_their_origin(line, tmp_path):

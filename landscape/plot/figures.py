@@ -286,7 +286,7 @@ def rays_figure(rays, rise: float = 0.1) -> Figure:
 def save(fig: Figure, out_dir, name: str, formats=("png", "pdf")) -> list:
     """Write ``fig`` as ``out_dir/name.<fmt>`` for each format (each file written whole, then moved
     into place, on the disk before it gets its name); return the paths."""
-    from ..store.files import publish
+    from ..store.files import publish, write_failed
     out_dir = Path(out_dir)
     paths = []
     for fmt in formats:
@@ -295,6 +295,8 @@ def save(fig: Figure, out_dir, name: str, formats=("png", "pdf")) -> list:
         try:
             fig.savefig(tmp, format=fmt)
             publish(tmp, p)
+        except OSError as e:  # a full disk, a folder taken away: one line, naming the figure
+            raise write_failed(e, p) from None
         finally:
             tmp.unlink(missing_ok=True)
         paths.append(p)

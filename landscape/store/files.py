@@ -96,6 +96,9 @@ def open_read(path, expected_format: str) -> h5py.File:
             raise FileFormatError(f"{path} is not a {expected_format.split('.')[-1]} file "
                                   f"(format attribute is {fmt!r}, expected {expected_format!r})")
         check_self_contained(f, path)
+    except (RuntimeError, SystemError, KeyError) as e:  # what h5py raises on damaged metadata
+        f.close()
+        raise FileFormatError(f"{path} is damaged: its HDF5 metadata cannot be read (a broken or cut-off copy?)") from None
     except BaseException:
         f.close()
         raise
