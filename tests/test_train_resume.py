@@ -10,6 +10,7 @@ from landscape.cli.main import main
 from landscape.errors import FileFormatError
 from landscape.models import ModelSpec
 from landscape.store import open_trajectory
+from landscape.store.files import sha256
 from landscape.train import METHODS, train
 from landscape.train.loop import Context
 
@@ -105,6 +106,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_file(config, whole, t
     assert 0 < counts[run] < open_trajectory(whole).num_checkpoints(run)
 
     _assert_same_file(whole, out)
+    assert sha256(out) == sha256(whole)  # byte for byte: surfaces of either record the same trajectory
     assert set(summary["final"]) == set(open_trajectory(out).runs)  # kept runs are reported as well
 
 

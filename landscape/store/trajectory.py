@@ -294,10 +294,14 @@ class TrajectoryWriter:
         return self._open_datasets[run]
 
     def set_attrs(self, run: str, **attrs) -> None:
-        """Attach JSON-able facts to a run (e.g. the layer names behind a (T, k) metric)."""
+        """Attach JSON-able facts to a run (e.g. the layer names behind a (T, k) metric). A fact the run
+        holds already is not written again: a resumed method sets its facts a second time, and a
+        rewritten attribute moves in the file, so the bytes would differ from an uninterrupted run's."""
         g = self._run_group(run)
         for k, v in attrs.items():
-            g.attrs[k] = to_json(v)
+            value = to_json(v)
+            if g.attrs.get(k) != value:
+                g.attrs[k] = value
 
     def flush(self) -> None:
         """Put what was appended so far on the disk (``NAME.partial``)."""
