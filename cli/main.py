@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     from landscape.errors import LandscapeError
     warnings.formatwarning = _one_line_warning  # our warnings are for people, not stack locations
     args = build_parser().parse_args(argv)
-    previous = _terminate_as_interrupt()
+    previous, previous_hook = _terminate_as_interrupt(), sys.unraisablehook
+    sys.unraisablehook = _interrupt_again(previous_hook)
     try:
         return args._run(args) or 0
     except LandscapeError as e:
@@ -80,8 +81,25 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
     finally:
+        sys.unraisablehook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_again(hook):
+    """``sys.unraisablehook`` that delivers again a Ctrl-C or SIGTERM whose KeyboardInterrupt was raised
+    while Python ran a finalizer or a weakref callback: Python prints such an exception as "ignored"
+    and goes on, so the command would run to its end. Any other unraisable exception goes to ``hook``."""
+    def unraisable(u):
+        if not isinstance(u.exc_value, KeyboardInterrupt) or threading.current_thread() is not threading.main_thread():
+            return hook(u)
+        # sent again a moment later from another thread, so that the handler runs in the main code,
+        # not in here (where its exception would be lost the same way)
+        sig = signal.SIGTERM if callable(signal.getsignal(signal.SIGTERM)) else signal.SIGINT
+        again = threading.Timer(0.05, os.kill, (os.getpid(), sig))
+        again.daemon = True
+        again.start()
+    return unraisable
 
 
 def _terminate_as_interrupt():

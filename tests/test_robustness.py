@@ -291,6 +291,37 @@ def test_sigterm_says_what_was_kept(tmp_path):
     assert err.count("\n") == 1
 
 
+LOST_IN_A_CALLBACK = """
+import os, signal, sys, time, weakref
+from landscape.cli.main import _interrupt_again, _terminate_as_interrupt
+_terminate_as_interrupt()
+if sys.argv[1] == "hook":
+    sys.unraisablehook = _interrupt_again(sys.unraisablehook)
+class A: pass
+a = A()
+def callback(_):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)  # the handler runs in here: Python prints its KeyboardInterrupt as ignored
+r = weakref.ref(a, callback)
+try:
+    del a
+    time.sleep(2)
+    print("lost")
+except KeyboardInterrupt:
+    print("delivered")
+"""
+
+
+@pytest.mark.parametrize("hook, expect", [("none", "lost"), ("hook", "delivered")])
+def test_a_sigterm_that_lands_in_a_weakref_callback_is_delivered_again(hook, expect):
+    """A SIGTERM (or Ctrl-C) whose KeyboardInterrupt is raised inside a finalizer or weakref callback is
+    lost by Python, and the command would run to its end (seen once: `train` ran all 400 epochs); the
+    command's unraisable hook sends it again, to the main code."""
+    r = subprocess.run([sys.executable, "-c", LOST_IN_A_CALLBACK, hook], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    assert r.stdout.strip() == expect, r.stdout + r.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # full disks: simulated in every run, a real small tmpfs where this process may mount one
 
