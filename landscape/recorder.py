@@ -42,6 +42,7 @@ from .params import Layout, unwrap
 from .store import TrajectoryWriter
 from .store.files import prepare_output
 from .tasks import TASKS, get_task
+from .trust import is_import_path
 
 # per-parameter keys under which Lookahead implementations keep the slow weights: ours
 # (landscape.train.Lookahead), and the common reference implementations
@@ -84,7 +85,7 @@ def recorded_task(task, config: dict):
     if task is not None and named is not None and task != named:
         raise ConfigError(f"task={task!r} and the configuration's task {named!r} differ; give one")
     task = named if task is None else task
-    if task is not None and not (isinstance(task, str) and (task in TASKS or ":" in task)):
+    if task is not None and not (isinstance(task, str) and (task in TASKS or is_import_path(task))):
         raise ConfigError(f"a file records its task by name: one of {', '.join(TASKS)} or package.module:obj, "
                           f"got {task!r}")
     return task, get_task(task, lambda path: import_object(path, ConfigError, "task"))
