@@ -77,9 +77,11 @@ class Grid:
         if self.nx < 1 or (self.yrange is not None and (self.ny is None or self.ny < 1)):
             shape = f"{self.nx} x {self.ny}" if self.yrange is not None else f"{self.nx}"
             raise ConfigError(f"grid {shape} has no points; give at least one point per axis")
-        for r in (self.xrange, self.yrange):
+        for r, n in ((self.xrange, self.nx), (self.yrange, self.ny)):
             if r is not None and not all(math.isfinite(v) for v in r):
                 raise ConfigError(f"grid range {list(r)} is not finite")
+            if r is not None and n > 1 and not r[0] < r[1]:  # figures and files read axes in increasing order
+                raise ConfigError(f"grid range {list(r)} is empty; give LOW < HIGH")
 
     @property
     def shape(self) -> tuple:

@@ -11,7 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from landscape import evaluate_surface
 from landscape.errors import ConfigError, GeometryError, ModelError
-from landscape.geometry import Line, Plane
+from landscape.geometry import Grid, Line, Plane
 from landscape.plot import interactive_figure
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import compute_surface
@@ -150,6 +150,9 @@ def test_live_objects_that_do_not_fit_are_one_line_errors(live):
         evaluate_surface(other, Plane.through(a, b, c), data, (2, 2))
     with pytest.raises(ConfigError, match="needs its data"):
         Plane.hessian(a)
+    for xrange, yrange in (((1.0, -1.0), (-1.0, 1.0)), ((0.0, 1.0), (0.5, 0.5))):
+        with pytest.raises(ConfigError, match="is empty; give LOW < HIGH"):  # a file's axes increase
+            evaluate_surface(a, Plane.through(a, b, c), data, Grid(xrange, 3, yrange, 3))
 
 
 def test_resume_after_a_measured_start_is_bit_identical(traj, tmp_path):

@@ -246,6 +246,18 @@ def check_version(path, value, kind: str, version: int) -> int:
     return version
 
 
+def check_dtype(ds: h5py.Dataset, name: str, kind, what: str) -> None:
+    """Raise a ValueError unless the dataset ``/name`` holds numbers of ``kind`` (a numpy abstract
+    type such as ``np.floating``, or a tuple of them); ``what`` names them in the message. A file
+    edited by hand or by another tool may hold strings or integers where the format says floats."""
+    if not isinstance(ds, h5py.Dataset):
+        raise ValueError(f"/{name} is a group, not a dataset of {what}")
+    if any(np.issubdtype(ds.dtype, k) for k in (kind if isinstance(kind, tuple) else (kind,))):
+        return
+    held = "strings" if ds.dtype.kind in "SUO" else str(ds.dtype)
+    raise ValueError(f"/{name} holds {held}, not {what}")
+
+
 def _newer(value, version: int) -> bool:
     try:
         return int(value) > version

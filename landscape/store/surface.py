@@ -23,8 +23,8 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError, WriteError
-from .files import (OutputLock, PartialH5, check_version, claim_output, open_read, partial_path, prepare_output,
-                    read_partial, sha256, to_json)
+from .files import (OutputLock, PartialH5, check_dtype, check_version, claim_output, open_read, partial_path,
+                    prepare_output, read_partial, sha256, to_json)
 
 FORMAT = "landscape.surface"
 VERSION = 1
@@ -384,26 +384,47 @@ def open_surface(path) -> Surface:
 
 
 def _check_surface(f: h5py.File) -> dict:
-    """The spec, once the grid, the values and the done mask agree in shape (else a ValueError)."""
+    """The spec, once the grid, the values and the done mask agree in shape and kind with each other
+    and with the spec (else a ValueError)."""
     spec = json.loads(f.attrs["spec"])
     if not isinstance(spec, dict):
         raise ValueError("attribute 'spec' is not a JSON object")
     for name in ("grid/x", "done", "values"):
         if name not in f:
             raise ValueError(f"missing /{name}")
-    axes = [f["grid/x"]] + ([f["grid/y"]] if "grid/y" in f else [])
-    if any(not isinstance(a, h5py.Dataset) or a.ndim != 1 or a.shape[0] < 1 for a in axes):
-        raise ValueError("/grid/x and /grid/y must be non-empty 1-D datasets")
-    grid = tuple(a.shape[0] for a in axes)
+    kind = "plane" if "grid/y" in f else "line"
+    if spec.get("kind", kind) != kind:  # e.g. a plane whose /grid/y is gone would read as rays
+        raise ValueError(f"spec says {spec['kind']!r} but /grid/y is {'present' if 'grid/y' in f else 'missing'}")
+    axes = ["grid/x"] + (["grid/y"] if "grid/y" in f else [])
+    for name in axes:
+        _check_axis(f[name], name)
+    grid = tuple(f[name].shape[0] for name in axes)
+    check_dtype(f["done"], "done", np.bool_, "booleans")
     done = f["done"].shape
     rays = len(axes) == 1 and len(done) == 2
     if done != grid and not (rays and done[1:] == grid and done[0] >= 1):
         raise ValueError(f"/done has shape {list(done)}, the grid {' x '.join(map(str, grid))}")
     for name, ds in f["values"].items():
-        if not isinstance(ds, h5py.Dataset) or ds.shape != done:
-            raise ValueError(f"/values/{name} has shape {list(getattr(ds, 'shape', []))}, the grid is "
-                             f"{list(done)}")
+        check_dtype(ds, f"values/{name}", np.floating, "floats")
+        if ds.shape != done:
+            raise ValueError(f"/values/{name} has shape {list(ds.shape)}, the grid is {list(done)}")
+    for group in ("points", "paths", "path_distances", "path_epochs"):
+        for name, ds in (_walk(f[group]).items() if group in f else ()):
+            check_dtype(ds, f"{group}/{name}", np.floating, "floats")
     return spec
+
+
+def _check_axis(ds, name: str) -> None:
+    """A grid axis: non-empty, 1-D, finite floats in increasing order (what figures and the explorer
+    draw against)."""
+    check_dtype(ds, name, np.floating, "floats")
+    if ds.ndim != 1 or ds.shape[0] < 1:
+        raise ValueError(f"/{name} has shape {list(ds.shape)}; a grid axis is a non-empty 1-D dataset")
+    x = ds[()]
+    if not np.isfinite(x).all():
+        raise ValueError(f"/{name} holds NaN or infinite coordinates")
+    if np.any(np.diff(x) <= 0):
+        raise ValueError(f"/{name} is not in increasing order")
 
 
 def export_loss_landscape(surface: Surface, out, overwrite: bool = False, inputs=()) -> Path:

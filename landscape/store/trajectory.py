@@ -23,8 +23,8 @@ import torch
 from ..errors import CheckpointError, FileFormatError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
-from .files import (PartialH5, ResumeStates, check_version, claim_output, interrupts_deferred, open_read,
-                    partial_path, prepare_output, read_partial, sha256, to_json)
+from .files import (PartialH5, ResumeStates, check_dtype, check_version, claim_output, interrupts_deferred,
+                    open_read, partial_path, prepare_output, read_partial, sha256, to_json)
 
 FORMAT = "landscape.trajectory"
 VERSION = 1
@@ -186,8 +186,7 @@ class TrajectoryWriter:
                 raise FileFormatError(f"{source} holds another model's weights")
             for name in src["runs"]:
                 src.copy(src["runs"][name], self.file["runs"], name=name)
-            src["runs"].visititems(lambda name, obj: self._runs.append(name)
-                                   if isinstance(obj, h5py.Group) and "params" in obj else None)
+            self._runs.extend(_run_names(src["runs"]))
         if part is not None:
             self.finish_part(part)
 
@@ -452,9 +451,7 @@ class Trajectory:
             raise ValueError("attribute 'config' is not a JSON object")
         self.layout = _stored_layout(f)
         _check_layout(self.layout)
-        self.runs = []
-        f["runs"].visititems(lambda name, obj: self.runs.append(name)
-                             if isinstance(obj, h5py.Group) and "params" in obj else None)
+        self.runs = _run_names(f["runs"])
         self._lengths = {r: _check_run(f[f"runs/{r}"], r, self.layout) for r in self.runs}
 
     def __repr__(self):
@@ -566,18 +563,32 @@ def _check_layout(layout: Layout) -> None:
             offset += e.numel
 
 
+def _run_names(runs: h5py.Group) -> list:
+    """The runs under ``/runs``, in creation order: every group that holds a dataset (one that has
+    lost its ``params`` is still a run, and is refused by name rather than hidden)."""
+    names = {}  # a dataset's group is visited before it and its siblings' groups: creation order kept
+    runs.visititems(lambda name, obj: names.setdefault(name.rpartition("/")[0], None)
+                    if isinstance(obj, h5py.Dataset) else None)
+    return [n for n in names if n]
+
+
 def _check_run(g: h5py.Group, run: str, layout: Layout) -> int:
-    """The number of rows of ``run``, once its datasets agree with the layout and with each other."""
+    """The number of rows of ``run``, once its datasets agree with the layout, with each other and
+    with the types docs/FORMAT.md gives them."""
     missing = [k for k in ("params", "buffers", "epoch", "step") if k not in g]
     if missing:
         raise ValueError(f"run {run!r} has no {', '.join(missing)}")
+    for name in g:
+        kind, what = {"params": (np.float32, "float32"), "buffers": (np.float32, "float32"),
+                      "step": (np.integer, "integers")}.get(name, (np.number, "numbers"))
+        check_dtype(g[name], f"runs/{run}/{name}", kind, what)
     rows = g["params"].shape[0] if g["params"].ndim == 2 else -1
     for name, width in (("params", layout.num_params), ("buffers", layout.num_buffers)):
         if g[name].shape != (rows, width):
             raise ValueError(f"run {run!r}: {name} has shape {list(g[name].shape)}, but the layout has "
                              f"{width} values per row" + (f" and the run {rows} rows" if rows >= 0 else ""))
     for name, ds in g.items():
-        if isinstance(ds, h5py.Dataset) and (ds.ndim == 0 or ds.shape[0] != rows):
+        if ds.ndim == 0 or ds.shape[0] != rows:
             raise ValueError(f"run {run!r}: {name} has {ds.shape[0] if ds.ndim else 0} rows, params has {rows}")
     return rows
 
