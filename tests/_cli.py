@@ -42,9 +42,3 @@ def crafted_copy(source: Path, path: Path, change) -> Path:
     with h5py.File(path, "r+") as f:
         change(f)
     return path
-
-
-def replace_dataset(f: h5py.File, name: str, data) -> None:
-    """Put ``data`` in place of the dataset ``name`` of an open file, whatever its type or shape."""
-    del f[name]
-    f.create_dataset(name, data=data)

@@ -12,13 +12,13 @@ import torch
 from landscape.cli.common import seed_int
 from landscape.cli.main import main
 from landscape.data import DataSpec, load_data
-from landscape.errors import DataError, FileFormatError
+from landscape.errors import DataError
 from landscape.evaluate import Evaluator
 from landscape.geometry import Plane
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import MAX_POINTS, compute_surface
 
-from _cli import crafted_copy, nothing_left, one_line_error, replace_dataset
+from _cli import nothing_left, one_line_error
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
@@ -273,33 +273,3 @@ def test_damaged_metadata_and_run_names_that_are_not_runs_are_one_line(tiny_run,
         one_line_error(capsys, ["average", tiny_run, "--from", "sgd:1:", "--uniform", "--name", name, "--quiet",
                                 "-o", tmp_path / "a.h5"], words)
     assert not (tmp_path / "a.h5").exists()
-
-
-def _reversed(f, name):
-    f[name][...] = f[name][()][::-1]
-
-
-def _nan_at_1(f, name):
-    x = f[name][()]
-    x[1] = np.nan
-    f[name][...] = x
-
-
-@pytest.mark.parametrize("change, words", [
-    (lambda f: f.__delitem__("grid/y"), "spec says 'plane' but /grid/y is missing"),  # was read as 3 rays
-    (lambda f: _nan_at_1(f, "grid/x"), "/grid/x holds NaN"),
-    (lambda f: _reversed(f, "grid/y"), "/grid/y is not in increasing order"),
-    (lambda f: replace_dataset(f, "values/train_loss", [[b"a"] * 3] * 3), "/values/train_loss holds strings"),
-    (lambda f: replace_dataset(f, "done", np.ones((3, 3), np.int8)), "/done holds int8"),
-])
-def test_malformed_surface_is_refused_by_every_reader(surfaces, tmp_path, capsys, change, words):
-    """A readable surface file edited by hand is named with what is wrong before it is drawn, exported
-    or explored (each of these crashed, or drew a plane as rays)."""
-    bad = crafted_copy(surfaces[0], tmp_path / "bad.h5", change)
-    with pytest.raises(FileFormatError, match="not a valid surface file"):
-        open_surface(bad)
-    for argv in (["plot", bad, "-o", tmp_path / "fig"], ["export", bad, "--to", "csv", "-o", tmp_path / "v.csv"],
-                 ["explore", bad, "-o", tmp_path / "p.html"]):
-        one_line_error(capsys, argv, "bad.h5 is not a valid surface file", words)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
-

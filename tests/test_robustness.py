@@ -492,6 +492,11 @@ TRAJECTORY_DAMAGE = {
     "params too narrow": (_replace("runs/sgd/params", np.zeros((7, 5), np.float32)), "values per row"),
     "rows disagree": (_replace("runs/sgd/epoch", np.zeros(2)), "epoch has 2 rows"),
     "missing step": (lambda f: f.__delitem__("runs/sgd/step"), "has no step"),
+    # readable files edited by hand: each was accepted, hid a run or crashed a later command
+    "missing params": (lambda f: f.__delitem__("runs/sgd/params"), "run 'sgd' has no params"),
+    "group in a run": (lambda f: f.create_group("runs/sgd/extra"), "/runs/sgd/extra is a group"),
+    "epoch of strings": (_replace("runs/sgd/epoch", np.array([b"a"] * 7)), "/runs/sgd/epoch holds strings"),
+    "integer params": (_replace("runs/sgd/params", np.zeros((7, 5), np.int32)), "/runs/sgd/params holds int32"),
 }
 
 
@@ -548,7 +553,13 @@ SURFACE_DAMAGE = {
     "missing grid x": (lambda f: f.__delitem__("grid/x"), "missing /grid/x"),
     "values shape": (_replace("values/test_err", np.zeros((3, 4))), "/values/test_err has shape [3, 4]"),
     "done shape": (_replace("done", np.ones((4, 4), bool)), "/done has shape [4, 4]"),
-    "grid too short": (_replace("grid/y", np.zeros(2)), "/done has shape [4, 3], the grid 4 x 2"),
+    "grid too short": (_replace("grid/y", np.arange(2.0)), "/done has shape [4, 3], the grid 4 x 2"),
+    # readable files edited by hand: each crashed a reader, or drew a plane as rays
+    "plane without y": (lambda f: f.__delitem__("grid/y"), "spec says 'plane' but /grid/y is missing"),
+    "NaN coordinate": (_replace("grid/x", np.array([0.0, np.nan, 1.0, 2.0])), "/grid/x holds NaN"),
+    "axis reversed": (_replace("grid/y", np.array([1.0, 0.0, -1.0])), "/grid/y is not in increasing order"),
+    "values of strings": (_replace("values/train_loss", np.full((4, 3), b"a")), "/values/train_loss holds strings"),
+    "done of integers": (_replace("done", np.ones((4, 3), np.int8)), "/done holds int8"),
 }
 
 
@@ -556,7 +567,8 @@ SURFACE_DAMAGE = {
 def test_malformed_surface_is_one_line_for_every_reader(good_plane, tmp_path, case, capsys):
     edit, message = SURFACE_DAMAGE[case]
     bad = _copy(good_plane, tmp_path / "bad.h5", edit)
-    for args in (["plot", bad, "-o", tmp_path / "figs"], ["explore", bad, "-o", tmp_path / "e.html"]):
+    for args in (["plot", bad, "-o", tmp_path / "figs"], ["explore", bad, "-o", tmp_path / "e.html"],
+                 ["export", bad, "--to", "csv", "-o", tmp_path / "v.csv"]):
         r = run_main(capsys, *args)
         one_line_error(r, str(bad), message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
