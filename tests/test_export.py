@@ -2,6 +2,7 @@
 (x, y) on a 5 x 4 grid and every trajectory on its polyline; CSV rows; loss-landscape through the CLI;
 rays refused where a format has no grid for them."""
 import csv
+import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from landscape.cli.main import main
+from landscape.errors import FileFormatError
 from landscape.store import PathData, PointData, SurfaceWriter, open_surface
 from landscape.store.export import export_csv, export_vtk
 
@@ -103,6 +105,25 @@ def test_exports_reach_the_disk_before_they_get_their_names(plane, tmp_path, mon
         inside = [str(f) for f in Path(events[i][2]).rglob("*")] if Path(events[i][2]).is_dir() else []
         assert src in synced and all(str(f).replace(events[i][2], src, 1) in synced for f in inside)
         assert ("sync", str(tmp_path)) in events[i + 1:]  # the folder holding the new name
+
+
+def test_vtk_export_into_a_folder_of_the_users_keeps_its_other_files(plane, tmp_path):
+    """OUT/ may be a folder of the user's: an export adds its pieces, and --overwrite replaces only
+    them (a surface without paths removes the old paths.vtp), never the user's files."""
+    (tmp_path / "plane").mkdir()
+    (tmp_path / "plane" / "notes.txt").write_text("mine")
+    export_vtk(plane, tmp_path / "plane.vtm")
+    assert sorted(p.name for p in (tmp_path / "plane").iterdir()) == ["notes.txt", "paths.vtp", "surface.vts"]
+    (tmp_path / "plane.vtm").unlink()
+    with pytest.raises(FileFormatError, match="surface.vts already exists; pass --overwrite"):
+        export_vtk(plane, tmp_path / "plane.vtm")
+    no_paths = dataclasses.replace(plane, paths={})
+    export_vtk(no_paths, tmp_path / "plane.vtm", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "plane").iterdir()) == ["notes.txt", "surface.vts"]
+    assert (tmp_path / "plane" / "notes.txt").read_text() == "mine"
+    assert "paths.vtp" not in (tmp_path / "plane.vtm").read_text()
+    assert read_vts(tmp_path / "plane" / "surface.vts")[2]["train_loss"].size == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plane", "plane.h5", "plane.vtm"]
 
 
 def test_cli_exports_and_refuses(plane, tmp_path, capsys):

@@ -4,7 +4,7 @@
                   (xcoordinates, ycoordinates, train_loss, train_acc, ... shaped (ny, nx))
   vtk             OUT.vtm for ParaView: a structured grid with every metric as point data
                   (OUT/surface.vts) and every projected trajectory as a polyline (OUT/paths.vtp);
-                  correct on non-square grids
+                  correct on non-square grids; other files in OUT/ are left alone
   csv             one row per point: x, y (planes), ray (rays), then every metric
 
 Examples:

@@ -35,6 +35,7 @@ from .surface import Surface, export_loss_landscape
 
 FORMATS = ("loss-landscape", "vtk", "csv")
 SUFFIX = {"loss-landscape": ".loss-landscape.h5", "vtk": ".vtm", "csv": ".csv"}
+VTK_PIECES = ("surface.vts", "paths.vtp")  # the files of OUT/ that a VTK export writes
 
 
 def default_out(surface_path, to: str) -> Path:
@@ -139,16 +140,19 @@ def vtm_text(folder: str, with_paths: bool) -> str:
 
 
 def export_vtk(surface: Surface, out, overwrite: bool = False, inputs=()) -> Path:
-    """Write ``OUT.vtm`` and the folder ``OUT/`` (``surface.vts``, ``paths.vtp``); see the module doc."""
+    """Write ``OUT.vtm`` and the folder ``OUT/`` (``surface.vts``, ``paths.vtp``); see the module doc.
+    An existing folder keeps every other file: only these two are the export's (replaced with
+    ``overwrite``, refused without it)."""
     check_export(surface, "vtk")
     if Path(out).suffix != ".vtm":
         raise FileFormatError(f"a VTK export is a multiblock file: name it NAME.vtm, got {Path(out).name}")
     out = prepare_output(out, overwrite, inputs=(surface.path, *inputs))
     folder = out.with_suffix("")
-    if folder.exists() and not overwrite:
-        raise FileFormatError(f"{folder} already exists; pass --overwrite to replace it")
     if folder.exists() and not folder.is_dir():
         raise FileFormatError(f"{folder} exists and is not a directory")
+    held = [folder / name for name in VTK_PIECES if (folder / name).exists()]
+    if held and not overwrite:
+        raise FileFormatError(f"{held[0]} already exists; pass --overwrite to replace it")
     tmp_dir, tmp = partial_path(folder), partial_path(out)
     try:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -159,14 +163,28 @@ def export_vtk(surface: Surface, out, overwrite: bool = False, inputs=()) -> Pat
             (tmp_dir / "paths.vtp").write_text(vtp_text(surface))
         tmp.write_text(vtm_text(folder.name, with_paths))
         if folder.exists():
-            shutil.rmtree(folder)
-        publish(tmp_dir, folder)
+            _replace_pieces(tmp_dir, folder, out)
+        else:
+            publish(tmp_dir, folder)
         publish(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp.unlink(missing_ok=True)
         raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
     return out
+
+
+def _replace_pieces(new: Path, folder: Path, vtm: Path) -> None:
+    """Move the export's pieces from ``new`` into the existing ``folder``, one by one, leaving its other
+    files alone. The old ``vtm`` goes first: stopped halfway, no multiblock file names a mix of old
+    and new pieces."""
+    vtm.unlink(missing_ok=True)
+    for name in VTK_PIECES:
+        if (new / name).exists():
+            publish(new / name, folder / name)
+        else:  # this surface has no paths: the old export's must not stay beside the new one
+            (folder / name).unlink(missing_ok=True)
+    new.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------
