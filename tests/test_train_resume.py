@@ -263,6 +263,39 @@ def test_ctrl_c_during_a_childs_first_message_does_not_hang_its_exit():
     assert r.returncode == 130, r.stderr
 
 
+# Ctrl-C to the whole process group while the children's server imports torch (it ignores Ctrl-C
+# only once its imports are done): this process goes on, and the server must live on, silent.
+CTRL_C_WHILE_THE_SERVER_IMPORTS = """
+import multiprocessing.forkserver, os, signal, sys, time
+from landscape.train.processes import _context
+signal.signal(signal.SIGINT, lambda *_: None)
+_context()
+multiprocessing.forkserver.ensure_running()  # what the first child's start does (started already: nothing)
+server = multiprocessing.forkserver._forkserver._forkserver_pid
+os.killpg(0, signal.SIGINT)
+
+def ignores_ctrl_c():
+    with open(f"/proc/{server}/status") as f:
+        return int(next(line for line in f if line.startswith("SigIgn")).split()[1], 16) & (1 << signal.SIGINT - 1)
+
+deadline = time.time() + 120
+while not ignores_ctrl_c():
+    if os.waitpid(server, os.WNOHANG)[0] or time.time() > deadline:
+        sys.exit("the server died")
+    time.sleep(0.05)
+"""
+
+
+def test_ctrl_c_while_the_childrens_server_starts_prints_nothing_of_it():
+    """The server started with SIGINT blocked: without it, it died printing a KeyboardInterrupt
+    traceback of the imports beside the command's one-line message."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_SERVER_IMPORTS], capture_output=True, text=True,
+                       timeout=180, start_new_session=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def _saved_epochs(parts) -> bool:
     """Whether a child has kept at least one epoch (a partial file naming a resume state) in ``parts``."""
     for partial in parts.glob("*.h5.partial") if parts.exists() else []:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import queue as queues
 import shutil
@@ -109,6 +111,18 @@ def _context():
     child's start here otherwise)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, "torch._dynamo"])
+    # The server ignores Ctrl-C only once its imports are done; a Ctrl-C before (it is in the
+    # terminal's process group) printed its traceback. Started with SIGINT blocked, it inherits the
+    # mask, and a Ctrl-C waits until it ignores them. Its children inherit the mask too: each unblocks
+    # once its own handler is in place (:func:`_child`), so a Ctrl-C sent meanwhile is not lost.
+    # This thread's Ctrl-C is only held back: it arrives when the mask is restored. (The resource
+    # tracker starts first: starting it unblocks SIGINT.)
+    multiprocessing.resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return context
 
 
@@ -182,6 +196,7 @@ def _child(config, path: str, overwrite: bool, messages, parent: int) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGINT, once)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since the server started
         with warnings.catch_warnings(record=True) as caught:  # shown by the parent, as its own
             warnings.simplefilter("always")
             train(config, path, overwrite=overwrite, processes=1, progress=_ChildProgress(messages, parent))
