@@ -53,7 +53,7 @@ from .params import Layout, match_state_dict, unwrap
 from .rebuild import rebuild_data, rebuild_model, rebuild_task
 from .store import PathData, PointData, Trajectory, open_trajectory
 from .store.files import available_memory
-from .tasks import get_task, output_tree
+from .tasks import count_units, get_task, output_tree, units_are_samples
 
 # a direction shorter than this fraction of the weights' norm counts as zero (duplicate checkpoints)
 DEGENERATE = 1e-6
@@ -855,6 +855,8 @@ class HessianOperator:
         self.num_params = layout.num_params
         self._kept = None  # (w, the gradient of every batch with its graph), see _gradients
         self._graph_bytes = None  # what autograd saves for all batches, measured by the first call
+        # the mean's denominator: the samples, or (a language model) the scored tokens, as surfaces have it
+        self.units = float(len(x)) if units_are_samples(self.task) else max(self._count_units(), 1.0)
 
     def _batches(self):
         for start in range(0, len(self.x), self.batch_size):
@@ -865,11 +867,17 @@ class HessianOperator:
         if self.stop is not None and self.stop.is_set():
             raise KeyboardInterrupt
 
-    def _loss(self, w: torch.Tensor, xb, yb) -> torch.Tensor:
+    def _output(self, w: torch.Tensor, xb):
         from torch.func import functional_call
-        out = functional_call(self.model, (self.layout.split_params(w), self.bufs), (xb,))
-        # the task's summed loss over the samples (cross-entropy by default)
-        return self.task.loss(output_tree(out), (xb, yb), reduction="sum") / len(self.x)
+        return output_tree(functional_call(self.model, (self.layout.split_params(w), self.bufs), (xb,)))
+
+    def _loss(self, w: torch.Tensor, xb, yb) -> torch.Tensor:
+        # the batch's share of the mean loss: its summed loss over all units (cross-entropy by default)
+        return self.task.loss(self._output(w, xb), (xb, yb), reduction="sum") / self.units
+
+    @torch.no_grad()
+    def _count_units(self) -> float:
+        return sum(count_units(self.task, self._output(self.params, xb), (xb, yb)) for xb, yb in self._batches())
 
     @torch.no_grad()
     def loss(self, w: torch.Tensor | None = None) -> float:

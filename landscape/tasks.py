@@ -241,6 +241,19 @@ def get_task(task=None, import_object=None) -> Task:
     raise ConfigError(f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)} (or package.module:obj)")
 
 
+def units_are_samples(task) -> bool:
+    """Whether a batch's mean loss is over its samples: every built-in task's but the language
+    model's (over scored tokens); a user task's evaluation says it, through its counts."""
+    return isinstance(task, (Classification, Regression, ModelLoss))
+
+
+def count_units(task, output, batch) -> float:
+    """The units a batch's loss is a mean over: its samples, or what the task counts (a language
+    model's scored tokens). A mean over several batches is their summed losses over their summed units."""
+    e = task.evaluate(output, batch)
+    return float(len(e.losses) if e.counts is None else e.counts.sum())
+
+
 def check_task_object(task) -> Task:
     """Refuse an object that lacks what a task needs (named in the message)."""
     missing = [a for a in ("name", "metrics", "primary", "evaluate") if not hasattr(task, a)]

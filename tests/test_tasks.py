@@ -94,6 +94,47 @@ def test_token_level_loss_and_perplexity():
     assert out["train_ppl"] == pytest.approx(np.exp(out["train_loss"]), rel=1e-9)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_hessian_is_of_the_mean_loss_a_surface_stores(case):
+    """Sharpness and Hessian planes differentiate the loss surfaces report: for a language model the
+    mean over scored tokens (it was the sum over a sequence's tokens over sequences, 2 to 4 times too
+    large here). Checked in batches against the loss and H v of the task's mean over the whole split."""
+    from torch.func import functional_call
+
+    from landscape.geometry import HessianOperator
+    from landscape.tasks import output_tree
+    net, tensors, task = CASES[case]()
+    data = as_data(tensors, task=task)
+    layout = Layout.of(net.eval())
+    w, buffers = layout.params_to_vector(net), layout.split_buffers(layout.buffers_to_vector(net))
+    op = HessianOperator(net, layout, w, layout.buffers_to_vector(net), data.x_train, data.y_train, batch_size=7,
+                         task=data.task)
+
+    def mean_loss(v):
+        output = output_tree(functional_call(net, (layout.split_params(v), buffers), (data.x_train,)))
+        return data.task.loss(output, (data.x_train, data.y_train))
+    assert op.loss() == pytest.approx(evaluate_model(net, data)["train_loss"], rel=1e-6)
+    v = torch.randn(layout.num_params, generator=torch.Generator().manual_seed(0))
+    _, hv = torch.autograd.functional.hvp(mean_loss, w, v)
+    np.testing.assert_allclose(op(v[None])[0].numpy(), hv.double().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_swap_large_batches_of_a_language_model_step_along_the_mean_over_tokens():
+    """SWAP's phase 1 sums its shards' gradients: for a language model the step is that of the whole
+    batch's mean over scored tokens, as a single-process step on it would be."""
+    from landscape.train.swap import phase1_epoch
+    _, (x, y, *_), _ = _language_model()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 7))
+    expected = Layout.of(net).params_to_vector(net)
+    loss = nn.functional.cross_entropy(net(x).transpose(1, 2), y, ignore_index=IGNORE_INDEX)
+    expected -= 0.5 * torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net.parameters()))])
+    phase1_epoch(net, torch.optim.SGD(net.parameters(), lr=0.5), as_data((x, y, x, y), task="language-model"),
+                 workers=3, batch_size=10, generator=torch.Generator().manual_seed(0))  # one batch of 30, 3 shards
+    np.testing.assert_allclose(Layout.of(net).params_to_vector(net).detach().numpy(), expected.detach().numpy(),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_streamed_equals_in_memory_with_batchnorm_recompute():
     net, (x_tr, y_tr, x_te, y_te), _ = _classification()
     in_memory = as_data((x_tr, y_tr, x_te, y_te))

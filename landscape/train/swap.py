@@ -35,7 +35,7 @@ from ..config import MethodOptions, option
 from ..data import augment_batch
 from ..dist import Group
 from ..errors import ConfigError
-from ..tasks import output_tree
+from ..tasks import count_units, output_tree, units_are_samples
 from .loop import Context, evaluate, progress_note, register_method, set_lr, train_epoch
 
 WORKER_OFFSET = 10_000  # data order of worker i: ctx.generator(WORKER_OFFSET + i)
@@ -77,7 +77,8 @@ def phase1_epoch(model, optimizer, data, workers: int, batch_size: int, generato
     """One synchronous large-batch epoch: batches of ``workers * batch_size`` in the order drawn from
     ``generator``; shard j of a batch (``torch.tensor_split``) is worker j's. This process computes
     the shards rank, rank + world_size, ...; the summed gradient is sum_j sum_{x in shard j} grad
-    loss(x) / |batch|, the gradient of the whole batch's mean loss. BatchNorm buffers keep the update
+    loss(x) / |batch|, the gradient of the whole batch's mean loss (for a language model, over
+    the batch's scored tokens: scaled by |batch| / tokens once every shard is done). BatchNorm buffers keep the update
     of this process's first shard only (worker ``rank``), as on separate devices."""
     group = group or Group.single(data.x_train.device)
     rank, world_size = group.rank, group.world
@@ -91,11 +92,16 @@ def phase1_epoch(model, optimizer, data, workers: int, batch_size: int, generato
             x_all = augment_batch(x_all, generator)
         shards = torch.tensor_split(torch.arange(len(idx), device=idx.device), workers)
         optimizer.zero_grad(set_to_none=True)
+        units = torch.zeros((), dtype=torch.float64, device=idx.device)  # scored tokens, where the task counts
         for n, j in enumerate(range(rank, workers, world_size)):
             saved = [b.clone() for b in model.buffers()] if n else None
             shard = (x_all[shards[j]], y_all[shards[j]])
-            loss = data.task.loss(output_tree(model(shard[0])), shard, reduction="sum") / len(idx)
+            output = output_tree(model(shard[0]))
+            loss = data.task.loss(output, shard, reduction="sum") / len(idx)
             loss.backward()
+            if not units_are_samples(data.task):
+                with torch.no_grad():
+                    units += count_units(data.task, output, shard)
             if saved is not None:  # only this process's first worker updates the running statistics
                 with torch.no_grad():
                     for b, s in zip(model.buffers(), saved):
@@ -105,6 +111,11 @@ def phase1_epoch(model, optimizer, data, workers: int, batch_size: int, generato
                                         for p in params]))
             for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
                 p.grad = g.view_as(p).clone()
+        if not units_are_samples(data.task):  # the mean over the batch's units, not its samples
+            scale = len(idx) / max(float(group.sum(units)), 1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         optimizer.step()
 
 
