@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import sys
+import threading
 import zipfile
 from dataclasses import dataclass, field, replace
 from math import prod
@@ -205,13 +206,33 @@ def _sequential(loader: DataLoader, dataset=None) -> DataLoader:
 def _in_order(source, read=None):
     """One pass over a source in its fixed order: a map-style DataLoader's samples ``read`` (see
     :func:`_samples`) sequentially; any other iterable with torch's random state fixed for the pass (so
-    a shuffling iterable repeats itself)."""
+    a shuffling iterable, or one that draws noise, repeats itself).
+
+    The pass has a random state of its own, seeded 0, swapped in while the source makes each batch:
+    passes run side by side on the evaluator's threads, and each must draw what a pass alone would,
+    while the caller's random state stays as it was."""
     if read is not None:
         yield from _sequential(source, read)
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        yield from (source if isinstance(source, DataLoader) else source())
+    state, batches = torch.Generator().manual_seed(0).get_state(), None
+    while True:
+        with _GLOBAL_RANDOM_STATE:
+            outer = torch.get_rng_state()
+            torch.set_rng_state(state)
+            try:
+                if batches is None:
+                    batches = iter(source if isinstance(source, DataLoader) else source())
+                batch = next(batches, _END)
+            finally:
+                state = torch.get_rng_state()
+                torch.set_rng_state(outer)
+        if batch is _END:
+            return
+        yield batch
+
+
+_GLOBAL_RANDOM_STATE = threading.Lock()  # held while a pass's own state stands in for torch's
+_END = object()
 
 
 def _check_like(first, batch, split: str, i: int) -> None:

@@ -135,6 +135,27 @@ def test_swap_large_batches_of_a_language_model_step_along_the_mean_over_tokens(
                                rtol=1e-5, atol=1e-7)
 
 
+def test_passes_side_by_side_each_draw_what_a_pass_alone_draws():
+    """The evaluator's threads read a streamed source side by side: a source that draws noise from
+    torch gives each pass the batches of a pass alone, and the caller's random state is left as it was
+    (both failed with two threads: the passes reseeded the one global state in turn)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, generator=g), torch.randint(0, 2, (64,), generator=g)
+
+    def noisy():
+        return ((x[i:i + 16] + torch.randn(16, 3), y[i:i + 16]) for i in range(0, 64, 16))
+    data = as_data((noisy, noisy))
+    alone = [batch[0] for batch in data.batches("train")]
+    torch.manual_seed(5)
+    caller_next = torch.rand(2)
+    torch.manual_seed(5)
+    a, b = data.batches("train"), data.batches("train")
+    for expected in alone:  # what two threads do, one batch each in turn
+        assert torch.equal(next(a)[0], expected) and torch.equal(next(b)[0], expected)
+    assert torch.equal(torch.rand(2), caller_next)
+    assert not torch.equal(alone[0], x[:16])
+
+
 def test_streamed_equals_in_memory_with_batchnorm_recompute():
     net, (x_tr, y_tr, x_te, y_te), _ = _classification()
     in_memory = as_data((x_tr, y_tr, x_te, y_te))
