@@ -172,6 +172,18 @@ def _model_entries(model: torch.nn.Module) -> list:
     return out
 
 
+def _tied_names(model: torch.nn.Module) -> dict:
+    """Second names of tied tensors (an embedding shared with the output layer: a state_dict holds it
+    under both names, ``named_parameters`` under the first): name -> the first name."""
+    first, tied = {}, {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if id(t) in first:
+            tied[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return tied
+
+
 def match_state_dict(state: dict, model: torch.nn.Module, path, model_name: str = "the model") -> tuple:
     """Map a checkpoint's tensors onto ``model``'s parameters and buffers. Returns ``(params,
     buffers, extra)``: name -> tensor dicts in the model's order, and metrics found on the way
@@ -206,9 +218,12 @@ def match_state_dict(state: dict, model: torch.nn.Module, path, model_name: str 
         if tuple(keys[name].shape) != tuple(tensor.shape):
             raise ModelError(f"{where}: key {name!r} has shape {list(keys[name].shape)} in the checkpoint, "
                              f"{list(tensor.shape)} in the model")
-    known = {n for n, _, _ in entries}
+    known, tied = {n for n, _, _ in entries}, _tied_names(model)
     for k in keys:
-        if k not in known:
+        if k in tied and tied[k] in keys and not torch.equal(keys[k], keys[tied[k]]):
+            raise ModelError(f"{where}: key {prefix + k!r} is tied to {prefix + tied[k]!r} in the model (one tensor), "
+                             "but the checkpoint holds other values for it")
+        if k not in known and k not in tied:
             raise ModelError(f"{where}: key {prefix + k!r} is not in the model")
     params = {n: keys[n] for n, _, _ in entries[:len(list(model.parameters()))]}
     buffers = {n: (keys[n] if n in keys else t) for n, t, _ in entries[len(params):]}

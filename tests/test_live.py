@@ -15,6 +15,7 @@ from landscape.geometry import Grid, Line, Plane
 from landscape.plot import interactive_figure
 from landscape.store import open_surface, open_trajectory
 from landscape.surface import compute_surface
+from landscape.params import Layout
 from landscape.rebuild import rebuild_data, rebuild_model
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
@@ -199,3 +200,29 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name():
     for make in (lambda: Line.through(a, b, names=("a", "diverged")), lambda: Plane.random(b, name="diverged")):
         with pytest.raises(GeometryError, match="checkpoint diverged holds NaN or infinite weights"):
             make()
+
+
+class _Tied(torch.nn.Module):
+    """A language model whose output layer is its embedding (one tensor under two names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = torch.nn.Embedding(7, 4), torch.nn.Linear(4, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x)))
+
+
+def test_a_tied_models_own_state_dicts_place_it_and_untied_ones_are_refused():
+    """A state_dict holds a tied tensor under both names: both are the model's (the second was
+    refused as "not in the model"); a checkpoint whose two names hold other values is not this model."""
+    torch.manual_seed(0)
+    net, other = _Tied(), _Tied()
+    line = Line.through(net.state_dict(), other.state_dict(), model=net)
+    assert line.directions.shape == (1, Layout.of(net).num_params) == (1, 28)
+    modules = Line.through(net, other)
+    assert torch.equal(modules.origin, line.origin) and torch.equal(modules.directions, line.directions)
+    untied = dict(other.state_dict(), **{"out.weight": torch.zeros(7, 4)})
+    with pytest.raises(ModelError, match="'out.weight' is tied to 'emb.weight' in the model"):
+        Line.through(net.state_dict(), untied, model=net)
