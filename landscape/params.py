@@ -88,6 +88,8 @@ class Layout:
         return torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
 
     def buffers_to_vector(self, module: nn.Module) -> torch.Tensor:
+        for name, b in module.named_buffers():
+            check_exact_in_float32(name, b)
         bufs = [b.detach().reshape(-1).float() for b in module.buffers()]
         if not bufs:
             return torch.zeros(0, device=next(module.parameters()).device)
@@ -172,6 +174,17 @@ def _model_entries(model: torch.nn.Module) -> list:
     return out
 
 
+def check_exact_in_float32(name: str, buffer: torch.Tensor) -> None:
+    """Refuse an integer buffer float32 cannot hold exactly (past 2**24): flat vectors, planes and
+    files keep buffers as float32, and such a value would come back as another number."""
+    if buffer.is_floating_point() or buffer.dtype == torch.bool or not buffer.numel():
+        return
+    largest = int(buffer.detach().abs().max())
+    if largest > 2 ** 24:
+        raise ModelError(f"buffer {name!r} holds the integer {largest:,}, which float32 cannot hold exactly; "
+                         "landscape keeps buffers as float32 (make it a Python attribute or a float buffer)")
+
+
 def _tied_names(model: torch.nn.Module) -> dict:
     """Second names of tied tensors (an embedding shared with the output layer: a state_dict holds it
     under both names, ``named_parameters`` under the first): name -> the first name."""
@@ -227,4 +240,6 @@ def match_state_dict(state: dict, model: torch.nn.Module, path, model_name: str 
             raise ModelError(f"{where}: key {prefix + k!r} is not in the model")
     params = {n: keys[n] for n, _, _ in entries[:len(list(model.parameters()))]}
     buffers = {n: (keys[n] if n in keys else t) for n, t, _ in entries[len(params):]}
+    for name, t in buffers.items():
+        check_exact_in_float32(name, t)
     return params, buffers, extra

@@ -3,6 +3,8 @@ file; Surface.save writing the file compute_surface writes; a resumed surface eq
 one bit for bit whatever points per call the measurement picked."""
 from __future__ import annotations
 
+import copy
+
 import h5py
 import numpy as np
 import pytest
@@ -226,3 +228,18 @@ def test_a_tied_models_own_state_dicts_place_it_and_untied_ones_are_refused():
     untied = dict(other.state_dict(), **{"out.weight": torch.zeros(7, 4)})
     with pytest.raises(ModelError, match="'out.weight' is tied to 'emb.weight' in the model"):
         Line.through(net.state_dict(), untied, model=net)
+
+
+def test_an_integer_buffer_float32_cannot_hold_is_refused_by_name():
+    """Buffers are kept as float32: 2**31 - 1 came back as 2**31, silently (the surface at the
+    checkpoint was another model's). Counters such as num_batches_tracked stay welcome."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    net[1].num_batches_tracked.fill_(2 ** 24)
+    other = copy.deepcopy(net)
+    torch.nn.init.zeros_(other[0].weight)
+    Line.through(net, other)
+    for m in (net, other):
+        m.register_buffer("prime", torch.tensor(2 ** 31 - 1))
+    for ends in ((net, other), (net.state_dict(), other.state_dict())):
+        with pytest.raises(ModelError, match="buffer 'prime' holds the integer 2,147,483,647, which float32"):
+            Line.through(*ends, model=net)
