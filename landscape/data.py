@@ -197,10 +197,15 @@ def _samples(loader: DataLoader, split: str = ""):
 
 
 def _sequential(loader: DataLoader, dataset=None) -> DataLoader:
-    """``loader``'s dataset (or ``dataset``) read in index order, every sample, same batches otherwise."""
+    """``loader``'s dataset (or ``dataset``) read in index order, every sample, same batches and workers
+    otherwise (a worker_init_fn may open the dataset's storage). Its workers do not persist: passes run
+    side by side on the evaluator's threads, and a persistent loader serves one pass at a time."""
+    workers = {} if not loader.num_workers else dict(
+        worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+        timeout=loader.timeout, prefetch_factor=loader.prefetch_factor)
     return DataLoader(loader.dataset if dataset is None else dataset, batch_size=loader.batch_size or 1,
                       shuffle=False, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory)
+                      pin_memory=loader.pin_memory, **workers)
 
 
 def _in_order(source, read=None):

@@ -156,6 +156,35 @@ def test_passes_side_by_side_each_draw_what_a_pass_alone_draws():
     assert not torch.equal(alone[0], x[:16])
 
 
+class _OpenedInWorkers(torch.utils.data.Dataset):
+    """A dataset whose storage each loader worker opens (the h5py pattern): unreadable without it."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.storage = x, y, None
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.storage[0][i], self.storage[1][i]
+
+
+def _open_storage(worker_id):
+    dataset = torch.utils.data.get_worker_info().dataset
+    dataset.storage = (dataset.x, dataset.y)
+
+
+def test_a_loaders_worker_init_fn_opens_its_storage_in_every_pass():
+    """The loader read in index order keeps the user's worker_init_fn (it was dropped: the workers
+    failed on storage never opened)."""
+    net, (x_tr, y_tr, x_te, y_te), _ = _classification()
+    loaders = [DataLoader(_OpenedInWorkers(x, y), batch_size=20, shuffle=True, num_workers=1,
+                          worker_init_fn=_open_storage) for x, y in ((x_tr, y_tr), (x_te, y_te))]
+    streamed = evaluate_model(net, as_data(tuple(loaders)))
+    in_memory = evaluate_model(net, as_data((x_tr, y_tr, x_te, y_te)))
+    assert streamed == pytest.approx(in_memory, rel=1e-6)
+
+
 def test_streamed_equals_in_memory_with_batchnorm_recompute():
     net, (x_tr, y_tr, x_te, y_te), _ = _classification()
     in_memory = as_data((x_tr, y_tr, x_te, y_te))
