@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .bn import MomentMerger, batch_slices, has_batchnorm
 from .data import Data
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, ModelError
 from .tasks import (Classification, Evaluation, LanguageModel, batch_size_of, check_evaluation, logits_of, model_args,
                     output_tree, repeat_targets, take, targets_of, to_device)
 
@@ -546,6 +546,7 @@ def check_task_fits(model, data, device):
     work: a task that does not fit the model's outputs, data of the wrong shapes, a metric of the
     wrong length, a split without batches or (in memory) a class label past the model's logits is
     refused in one line. Returns the training probe batch."""
+    _check_float32(model)
     probes = {}
     for split in ("train", "test"):
         if isinstance(data, Data):
@@ -570,6 +571,15 @@ def check_task_fits(model, data, device):
         check_evaluation(data.task, data.task.evaluate(output, batch), batch_size_of(batch))
         probes[split] = batch
     return probes["train"]
+
+
+def _check_float32(model) -> None:
+    """Weights move as float32 vectors (planes, files, Hessian products): a model of another float
+    type would meet them, and its data, in another type deep inside a pass."""
+    other = next(((n, p.dtype) for n, p in model.named_parameters() if p.dtype != torch.float32), None)
+    if other is not None:
+        raise ModelError(f"the model's parameter {other[0]} is {str(other[1]).replace('torch.', '')}; landscape "
+                         "evaluates float32 models (give it model.float(), and float32 inputs)")
 
 
 def _check_labels(task, labels, output, split: str) -> None:

@@ -153,6 +153,8 @@ def test_live_objects_that_do_not_fit_are_one_line_errors(live):
         evaluate_surface(other, Plane.through(a, b, c), data, (2, 2))
     with pytest.raises(ConfigError, match="needs its data"):
         Plane.hessian(a)
+    with pytest.raises(ModelError, match=r"parameter .* is float64; landscape evaluates float32 models"):
+        evaluate_surface(copy.deepcopy(a).double(), Plane.through(a, b, c), data, (2, 2))  # was a dtype clash mid-pass
     for xrange, yrange in (((1.0, -1.0), (-1.0, 1.0)), ((0.0, 1.0), (0.5, 0.5))):
         with pytest.raises(ConfigError, match="is empty; give LOW < HIGH"):  # a file's axes increase
             evaluate_surface(a, Plane.through(a, b, c), data, Grid(xrange, 3, yrange, 3))
