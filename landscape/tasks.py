@@ -79,9 +79,10 @@ def targets_of(batch):
 
 
 def batch_size_of(batch) -> int:
-    """Samples in ``batch``: the length of its first tensor."""
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
-    return len(first)
+    """Samples in ``batch``: the length of its first tensor (inputs may nest: ``((a, b), y)``)."""
+    while isinstance(batch, (dict, tuple, list)):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return len(batch)
 
 
 def output_tree(output):
@@ -287,11 +288,12 @@ def check_evaluation(task, e: Evaluation, n: int) -> Evaluation:
 
 
 def take(batch, index):
-    """``batch`` (a tensor, tuple or dict of tensors) indexed along its sample dimension."""
+    """``batch`` (a tensor, or tuples and dicts of them, nested: a two-input model's ``((a, b), y)``)
+    indexed along its sample dimension."""
     if isinstance(batch, dict):
-        return {k: v[index] for k, v in batch.items()}
+        return {k: take(v, index) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(v[index] for v in batch)
+        return type(batch)(take(v, index) for v in batch)
     return batch[index]
 
 
