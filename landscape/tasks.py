@@ -18,7 +18,8 @@ A sample's values are *sums* over its units (tokens) with a ``count`` of units: 
 sum(values) / sum(counts) over all its samples (counts are 1 for one-unit tasks), so a language model's
 loss is the mean over tokens, as in training.
 
-A batch is an ``(inputs, targets)`` tuple (the model is called on the inputs) or a dict (the model is
+A batch is an ``(inputs, targets)`` tuple (the model is called on the inputs: a tensor, or tuples and
+dicts of tensors for a model of several inputs) or a dict (the model is
 called with it as keyword arguments; targets are its ``labels``). A model's output is a tensor of
 logits or predictions, a tuple (its first element), or a dict or object with ``logits`` (and ``loss``).
 

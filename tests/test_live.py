@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from landscape import evaluate_surface
-from landscape.errors import ConfigError, GeometryError, ModelError
+from landscape.errors import ConfigError, FileFormatError, GeometryError, ModelError
 from landscape.geometry import Grid, Line, Plane
 from landscape.plot import interactive_figure
 from landscape.store import open_surface, open_trajectory
@@ -122,6 +122,9 @@ def test_a_live_surface_saves_and_opens(live, tmp_path):
     np.testing.assert_array_equal(back.basis()["u"], surf.basis()["u"])
     fig = interactive_figure(back)
     assert len(fig.data) >= 1 and type(fig).__name__ == "Figure"
+    from landscape.plot import plane_figure
+    with pytest.raises(FileFormatError, match="^this surface holds a line, not a plane$"):  # was "None holds"
+        plane_figure(surf)
 
 
 def test_random_pca_and_hessian_planes_of_live_objects(traj, live):

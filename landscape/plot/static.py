@@ -30,7 +30,8 @@ def require_kind(surface, kind: str) -> None:
     """``kind``: plane, line (one line) or rays."""
     have = "rays" if surface.kind == "line" and np.ndim(surface.done) == 2 else surface.kind
     if have != kind:
-        raise FileFormatError(f"{surface.path} holds {'a ' if have != 'rays' else ''}{have}, not "
+        where = surface.path if surface.path is not None else "this surface"  # in memory, not saved
+        raise FileFormatError(f"{where} holds {'a ' if have != 'rays' else ''}{have}, not "
                               f"{'a ' if kind != 'rays' else ''}{kind}")
 
 
