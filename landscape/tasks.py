@@ -117,8 +117,9 @@ def logits_of(output) -> torch.Tensor:
 
 class Task:
     """A task; subclasses set ``name``, ``metrics`` (names of per-sample metrics), ``primary`` (the
-    metric figures show on the test split; may be ``loss``), ``percent`` (metrics in percent) and
-    implement :meth:`evaluate`. ``derived`` metrics are functions of the split's means. A task is
+    metric figures show on the test split; may be ``loss``), ``percent`` (metrics in percent),
+    ``maximize`` (metrics where larger is better, such as an accuracy: the offset and figures take
+    their maximum) and implement :meth:`evaluate`. ``derived`` metrics are functions of the split's means. A task is
     ``row_wise`` when sample i's values depend on its own row of the logits (:func:`logits_of`) and its
     target only: the evaluator then scores K points' logits as K * n samples in one call."""
     name = "task"
@@ -127,6 +128,7 @@ class Task:
     primary = "loss"
     percent: tuple = ()
     derived: tuple = ()
+    maximize: tuple = ()
 
     def evaluate(self, output, batch) -> Evaluation:
         raise NotImplementedError
@@ -149,8 +151,9 @@ class Task:
         return tuple(f"{s}_{n}" for s in splits for n in names)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "metrics": list(self.metrics) + list(self.derived), "primary": self.primary,
-                "percent": list(self.percent)}
+        d = {"name": self.name, "metrics": list(self.metrics) + list(self.derived), "primary": self.primary,
+             "percent": list(self.percent)}
+        return dict(d, maximize=list(self.maximize)) if self.maximize else d  # (files of tasks without: as before)
 
 
 class Classification(Task):
@@ -261,7 +264,7 @@ def check_task_object(task) -> Task:
     missing = [a for a in ("name", "metrics", "primary", "evaluate") if not hasattr(task, a)]
     if missing:
         raise ConfigError(f"{type(task).__name__} is not a task: it lacks {', '.join(missing)} (see landscape.tasks.Task)")
-    for attr, default in (("percent", ()), ("derived", ())):
+    for attr, default in (("percent", ()), ("derived", ()), ("maximize", ())):
         if not hasattr(task, attr):
             setattr(task, attr, default)
     for method in ("derive", "loss", "value_names", "to_dict"):
@@ -269,6 +272,9 @@ def check_task_object(task) -> Task:
             setattr(task, method, getattr(Task, method).__get__(task))
     if task.primary != "loss" and task.primary not in tuple(task.metrics) + tuple(task.derived):
         raise ConfigError(f"task {task.name!r}: its primary metric {task.primary!r} is not one of its metrics")
+    unknown = [m for m in task.maximize if m not in tuple(task.metrics) + tuple(task.derived)]
+    if unknown:
+        raise ConfigError(f"task {task.name!r}: maximize names {', '.join(map(repr, unknown))}, not one of its metrics")
     return task
 
 

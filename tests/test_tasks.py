@@ -4,6 +4,7 @@ model with ``.loss`` evaluates; a subset's standard errors match the spread of r
 input is refused in one line before any long work; each task runs train -> plane -> plot -> explore."""
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 
@@ -387,6 +388,41 @@ def test_a_user_task_object_and_a_non_task():
     assert set(out) == {"train_loss", "train_mae", "test_loss", "test_mae"}
     with pytest.raises(LandscapeError, match="lacks .*evaluate"):
         get_task(object())
+
+
+class Accuracy(Task):
+    """A task whose primary metric grows with quality."""
+    name, metrics, primary, percent, maximize = "accuracy", ("acc",), "acc", ("acc",), ("acc",)
+
+    def evaluate(self, output, batch):
+        y = batch[1]
+        return Evaluation(nn.functional.cross_entropy(output, y, reduction="none"),
+                          {"acc": 100.0 * (output.argmax(1) == y).double()})
+
+
+def test_a_metric_where_larger_is_better_has_its_maximum_taken(tmp_path):
+    """The offset (numbers, report, figure) goes to the best test accuracy, not to its worst point;
+    the task's maximize is recorded with the surface and read back."""
+    from landscape.plot import offset_of
+    from landscape.store import open_surface
+    net, tensors, _ = _classification()
+    torch.manual_seed(4)
+    a, b, c = (_shifted(net, scale) for scale in (0.0, 0.8, 1.6))
+    surf = ls.evaluate_surface(a, ls.Plane.through(a, b, c), tensors, grid=(7, 7), task=Accuracy())
+    off = offset_of(surf, smooth=0.0)
+    acc = surf.values["test_acc"]
+    assert off["best"] == ["minimum", "maximum"] and off["test_min_value"] == acc.max() > acc.min()
+    assert open_surface(surf.save(tmp_path / "p.h5")).maximized("test_acc")
+    with pytest.raises(LandscapeError, match="maximize names 'ppl', not one of its metrics"):
+        get_task(type("Odd", (Accuracy,), {"maximize": ("ppl",)})())
+
+
+def _shifted(net, scale):
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return moved
 
 
 def _train_plane_plot_explore(capsys, tmp_path, task, model, dataset, *extra):

@@ -139,21 +139,31 @@ def grid_minimum(x, y, values, refine: bool = True, smooth: float = 0.0):
     return point, vmin
 
 
-def offset(x, y, train_values, test_values, refine: bool = True, smooth: float = 0.0) -> dict:
+def offset(x, y, train_values, test_values, refine: bool = True, smooth: float = 0.0,
+           maximize=(False, False)) -> dict:
     """From the minimum of ``train_values`` (e.g. train loss) to that of ``test_values`` (e.g. test
     error): both locations and values, the vector and its length (weight-space units). With
     ``smooth`` > 0 the minima are those of the Gaussian-smoothed surfaces (see :func:`grid_minimum`)
-    and ``unsmoothed`` holds the same numbers for the raw grid values."""
-    a, va = grid_minimum(x, y, train_values, refine, smooth)
-    b, vb = grid_minimum(x, y, test_values, refine, smooth)
+    and ``unsmoothed`` holds the same numbers for the raw grid values. ``maximize`` (train, test):
+    where larger is better (an accuracy), the maximum instead (``*_min`` keep their names; ``best``
+    says which was taken)."""
+    (a, va), (b, vb) = (_best(x, y, v, refine, smooth, m) for v, m in zip((train_values, test_values), maximize))
     vec = b - a
     out = {"train_min": a.tolist(), "train_min_value": va, "test_min": b.tolist(), "test_min_value": vb,
-           "vector": vec.tolist(), "length": float(np.hypot(*vec)), "smooth": float(smooth)}
+           "vector": vec.tolist(), "length": float(np.hypot(*vec)), "smooth": float(smooth),
+           "best": ["maximum" if m else "minimum" for m in maximize]}
     if smooth > 0:
-        raw = offset(x, y, train_values, test_values, refine, 0.0)
+        raw = offset(x, y, train_values, test_values, refine, 0.0, maximize)
         raw.pop("smooth")
         out["unsmoothed"] = raw
     return out
+
+
+def _best(x, y, values, refine: bool, smooth: float, maximize: bool):
+    if not maximize:
+        return grid_minimum(x, y, values, refine, smooth)
+    where, value = grid_minimum(x, y, -np.asarray(values, float), refine, smooth)
+    return where, -value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,8 +150,8 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
                                                           levels=levels, off_plane=off_plane, result=off),
                                     out, f"{stem}-offset", formats)
         res.numbers.setdefault("offset", {})[_key(s)] = off
-        res.lines.append(f"offset {_key(s)}: {train_metric} minimum at ({off['train_min'][0]:.3g}, "
-                         f"{off['train_min'][1]:.3g}), {off['test_metric']} minimum at ({off['test_min'][0]:.3g}, "
+        res.lines.append(f"offset {_key(s)}: {train_metric} {off['best'][0]} at ({off['train_min'][0]:.3g}, "
+                         f"{off['train_min'][1]:.3g}), {off['test_metric']} {off['best'][1]} at ({off['test_min'][0]:.3g}, "
                          f"{off['test_min'][1]:.3g}): {off['length']:.3g} weight-space units apart")
     for s in lines:
         stem = stems[id(s)]

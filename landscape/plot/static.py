@@ -217,7 +217,8 @@ def offset_of(surface, train_metric: str = "train_loss", test_metric: str | None
     require_kind(surface, "plane")
     test_metric = test_metric or surface.primary_metric
     res = analysis.offset(surface.x, surface.y, require_metric(surface, train_metric),
-                          require_metric(surface, test_metric), smooth=smooth)
+                          require_metric(surface, test_metric), smooth=smooth,
+                          maximize=(surface.maximized(train_metric), surface.maximized(test_metric)))
     res.update({"train_metric": train_metric, "test_metric": test_metric, "units": DISTANCE})
     return res
 
@@ -237,9 +238,9 @@ def draw_offset(ax, surface, train_metric: str = "train_loss", test_metric: str 
                    linewidths=np.linspace(1.8, 0.6, len(lv) - 2), zorder=2)
     a, b = np.array(res["train_min"]), np.array(res["test_min"])
     ax.plot(*a, linestyle="none", marker="o", ms=9, mfc=TRAIN_COLOR, mec="white", mew=1.2, zorder=6,
-            label=f"{metric_name(train_metric)} minimum ({metric_value(train_metric, res['train_min_value'])})")
+            label=f"{metric_name(train_metric)} {res['best'][0]} ({metric_value(train_metric, res['train_min_value'])})")
     ax.plot(*b, linestyle="none", marker="s", ms=8, mfc=TEST_COLOR, mec="white", mew=1.2, zorder=6,
-            label=f"{metric_name(test_metric)} minimum ({metric_value(test_metric, res['test_min_value'])})")
+            label=f"{metric_name(test_metric)} {res['best'][1]} ({metric_value(test_metric, res['test_min_value'])})")
     if res["length"] > 0:
         ax.annotate("", xy=b, xytext=a, zorder=7,
                     arrowprops=dict(arrowstyle="-|>", lw=2.0, color="black", shrinkA=6, shrinkB=6,

@@ -320,6 +320,10 @@ class Surface:
         name = f"test_{self.task.get('primary', 'err')}"
         return name if name in self.values else "test_loss"
 
+    def maximized(self, metric: str) -> bool:
+        """Whether larger values of ``metric`` (``test_acc``) are better: the task names it in ``maximize``."""
+        return metric.split("_", 1)[-1] in self.task.get("maximize", ())
+
     @property
     def rays(self) -> bool:
         """A line file holding several rays: values are (R, nx), ``values[m][r]`` is ray r."""
