@@ -527,6 +527,9 @@ def import_object(path: str, error, what: str):
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise error(f"unknown {what} {path!r}")
+    if module_name.startswith("."):  # importlib needs a package to resolve it against
+        raise error(f"cannot import {what} module {module_name!r}: a relative module name; give it from the "
+                    "top, as in package.module:name")
     try:
         module = _import_module(module_name)
     except ImportError as e:

@@ -233,6 +233,8 @@ def test_user_data_factory_forms(tmp_path, monkeypatch):
         load_data(DataSpec("userdata_forms:wrong"))
     with pytest.raises(DataError, match="cannot import dataset module 'no_such_module_here'"):
         load_data(DataSpec("no_such_module_here:f"))
+    with pytest.raises(DataError, match="'.userdata_forms': a relative module name"):  # was importlib's TypeError
+        load_data(DataSpec(".userdata_forms:boxed"))
 
 
 def test_a_regression_model_is_recorded_imported_and_evaluated_with_its_task(tmp_path, capsys):
