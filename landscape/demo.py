@@ -311,16 +311,10 @@ def run_flatness(cfg: DemoConfig, out: Path, run_path: Path, surfaces: list, dev
 
 def basin_width(surface, rise: float) -> dict:
     """Mean distance along the random rays of ``surface`` to where the train loss has risen by ``rise``
-    (rays that never rise that much within their length count at their length: a lower bound)."""
-    from .plot.analysis import rise_distance
-    v = surface.values["train_loss"]
-    ds, capped = [], 0
-    for row in v:
-        d, searched = rise_distance(surface.x, row, 0.0, rise, +1)
-        if d is None:
-            d, capped = searched, capped + 1
-        ds.append(d)
-    return {"mean": float(np.mean(ds)), "not_reached": capped, "rays": len(ds)}
+    (rays that never rise that much within their length count at their length: a lower bound), as
+    the edge-vs-center figure and the report measure it."""
+    from .plot.analysis import ray_rise_distances
+    return ray_rise_distances([(surface.x, row) for row in surface.values["train_loss"]], rise)
 
 
 def flatness_table(sharp, rays: dict, rises) -> list:

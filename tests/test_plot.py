@@ -177,6 +177,23 @@ def test_edge_center_numbers_put_sgd_at_the_edge_and_swa_in_the_center(line):
     assert res["swa/average:5"]["test_err"] == pytest.approx(3.0 + 0.05 * 0.25)
 
 
+def test_rays_that_never_rise_count_at_their_length_in_every_width(tmp_path):
+    """A flat ray (width 1000: +0.0001 over its 10 units) counts at 10, a lower bound, in the report,
+    the edge-vs-center numbers and the demo's basin width alike (it was dropped from the report's
+    mean, so a flatter basin could print a smaller width)."""
+    from landscape.demo import basin_width
+    rays = make_rays("sgd:10", 1.0, [1.0, 1000.0])
+    d = np.linspace(0.0, 10.0, 101)
+    width = analysis.ray_rise_distances([(d, r) for r in rays.values["train_loss"]], 0.1)
+    assert width["distances"] == [pytest.approx(math.sqrt(0.1), abs=3e-3), None]  # linear between grid points
+    assert width["mean"] == pytest.approx((width["distances"][0] + 10.0) / 2)
+    assert (width["not_reached"], width["rays"], width["max"]) == (1, 2, 10.0)
+    assert basin_width(rays, 0.1) == width
+    res = plot_files([rays], tmp_path / "figs", formats=("png",))
+    assert res.numbers["rays"]["surface"]["sgd:10"]["rise"]["0.1"] == width
+    assert any("mean > 5.16 over 2 rays (1 did not rise" in line for line in res.lines), res.lines
+
+
 # ---------------------------------------------------------------------------------------------
 # drawing functions take an Axes and return it
 

@@ -93,7 +93,7 @@ def print_flatness(flat: dict) -> None:
         widths = []
         for k in rises:
             w = r["basin_width"].get(k)
-            widths.append("-" if w is None else (">" if w["not_reached"] == w["rays"] else "") + f"{w['mean']:.3g}")
+            widths.append("-" if w is None else (">" if w["not_reached"] else "") + f"{w['mean']:.3g}")
         label = role(r["run"]).label
         print(f"  {label[:30]:<30}{r['test_err']:>8.2f}%{r['top_eigenvalue']:>9.3g}"
               f"{r['trace']:>10.3g} +-{r['trace_stderr']:<5.2g}{r['epsilon_sharpness']:>10.3g}"

@@ -169,6 +169,17 @@ def _best(x, y, values, refine: bool, smooth: float, maximize: bool):
 # ---------------------------------------------------------------------------------------------
 # lines and rays
 
+def ray_rise_distances(curves, rise: float) -> dict:
+    """Distances along rays (``curves``: ``(t, train_loss)`` of each, t = 0 at their origin) to where
+    the loss has risen by ``rise``: ``distances`` (None for a ray that never rose that much),
+    ``mean``, ``min`` and ``max`` with such a ray counted at the distance it reached (lower bounds
+    then: a flat basin's rays must not drop out of its width), ``not_reached`` and ``rays`` counts."""
+    pairs = [rise_distance(t, v, 0.0, rise, +1) for t, v in curves]
+    capped = [searched if d is None else d for d, searched in pairs]
+    return {"distances": [d for d, _ in pairs], "mean": float(np.mean(capped)), "min": float(np.min(capped)),
+            "max": float(np.max(capped)), "not_reached": sum(d is None for d, _ in pairs), "rays": len(pairs)}
+
+
 def interp_line(t, values, t0):
     """Values of a line at coordinate(s) ``t0`` (linear interpolation; NaN outside the line)."""
     t, v = np.asarray(t, float), np.asarray(values, float)
@@ -234,7 +245,7 @@ def edge_center(t, train_loss, solutions: dict, rays: dict | None = None, rises=
         {"coordinate": t0, "train_loss": loss at t0,
          "rise": {"0.1": {"line": {"toward B": {"direction": +1|-1, "distance": d, "searched": s},
                                    "away from B": {...}},
-                          "rays": {"distances": [...], "mean", "min", "max", "not_reached"}}}}
+                          "rays": {"distances": [...], "mean", "min", "max", "not_reached", "rays"}}}}
 
     Distances are in weight-space units; a distance is None when the loss never rose that much
     within the sampled range, whose extent ``searched`` gives."""
@@ -258,13 +269,7 @@ def edge_center(t, train_loss, solutions: dict, rays: dict | None = None, rises=
             r = {"line": line}
             curves = rays.get(name, [])
             if curves:
-                ray_d = [rise_distance(rt, rv, 0.0, rise, +1)[0] for rt, rv in curves]
-                found = [d for d in ray_d if d is not None]
-                r["rays"] = {"distances": ray_d,
-                             "mean": float(np.mean(found)) if found else None,
-                             "min": float(np.min(found)) if found else None,
-                             "max": float(np.max(found)) if found else None,
-                             "not_reached": len(ray_d) - len(found)}
+                r["rays"] = ray_rise_distances(curves, rise)
             entry["rise"][format_rise(rise)] = r
         out[name] = entry
     return out

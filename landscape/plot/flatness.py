@@ -145,7 +145,7 @@ def draw_flatness_table(ax, table: list, epsilon: float, rises=(0.05, 0.1)):
                    [w["mean"] if w else np.nan for w in widths])
         cells.append([f"{r['test_err']:.2f}", f"{r['top_eigenvalue']:.3g}", f"{r['trace']:.3g} +- {r['trace_stderr']:.2g}",
                       f"{r['epsilon_sharpness']:.3g}"] +
-                     [("-" if w is None else (">" if w["not_reached"] == w["rays"] else "") + f"{w['mean']:.3g}")
+                     [("-" if w is None else (">" if w["not_reached"] else "") + f"{w['mean']:.3g}")
                       for w in widths])
     labels = [_label(r["checkpoint"]) for r in table]
     ax.axis("off")

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import ConfigError, FileFormatError
 from ..store.files import probe_writable, publish, reason, same_file
 from . import figures, static
-from .analysis import FORMATS, MAX_LEVELS, SMOOTH, format_rise
+from .analysis import FORMATS, MAX_LEVELS, SMOOTH, format_rise, ray_rise_distances
 
 STAGING = ".landscape-plot.partial"  # figures are drawn here, then moved into place together
 
@@ -169,14 +169,13 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
             continue
         stem = stems[id(s)]
         mine = static.rays_of([s])
-        nums = {name: {"rise": {format_rise(r): _ray_numbers(curves, r) for r in rises}}
+        nums = {name: {"rise": {format_rise(r): ray_rise_distances(curves, r) for r in rises}}
                 for name, curves in mine.items()}
         res.figures += figures.save(figures.rays_figure(mine, rises[0]), out, f"{stem}-rays", formats)
         res.numbers.setdefault("rays", {})[_key(s)] = nums
         for name, entry in nums.items():
             for r, d in entry["rise"].items():
-                res.lines.append(f"rays {_key(s)}: from {name}, distance to train loss + {r}: "
-                                 f"mean {_num(d['mean'])} over {len(d['distances'])} rays")
+                res.lines.append(f"rays {_key(s)}: from {name}, distance to train loss + {r}: {_ray_mean(d)}")
     if traj is not None:
         for prefix in figures.LOOKAHEAD_PREFIXES:
             if f"{prefix}/fast" in traj.runs and f"{prefix}/slow" in traj.runs and traj.num_checkpoints(f"{prefix}/fast"):
@@ -203,13 +202,12 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
     return res
 
 
-def _ray_numbers(curves, rise):
-    from .analysis import rise_distance
-    ds = [rise_distance(t, v, 0.0, rise, +1)[0] for t, v in curves]
-    found = [d for d in ds if d is not None]
-    return {"distances": ds, "mean": sum(found) / len(found) if found else None,
-            "min": min(found) if found else None, "max": max(found) if found else None,
-            "not_reached": len(ds) - len(found)}
+def _ray_mean(d: dict) -> str:
+    """``mean 4.27 over 3 rays``; a lower bound when rays never rose that much within their length."""
+    if not d["not_reached"]:
+        return f"mean {d['mean']:.3g} over {d['rays']} rays"
+    return (f"mean > {d['mean']:.3g} over {d['rays']} rays ({d['not_reached']} did not rise that much within "
+            "their length, counted at it)")
 
 
 def _edge_lines(nums: dict, rises) -> list:
@@ -220,7 +218,7 @@ def _edge_lines(nums: dict, rises) -> list:
             parts = [f"{label} {_num(d['distance'], d['searched'])}" for label, d in e["rise"][key]["line"].items()]
             rays = e["rise"][key].get("rays")
             if rays:
-                parts.append(f"rays mean {_num(rays['mean'])} ({len(rays['distances'])} rays)")
+                parts.append(f"rays {_ray_mean(rays)}")
             out.append(f"{name} (train loss {e['train_loss']:.4g}): distance to loss + {key}: " + ", ".join(parts))
     return out
 
