@@ -177,6 +177,21 @@ def test_edge_center_numbers_put_sgd_at_the_edge_and_swa_in_the_center(line):
     assert res["swa/average:5"]["test_err"] == pytest.approx(3.0 + 0.05 * 0.25)
 
 
+def test_rays_of_another_trajectory_are_not_joined_to_a_line_by_name(line, tmp_path):
+    """Checkpoint names of another run name other checkpoints: rays from another trajectory's sgd:10
+    are drawn on their own, not beside this line's sgd:10 (they were, by name)."""
+    import dataclasses
+    ours = dataclasses.replace(line, trajectory_sha256="a" * 64)
+    theirs = dataclasses.replace(make_rays("sgd:10", 3.0, [0.5, 0.6]), trajectory_sha256="b" * 64)
+    res = plot_files([ours, theirs], tmp_path / "figs", formats=("png",))
+    assert "rays" not in res.numbers["edge_center"][str(line.path)]["sgd:10"]["rise"]["0.1"]
+    assert list(res.numbers["rays"]["surface"]) == ["sgd:10"]
+    same = dataclasses.replace(theirs, trajectory_sha256="a" * 64)
+    res = plot_files([ours, same], tmp_path / "figs2", formats=("png",))
+    assert res.numbers["edge_center"][str(line.path)]["sgd:10"]["rise"]["0.1"]["rays"]["rays"] == 2
+    assert "rays" not in res.numbers
+
+
 def test_rays_that_never_rise_count_at_their_length_in_every_width(tmp_path):
     """A flat ray (width 1000: +0.0001 over its 10 units) counts at 10, a lower bound, in the report,
     the edge-vs-center numbers and the demo's basin width alike (it was dropped from the report's

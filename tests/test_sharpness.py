@@ -231,6 +231,11 @@ def test_flatness_figure_and_explorer_numbers(sharp_file, tmp_path, tiny_run):
     top = printed[0]["eigenvalues"][0]
     assert f"top Hessian eigenvalue {top:.4g}" in page      # in the hover text of sgd:6
     assert page.count("<tr>") == 1 + len(printed)
+    import dataclasses
+    other = dataclasses.replace(surf, trajectory_sha256="0" * 64)  # a plane of another run: names name others
+    with pytest.warns(UserWarning, match="is of another trajectory"):
+        page = explorer_html([other], sharpness=out)
+    assert f"top Hessian eigenvalue {top:.4g}" not in page and page.count("<tr>") == 1 + len(printed)
 
 
 @pytest.mark.parametrize("argv, words", [

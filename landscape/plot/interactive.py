@@ -379,7 +379,7 @@ def explorer_html(surfaces, title: str = "landscape explorer", sharpness=None) -
         name = str(s.path.name) if s.path is not None else f"surface {k}"
         heading = _describe(s)
         if s.kind == "plane":
-            fig = plane_figure(s, flatness=flat)
+            fig = plane_figure(s, flatness=flat if _joins(sharp, s) else None)
             div = pio.to_html(fig, include_plotlyjs=False, full_html=False, config=config, div_id=f"plane-{k}",
                               post_script=_PLANE_JS)
         else:
@@ -423,6 +423,17 @@ def _percent_note(surfaces) -> str:
     """"; errors in %" for the metrics the surfaces' tasks give in percent (none for regression)."""
     names = sorted({WORDS.get(m, m).replace(" (%)", "") + "s" for s in surfaces for m in s.task.get("percent", ())})
     return f"; {' and '.join(names)} in %" if names else ""
+
+
+def _joins(sharp, surface) -> bool:
+    """Whether the sharpness file's numbers belong beside the surface's checkpoints (the same
+    trajectory: another run's checkpoint names name other checkpoints); warns when they do not."""
+    if sharp is None or static.same_trajectory(sharp, surface):
+        return True
+    import warnings
+    warnings.warn(f"{sharp.path} is of another trajectory ({sharp.trajectory}) than {surface.path} "
+                  f"({surface.trajectory}); its numbers are not shown beside that plane's checkpoints", stacklevel=3)
+    return False
 
 
 def flatness_lines(sharp) -> dict:

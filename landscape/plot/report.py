@@ -7,7 +7,8 @@ also stores in ``numbers.json`` next to the figures:
 - a plane -> ``<stem>-landscape`` (train loss and test error side by side) and ``<stem>-offset``
   (train-vs-test minima and their offset);
 - a line through two checkpoints -> ``<stem>-edge-center``, with the rays of any rays file whose origin
-  is one of the line's two checkpoints;
+  is one of the line's two checkpoints (of the same trajectory: another run's names name other
+  checkpoints);
 - a rays file no line uses -> ``<stem>-rays``;
 - a trajectory with ``lookahead/slow`` + ``lookahead/fast`` (or ``lookahead-adam/...``) ->
   ``lookahead`` (``lookahead-adam``); with ``grafting/net<i>`` -> ``grafting``;
@@ -134,8 +135,7 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
     planes = [s for s in surfs if s.kind == "plane"]
     lines = [s for s in surfs if s.kind == "line" and not static.is_rays(s)]
     rays = [s for s in surfs if static.is_rays(s)]
-    ray_data = static.rays_of(rays) if rays else {}
-    used_origins = set()
+    drawn_with_a_line = set()
 
     for s in planes:
         if min(len(s.x), len(s.y)) < 2:
@@ -156,16 +156,16 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
     for s in lines:
         stem = stems[id(s)]
         sols = static.line_solutions(s)
-        matched, used = static.match_rays(ray_data, sols)
-        used_origins |= used
+        mine = [r for r in rays if static.same_trajectory(r, s)]  # names of another run name other checkpoints
+        matched, used = static.match_rays(static.rays_of(mine), sols)
+        drawn_with_a_line |= {id(r) for r in mine if static.ray_origin(r) in used}
         nums = static.edge_center_of(s, matched, rises, sols)
         res.figures += figures.save(figures.edge_center_figure(s, matched, rises, numbers=nums, solutions=sols),
                                     out, f"{stem}-edge-center", formats)
         res.numbers.setdefault("edge_center", {})[_key(s)] = nums
         res.lines += [f"edge-vs-center {_key(s)}: {t}" for t in _edge_lines(nums, rises)]
     for s in rays:
-        origin = (s.spec or {}).get("origin")
-        if origin in used_origins:
+        if id(s) in drawn_with_a_line:
             continue
         stem = stems[id(s)]
         mine = static.rays_of([s])

@@ -305,11 +305,23 @@ def rays_of(surfaces, metric: str = "train_loss") -> dict:
         if not is_rays(s):
             continue
         v = require_metric(s, metric)
-        origin = (s.spec or {}).get("origin") or next(iter(s.points), None)
-        if origin is None:
-            raise FileFormatError(f"{s.path}: a rays file that names no origin")
-        out.setdefault(origin, []).extend((np.asarray(s.x, float), row) for row in v)
+        out.setdefault(ray_origin(s), []).extend((np.asarray(s.x, float), row) for row in v)
     return out
+
+
+def ray_origin(surface) -> str:
+    """The checkpoint a rays file's rays start from."""
+    origin = (surface.spec or {}).get("origin") or next(iter(surface.points), None)
+    if origin is None:
+        raise FileFormatError(f"{surface.path}: a rays file that names no origin")
+    return origin
+
+
+def same_trajectory(a, b) -> bool:
+    """Whether two files' checkpoint names name the same checkpoints: both computed from one
+    trajectory (its recorded SHA-256), or either of live objects (nothing to tell them apart by)."""
+    ours, theirs = getattr(a, "trajectory_sha256", None), getattr(b, "trajectory_sha256", None)
+    return ours is None or theirs is None or ours == theirs
 
 
 def match_rays(rays: dict, solutions: dict) -> tuple:
