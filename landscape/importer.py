@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import struct
@@ -73,11 +74,22 @@ def find_checkpoints(sources) -> list:
 # -- reading one file --------------------------------------------------------------------------
 
 def _number(value):
+    """An epoch or step a checkpoint records: a finite number (NaN or infinity: not recorded)."""
     if torch.is_tensor(value) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
-    return value if isinstance(value, (int, float)) else None
+    return value
+
+
+def _parsed(text):
+    """A number written as text (safetensors metadata holds strings), or None."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def _needs_code(message: str) -> str | None:
@@ -104,11 +116,12 @@ def _read_safetensors(path: Path):
         with open(path, "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
             header = json.loads(f.read(n)).get("__metadata__") or {}
-        for key in ("epoch", "step", "global_step"):
-            if key in header:
-                meta[key] = float(header[key]) if "." in header[key] else int(header[key])
-    except (ValueError, OSError, struct.error, TypeError):
-        pass
+    except (ValueError, OSError, struct.error, TypeError, AttributeError):
+        header = {}
+    for key in ("epoch", "step", "global_step"):  # each on its own: one that does not parse leaves the others
+        value = _number(_parsed(header.get(key)))
+        if value is not None:
+            meta[key] = value
     return tensors, meta
 
 

@@ -114,6 +114,23 @@ def test_order_by_name_is_natural_and_by_epoch_reads_the_files(tmp_path):
     np.testing.assert_array_equal(open_trajectory(tmp_path / "given.h5").run("imported").epoch, [2, 1])
 
 
+def test_an_epoch_that_is_not_a_number_is_not_recorded(tmp_path, capsys):
+    """A NaN epoch counts as none: --order epoch refuses it (it was sorted anyhow: epochs 11, nan, 0,
+    5 in the file); in safetensors metadata a step that does not parse leaves the epoch (it dropped both)."""
+    from safetensors.torch import save_file
+
+    from landscape.importer import read_checkpoint
+    _, model, _ = same_start()
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name, epoch in (("a.pt", 0), ("b.pt", float("nan")), ("c.pt", 5)):
+        torch.save({"state_dict": model.state_dict(), "epoch": epoch}, folder / name)
+    assert landscape_import(folder, "--order", "epoch", "-o", tmp_path / "r.h5") == 2
+    assert "b.pt records no epoch" in capsys.readouterr().err and not (tmp_path / "r.h5").exists()
+    save_file(model.state_dict(), str(tmp_path / "s.safetensors"), metadata={"epoch": "1e3", "step": "abc"})
+    assert read_checkpoint(tmp_path / "s.safetensors")[1] == {"epoch": 1000.0}
+
+
 class Opaque:  # a checkpoint holding an object of a class needs code to unpickle
     pass
 
