@@ -49,7 +49,7 @@ from .errors import ConfigError
 from .evaluate import BatchNormPolicy, Evaluator, bn_inputs, resolve_policy
 from .geometry import HessianOperator, load_checkpoint, training_subset
 from .rebuild import rebuild_data, rebuild_model
-from .store.sharpness import SharpnessFile, write_sharpness
+from .store.sharpness import SharpnessFile, SharpnessProgress, write_sharpness
 
 
 @dataclass(frozen=True)
@@ -513,36 +513,58 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
     model = rebuild_model(traj, data, dev)
     policy = resolve_policy(bn if bn is not None else "auto", model, can_interpolate=False,
                             batch_size=spec.batch_size)
-    start = time.perf_counter()
-    works, work_of, first = [], [], {}
-    for name in names:
-        c = load_checkpoint(traj, name)
-        key = _identity(c.params, c.buffers)
-        if key not in first:
-            first[key] = len(works)
-            works.append(CheckpointWork(spec, traj.layout, lambda name=name: _weights(traj, name)))
-        work_of.append((c.name, first[key]))
-    with tqdm(total=len(names), desc="sharpness", unit="ckpt", disable=quiet, leave=False) as bar:
-        # on a CPU, pieces side by side on the cores (a second thread barely speeds up one small model)
-        run_works(works, model, traj.layout, data, policy, torch.get_num_threads() if dev.type == "cpu" else 1,
-                  on_done=lambda i: bar.update(sum(k == i for _, k in work_of)))
-    results, seen = [], set()
-    for (name, k), canonical in zip(work_of, names):
-        r = works[k].result()
-        # a checkpoint equal to an earlier one took no time of its own
-        r.update(checkpoint=name, epoch=traj.checkpoint(canonical).epoch,
-                 seconds=0.0 if k in seen else works[k].seconds)
-        seen.add(k)
-        results.append(r)
     full_spec = {"sharpness": spec.to_dict(), "bn": policy.to_dict(), "dataset": traj.config.get("data"),
                  "model": traj.config.get("model"), "num_params": traj.layout.num_params, "task": data.task.to_dict(),
                  "ball": "filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with "
                          ">= 2 dimensions; biases and BatchNorm parameters fixed"}
+    start = time.perf_counter()
+    # the checkpoints an interrupted run finished are read back, not computed again
+    progress = SharpnessProgress(out, full_spec, overwrite) if out is not None else None
+    results = _results(traj, names, spec, (model, data, policy, dev), progress, quiet)
     result = SharpnessFile(None, full_spec, results, str(traj.path), None)
     if out is not None:
         result = write_sharpness(out, full_spec, results, trajectory=traj.path, overwrite=overwrite)
+        progress.remove()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _results(traj, names, spec, setting, progress, quiet: bool) -> list:
+    """Every checkpoint's numbers, in order; ``progress`` holds those an interrupted run kept and
+    keeps each new one as it is done (a checkpoint equal to an earlier one is computed once)."""
+    model, data, policy, dev = setting
+    done = dict(progress.done) if progress is not None else {}
+    keys, works, key_of = [], [], []
+    for name in names:
+        c = load_checkpoint(traj, name)
+        keys.append((c.name, _identity(c.params, c.buffers).hex()))
+        if keys[-1][1] not in done and keys[-1][1] not in key_of:
+            key_of.append(keys[-1][1])
+            works.append(CheckpointWork(spec, traj.layout, lambda name=name: _weights(traj, name)))
+
+    def finished(i):
+        done[key_of[i]] = dict(works[i].result(), seconds=works[i].seconds)
+        if progress is not None:
+            progress.add(key_of[i], done[key_of[i]])
+        bar.update(sum(k == key_of[i] for _, k in keys))
+    with tqdm(total=len(names), initial=sum(k in done for _, k in keys), desc="sharpness", unit="ckpt",
+              disable=quiet, leave=False) as bar:
+        try:  # on a CPU, pieces side by side on the cores (a second thread barely speeds up one small model)
+            run_works(works, model, traj.layout, data, policy, torch.get_num_threads() if dev.type == "cpu" else 1,
+                      on_done=finished)
+        except KeyboardInterrupt:
+            kept, asked = (sum(k in progress.done for k in {k for _, k in keys}) if progress is not None else 0,
+                           len({k for _, k in keys}))
+            if kept:
+                raise KeyboardInterrupt(f"{kept} of {asked} checkpoints kept in {progress.path}; run the same "
+                                        "command again to finish") from None
+            raise
+    results, seen = [], set()
+    for (name, key), canonical in zip(keys, names):  # one equal to an earlier one took no time of its own
+        results.append(dict(done[key], checkpoint=name, epoch=traj.checkpoint(canonical).epoch,
+                            seconds=0.0 if key in seen else done[key]["seconds"]))
+        seen.add(key)
+    return results
 
 
 def _weights(traj, name) -> tuple:

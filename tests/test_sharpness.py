@@ -281,6 +281,39 @@ def test_checkpoints_side_by_side_give_the_numbers_of_one_at_a_time(tiny_run):
                                   np.asarray(b[key] if key != "metrics" else list(b[key].values()))), key
 
 
+def test_an_interrupted_computation_keeps_its_finished_checkpoints_and_goes_on(tiny_run, tmp_path, monkeypatch):
+    """Ctrl-C after the first checkpoint: it is kept in OUT.partial and not computed again, and the file
+    holds the numbers of an uninterrupted run (everything was lost before); another spec is refused."""
+    import landscape.sharpness as sharpness
+    from landscape.errors import StalePartialError
+    from landscape.store.sharpness import SharpnessProgress
+    traj = open_trajectory(tiny_run)
+    spec = SharpnessSpec(top_k=1, iterations=5, probes=2, ascent_steps=1)
+    whole = sharpness.compute_sharpness(traj, ["sgd", "swa/average", "sgd:-1"], spec, device="cpu",
+                                        out=tmp_path / "whole.h5")
+    add = SharpnessProgress.add
+
+    def add_then_interrupt(self, key, result):
+        add(self, key, result)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(SharpnessProgress, "add", add_then_interrupt)
+    out = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt, match=f"1 of 2 checkpoints kept in {out}.partial; run the same"):
+        sharpness.compute_sharpness(traj, ["sgd", "swa/average", "sgd:-1"], spec, device="cpu", out=out)
+    monkeypatch.setattr(SharpnessProgress, "add", add)
+    assert not out.exists() and (tmp_path / "s.h5.partial").exists()
+    with pytest.raises(StalePartialError, match="other settings"):
+        sharpness.compute_sharpness(traj, ["sgd"], SharpnessSpec(top_k=2, iterations=5, probes=2, ascent_steps=1),
+                                    device="cpu", out=out)
+    prepared = []
+    prepare = sharpness.CheckpointWork.prepare
+    monkeypatch.setattr(sharpness.CheckpointWork, "prepare", lambda self, *a: prepared.append(1) or prepare(self, *a))
+    resumed = sharpness.compute_sharpness(traj, ["sgd", "swa/average", "sgd:-1"], spec, device="cpu", out=out)
+    assert len(prepared) == 1 and not (tmp_path / "s.h5.partial").exists()
+    for a, b in zip(resumed.results, whole.results):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
 def test_a_checkpoint_named_twice_is_computed_once(tiny_run, monkeypatch):
     """Checkpoints with the same weights and buffers (here one named twice) are computed once: the same
     numbers for both, and the second took no time of its own."""

@@ -1,8 +1,9 @@
 """Sharpness files (format ``landscape.sharpness``, version 1; see docs/FORMAT.md): the Hessian
 eigenvalues, trace and epsilon-sharpness of checkpoints, one row per checkpoint.
 
-Written whole to ``NAME.partial`` and renamed into place, so a file at the requested path is always
-complete.
+Written whole and renamed into place, so a file at the requested path is always complete. While
+the checkpoints are computed, ``NAME.partial`` keeps the results of those done (JSON, replaced whole
+after each): an interrupted computation goes on from them.
 
 Example::
 
@@ -19,11 +20,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import FileFormatError
-from .files import open_read, partial_path, prepare_output, publish, reason, sha256, to_json
+from ..errors import FileFormatError, StalePartialError
+from .files import (interrupts_deferred, open_read, partial_path, prepare_output, publish, reason, sha256, to_json,
+                    write_failed)
 
 FORMAT = "landscape.sharpness"
 VERSION = 1
+PROGRESS_FORMAT = "landscape.sharpness.partial"
 # (N,) float64 datasets, one value per checkpoint
 SCALARS = ("epoch", "loss", "trace", "trace_stderr", "epsilon_sharpness", "eigenvector_sharpness",
            "epsilon_ratio", "lanczos_steps", "seconds")
@@ -70,11 +73,57 @@ class SharpnessFile:
         return out
 
 
+class SharpnessProgress:
+    """``NAME.partial`` of a sharpness computation: the results of the checkpoints done so far, keyed
+    by their weights' identity, under the spec they were computed with. Replaced whole after every
+    checkpoint (written beside, synced, renamed), so an interrupted run goes on from what it holds;
+    one of another spec is refused (``overwrite`` discards it)."""
+
+    def __init__(self, out, spec: dict, overwrite: bool = False):
+        self.path, self.spec = partial_path(Path(out)), json.loads(to_json(spec))
+        self.done = self._read(overwrite)
+
+    def _read(self, overwrite: bool) -> dict:
+        try:
+            held = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none, or cut off before its rename: nothing kept
+            return {}
+        if not isinstance(held, dict) or held.get("format") != PROGRESS_FORMAT or held.get("spec") != self.spec:
+            if overwrite:
+                return {}
+            raise StalePartialError(f"{self.path} holds a sharpness computation of other settings; run that "
+                                    "command again to finish it, or pass --overwrite to discard it")
+        return held["results"]
+
+    def add(self, key: str, result: dict) -> None:
+        self.done[key] = json.loads(to_json(_plain(result)))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with interrupts_deferred():  # the kept results are replaced whole or not at all
+            try:
+                tmp.write_text(json.dumps({"format": PROGRESS_FORMAT, "spec": self.spec, "results": self.done}))
+                publish(tmp, self.path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise write_failed(e, self.path) from None
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _plain(value):
+    """Arrays as lists, for JSON (float64 values come back exactly)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
 def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite: bool = False) -> SharpnessFile:
     """Write the results of :func:`landscape.sharpness.compute_sharpness` (a list of per-checkpoint
     dicts) into a new sharpness file; return it as read back."""
     path = prepare_output(path, overwrite, inputs=(trajectory,) if trajectory else ())
-    tmp = partial_path(path)
+    tmp = Path(f"{partial_path(path)}.h5")  # (NAME.partial holds the computation's progress)
     try:
         f = h5py.File(tmp, "w", track_order=True)
     except OSError as e:
