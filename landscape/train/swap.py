@@ -78,8 +78,9 @@ def phase1_epoch(model, optimizer, data, workers: int, batch_size: int, generato
     ``generator``; shard j of a batch (``torch.tensor_split``) is worker j's. This process computes
     the shards rank, rank + world_size, ...; the summed gradient is sum_j sum_{x in shard j} grad
     loss(x) / |batch|, the gradient of the whole batch's mean loss (for a language model, over
-    the batch's scored tokens: scaled by |batch| / tokens once every shard is done). BatchNorm buffers keep the update
-    of this process's first shard only (worker ``rank``), as on separate devices."""
+    the batch's scored tokens: scaled by |batch| / tokens once every shard is done). BatchNorm
+    buffers keep the update of this process's first shard only (worker ``rank``), as on separate
+    devices."""
     group = group or Group.single(data.x_train.device)
     rank, world_size = group.rank, group.world
     model.train()
