@@ -148,6 +148,21 @@ def test_unwritable_outputs_are_refused_before_work(tiny_run, surfaces, tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_info_shows_a_surface_file(surfaces, capsys):
+    """info reads every file the tool writes (a surface was refused as 'not a trajectory file')."""
+    import json
+    plane = open_surface(surfaces[0])
+    assert main(["info", str(surfaces[0])]) == 0
+    assert "plane of 3 x 3 points (9 computed)" in capsys.readouterr().out
+    assert main(["info", str(surfaces[1]), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["kind"] == "line" and line["shape"] == [3]
+    assert main(["info", str(surfaces[0]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["values"]["train_loss"] == [plane.values["train_loss"].min(), plane.values["train_loss"].max()]
+    assert set(info["points"]) == set(plane.points)
+
+
 def test_misleading_messages(tiny_run, tmp_path, capsys):
     one_line_error(capsys, ["info", tmp_path], "is a directory")
     text = tmp_path / "notnpz.npz"

@@ -215,6 +215,15 @@ def test_cli_writes_the_file_and_json(sharp_file):
     assert s.summary()[0]["trace"] == printed[0]["trace"]
 
 
+def test_info_shows_a_sharpness_file(sharp_file, capsys):
+    out, printed = sharp_file
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "sharpness of 2 checkpoint(s)" in text and "sgd:6" in text and "swa/average:3" in text
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoints"] == printed
+
+
 def test_flatness_figure_and_explorer_numbers(sharp_file, tmp_path, tiny_run):
     out, printed = sharp_file
     assert main(["plot", "--sharpness", str(out), "-o", str(tmp_path / "figs"), "--format", "png"]) == 0

@@ -1,21 +1,34 @@
-"""Show what a trajectory file holds: its runs, checkpoint counts, final metrics and configuration."""
+"""Show what a file holds: a trajectory's runs, checkpoint counts, final metrics and configuration; a
+surface's grid, values and checkpoints; a sharpness file's numbers. Nothing recorded in the file is
+imported."""
 from __future__ import annotations
 
 import json
 
-from landscape.store import open_trajectory
+from landscape.errors import FileFormatError
+from landscape.store import open_surface, open_trajectory
+from landscape.store.files import format_of
+from landscape.store.sharpness import open_sharpness
 
 from ..common import print_json
+from .sharpness import print_table
 
-HELP = "show runs, checkpoints, metrics and configuration of a file"
+HELP = "show what a trajectory, surface or sharpness file holds"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("file", help="trajectory file (.h5)")
+    p.add_argument("file", help="trajectory, surface or sharpness file (.h5)")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
 
 
 def run(args) -> int:
+    kind = format_of(args.file)
+    if kind == "landscape.surface":
+        return _surface(open_surface(args.file), args.json)
+    if kind == "landscape.sharpness":
+        return _sharpness(open_sharpness(args.file), args.json)
+    if kind != "landscape.trajectory" and kind is not None:
+        raise FileFormatError(f"{args.file} is a {kind!r} file; info reads trajectory, surface and sharpness files")
     info = open_trajectory(args.file).info()
     if args.json:
         print_json(info)
@@ -38,6 +51,34 @@ def run(args) -> int:
               f"{cell('train_' + metric, value) + unit:>11}{cell('test_loss', '.4f'):>11}"
               f"{cell('test_' + metric, value) + unit:>10}")
     print("config:", json.dumps(info["config"], sort_keys=True))
+    return 0
+
+
+def _surface(surface, as_json: bool) -> int:
+    info = surface.info()
+    if as_json:
+        print_json(info)
+        return 0
+    grid = " x ".join(map(str, info["shape"]))
+    axes = f"x {info['x'][0]:.4g} to {info['x'][1]:.4g}" + (
+        f", y {info['y'][0]:.4g} to {info['y'][1]:.4g}" if info["y"] else "")
+    print(f"{info['path']}: surface v{info['version']}, {info['kind']} of {grid} points ({info['done']:,} computed), "
+          f"{axes}; task {info['task']}; from {info['trajectory'] or 'objects in memory'}")
+    for name, span in info["values"].items():
+        print(f"  {name:<16}" + (f"{span[0]:.4g} to {span[1]:.4g}" if span else "no finite value"))
+    for name, coords in info["points"].items():
+        print(f"  {name:<24} at ({', '.join(f'{c:.4g}' for c in coords)})")
+    return 0
+
+
+def _sharpness(sharp, as_json: bool) -> int:
+    if as_json:
+        print_json({"path": str(sharp.path), "trajectory": sharp.trajectory, "spec": sharp.spec,
+                    "checkpoints": sharp.summary()})
+        return 0
+    print(f"{sharp.path}: sharpness of {len(sharp.results)} checkpoint(s) of {sharp.trajectory}; "
+          f"epsilon = {sharp.epsilon:g} of each filter's norm")
+    print_table(sharp)
     return 0
 
 

@@ -70,10 +70,15 @@ def run(args) -> int:
         return 0
     print(f"wrote {res.path} ({len(res.results)} checkpoint(s) in {res.seconds:.1f} s; "
           f"epsilon = {res.epsilon:g} of each filter's norm)")
+    print_table(res)
+    return 0
+
+
+def print_table(res) -> None:
+    """One row per checkpoint of a sharpness file (also what ``landscape info`` shows of one)."""
     shown = res.test_metric  # the task's primary test value: test_err (%) for classification
     print(f"{'checkpoint':<22}{shown.replace('_', ' '):>9}{'top eigenvalues':>34}{'trace':>20}{'eps-sharp':>11}")
     for r in res.summary():
         eig = " ".join(f"{v:.4g}" for v in r["eigenvalues"][:4])
         print(f"{r['checkpoint']:<22}{res.format_test_metric(r[shown]).replace(' ', ''):>9}{eig:>34}"
               f"{r['trace']:>12.4g} +-{r['trace_stderr']:<6.2g}{r['epsilon_sharpness']:>11.4g}")
-    return 0

@@ -105,6 +105,20 @@ def open_read(path, expected_format: str) -> h5py.File:
     return f
 
 
+def format_of(path) -> str | None:
+    """The ``format`` attribute of an HDF5 file (which of our files it is), None when it has none;
+    a missing or unreadable file gets the one-line error of :func:`open_read`."""
+    path = Path(path)
+    if not path.is_file():
+        open_read(path, "landscape.file")  # (raises the error that names the problem)
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            fmt = f.attrs.get("format")
+    except (OSError, RuntimeError, SystemError, KeyError):
+        return None
+    return fmt.decode() if isinstance(fmt, bytes) else fmt if isinstance(fmt, str) else None
+
+
 # A dataset we write may declare rows it never wrote (metrics read NaN there, unfinished surfaces), so
 # its declared size may exceed what the file holds, by far less than this.
 UNWRITTEN_ALLOWANCE = 1 << 30

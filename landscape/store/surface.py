@@ -329,6 +329,19 @@ class Surface:
         """A line file holding several rays: values are (R, nx), ``values[m][r]`` is ray r."""
         return self.y is None and np.ndim(self.done) == 2
 
+    def info(self) -> dict:
+        """What ``landscape info`` shows of a surface, as plain data."""
+        def span(v):
+            finite = v[np.isfinite(v)]
+            return [float(finite.min()), float(finite.max())] if finite.size else None
+        return {"path": str(self.path), "format": FORMAT, "version": VERSION, "kind": "rays" if self.rays else self.kind,
+                "shape": list(self.done.shape), "done": int(self.done.sum()),
+                "x": [float(self.x[0]), float(self.x[-1])], "y": None if self.y is None else [float(self.y[0]), float(self.y[-1])],
+                "task": self.task.get("name"), "values": {k: span(v) for k, v in self.values.items()},
+                "points": {n: [float(c) for c in p.coords] for n, p in self.points.items()},
+                "trajectory": self.trajectory, "trajectory_sha256": self.trajectory_sha256,
+                "points_per_call": self.points_per_call, "spec": self.spec}
+
     def basis(self) -> dict:
         """origin, u, v (planes) or u (lines): float32 (P,) vectors ((R, P) for rays)."""
         if self.vectors is not None:
