@@ -114,7 +114,9 @@ def plan(traj, averages) -> list:
         a.check()
         rows = a.window.rows(traj)
         name = a.run_name(rows)
-        if name in traj.runs or name in names:
+        if name in names:  # the same window averaged the same way twice
+            raise CheckpointError(f"run {name!r} is asked for twice (the same window and averaging); give each once")
+        if name in traj.runs:
             raise CheckpointError(f"run {name!r} exists already; choose another --name")
         check_run_name(name, [*traj.runs, *names])  # a group path of the file: not inside another run
         names.add(name)

@@ -617,7 +617,7 @@ class Plane:
         (l1, l2), (u, v), its = top_hessian_eigen(net, src.layout, co.params.float(), co.buffers.float(), data,
                                                   samples, seed, iterations, tol, batch_size)
         h = [2 * math.sqrt(2 / max(abs(l), 1e-12)) for l in (l1, l2)]
-        spec = {"method": "hessian", "origin": co.name, "samples": int(samples), "seed": int(seed),
+        spec = {"method": "hessian", "origin": co.name, "samples": min(int(samples), len(data.x_train)), "seed": int(seed),
                 "iterations": int(iterations), "tol": float(tol)}
         derived = {"points": {co.name: [0.0, 0.0]}, "eigenvalues": [l1, l2], "iterations_run": its}
         return _sourced(cls(co.params.float(), u.float().cpu(), v.float().cpu(), co.buffers.float(), spec=spec,

@@ -81,6 +81,7 @@ def test_windows():
     (["--from", "sgd"], ["--uniform"]),
     (["--from", "sgd", "--ema", "1.5"], ["decay"]),
     (["--from", "sgd", "--ema", "0"], ["decay"]),
+    (["--from", "sgd", "--ema", "0.5", "0.5"], ["'avg/sgd/ema_0.5_0_7' is asked for twice", "give each once"]),
 ])
 def test_bad_input_is_one_line_before_any_work(tiny_run, tmp_path, capsys, argv, words):
     assert main(["average", str(tiny_run), *argv, "-o", str(tmp_path / "o.h5"), "--quiet"]) == 2

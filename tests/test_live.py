@@ -141,6 +141,8 @@ def test_random_pca_and_hessian_planes_of_live_objects(traj, live):
     h = Plane.hessian(b, data=data, samples=100, iterations=5)
     assert h.derived["eigenvalues"][0] == pytest.approx(
         Plane.hessian(traj, "swa/average", data=data, samples=100, iterations=5).derived["eigenvalues"][0])
+    everything = Plane.hessian(b, data=data, samples=10 ** 6, iterations=2)
+    assert everything.spec["samples"] == len(data.x_train)  # what was used (it recorded 1000000)
 
 
 def test_live_objects_that_do_not_fit_are_one_line_errors(live):
