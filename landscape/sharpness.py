@@ -31,6 +31,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import math
@@ -38,6 +39,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +51,7 @@ from .errors import ConfigError
 from .evaluate import BatchNormPolicy, Evaluator, bn_inputs, resolve_policy
 from .geometry import HessianOperator, load_checkpoint, training_subset
 from .rebuild import rebuild_data, rebuild_model
+from .store.files import claim_output
 from .store.sharpness import SharpnessFile, SharpnessProgress, write_sharpness
 
 
@@ -518,13 +521,17 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
                  "ball": "filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with "
                          ">= 2 dimensions; biases and BatchNorm parameters fixed"}
     start = time.perf_counter()
-    # the checkpoints an interrupted run finished are read back, not computed again
-    progress = SharpnessProgress(out, full_spec, overwrite) if out is not None else None
-    results = _results(traj, names, spec, (model, data, policy, dev), progress, quiet)
-    result = SharpnessFile(None, full_spec, results, str(traj.path), None)
-    if out is not None:
-        result = write_sharpness(out, full_spec, results, trajectory=traj.path, overwrite=overwrite)
-        progress.remove()
+    with contextlib.ExitStack() as held:
+        progress = None
+        if out is not None:  # one writer; the checkpoints an interrupted run finished are read back
+            held.enter_context(claim_output(Path(out), overwrite))
+            progress = SharpnessProgress(out, full_spec, overwrite)
+        results = _results(traj, names, spec, (model, data, policy, dev), progress, quiet)
+        result = SharpnessFile(None, full_spec, results, str(traj.path), None)
+        if out is not None:
+            result = write_sharpness(out, full_spec, results, trajectory=traj.path, overwrite=overwrite,
+                                     source_sha256=traj.config.get("source_sha256"), prepared=True)
+            progress.remove()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -553,8 +560,8 @@ def _results(traj, names, spec, setting, progress, quiet: bool) -> list:
             run_works(works, model, traj.layout, data, policy, torch.get_num_threads() if dev.type == "cpu" else 1,
                       on_done=finished)
         except KeyboardInterrupt:
-            kept, asked = (sum(k in progress.done for k in {k for _, k in keys}) if progress is not None else 0,
-                           len({k for _, k in keys}))
+            kept = sum(k in progress.done for _, k in keys) if progress is not None else 0
+            asked = len(keys)
             if kept:
                 raise KeyboardInterrupt(f"{kept} of {asked} checkpoints kept in {progress.path}; run the same "
                                         "command again to finish") from None

@@ -32,6 +32,8 @@ def test_demo_writes_every_figure_and_the_explorer(demo):
         assert (demo / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (demo / "explore.html").read_text()
     assert "plotly" in html and "<script" in html
+    # the flatness numbers (of the averaged copy of the run) beside the planes' checkpoints
+    assert "top Hessian eigenvalue " in html  # (was warned away: the sharpness file is of run+avg.h5)
     numbers = json.loads((demo / "figures" / "numbers.json").read_text())
     # an offset for each of the three planes, edge-vs-center distances for the line's two solutions
     assert len(numbers["offset"]) == 3 and all(o["length"] >= 0 and len(o["vector"]) == 2

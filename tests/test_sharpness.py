@@ -2,6 +2,7 @@
 to form it; Lanczos against the subspace (power) iteration of the Hessian plane on a larger model;
 epsilon-sharpness inside its ball and at least the rise along the top eigenvector; the file and the CLI."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -245,6 +246,12 @@ def test_flatness_figure_and_explorer_numbers(sharp_file, tmp_path, tiny_run):
     with pytest.warns(UserWarning, match="is of another trajectory"):
         page = explorer_html([other], sharpness=out)
     assert f"top Hessian eigenvalue {top:.4g}" not in page and page.count("<tr>") == 1 + len(printed)
+    # a sharpness file of an averaged copy (the demo's) names the runs it copied from the plane's trajectory
+    of_a_copy = dataclasses.replace(open_sharpness(out), trajectory_sha256="1" * 64,
+                                    source_sha256=surf.trajectory_sha256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert f"top Hessian eigenvalue {top:.4g}" in explorer_html([surf], sharpness=of_a_copy)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -307,13 +314,16 @@ def test_an_interrupted_computation_keeps_its_finished_checkpoints_and_goes_on(t
         raise KeyboardInterrupt
     monkeypatch.setattr(SharpnessProgress, "add", add_then_interrupt)
     out = tmp_path / "s.h5"
-    with pytest.raises(KeyboardInterrupt, match=f"1 of 2 checkpoints kept in {out}.partial; run the same"):
+    with pytest.raises(KeyboardInterrupt, match=f"[12] of 3 checkpoints kept in {out}.partial; run the same"):
         sharpness.compute_sharpness(traj, ["sgd", "swa/average", "sgd:-1"], spec, device="cpu", out=out)
     monkeypatch.setattr(SharpnessProgress, "add", add)
     assert not out.exists() and (tmp_path / "s.h5.partial").exists()
     with pytest.raises(StalePartialError, match="other settings"):
         sharpness.compute_sharpness(traj, ["sgd"], SharpnessSpec(top_k=2, iterations=5, probes=2, ascent_steps=1),
                                     device="cpu", out=out)
+    (tmp_path / "other.h5.partial").write_bytes(b"\x89HDF\r\n\x1a\n a plane's work")  # never replaced unasked
+    with pytest.raises(StalePartialError, match="other work"):
+        sharpness.compute_sharpness(traj, ["sgd"], spec, device="cpu", out=tmp_path / "other.h5")
     prepared = []
     prepare = sharpness.CheckpointWork.prepare
     monkeypatch.setattr(sharpness.CheckpointWork, "prepare", lambda self, *a: prepared.append(1) or prepare(self, *a))

@@ -318,10 +318,14 @@ def ray_origin(surface) -> str:
 
 
 def same_trajectory(a, b) -> bool:
-    """Whether two files' checkpoint names name the same checkpoints: both computed from one
-    trajectory (its recorded SHA-256), or either of live objects (nothing to tell them apart by)."""
-    ours, theirs = getattr(a, "trajectory_sha256", None), getattr(b, "trajectory_sha256", None)
-    return ours is None or theirs is None or ours == theirs
+    """Whether two files' checkpoint names name the same checkpoints: computed from one trajectory
+    (its recorded SHA-256), or one from a trajectory that holds the other's runs as they are (an
+    averaged file records its input's as ``source_sha256``), or either of live objects (nothing to
+    tell them apart by)."""
+    def known(f):
+        return {s for s in (getattr(f, "trajectory_sha256", None), getattr(f, "source_sha256", None)) if s}
+    ours, theirs = known(a), known(b)
+    return not ours or not theirs or bool(ours & theirs)
 
 
 def match_rays(rays: dict, solutions: dict) -> tuple:

@@ -43,6 +43,7 @@ class SharpnessFile:
     results: list = field(default_factory=list)  # one dict per checkpoint, in the order computed
     trajectory: str | None = None
     trajectory_sha256: str | None = None
+    source_sha256: str | None = None  # the trajectory's own source (an averaged file's input), when it has one
     seconds: float = float("nan")
 
     @property
@@ -84,16 +85,22 @@ class SharpnessProgress:
         self.done = self._read(overwrite)
 
     def _read(self, overwrite: bool) -> dict:
-        try:
-            held = json.loads(self.path.read_text())
-        except (OSError, ValueError):  # none, or cut off before its rename: nothing kept
+        if not self.path.exists():
             return {}
-        if not isinstance(held, dict) or held.get("format") != PROGRESS_FORMAT or held.get("spec") != self.spec:
-            if overwrite:
-                return {}
-            raise StalePartialError(f"{self.path} holds a sharpness computation of other settings; run that "
-                                    "command again to finish it, or pass --overwrite to discard it")
-        return held["results"]
+        try:  # (written beside and renamed: never cut off)
+            held = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            held = None
+        if not isinstance(held, dict) or held.get("format") != PROGRESS_FORMAT:
+            what = "other work (not a sharpness computation's)"
+        elif held.get("spec") != self.spec:
+            what = "a sharpness computation of other settings"
+        else:
+            return held["results"]
+        if overwrite:
+            return {}
+        raise StalePartialError(f"{self.path} holds {what}; run that command again to finish it, or pass "
+                                "--overwrite to discard it")
 
     def add(self, key: str, result: dict) -> None:
         self.done[key] = json.loads(to_json(_plain(result)))
@@ -119,10 +126,15 @@ def _plain(value):
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
-def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite: bool = False) -> SharpnessFile:
+def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite: bool = False,
+                    source_sha256: str | None = None, prepared: bool = False) -> SharpnessFile:
     """Write the results of :func:`landscape.sharpness.compute_sharpness` (a list of per-checkpoint
-    dicts) into a new sharpness file; return it as read back."""
-    path = prepare_output(path, overwrite, inputs=(trajectory,) if trajectory else ())
+    dicts) into a new sharpness file; return it as read back. ``source_sha256``: the trajectory's
+    source (an averaged file's input, whose runs it holds as they are); ``prepared``: the caller
+    checked the output and holds its lock."""
+    if not prepared:
+        path = prepare_output(path, overwrite, inputs=(trajectory,) if trajectory else ())
+    path = Path(path)
     tmp = Path(f"{partial_path(path)}.h5")  # (NAME.partial holds the computation's progress)
     try:
         f = h5py.File(tmp, "w", track_order=True)
@@ -137,6 +149,8 @@ def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite:
             if trajectory is not None:
                 f.attrs["trajectory"] = str(trajectory)
                 f.attrs["trajectory_sha256"] = sha256(trajectory)
+            if source_sha256 is not None:
+                f.attrs["source_sha256"] = source_sha256
             f.create_dataset("checkpoints", data=np.array([r["checkpoint"] for r in results], dtype=object),
                              dtype=h5py.string_dtype())
             for name in SCALARS:
@@ -174,4 +188,5 @@ def open_sharpness(path) -> SharpnessFile:
             spec = json.loads(f.attrs["spec"])
         except (KeyError, ValueError) as e:
             raise FileFormatError(f"{path} is not a valid sharpness file: {e}") from None
-        return SharpnessFile(Path(path), spec, results, f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"))
+        return SharpnessFile(Path(path), spec, results, f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
+                             f.attrs.get("source_sha256"))
