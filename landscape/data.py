@@ -210,15 +210,14 @@ def _sequential(loader: DataLoader, dataset=None) -> DataLoader:
 
 def _in_order(source, read=None):
     """One pass over a source in its fixed order: a map-style DataLoader's samples ``read`` (see
-    :func:`_samples`) sequentially; any other iterable with torch's random state fixed for the pass (so
-    a shuffling iterable, or one that draws noise, repeats itself).
+    :func:`_samples`) sequentially, any other iterable as it comes; either with torch's random state
+    fixed for the pass (so a shuffling iterable, or random transforms, repeat themselves).
 
-    The pass has a random state of its own, seeded 0, swapped in while the source makes each batch:
-    passes run side by side on the evaluator's threads, and each must draw what a pass alone would,
-    while the caller's random state stays as it was."""
+    The pass has a (CPU) random state of its own, seeded 0, swapped in while the source makes each
+    batch: passes run side by side on the evaluator's threads, and each must draw what a pass alone
+    would, while the caller's random state stays as it was."""
     if read is not None:
-        yield from _sequential(source, read)
-        return
+        source = _sequential(source, read)
     state, batches = torch.Generator().manual_seed(0).get_state(), None
     while True:
         with _GLOBAL_RANDOM_STATE:

@@ -145,16 +145,24 @@ def test_passes_side_by_side_each_draw_what_a_pass_alone_draws():
 
     def noisy():
         return ((x[i:i + 16] + torch.randn(16, 3), y[i:i + 16]) for i in range(0, 64, 16))
-    data = as_data((noisy, noisy))
-    alone = [batch[0] for batch in data.batches("train")]
-    torch.manual_seed(5)
-    caller_next = torch.rand(2)
-    torch.manual_seed(5)
-    a, b = data.batches("train"), data.batches("train")
-    for expected in alone:  # what two threads do, one batch each in turn
-        assert torch.equal(next(a)[0], expected) and torch.equal(next(b)[0], expected)
-    assert torch.equal(torch.rand(2), caller_next)
-    assert not torch.equal(alone[0], x[:16])
+
+    class NoisyDataset(torch.utils.data.Dataset):  # a random transform, as torchvision's draw
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return x[i] + torch.randn(3), y[i]
+    loader = DataLoader(NoisyDataset(), batch_size=16, shuffle=True)
+    for data in (as_data((noisy, noisy)), as_data((loader, loader))):
+        alone = [batch[0] for batch in data.batches("train")]
+        torch.manual_seed(5)
+        caller_next = torch.rand(2)
+        torch.manual_seed(5)
+        a, b = data.batches("train"), data.batches("train")
+        for expected in alone:  # what two threads do, one batch each in turn
+            assert torch.equal(next(a)[0], expected) and torch.equal(next(b)[0], expected)
+        assert torch.equal(torch.rand(2), caller_next)
+        assert not torch.equal(alone[0], x[:16])
 
 
 class _OpenedInWorkers(torch.utils.data.Dataset):
