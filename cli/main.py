@@ -64,7 +64,11 @@ def main(argv=None) -> int:
 
     from landscape.errors import LandscapeError
     warnings.formatwarning = _one_line_warning  # our warnings are for people, not stack locations
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports torch: seconds in which Ctrl-C is likely
+    except KeyboardInterrupt:
+        print("landscape: interrupted", file=sys.stderr)
+        return 130
     previous, previous_hook = _terminate_as_interrupt(), sys.unraisablehook
     sys.unraisablehook = _interrupt_again(previous_hook)
     try:

@@ -288,3 +288,14 @@ def test_damaged_metadata_and_run_names_that_are_not_runs_are_one_line(tiny_run,
         one_line_error(capsys, ["average", tiny_run, "--from", "sgd:1:", "--uniform", "--name", name, "--quiet",
                                 "-o", tmp_path / "a.h5"], words)
     assert not (tmp_path / "a.h5").exists()
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
+    """Building the parser imports torch (seconds): a Ctrl-C there printed the imports' traceback."""
+    import landscape.cli.main as cli_main
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli_main, "build_parser", interrupted)
+    assert cli_main.main(["info", "x.h5"]) == 130
+    assert capsys.readouterr().err == "landscape: interrupted\n"

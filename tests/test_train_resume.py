@@ -283,6 +283,12 @@ while not ignores_ctrl_c():
     if os.waitpid(server, os.WNOHANG)[0] or time.time() > deadline:
         sys.exit("the server died")
     time.sleep(0.05)
+# what the server forks later (a user's process too) receives Ctrl-C: SIGINT is not blocked there
+child = multiprocessing.get_context("forkserver").Process(target=exec, args=(
+    "import signal, sys; sys.exit(3 if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []) else 0)",))
+child.start()
+child.join()
+sys.exit(child.exitcode and "a child of the server starts with SIGINT blocked")
 """
 
 
@@ -294,6 +300,27 @@ def test_ctrl_c_while_the_childrens_server_starts_prints_nothing_of_it():
     r = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_SERVER_IMPORTS], capture_output=True, text=True,
                        timeout=180, start_new_session=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_a_childs_ctrl_c_lost_in_a_finalizer_stops_it_at_its_next_tick():
+    """A child's KeyboardInterrupt raised inside a weakref callback was only reported ("Exception
+    ignored", beside the one-line message) and lost: the child went on training. Its unraisablehook
+    now keeps it, and the next progress tick raises it (the work is kept as for any Ctrl-C)."""
+    import os
+    import types
+
+    from landscape.train import processes
+    others = []
+    hook = processes._keep_lost_interrupts(others.append)
+    hook(types.SimpleNamespace(exc_value=ValueError("not ours")))
+    assert len(others) == 1 and not processes._LOST_INTERRUPT.is_set()
+    try:
+        hook(types.SimpleNamespace(exc_value=KeyboardInterrupt()))
+        assert len(others) == 1
+        with pytest.raises(KeyboardInterrupt):
+            processes._ChildProgress(None, os.getpid()).update(0)
+    finally:
+        processes._LOST_INTERRUPT.clear()
 
 
 def _saved_epochs(parts) -> bool:

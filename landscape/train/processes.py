@@ -23,6 +23,8 @@ import os
 import queue as queues
 import shutil
 import signal
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -110,13 +112,12 @@ def _context():
     imports ``torch._dynamo``, which torch imports on a process's first optimizer (2.3 s of every
     child's start here otherwise)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, "torch._dynamo"])
+    context.set_forkserver_preload([__name__, "torch._dynamo", f"{__package__}._server_ready"])
     # The server ignores Ctrl-C only once its imports are done; a Ctrl-C before (it is in the
     # terminal's process group) printed its traceback. Started with SIGINT blocked, it inherits the
-    # mask, and a Ctrl-C waits until it ignores them. Its children inherit the mask too: each unblocks
-    # once its own handler is in place (:func:`_child`), so a Ctrl-C sent meanwhile is not lost.
-    # This thread's Ctrl-C is only held back: it arrives when the mask is restored. (The resource
-    # tracker starts first: starting it unblocks SIGINT.)
+    # mask, and a Ctrl-C waits; its last import (_server_ready) drops it and unblocks SIGINT, so the
+    # processes it forks receive Ctrl-C. This thread's Ctrl-C is only held back: it arrives when the
+    # mask is restored. (The resource tracker starts first: starting it unblocks SIGINT.)
     multiprocessing.resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
@@ -164,6 +165,8 @@ class _ChildProgress:
         self.messages, self.parent = messages, parent
 
     def update(self, n=1):
+        if _LOST_INTERRUPT.is_set():
+            raise KeyboardInterrupt
         try:
             os.kill(self.parent, 0)  # (a forkserver child's own parent is the server, not the trainer)
         except ProcessLookupError:
@@ -188,15 +191,29 @@ def put(messages, message) -> None:
         messages.put(message)
 
 
+# A Ctrl-C whose KeyboardInterrupt was raised inside a finalizer or weakref callback, where Python can
+# only report it ("Exception ignored") and goes on: the child raises it again at its next progress tick.
+_LOST_INTERRUPT = threading.Event()
+
+
+def _keep_lost_interrupts(hook):
+    def unraisable(unraisable_exception):
+        if isinstance(unraisable_exception.exc_value, KeyboardInterrupt):
+            _LOST_INTERRUPT.set()
+        else:
+            hook(unraisable_exception)
+    return unraisable
+
+
 def _child(config, path: str, overwrite: bool, messages, parent: int) -> None:
     from . import train
 
     def once(*_):  # Ctrl-C reaches the whole process group and the parent passes it on: act on the first
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
+    sys.unraisablehook = _keep_lost_interrupts(sys.unraisablehook)
     signal.signal(signal.SIGINT, once)
     try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since the server started
         with warnings.catch_warnings(record=True) as caught:  # shown by the parent, as its own
             warnings.simplefilter("always")
             train(config, path, overwrite=overwrite, processes=1, progress=_ChildProgress(messages, parent))
