@@ -179,6 +179,8 @@ def check_exact_in_float32(name: str, buffer: torch.Tensor) -> None:
     files keep buffers as float32, and such a value would come back as another number."""
     if buffer.is_floating_point() or buffer.dtype == torch.bool or not buffer.numel():
         return
+    if name.endswith("num_batches_tracked"):  # a step counter (16.7 M steps to reach it), not a weight
+        return
     largest = int(buffer.detach().abs().max())
     if largest > 2 ** 24:
         raise ModelError(f"buffer {name!r} holds the integer {largest:,}, which float32 cannot hold exactly; "
@@ -220,6 +222,10 @@ def match_state_dict(state: dict, model: torch.nn.Module, path, model_name: str 
                     prefix = candidate
                     break
     keys = {k[len(prefix):]: v for k, v in stripped.items() if k.startswith(prefix)}
+    tied = _tied_names(model)
+    for second, first in tied.items():  # a tied tensor saved under another of its names only
+        if first not in keys and second in keys:  # (safetensors' save_model keeps one, by name)
+            keys[first] = keys[second]
     where = f"checkpoint {path} does not match model {model_name!r}"
     for name, tensor, req in entries:
         if name not in keys:
@@ -231,7 +237,7 @@ def match_state_dict(state: dict, model: torch.nn.Module, path, model_name: str 
         if tuple(keys[name].shape) != tuple(tensor.shape):
             raise ModelError(f"{where}: key {name!r} has shape {list(keys[name].shape)} in the checkpoint, "
                              f"{list(tensor.shape)} in the model")
-    known, tied = {n for n, _, _ in entries}, _tied_names(model)
+    known = {n for n, _, _ in entries}
     for k in keys:
         if k in tied and tied[k] in keys and not torch.equal(keys[k], keys[tied[k]]):
             raise ModelError(f"{where}: key {prefix + k!r} is tied to {prefix + tied[k]!r} in the model (one tensor), "

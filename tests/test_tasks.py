@@ -420,6 +420,9 @@ def test_a_metric_where_larger_is_better_has_its_maximum_taken(tmp_path):
     off = offset_of(surf, smooth=0.0)
     acc = surf.values["test_acc"]
     assert off["best"] == ["minimum", "maximum"] and off["test_min_value"] == acc.max() > acc.min()
+    from landscape.cli.commands._surface import summarize  # what `landscape plane` prints and --json gives
+    best = summarize(surf, 0.0)["minima"]["test_acc"]
+    assert best["value"] == acc.max() and best["best"] == "maximum"
     assert open_surface(surf.save(tmp_path / "p.h5")).maximized("test_acc")
     with pytest.raises(LandscapeError, match="maximize names 'ppl', not one of its metrics"):
         get_task(type("Odd", (Accuracy,), {"maximize": ("ppl",)})())

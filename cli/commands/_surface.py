@@ -121,7 +121,7 @@ def run_surface(args, traj, geom, grid) -> int:
           f"({summary['points']} points) in {seconds:.1f} s")
     for name, m in summary["minima"].items():
         at = ", ".join(f"{c:.4g}" for c in m["at"])
-        print(f"  min {name:<11} {m['value']:.4g}{'%' if name.endswith('err') else ''} at ({at})")
+        print(f"  {m['best'][:3]} {name:<11} {m['value']:.4g}{'%' if name.endswith('err') else ''} at ({at})")
     if exported is not None:
         print(f"  exported for loss-landscape: {exported}")
     return 0
@@ -130,12 +130,13 @@ def run_surface(args, traj, geom, grid) -> int:
 def summarize(surf, seconds: float) -> dict:
     minima = {}
     for name, v in surf.values.items():
-        if np.isfinite(v).any():
-            idx = np.unravel_index(np.nanargmin(np.where(np.isfinite(v), v, np.nan)), v.shape)
+        if np.isfinite(v).any():  # the best value: the largest for a metric the task maximizes (an accuracy)
+            best = np.nanargmax if surf.maximized(name) else np.nanargmin
+            idx = np.unravel_index(best(np.where(np.isfinite(v), v, np.nan)), v.shape)
             if surf.y is not None:
                 at = [float(surf.x[idx[0]]), float(surf.y[idx[1]])]
             else:
                 at = ([int(idx[0])] if surf.rays else []) + [float(surf.x[idx[-1]])]
-            minima[name] = {"value": float(v[idx]), "at": at}
+            minima[name] = {"value": float(v[idx]), "at": at, "best": "maximum" if surf.maximized(name) else "minimum"}
     return {"path": str(surf.path), "kind": surf.kind, "shape": list(surf.done.shape), "points": int(surf.done.size),
             "seconds": seconds, "minima": minima, "spec": surf.spec}

@@ -27,8 +27,9 @@ def run(args) -> int:
         return _surface(open_surface(args.file), args.json)
     if kind == "landscape.sharpness":
         return _sharpness(open_sharpness(args.file), args.json)
-    if kind != "landscape.trajectory" and kind is not None:
-        raise FileFormatError(f"{args.file} is a {kind!r} file; info reads trajectory, surface and sharpness files")
+    if kind is not None and kind != "landscape.trajectory":  # (None: unreadable, named by open_trajectory)
+        what = f"a {kind!r} file" if kind else "not a file of landscape's (no format attribute)"
+        raise FileFormatError(f"{args.file} is {what}; info reads trajectory, surface and sharpness files")
     info = open_trajectory(args.file).info()
     if args.json:
         print_json(info)

@@ -106,8 +106,8 @@ def open_read(path, expected_format: str) -> h5py.File:
 
 
 def format_of(path) -> str | None:
-    """The ``format`` attribute of an HDF5 file (which of our files it is), None when it has none;
-    a missing or unreadable file gets the one-line error of :func:`open_read`."""
+    """The ``format`` attribute of an HDF5 file (which of our files it is): "" when it has none, None
+    when it cannot be read (:func:`open_read` then names the problem); a missing file gets its error."""
     path = Path(path)
     if not path.is_file():
         open_read(path, "landscape.file")  # (raises the error that names the problem)
@@ -116,7 +116,7 @@ def format_of(path) -> str | None:
             fmt = f.attrs.get("format")
     except (OSError, RuntimeError, SystemError, KeyError):
         return None
-    return fmt.decode() if isinstance(fmt, bytes) else fmt if isinstance(fmt, str) else None
+    return fmt.decode() if isinstance(fmt, bytes) else fmt if isinstance(fmt, str) else ""
 
 
 # A dataset we write may declare rows it never wrote (metrics read NaN there, unfinished surfaces), so

@@ -137,8 +137,7 @@ class TrajectoryWriter:
         self.states.remove(keep=self._generation)  # a generation written but never committed
         self._saved = True
         if self.complete:  # every part done: its runs are all there is; close() only moves it into place
-            self.file["runs"].visititems(lambda name, obj: self._runs.append(name)
-                                         if isinstance(obj, h5py.Group) and "params" in obj else None)
+            self._runs.extend(_run_names(self.file["runs"]))
 
     def _read_state(self) -> dict:
         """Read what a resumed run needs (finished parts, the generation of the resume states), and
