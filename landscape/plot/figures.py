@@ -72,11 +72,12 @@ def offset_figure(surface, *, train_metric: str = "train_loss", test_metric: str
         ax = fig.subplots()
         static.draw_offset(ax, surface, train_metric, test_metric, levels=levels, result=res)
         static.draw_checkpoints(ax, surface, off_plane=off_plane, paths=())
+        best = "minima" if res.get("best", ["minimum"] * 2) == ["minimum"] * 2 else "best points"  # (an accuracy's: its maximum)
         ax.set_title(f"{metric_title(train_metric)} vs {metric_title(test_metric).lower()}: "
-                     f"minima {res['length']:.3g} {DISTANCE} apart")
+                     f"{best} {res['length']:.3g} {DISTANCE} apart")
         handles, labels = static.dedupe_legend([ax])
-        note = (f"minima of the surfaces smoothed over {res['smooth']:g} grid cell(s) (Gaussian σ)"
-                if res.get("smooth") else "minima of the grid values")
+        note = (f"{best} of the surfaces smoothed over {res['smooth']:g} grid cell(s) (Gaussian σ)"
+                if res.get("smooth") else f"{best} of the grid values")
         fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, title=note,
                    title_fontsize=8.5)
     return fig
