@@ -131,12 +131,13 @@ def summarize(surf, seconds: float) -> dict:
     minima = {}
     for name, v in surf.values.items():
         if np.isfinite(v).any():  # the best value: the largest for a metric the task maximizes (an accuracy)
-            best = np.nanargmax if surf.maximized(name) else np.nanargmin
-            idx = np.unravel_index(best(np.where(np.isfinite(v), v, np.nan)), v.shape)
+            largest = surf.maximized(name)
+            idx = np.unravel_index((np.nanargmax if largest else np.nanargmin)(np.where(np.isfinite(v), v, np.nan)),
+                                   v.shape)
             if surf.y is not None:
                 at = [float(surf.x[idx[0]]), float(surf.y[idx[1]])]
             else:
                 at = ([int(idx[0])] if surf.rays else []) + [float(surf.x[idx[-1]])]
-            minima[name] = {"value": float(v[idx]), "at": at, "best": "maximum" if surf.maximized(name) else "minimum"}
+            minima[name] = {"value": float(v[idx]), "at": at, "best": "maximum" if largest else "minimum"}
     return {"path": str(surf.path), "kind": surf.kind, "shape": list(surf.done.shape), "points": int(surf.done.size),
             "seconds": seconds, "minima": minima, "spec": surf.spec}

@@ -81,8 +81,9 @@ def run(args) -> int:
 
 def print_flatness(flat: dict) -> None:
     """The flatness table: every method's test error, top Hessian eigenvalue, trace, epsilon-sharpness
-    and basin widths (mean distance along random rays to a train-loss rise; '>' when no ray rose that
-    much within its length)."""
+    and basin widths (mean distance along random rays to a train-loss rise; '>' when some ray did not
+    rise that much within its length: a lower bound)."""
+    from landscape.plot.analysis import width_text
     from landscape.plot.style import role
     rises = [f"{r:g}" for r in flat["rises"]]
     print(f"\nflatness of every method (train loss; epsilon-sharpness within the filter-normalized "
@@ -93,7 +94,7 @@ def print_flatness(flat: dict) -> None:
         widths = []
         for k in rises:
             w = r["basin_width"].get(k)
-            widths.append("-" if w is None else (">" if w["not_reached"] else "") + f"{w['mean']:.3g}")
+            widths.append("-" if w is None else width_text(w))
         label = role(r["run"]).label
         print(f"  {label[:30]:<30}{r['test_err']:>8.2f}%{r['top_eigenvalue']:>9.3g}"
               f"{r['trace']:>10.3g} +-{r['trace_stderr']:<5.2g}{r['epsilon_sharpness']:>10.3g}"

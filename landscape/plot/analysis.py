@@ -180,6 +180,12 @@ def ray_rise_distances(curves, rise: float) -> dict:
             "max": float(np.max(capped)), "not_reached": sum(d is None for d, _ in pairs), "rays": len(pairs)}
 
 
+def width_text(width: dict) -> str:
+    """A :func:`ray_rise_distances` mean as tables and figures show it: ``>4.76`` when it is a lower
+    bound (some ray did not rise that much within its length)."""
+    return (">" if width["not_reached"] else "") + f"{width['mean']:.3g}"
+
+
 def interp_line(t, values, t0):
     """Values of a line at coordinate(s) ``t0`` (linear interpolation; NaN outside the line)."""
     t, v = np.asarray(t, float), np.asarray(values, float)

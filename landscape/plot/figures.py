@@ -148,8 +148,8 @@ def edge_center_text(numbers: dict, rise: float) -> str:
         for label, d in r["line"].items():
             short = "toward" if label.startswith("toward") else "away" if label.startswith("away") else label
             parts.append(f"{short} {_dist(d)}")
-        if "rays" in r:  # a lower bound (">") when rays did not rise that much within their length
-            parts.append(f"rays {'>' if r['rays']['not_reached'] else ''}{r['rays']['mean']:.3g}")
+        if "rays" in r:
+            parts.append(f"rays {analysis.width_text(r['rays'])}")
         lines.append(f"{role(name).label}: " + ", ".join(parts))
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from .analysis import width_text
 from .style import role, style
 
 MEASURES = {
@@ -145,7 +146,7 @@ def draw_flatness_table(ax, table: list, epsilon: float, rises=(0.05, 0.1)):
                    [w["mean"] if w else np.nan for w in widths])
         cells.append([f"{r['test_err']:.2f}", f"{r['top_eigenvalue']:.3g}", f"{r['trace']:.3g} +- {r['trace_stderr']:.2g}",
                       f"{r['epsilon_sharpness']:.3g}"] +
-                     [("-" if w is None else (">" if w["not_reached"] else "") + f"{w['mean']:.3g}")
+                     [("-" if w is None else width_text(w))
                       for w in widths])
     labels = [_label(r["checkpoint"]) for r in table]
     ax.axis("off")
@@ -177,5 +178,6 @@ def flatness_table_figure(table: list, epsilon: float, rises=(0.05, 0.1)) -> Fig
         draw_flatness_table(ax, table, epsilon, rises)
         fig.suptitle("Flatness of every method. Bold: the lowest error and sharpness, the widest basin; basin "
                      "width = mean distance (weight-space units)\nalong random rays to where the train loss has "
-                     "risen by that much ('>' when no ray rose that much within its length)", fontsize=9, y=0.99)
+                     "risen by that much ('>' when some ray did not within its length: a lower bound)",
+                     fontsize=9, y=0.99)
     return fig
