@@ -428,6 +428,37 @@ def test_a_metric_where_larger_is_better_has_its_maximum_taken(tmp_path):
         get_task(type("Odd", (Accuracy,), {"maximize": ("ppl",)})())
 
 
+def test_a_maximized_metric_is_banded_down_from_its_maximum():
+    """The plane panel of an accuracy bands downward from its best value, as a loss's bands go up from
+    its minimum: the best band has the first colour and the finest levels, the last band reads "< x"
+    (the worst 15 %), and the offset figure's thickest contour is the one nearest the maximum; the
+    explorer reverses its colour scale."""
+    from matplotlib.figure import Figure
+    from landscape.plot import static
+    net, tensors, _ = _classification()
+    torch.manual_seed(4)
+    a, b, c = (_shifted(net, scale) for scale in (0.0, 0.8, 1.6))
+    surf = ls.evaluate_surface(a, ls.Plane.through(a, b, c), tensors, grid=(7, 7), task=Accuracy())
+    acc = surf.values["test_acc"]
+    ax = Figure().subplots()
+    static.draw_plane(ax, surf, "test_acc")
+    levels = -ax.collections[0].levels[:-1]  # the values at the band edges, best first
+    assert levels[0] == acc.max() and np.all(np.diff(levels) < 0)
+    assert np.all(np.diff(np.diff(levels)) < 0)  # the bands widen away from the best value
+    assert levels[-1] == pytest.approx(np.quantile(acc, 0.15))
+    labels = [t.get_text() for t in ax.figure.axes[1].get_yticklabels()]
+    assert labels[0] == f"{acc.max():.3g}" and labels[-1].startswith("< ")
+    ax = Figure().subplots()
+    static.draw_offset(ax, surf, "train_loss", "test_acc")
+    dashed = ax.collections[1]  # the test metric's contours, thickest first
+    assert -dashed.levels[0] < acc.max() and -dashed.levels[0] > -dashed.levels[-1]
+    from landscape.plot.interactive import plane_figure  # the explorer: the best values dark, as a loss's
+    fig = plane_figure(surf, metric="test_acc")
+    assert fig.data[0].reversescale and fig.data[1].reversescale
+    assert {m: d["reversed"] for m, d in fig.layout.meta["metrics"].items()} == \
+        {"train_loss": False, "test_loss": False, "train_acc": True, "test_acc": True}
+
+
 def _shifted(net, scale):
     moved = copy.deepcopy(net)
     with torch.no_grad():

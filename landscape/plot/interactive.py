@@ -86,9 +86,11 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
                         horizontal_spacing=0.06, subplot_titles=("3D surface", "contour map"))
     z0 = np.asarray(surface.values[metric], float).T  # plotly: z[j][i] belongs to (x[i], y[j])
     fig.add_trace(go.Surface(x=x, y=y, z=_clean(z0), colorscale=COLORSCALE, name="surface", showscale=True,
+                             reversescale=surface.maximized(metric),
                              colorbar=dict(x=1.02, len=0.85, thickness=14), hovertemplate="%{text}<extra></extra>",
                              contours=dict(z=dict(show=False))), row=1, col=1)
     fig.add_trace(go.Contour(x=x, y=y, z=_clean(z0), colorscale=COLORSCALE, showscale=False, name="contour",
+                             reversescale=surface.maximized(metric),
                              contours=dict(coloring="heatmap", showlines=True), line=dict(width=0.5, color="white"),
                              ncontours=18, hovertemplate="%{text}<extra></extra>"), row=1, col=2)
     paths, points = [], []
@@ -139,8 +141,9 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
     mdata = {}
     for m in metrics:
         v = np.asarray(surface.values[m], float)
+        # a maximized metric (accuracy) reverses the colour scale: the best values are dark, as a loss's are
         mdata[m] = {"label": metric_label(m), "name": metric_name(m), "z": _clean(v.T), "floor": _floor(v),
-                    "err": m.endswith("_err")}
+                    "err": m.endswith("_err"), "reversed": surface.maximized(m)}
     epochs = slider_epochs([e for p in paths for e in p["epoch"] if e is not None])
     meta = {"landscape": "plane", "metrics": mdata, "paths": paths, "points": points, "surface": 0, "contour": 1,
             "metric": metric, "scale": scale, "units": DISTANCE}
@@ -226,6 +229,7 @@ _PLANE_JS = r"""
     var tk = ticks(z, m);
     var cb = M.label + (st.scale === 'log' ? ' (log scale)' : '');
     Plotly.restyle(gd, {z: [z, z], text: [hover, hover], 'colorbar.title.text': [cb, cb],
+                        reversescale: [M.reversed, M.reversed],
                         'colorbar.tickmode': [tk.tickmode, tk.tickmode], 'colorbar.tickvals': [tk.tickvals, tk.tickvals],
                         'colorbar.ticktext': [tk.ticktext, tk.ticktext]}, [D.surface, D.contour]);
     if (D.paths.length) {

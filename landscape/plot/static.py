@@ -36,7 +36,7 @@ def require_kind(surface, kind: str) -> None:
 
 
 def _distinct_labels(values) -> list:
-    """Labels for increasing values with as many significant digits as it takes (up to 6) for
+    """Labels for monotonic values with as many significant digits as it takes (up to 6) for
     neighbours to read differently: levels packed close together stay distinguishable."""
     for digits in range(3, 7):
         labels = [f"{v:.{digits}g}" if 0 < abs(v) < 100 else _fmt(v) for v in values]
@@ -59,28 +59,39 @@ def _fmt(v: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # planes
 
+def banded(surface, metric: str, levels: int = 7, log_alpha: float | None = None, vmax: float | None = None):
+    """``(z, lv, top, sign)``: what a contour plot of ``metric`` draws, its values ``z`` ([iy, ix], as
+    contourf wants them, NaN masked) and log-spaced levels ``lv`` (:func:`analysis.log_levels`) that
+    are dense near the best value and share one band past ``vmax`` (default: the 85 % of the plane
+    nearest the best value get the detail). A maximized metric (an accuracy) is drawn negated
+    (``sign`` -1), so that its bands, too, widen away from its best value and its best band has the
+    colour a loss's minimum has; its values are ``sign * lv``, its last band "< x"."""
+    sign = -1.0 if surface.maximized(metric) else 1.0
+    v = sign * require_metric(surface, metric)
+    cap = analysis.default_vmax(v) if vmax is None else sign * vmax
+    lv, top = analysis.log_levels(v, levels, log_alpha, cap)
+    return np.ma.masked_invalid(v.T), lv, top, sign
+
+
 def draw_plane(ax, surface, metric: str = "train_loss", *, levels: int = 7, log_alpha: float | None = None,
                vmax: float | None = None, cmap: str = CMAP, colorbar: bool = True, title: str | None = None):
     """Filled log-spaced contours of ``metric`` over a plane, with a colour bar whose top band reads
     "> x" (values above ``vmax``, by default the 85th percentile of the plane, share one band).
     ``log_alpha``: see :func:`analysis.log_levels` (default: the first band ends a quarter of the
-    minimum above it)."""
+    minimum above it). A metric the task maximizes is banded downward from its maximum instead (its
+    last band "< x", ``vmax`` then the value below which values share it): see :func:`banded`."""
     require_kind(surface, "plane")
-    v = require_metric(surface, metric)
     x, y = surface.x, surface.y
-    if vmax is None:
-        vmax = analysis.default_vmax(v)
-    lv, top = analysis.log_levels(v, levels, log_alpha, vmax)
+    z, lv, top, sign = banded(surface, metric, levels, log_alpha, vmax)
     cm = mcolors.ListedColormap(_sample_cmap(cmap, len(lv) - 1))
     norm = mcolors.BoundaryNorm(lv, cm.N)
-    z = np.ma.masked_invalid(v.T)  # contourf wants [iy, ix]
     cf = ax.contourf(x, y, z, levels=lv, cmap=cm, norm=norm, zorder=0)
     ax.contour(x, y, z, levels=lv[1:-1], colors="white", linewidths=0.5, alpha=0.6, zorder=1)
     if colorbar:
         cb = ax.figure.colorbar(cf, ax=ax, fraction=0.046, pad=0.03, spacing="uniform")
         ticks = list(lv[:-1]) + [0.5 * (lv[-2] + lv[-1])]
         cb.set_ticks(ticks)
-        cb.set_ticklabels(_distinct_labels(lv[:-1]) + [f"> {_fmt(top)}"])
+        cb.set_ticklabels(_distinct_labels(sign * lv[:-1]) + [f"{'>' if sign > 0 else '<'} {_fmt(sign * top)}"])
         cb.ax.tick_params(labelsize=8)
         cb.set_label(metric_label(metric))
     _plane_axes(ax, surface)
@@ -232,9 +243,8 @@ def draw_offset(ax, surface, train_metric: str = "train_loss", test_metric: str 
     res = result or offset_of(surface, train_metric, test_metric)
     x, y = surface.x, surface.y
     for metric, color, ls in ((train_metric, TRAIN_COLOR, "solid"), (test_metric, TEST_COLOR, "dashed")):
-        v = require_metric(surface, metric)
-        lv, _ = analysis.log_levels(v, levels, None, analysis.default_vmax(v))
-        ax.contour(x, y, np.ma.masked_invalid(v.T), levels=lv[1:-1], colors=color, linestyles=ls,
+        z, lv, _, _ = banded(surface, metric, levels)  # thickest nearest each best value
+        ax.contour(x, y, z, levels=lv[1:-1], colors=color, linestyles=ls,
                    linewidths=np.linspace(1.8, 0.6, len(lv) - 2), zorder=2)
     a, b = np.array(res["train_min"]), np.array(res["test_min"])
     ax.plot(*a, linestyle="none", marker="o", ms=9, mfc=TRAIN_COLOR, mec="white", mew=1.2, zorder=6,
