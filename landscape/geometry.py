@@ -846,7 +846,7 @@ class HessianOperator:
     thread ends early)."""
 
     def __init__(self, model, layout, params: torch.Tensor, buffers: torch.Tensor, x: torch.Tensor,
-                 y: torch.Tensor, batch_size: int = 1000, task=None, stop=None):
+                 y: torch.Tensor, batch_size: int = 1000, task=None, stop=None, units: float | None = None):
         self.model, self.layout, self.task, self.stop = model.eval(), layout, get_task(task), stop
         self.device = x.device
         self.x, self.y, self.batch_size = x, y, int(batch_size)
@@ -855,8 +855,11 @@ class HessianOperator:
         self.num_params = layout.num_params
         self._kept = None  # (w, the gradient of every batch with its graph), see _gradients
         self._graph_bytes = None  # what autograd saves for all batches, measured by the first call
-        # the mean's denominator: the samples, or (a language model) the scored tokens, as surfaces have it
-        self.units = float(len(x)) if units_are_samples(self.task) else max(self._count_units(), 1.0)
+        # the mean's denominator: the samples, or (a language model) the scored tokens, as surfaces have it;
+        # ``units``: counted already by an operator on the same data (counting takes a forward pass)
+        if units is None:
+            units = float(len(x)) if units_are_samples(self.task) else max(self._count_units(), 1.0)
+        self.units = units
 
     def _batches(self):
         for start in range(0, len(self.x), self.batch_size):

@@ -345,6 +345,9 @@ class CheckpointWork:
         x, self.y = training_subset(data, self.spec.samples, g)
         with ev.conv1d_as_2d() as memory:  # the memory layout the pieces' model runs on (see _run_piece)
             self.x = memory(x)
+            # what every piece's mean loss divides by (a language model's scored tokens: a forward pass)
+            self.units = HessianOperator(ev.model, self.layout, params, buffers, self.x, self.y,
+                                         self.spec.batch_size, ev.task).units
         draws = [("eigen", 0)] + [("trace", i) for i in range(self.trace_passes)] + \
                 [("density", r) for r in range(self.density_runs)]
         self.states = {}
@@ -416,7 +419,7 @@ def _run_piece(ev: Evaluator, work: CheckpointWork, piece, stop):
     # checkpoint's sharpness 1.1 to 1.3x faster on a CPU (measured), the same numbers to rounding
     with ev.conv1d_as_2d():
         op = HessianOperator(ev.model, work.layout, work.params, work.buffers, work.x, work.y,
-                             work.spec.batch_size, ev.task, stop)
+                             work.spec.batch_size, ev.task, stop, units=work.units)
         return work.run(piece, op)
 
 

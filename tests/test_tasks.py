@@ -120,6 +120,23 @@ def test_the_hessian_is_of_the_mean_loss_a_surface_stores(case):
     np.testing.assert_allclose(op(v[None])[0].numpy(), hv.double().numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_a_checkpoints_scored_tokens_are_counted_once_for_all_its_sharpness_pieces(monkeypatch):
+    """Every piece of a checkpoint's sharpness (Lanczos, probes, density, ascents) divides by the same
+    scored tokens: counted by one forward pass, not one per piece."""
+    from landscape.evaluate import BatchNormPolicy
+    from landscape.geometry import HessianOperator
+    from landscape.sharpness import SharpnessSpec, checkpoint_sharpness
+    net, tensors, task = _language_model()
+    data, layout = as_data(tensors, task=task), Layout.of(net.eval())
+    counted, count = [], HessianOperator._count_units
+    monkeypatch.setattr(HessianOperator, "_count_units", lambda op: counted.append(1) or count(op))
+    spec = SharpnessSpec(top_k=1, iterations=5, probes=20, density=True, density_runs=2, density_steps=4,
+                         ascent_steps=1)
+    r = checkpoint_sharpness(net, layout, layout.params_to_vector(net), layout.buffers_to_vector(net), data,
+                             spec, BatchNormPolicy("none"), workers=2)
+    assert len(counted) == 1 and r["loss"] == pytest.approx(evaluate_model(net, data)["train_loss"], rel=1e-6)
+
+
 def test_swap_large_batches_of_a_language_model_step_along_the_mean_over_tokens():
     """SWAP's phase 1 sums its shards' gradients: for a language model the step is that of the whole
     batch's mean over scored tokens, as a single-process step on it would be."""
