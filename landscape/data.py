@@ -213,29 +213,50 @@ def _in_order(source, read=None):
     :func:`_samples`) sequentially, any other iterable as it comes; either with torch's random state
     fixed for the pass (so a shuffling iterable, or random transforms, repeat themselves).
 
-    The pass has a (CPU) random state of its own, seeded 0, swapped in while the source makes each
-    batch: passes run side by side on the evaluator's threads, and each must draw what a pass alone
-    would, while the caller's random state stays as it was."""
+    The pass has a random state of its own (torch's CPU generator and, once CUDA is in use, every GPU's,
+    each seeded 0), swapped in while the source makes each batch: passes run side by side on the
+    evaluator's threads, and each must draw what a pass alone would, while the caller's random state
+    stays as it was."""
     if read is not None:
         source = _sequential(source, read)
-    state, batches = torch.Generator().manual_seed(0).get_state(), None
+    state, batches = _seeded_state(), None
     while True:
         with _GLOBAL_RANDOM_STATE:
-            outer = torch.get_rng_state()
-            torch.set_rng_state(state)
+            outer = _random_state(state)
+            _set_random_state(state)
             try:
                 if batches is None:
                     batches = iter(source if isinstance(source, DataLoader) else source())
                 batch = next(batches, _END)
             finally:
-                state = torch.get_rng_state()
-                torch.set_rng_state(outer)
+                state = _random_state(state)
+                _set_random_state(outer)
         if batch is _END:
             return
         yield batch
 
 
 _GLOBAL_RANDOM_STATE = threading.Lock()  # held while a pass's own state stands in for torch's
+
+
+def _seeded_state() -> tuple:
+    """(CPU state, [each GPU's state] or None) of generators seeded 0: a pass's own. The GPUs' only once
+    CUDA is in use (asking for them would start CUDA in a job that runs on the CPU)."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [torch.Generator(f"cuda:{i}").manual_seed(0).get_state() for i in range(torch.cuda.device_count())]
+    return torch.Generator().manual_seed(0).get_state(), cuda
+
+
+def _random_state(like: tuple) -> tuple:
+    """torch's global random state now, of the devices ``like`` (a :func:`_seeded_state`) holds."""
+    return torch.get_rng_state(), None if like[1] is None else torch.cuda.get_rng_state_all()
+
+
+def _set_random_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 _END = object()
 
 

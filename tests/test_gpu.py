@@ -116,3 +116,24 @@ def test_recording_a_loop_on_the_gpu_keeps_its_weights_and_the_cpus_metrics(tmp_
     cpu_metrics = evaluate_model(layout.load(model.cpu(), *kept[-1]), data)
     _assert_close({k: traj.run("sgd").metrics[k][-1] for k in cpu_metrics}, cpu_metrics, len(data.x_train),
                   len(data.x_test))
+
+
+def test_a_streamed_source_drawing_noise_on_the_gpu_repeats_it_on_every_pass(gpu):
+    """A source that draws its noise on the GPU gives every pass the batches of a pass alone, two passes
+    side by side (as the evaluator's threads read) included, and the caller's GPU random state is left
+    as it was."""
+    from landscape.data import StreamData
+    x, y = torch.randn(64, 3, device=gpu), torch.randint(0, 2, (64,), device=gpu)
+
+    def noisy():
+        return ((x[i:i + 16] + torch.randn(16, 3, device=gpu), y[i:i + 16]) for i in range(0, 64, 16))
+    data = StreamData(noisy, noisy)
+    alone = [batch[0] for batch in data.batches("train")]
+    torch.manual_seed(5)  # every device's generator
+    caller_next = torch.rand(2, device=gpu)
+    torch.manual_seed(5)
+    a, b = data.batches("train"), data.batches("train")
+    for expected in alone:
+        assert torch.equal(next(a)[0], expected) and torch.equal(next(b)[0], expected)
+    assert torch.equal(torch.rand(2, device=gpu), caller_next)
+    assert not torch.equal(alone[0], x[:16])
