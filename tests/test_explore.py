@@ -73,9 +73,9 @@ def test_explore_command(files, tmp_path, capsys):
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
                  if shutil.which(n)), None)
 
-# appended to a copy of the page: waits until every plane's script has run, clicks "test error" and
-# "linear", moves the slider to its second step, and writes what it saw into <pre id="landscape-test">
-HARNESS = r"""<script>
+# appended to a copy of the page: waits until every plane's script has run, runs BODY (which fills `res`
+# from the first plane `gd`) and writes what it saw into <pre id="landscape-test">
+_HARNESS = r"""<script>
 (function () {
   var errors = [];
   window.addEventListener('error', function (e) { errors.push(String(e.message || e)); });
@@ -96,21 +96,7 @@ HARNESS = r"""<script>
       res.ready = Array.prototype.filter.call(planes, function (d) { return d.getAttribute('data-landscape-ready') === '1'; }).length;
       res.svg = document.querySelectorAll('.main-svg').length;
       res.canvas = document.querySelectorAll('canvas').length;
-      var gd = planes[0], M = gd.layout.meta;
-      res.z_log = gd.data[0].z[3][4];
-      res.clicked_test = click(gd, 'test error');
-      res.colorbar = gd.data[0].colorbar.title.text;
-      res.clicked_linear = click(gd, 'linear');
-      res.z_linear = gd.data[0].z[3][4];
-      res.raw = M.metrics.test_err.z[3][4];
-      var p = M.paths.filter(function (q) { return q.run === 'sgd'; })[0];
-      res.path_full = gd.data[p.t2].x.length;
-      var sl = gd._fullLayout.sliders[0];
-      gd.emit('plotly_sliderchange', {slider: sl, step: sl.steps[1]});
-      res.slider_epoch = parseFloat(sl.steps[1].value);
-      res.path_cut = gd.data[p.t2].x.length;
-      res.hover = gd.data[p.t2].text[0];
-    } catch (e) { errors.push('harness: ' + e); }
+{body}    } catch (e) { errors.push('harness: ' + e); }
     res.errors = errors;
     var pre = document.createElement('pre');
     pre.id = 'landscape-test';
@@ -125,6 +111,38 @@ HARNESS = r"""<script>
   window.addEventListener('load', function () { wait(0); });
 })();
 </script>"""
+
+# clicks "test error" and "linear", moves the slider to its second step
+HARNESS = _HARNESS.replace("{body}", r"""      var gd = planes[0], M = gd.layout.meta;
+      res.z_log = gd.data[0].z[3][4];
+      res.clicked_test = click(gd, 'test error');
+      res.colorbar = gd.data[0].colorbar.title.text;
+      res.clicked_linear = click(gd, 'linear');
+      res.z_linear = gd.data[0].z[3][4];
+      res.raw = M.metrics.test_err.z[3][4];
+      var p = M.paths.filter(function (q) { return q.run === 'sgd'; })[0];
+      res.path_full = gd.data[p.t2].x.length;
+      var sl = gd._fullLayout.sliders[0];
+      gd.emit('plotly_sliderchange', {slider: sl, step: sl.steps[1]});
+      res.slider_epoch = parseFloat(sl.steps[1].value);
+      res.path_cut = gd.data[p.t2].x.length;
+      res.hover = gd.data[p.t2].text[0];
+""")
+
+# an accuracy (maximized): its log scale is of the distance below its best, its linear scale reversed
+HARNESS_MAXIMIZED = _HARNESS.replace("{body}", r"""      var gd = planes[0], M = gd.layout.meta;
+      res.clicked_acc = click(gd, 'test acc');
+      res.best = M.metrics.test_acc.best;
+      res.raw = M.metrics.test_acc.z[3][4];
+      res.z_log = gd.data[0].z[3][4];
+      res.reversed_log = gd.data[0].reversescale;
+      res.ticks = gd.data[0].colorbar.ticktext;
+      res.tickvals = gd.data[0].colorbar.tickvals;
+      res.colorbar = gd.data[0].colorbar.title.text;
+      res.clicked_linear = click(gd, 'linear');
+      res.z_linear = gd.data[0].z[3][4];
+      res.reversed_linear = gd.data[0].reversescale;
+""")
 
 
 def _chromium(url, tmp_path, *extra):
@@ -141,15 +159,7 @@ def test_explorer_loads_draws_and_reacts_in_headless_chromium(files, tmp_path):
         pytest.skip("no chromium binary found (CI installs it with apt-get install chromium)")
     page = tmp_path / "explore.html"
     write_explorer(files, page)
-    html = page.read_text()
-    i = html.rindex("</body>")
-    test_page = tmp_path / "test.html"
-    test_page.write_text(html[:i] + HARNESS + html[i:])
-    r = _chromium(test_page.as_uri(), tmp_path, "--dump-dom")
-    m = re.search(r'<pre id="landscape-test">(.*?)</pre>', r.stdout, re.S)
-    assert m, f"the page did not finish: {r.stderr[-2000:]}"
-    res = json.loads(m.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
-    assert res["errors"] == []
+    res, r = _in_chromium(page, HARNESS, tmp_path)
     assert res["planes"] == 1 and res["ready"] == 1
     assert res["svg"] >= 2 and res["canvas"] >= 1  # 2D plots drawn (svg), 3D scene drawn (WebGL canvas)
     assert res["clicked_test"] and res["clicked_linear"]
@@ -157,10 +167,48 @@ def test_explorer_loads_draws_and_reacts_in_headless_chromium(files, tmp_path):
     assert res["z_linear"] == pytest.approx(res["raw"]) and res["z_log"] != pytest.approx(res["z_linear"])
     assert 0 < res["path_cut"] < res["path_full"]  # the slider cut the SGD path at an earlier epoch
     assert "epoch" in res["hover"] and "SGD" in res["hover"]
-    uncaught = [ln for ln in r.stderr.splitlines() if "Uncaught" in ln or ("CONSOLE" in ln and "rror" in ln)]
-    assert not uncaught, uncaught
     # the page as shipped (no harness) also loads from disk on its own and draws both sections
     shot = tmp_path / "shot.png"
     r = _chromium(page.as_uri(), tmp_path, f"--screenshot={shot}")
     assert shot.exists() and shot.stat().st_size > 20_000
     assert not [ln for ln in r.stderr.splitlines() if "Uncaught" in ln]
+
+
+def _in_chromium(page, harness, tmp_path) -> tuple:
+    """What ``harness`` saw in a copy of ``page`` loaded in headless Chromium, and Chromium's run;
+    fails on any error the page logged."""
+    html = page.read_text()
+    i = html.rindex("</body>")
+    test_page = page.with_name("test-" + page.name)
+    test_page.write_text(html[:i] + harness + html[i:])
+    r = _chromium(test_page.as_uri(), tmp_path, "--dump-dom")
+    m = re.search(r'<pre id="landscape-test">(.*?)</pre>', r.stdout, re.S)
+    assert m, f"the page did not finish: {r.stderr[-2000:]}"
+    res = json.loads(m.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+    assert res["errors"] == []
+    uncaught = [ln for ln in r.stderr.splitlines() if "Uncaught" in ln or ("CONSOLE" in ln and "rror" in ln)]
+    assert not uncaught, uncaught
+    return res, r
+
+
+@pytest.mark.browser
+def test_a_maximized_metric_is_drawn_with_its_best_values_dark_in_headless_chromium(tmp_path):
+    """An accuracy's log scale is of the distance below its best value (a valley at the best, finest
+    where it matters), labelled with the accuracies themselves; its linear scale reverses the colours:
+    either way the best values are dark, as a loss's minimum is."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary found (CI installs it with apt-get install chromium)")
+    plane = make_plane(tmp_path / "acc.h5", maximized=True)
+    acc = plane.values["test_acc"]
+    page = tmp_path / "explore.html"
+    write_explorer([plane], page)
+    res, _ = _in_chromium(page, HARNESS_MAXIMIZED, tmp_path)
+    best = acc.max()
+    assert res["clicked_acc"] and res["clicked_linear"] and res["best"] == pytest.approx(best)
+    assert res["raw"] == pytest.approx(acc[4, 3]) and res["raw"] < best
+    assert res["z_log"] == pytest.approx(np.log10(best - acc[4, 3]))
+    assert not res["reversed_log"] and res["reversed_linear"] and res["z_linear"] == pytest.approx(res["raw"])
+    assert res["colorbar"] == "test acc (log scale below its best)"
+    labels = [float(t) for t in res["ticks"]]  # accuracies, falling as the distance below the best grows
+    assert len(labels) >= 3 and np.all(np.diff(labels) < 0) and labels[0] <= best
+    np.testing.assert_allclose(labels, best - 10.0 ** np.array(res["tickvals"]), atol=0.051)

@@ -35,9 +35,10 @@ def _bowls(x, y):
     return {"train_loss": train, "train_err": 50 * train / train.max(), "test_loss": 0.1 * test, "test_err": test}
 
 
-def make_plane(path, far: float = 5.0) -> Surface:
+def make_plane(path, far: float = 5.0, maximized: bool = False) -> Surface:
     """A complete plane file: SGD at the origin, SWA at (3, 0), a SWAP worker lying ``far`` off the
-    plane, a Lookahead slow/fast path, the SWA iterates."""
+    plane, a Lookahead slow/fast path, the SWA iterates. ``maximized``: of a task whose metric is an
+    accuracy (``acc``, larger is better) instead of an error."""
     basis = {"origin": np.zeros(4), "u": np.eye(4)[0], "v": np.eye(4)[1]}
     points = {"sgd:10": PointData(np.array([0.0, 0.0]), 0.0), "swa/average:5": PointData(np.array([3.0, 0.0]), 0.0),
               "swa/iterates:0": PointData(np.array([1.0, 2.0]), 0.0),
@@ -52,8 +53,12 @@ def make_plane(path, far: float = 5.0) -> Surface:
              "grafting/net1": PathData(np.array([[0.5, 1.0], [1.5, 1.5]]), np.array([0.0, 0.1]), np.array([0.0, 1]))}
     spec = {"kind": "plane", "method": "through", "origin": "sgd:10",
             "checkpoints": {"a": "sgd:10", "b": "swa/average:5", "c": "swa/iterates:0"}}
-    w = SurfaceWriter.create(path, spec, X, Y, basis, points, paths)
     v = _bowls(X, Y)
+    if maximized:
+        v = {k.replace("_err", "_acc"): 100.0 - a if k.endswith("_err") else a for k, a in v.items()}
+        spec["task"] = {"name": "accuracy", "metrics": ["acc"], "primary": "acc", "percent": ["acc"],
+                        "values": list(v), "maximize": ["acc"]}
+    w = SurfaceWriter.create(path, spec, X, Y, basis, points, paths, metrics=tuple(v))
     w.write(np.arange(X.size * Y.size), {k: a.reshape(-1) for k, a in v.items()})
     w.close()
     return open_surface(path)

@@ -449,7 +449,8 @@ def test_a_maximized_metric_is_banded_down_from_its_maximum():
     """The plane panel of an accuracy bands downward from its best value, as a loss's bands go up from
     its minimum: the best band has the first colour and the finest levels, the last band reads "< x"
     (the worst 15 %), and the offset figure's thickest contour is the one nearest the maximum; the
-    explorer reverses its colour scale."""
+    explorer's linear colour scale is reversed (its log scale is of the distance below the best, in
+    test_explore)."""
     from matplotlib.figure import Figure
     from landscape.plot import static
     net, tensors, _ = _classification()
@@ -464,16 +465,17 @@ def test_a_maximized_metric_is_banded_down_from_its_maximum():
     assert np.all(np.diff(np.diff(levels)) < 0)  # the bands widen away from the best value
     assert levels[-1] == pytest.approx(np.quantile(acc, 0.15))
     labels = [t.get_text() for t in ax.figure.axes[1].get_yticklabels()]
-    assert labels[0] == f"{acc.max():.3g}" and labels[-1].startswith("< ")
+    assert float(labels[0]) == pytest.approx(acc.max(), rel=1e-3) and labels[-1].startswith("< ")
     ax = Figure().subplots()
     static.draw_offset(ax, surf, "train_loss", "test_acc")
     dashed = ax.collections[1]  # the test metric's contours, thickest first
     assert -dashed.levels[0] < acc.max() and -dashed.levels[0] > -dashed.levels[-1]
     from landscape.plot.interactive import plane_figure  # the explorer: the best values dark, as a loss's
-    fig = plane_figure(surf, metric="test_acc")
+    fig = plane_figure(surf, metric="test_acc", scale="linear")
     assert fig.data[0].reversescale and fig.data[1].reversescale
-    assert {m: d["reversed"] for m, d in fig.layout.meta["metrics"].items()} == \
-        {"train_loss": False, "test_loss": False, "train_acc": True, "test_acc": True}
+    assert not plane_figure(surf, metric="test_acc").data[0].reversescale  # log: of the distance below the best
+    assert {m: d["best"] for m, d in fig.layout.meta["metrics"].items()} == \
+        {"train_loss": None, "test_loss": None, "train_acc": surf.values["train_acc"].max(), "test_acc": acc.max()}
 
 
 def _shifted(net, scale):

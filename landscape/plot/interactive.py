@@ -86,11 +86,11 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
                         horizontal_spacing=0.06, subplot_titles=("3D surface", "contour map"))
     z0 = np.asarray(surface.values[metric], float).T  # plotly: z[j][i] belongs to (x[i], y[j])
     fig.add_trace(go.Surface(x=x, y=y, z=_clean(z0), colorscale=COLORSCALE, name="surface", showscale=True,
-                             reversescale=surface.maximized(metric),
+                             reversescale=surface.maximized(metric) and scale != "log",
                              colorbar=dict(x=1.02, len=0.85, thickness=14), hovertemplate="%{text}<extra></extra>",
                              contours=dict(z=dict(show=False))), row=1, col=1)
     fig.add_trace(go.Contour(x=x, y=y, z=_clean(z0), colorscale=COLORSCALE, showscale=False, name="contour",
-                             reversescale=surface.maximized(metric),
+                             reversescale=surface.maximized(metric) and scale != "log",
                              contours=dict(coloring="heatmap", showlines=True), line=dict(width=0.5, color="white"),
                              ncontours=18, hovertemplate="%{text}<extra></extra>"), row=1, col=2)
     paths, points = [], []
@@ -141,9 +141,11 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
     mdata = {}
     for m in metrics:
         v = np.asarray(surface.values[m], float)
-        # a maximized metric (accuracy) reverses the colour scale: the best values are dark, as a loss's are
-        mdata[m] = {"label": metric_label(m), "name": metric_name(m), "z": _clean(v.T), "floor": _floor(v),
-                    "err": m.endswith("_err"), "reversed": surface.maximized(m)}
+        # a maximized metric (an accuracy): its log scale is of the distance below its best value, and its
+        # linear scale reverses the colours, so that the best values are dark, as a loss's minimum is
+        best = float(np.nanmax(v)) if surface.maximized(m) and np.isfinite(v).any() else None
+        mdata[m] = {"label": metric_label(m), "name": metric_name(m), "z": _clean(v.T), "err": m.endswith("_err"),
+                    "best": best, "floor": _floor(v if best is None else best - v)}
     epochs = slider_epochs([e for p in paths for e in p["epoch"] if e is not None])
     meta = {"landscape": "plane", "metrics": mdata, "paths": paths, "points": points, "surface": 0, "contour": 1,
             "metric": metric, "scale": scale, "units": DISTANCE}
@@ -190,9 +192,16 @@ _PLANE_JS = r"""
   var st = {metric: D.metric, scale: D.scale, epoch: Infinity};
   function fmt(v) { return (v === null || v === undefined || !isFinite(v)) ? 'n/a' : Number(v).toPrecision(4); }
   function unit(m) { return D.metrics[m].err ? ' %' : ''; }
-  function tr(v, m) {
+  function tr(v, m) {  // log scale: of the value, or of its distance below the best of a maximized metric
     if (v === null || v === undefined || !isFinite(v)) { return null; }
-    return st.scale === 'log' ? Math.log10(Math.max(v, D.metrics[m].floor)) : v;
+    var M = D.metrics[m];
+    if (st.scale !== 'log') { return v; }
+    return Math.log10(Math.max(M.best === null ? v : M.best - v, M.floor));
+  }
+  function label(t, m, digits) {  // the value at log-scale position t
+    var d = Math.pow(10, t), best = D.metrics[m].best;
+    if (best === null) { return Number(d.toPrecision(digits)).toString(); }
+    return Number((best - d).toFixed(Math.max(1, digits - 1 - Math.floor(Math.log10(d))))).toString();
   }
   function grid(z, m) { return z.map(function (row) { return row.map(function (v) { return tr(v, m); }); }); }
   function ticks(z, m) {
@@ -208,7 +217,7 @@ _PLANE_JS = r"""
       for (var k = Math.floor(lo) - 1; k <= Math.ceil(hi) + 1; k++) {
         sets[s].forEach(function (f) {
           var t = k + Math.log10(f);
-          if (t >= lo - 1e-9 && t <= hi + 1e-9) { vals.push(t); text.push(Number(Math.pow(10, t).toPrecision(2)).toString()); }
+          if (t >= lo - 1e-9 && t <= hi + 1e-9) { vals.push(t); text.push(label(t, m, 2)); }
         });
       }
       if (vals.length >= 3) { return {tickmode: 'array', tickvals: vals, ticktext: text}; }
@@ -216,7 +225,7 @@ _PLANE_JS = r"""
     vals = []; text = [];
     for (var i = 0; i <= 4; i++) {
       var t = lo + (hi - lo) * i / 4;
-      vals.push(t); text.push(Number(Math.pow(10, t).toPrecision(3)).toString());
+      vals.push(t); text.push(label(t, m, 3));
     }
     return {tickmode: 'array', tickvals: vals, ticktext: text};
   }
@@ -227,9 +236,10 @@ _PLANE_JS = r"""
     var hover = M.z.map(function (row, j) { return row.map(function (v, i) {
       return 'u ' + fmt(xs[i]) + ', v ' + fmt(ys[j]) + '<br>' + M.name + ' ' + fmt(v) + unit(m); }); });
     var tk = ticks(z, m);
-    var cb = M.label + (st.scale === 'log' ? ' (log scale)' : '');
+    var cb = M.label + (st.scale !== 'log' ? '' : M.best === null ? ' (log scale)' : ' (log scale below its best)');
+    var reversed = M.best !== null && st.scale !== 'log';
     Plotly.restyle(gd, {z: [z, z], text: [hover, hover], 'colorbar.title.text': [cb, cb],
-                        reversescale: [M.reversed, M.reversed],
+                        reversescale: [reversed, reversed],
                         'colorbar.tickmode': [tk.tickmode, tk.tickmode], 'colorbar.tickvals': [tk.tickvals, tk.tickvals],
                         'colorbar.ticktext': [tk.ticktext, tk.ticktext]}, [D.surface, D.contour]);
     if (D.paths.length) {
