@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,9 @@ class Recorder:
         self.data = None
         self.layout = None
         self.writer = None
-        self._found = {}  # id of a recorded object -> the module inside it that matches the layout
+        # a recorded object -> (a weak reference to) the module inside it that matches the layout: weak, so
+        # that neither is kept alive by the recorder, and a new object never finds a dead one's module
+        self._found = weakref.WeakKeyDictionary()
         self._data_on = {}
         self._runs = []
         if check:
@@ -201,14 +204,13 @@ class Recorder:
         inner, extra = unwrap(obj)
         if self.layout is None:
             self._open(Layout.of(inner))
-        key = id(inner)
-        found = self._found.get(key)
+        found = self._found.get(inner, lambda: None)()
         if found is None or not _same_structure(Layout.of(found), self.layout):
             try:
                 found = find_module(inner, self.layout)
             except ModelError as e:
                 raise ModelError(f"the recorded module does not match model {self.model_spec.name!r}: {e}") from None
-            self._found[key] = found
+            self._found[inner] = weakref.ref(found)
         return found, extra
 
     def _check_run(self, run: str) -> None:

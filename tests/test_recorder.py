@@ -150,6 +150,48 @@ def test_model_inside_a_wrapper_module_is_found(tmp_path):
                                   Layout.of(model).params_to_vector(model).numpy())
 
 
+def test_each_wrapper_records_its_own_model_and_none_is_kept_alive(tmp_path):
+    """Seeds of an ensemble, each recorded through a wrapper made for the call: every run holds its own
+    model's weights (a new wrapper at a dead one's address got the dead one's model), and the recorder
+    keeps no recorded module alive (it kept every one)."""
+    import gc
+    import weakref
+
+    class Holder(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+    _, model, _ = same_start()
+    nets = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        nets.append(_reinitialized(model))
+    with recorder(tmp_path / "seeds.h5") as rec:
+        for k, net in enumerate(nets):
+            rec.record(f"seed{k}", Holder(net), epoch=0)
+        gone = []
+        for _ in range(3):
+            copy = _reinitialized(model)
+            rec.record("copies", copy)
+            gone.append(weakref.ref(copy))
+            del copy
+    traj = open_trajectory(tmp_path / "seeds.h5")
+    for k, net in enumerate(nets):
+        np.testing.assert_array_equal(traj.params(f"seed{k}")[0], Layout.of(net).params_to_vector(net).numpy())
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]
+
+
+def _reinitialized(model):
+    import copy
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    return net
+
+
 def test_user_factory_returning_datasets_works_in_plane(tmp_path, monkeypatch):
     """Model and data by the user's own `module:factory`; the data factory returns torch Datasets."""
     (tmp_path / "userpkg_rec.py").write_text(
