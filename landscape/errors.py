@@ -41,3 +41,12 @@ class WriteError(FileFormatError):
 class StalePartialError(FileFormatError):
     """An output's ``.partial`` file holds unfinished work of another spec or input (``--overwrite``
     discards it)."""
+
+
+class HeldWorkError(FileFormatError):
+    """An output's ``.partial`` file holds interrupted work: ``other`` when of another configuration
+    (only discarding it helps: ``--overwrite``), else of this one (resumable)."""
+
+    def __init__(self, message: str, other: bool):
+        super().__init__(message)
+        self.other = other

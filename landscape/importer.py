@@ -235,6 +235,8 @@ def import_checkpoints(runs: dict, out, model, data, *, model_kwargs=None, data_
                 epoch = meta.get("epoch", i)
                 writer.append(run, _vector(params, layout.num_params), _vector(buffers, layout.num_buffers),
                               epoch=float(epoch), step=int(meta.get("step", -1)), **metrics)
+                if writer.unsaved >= writer.MEMORY_BYTES:  # on the disk: memory does not grow with the runs
+                    writer.flush()
                 done += 1
                 if progress is not None:
                     progress(done, total)

@@ -71,7 +71,9 @@ def _make_class(Callback):
 
         ``model``/``model_kwargs`` and ``data``/``data_options`` say how later commands rebuild the
         model and the data (see :class:`landscape.recorder.Recorder`, which also takes ``task``,
-        ``config``, ``evaluate``, ``overwrite`` and ``check``). ``metrics``: which logged values
+        ``config``, ``evaluate``, ``overwrite``, ``resume`` and ``check``). ``resume=True`` goes on from
+        the partial file a crashed fit left (fit again with ``ckpt_path``): epochs it holds already are
+        not recorded twice. ``metrics``: which logged values
         (``trainer.callback_metrics``) to store with each epoch checkpoint: ``None`` every scalar
         under its logged name (``/`` becomes ``_``), a list of names, or a dict ``{stored name:
         logged name}``; ``[]`` none. Only global rank 0 writes."""
@@ -79,7 +81,7 @@ def _make_class(Callback):
         def __init__(self, path, model, data, *, run: str = "sgd", model_kwargs=None, data_options=None,
                      every_n_epochs: int = 1, every_n_steps: int = 0, record_init: bool = True, metrics=None,
                      module=None, task=None, config=None, evaluate: bool = False, overwrite: bool = False,
-                     check: bool = True):
+                     resume: bool = False, check: bool = True):
             super().__init__()
             if every_n_epochs < 0 or every_n_steps < 0:
                 raise ConfigError("every_n_epochs and every_n_steps must be non-negative")
@@ -87,10 +89,11 @@ def _make_class(Callback):
             self.every_n_epochs, self.every_n_steps, self.record_init = every_n_epochs, every_n_steps, record_init
             self.metrics = metrics
             self._recorder_args = dict(model=model, data=data, model_kwargs=model_kwargs, data_options=data_options,
-                                       task=task, config=config, evaluate=evaluate, overwrite=overwrite, check=check,
-                                       source="lightning")
+                                       task=task, config=config, evaluate=evaluate, overwrite=overwrite,
+                                       resume=resume, check=check, source="lightning")
             self.recorder = None
             self.written = None  # the path of the finished file
+            self._kept_epoch = -math.inf  # the last epoch a resumed partial holds
 
         # -- what to record -------------------------------------------------------------------
         def _target(self, pl_module):
@@ -121,7 +124,7 @@ def _make_class(Callback):
             return out
 
         def _record(self, trainer, pl_module, epoch, metrics=None) -> None:
-            if self.recorder is None:
+            if self.recorder is None or epoch <= self._kept_epoch:  # (a resumed fit's epochs kept already)
                 return
             self.recorder.record(self.run, self._target(pl_module), epoch=epoch, step=trainer.global_step,
                                  **(metrics or {}))
@@ -130,6 +133,8 @@ def _make_class(Callback):
         def on_fit_start(self, trainer, pl_module) -> None:
             if trainer.is_global_zero and self.recorder is None:
                 self.recorder = Recorder(self.path, **self._recorder_args)
+                kept = self.recorder.kept.get(self.run, {}).get("epoch", -math.inf)
+                self._kept_epoch = kept if math.isfinite(kept) else -math.inf
 
         def on_train_start(self, trainer, pl_module) -> None:
             if self.record_init and trainer.global_step == 0:

@@ -18,6 +18,12 @@ Example::
             rec.record("sgd", net, epoch=epoch + 1, step=steps, test_err=err)
     # run.h5 now exists; had the loop crashed, only run.h5.partial (marked incomplete) would
 
+The checkpoints go to ``run.h5.partial`` on the disk at save points: the first record, then at least
+every ``save_every`` seconds (10 by default; and whenever 64 MB wait in memory: ``TrajectoryWriter.MEMORY_BYTES``), :meth:`Recorder.flush`, and a crash
+inside the ``with`` block; so a kill (or a lost machine) loses at most the last ``save_every`` seconds,
+and memory holds no more. ``Recorder(..., resume=True)`` goes on from a partial that a crash left
+(:attr:`Recorder.kept` says where its runs end; resume your loop from there).
+
 Any ``nn.Module`` whose parameters match is accepted: ``torch.optim.swa_utils.AveragedModel``,
 ``DataParallel``/``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped (an
 ``AveragedModel`` also records ``n_averaged``), and a module holding the model as a submodule (a
@@ -27,7 +33,9 @@ the fast weights of a Lookahead optimizer.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
+import time
 import weakref
 from pathlib import Path
 
@@ -37,7 +45,7 @@ from torch import nn
 
 from . import __version__
 from .data import DataSpec, import_object, load_data
-from .errors import CheckpointError, ConfigError, ModelError
+from .errors import CheckpointError, ConfigError, HeldWorkError, ModelError, WriteError
 from .models import ModelSpec, build_model
 from .params import Layout, unwrap
 from .store import TrajectoryWriter
@@ -49,6 +57,7 @@ from .trust import is_import_path
 # (landscape.train.Lookahead), and the common reference implementations
 SLOW_KEYS = ("slow", "slow_buffer", "slow_param", "cached_params")
 RESERVED = ("params", "buffers", "epoch", "step")
+SAVE_SECONDS = 10.0  # a save point at least this often while recording (the default save_every)
 
 
 def model_spec(model, kwargs=None) -> ModelSpec:
@@ -153,15 +162,22 @@ class Recorder:
     model and data at start (the layout is then taken from the first recorded module, unchecked).
 
     Use it as a context manager, or call :meth:`close` at the end: only then does ``path`` appear.
-    Until then (and after a crash) the checkpoints are in ``path.partial``, marked incomplete.
+    Until then (and after a crash) the checkpoints are in ``path.partial``, marked incomplete, as of
+    its last save point (every ``save_every`` seconds, see the module doc). A partial left by a crash
+    is refused unless ``resume=True`` (append to it: :attr:`kept` says what it holds) or
+    ``overwrite=True`` (discard it).
     """
 
     def __init__(self, path, model, data, *, model_kwargs=None, data_options=None, task=None, config=None,
-                 overwrite: bool = False, evaluate: bool = False, check: bool = True, source: str = "recorder"):
+                 overwrite: bool = False, resume: bool = False, evaluate: bool = False, check: bool = True,
+                 save_every: float = SAVE_SECONDS, source: str = "recorder"):
         self.model_spec = model_spec(model, model_kwargs)
         self.data_spec = data_spec(data, data_options)
         self.path = prepare_output(path, overwrite)
-        self.overwrite = overwrite
+        self.overwrite, self.resume = overwrite, resume
+        if not save_every >= 0:
+            raise ConfigError(f"save_every must be a number of seconds of at least 0, got {save_every}")
+        self.save_every, self._saved_at = float(save_every), -math.inf
         self.evaluate = evaluate
         if evaluate and not check:
             raise ConfigError("evaluate=True needs the data, which check=False skips loading")
@@ -191,7 +207,34 @@ class Recorder:
 
     def _open(self, layout: Layout) -> None:
         self.layout = layout
-        self.writer = TrajectoryWriter(self.path, self.config, layout, overwrite=self.overwrite)
+        try:
+            self.writer = TrajectoryWriter(self.path, self.config, layout, overwrite=self.overwrite,
+                                           resume=self.resume)
+        except HeldWorkError as e:
+            tmp = self.partial_path
+            if e.other:
+                raise HeldWorkError(f"{tmp} holds an interrupted recording of another model, data or config; "
+                                    "delete it, choose another path, or pass overwrite=True to discard it",
+                                    other=True) from None
+            raise HeldWorkError(f"{tmp} holds the checkpoints of an interrupted recording; pass resume=True to "
+                                "append to them (Recorder.kept says where its runs end) or overwrite=True to "
+                                "discard them", other=False) from None
+        kept = self.writer.runs  # those a resumed partial holds, then any named before the file opened
+        self._runs = kept + [r for r in self._runs if r not in kept]
+
+    @property
+    def kept(self) -> dict:
+        """What the file holds so far, per run: ``{"rows", "epoch", "step"}`` of its last row (epoch NaN
+        and step -1 where not given): after ``resume=True``, where a resumed loop goes on from."""
+        if self.writer is None:
+            return {}
+        out = {}
+        for run in self._runs:
+            g = self.writer.file[f"runs/{run}"]
+            n = g["params"].shape[0]
+            out[run] = {"rows": n, "epoch": float(g["epoch"][n - 1]) if n else math.nan,
+                        "step": int(g["step"][n - 1]) if n else -1}
+        return out
 
     @property
     def partial_path(self) -> Path:
@@ -242,7 +285,15 @@ class Recorder:
     def _append(self, run, params, buffers, epoch, step, metrics) -> int:
         epoch = float("nan") if epoch is None else float(epoch)
         step = -1 if step is None else int(step)
-        return self.writer.append(run, params, buffers, epoch=epoch, step=step, **metrics)
+        row = self.writer.append(run, params, buffers, epoch=epoch, step=step, **metrics)
+        if self.writer.unsaved >= self.writer.MEMORY_BYTES or time.monotonic() - self._saved_at >= self.save_every:
+            self._save_point()
+        return row
+
+    def _save_point(self) -> None:
+        """Put every row appended so far on the disk, as a point a resumed recorder goes on from."""
+        self.writer.save_progress("recorder", b"")
+        self._saved_at = time.monotonic()
 
     def record(self, run: str, model: nn.Module, *, epoch: float | None = None, step: int | None = None,
                **metrics) -> int:
@@ -302,8 +353,10 @@ class Recorder:
         self.writer.set_attrs(run, **attrs)
 
     def flush(self) -> None:
+        """A save point now: every checkpoint recorded so far is on the disk, in ``path.partial``."""
+        self._check_open()
         if self.writer is not None:
-            self.writer.flush()
+            self._save_point()
 
     # -- finishing ----------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -327,7 +380,13 @@ class Recorder:
         if getattr(self, "_closed", False):
             return None
         self._closed = True
-        return self.writer.leave_partial() if self.writer is not None else None
+        if self.writer is None:
+            return None
+        try:
+            self._save_point()
+        except WriteError:
+            pass  # (a full disk) the partial stays as its last save point left it
+        return self.writer.suspend()
 
     def __enter__(self):
         return self

@@ -209,3 +209,30 @@ def test_no_sources_and_bad_run_names(tmp_path, capsys):
                             "-o", tmp_path / "x.h5") == 2
     assert "cannot sit beside" in capsys.readouterr().err
     assert not list(tmp_path.glob("x.h5*"))
+
+
+def test_an_import_puts_its_rows_on_the_disk_as_it_goes(tmp_path, monkeypatch):
+    """Checkpoints read wait in memory only up to TrajectoryWriter.MEMORY_BYTES (each one here): the
+    partial holds every row read so far (all waited for the end), and the file equals its checkpoints."""
+    from landscape.importer import import_checkpoints
+    from landscape.store import TrajectoryWriter
+    from landscape.store.files import read_partial
+    monkeypatch.setattr(TrajectoryWriter, "MEMORY_BYTES", 1)
+    _, model, _ = same_start()
+    folder, states = tmp_path / "ckpts", []
+    folder.mkdir()
+    for epoch in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        save(model.state_dict(), folder / f"ep{epoch}.pt", "plain", epoch, epoch)
+        states.append(Layout.of(model).params_to_vector(model).numpy())
+    out, on_disk = tmp_path / "imported.h5", []
+
+    def progress(done, total):
+        with read_partial(tmp_path / "imported.h5.partial") as f:
+            on_disk.append(f["runs/sgd/params"].shape[0])
+    import_checkpoints({"sgd": sorted(folder.iterdir())}, out, model=MODEL.name, model_kwargs=MODEL.kwargs,
+                       data=DATA.name, data_options=DATA.options, progress=progress)
+    assert on_disk == [1, 2, 3]
+    np.testing.assert_array_equal(open_trajectory(out).params("sgd"), np.stack(states))

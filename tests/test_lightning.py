@@ -14,6 +14,7 @@ from _recording import (BATCH, DATA, EPOCHS, LR, MODEL, MOMENTUM, WD, assert_sam
                         schedule, trained_by_landscape)
 from landscape.errors import ConfigError, FileFormatError
 from landscape.store import open_trajectory
+from landscape.store.files import read_partial
 
 
 def test_package_imports_without_lightning(monkeypatch):
@@ -70,7 +71,7 @@ def lit_module(pl, net, fail_at_epoch=None):
     return Lit()
 
 
-def fit(pl, tmp_path, out, fail_at_epoch=None, extra_callbacks=(), **callback_kwargs):
+def fit(pl, tmp_path, out, fail_at_epoch=None, extra_callbacks=(), ckpt_path=None, **callback_kwargs):
     from landscape.lightning import LandscapeCallback
     data, net, order = same_start()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_train, data.y_train),
@@ -82,7 +83,7 @@ def fit(pl, tmp_path, out, fail_at_epoch=None, extra_callbacks=(), **callback_kw
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     from landscape.device import torch_threads
     with torch_threads(1):  # landscape train's thread count: the same float sums
-        trainer.fit(lit_module(pl, net, fail_at_epoch), loader)
+        trainer.fit(lit_module(pl, net, fail_at_epoch), loader, ckpt_path=ckpt_path)
     callback.net = net
     return callback
 
@@ -125,6 +126,27 @@ def test_crash_in_fit_leaves_only_the_partial_file(pl, tmp_path):
     assert not out.exists() and (tmp_path / "crash.h5.partial").exists()
     with pytest.raises(FileFormatError, match="incomplete"):
         open_trajectory(tmp_path / "crash.h5.partial")
+
+
+def test_a_crashed_fit_resumed_from_its_checkpoint_goes_on_in_the_same_file(pl, tmp_path):
+    """A second fit on the same path refuses to replace what a crashed one recorded; with resume=True
+    and Lightning's checkpoint (one epoch older than the file) it goes on: every epoch once, the
+    crashed fit's rows as they were."""
+    out = tmp_path / "resumed.h5"
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(pl, tmp_path, out, fail_at_epoch=2, extra_callbacks=[saver])
+    with read_partial(tmp_path / "resumed.h5.partial") as f:
+        crashed = f["runs/sgd/params"][()]
+    with pytest.raises(FileFormatError, match="pass resume=True"):
+        fit(pl, tmp_path, out)
+    first_epoch = sorted((tmp_path / "ckpts").glob("epoch=0-*.ckpt"))[0]
+    callback = fit(pl, tmp_path, out, extra_callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "more")],
+                   ckpt_path=first_epoch, resume=True)
+    assert callback.written == out
+    traj = open_trajectory(out)
+    np.testing.assert_array_equal(traj.run("sgd").epoch, [0, 1, 2, 3])
+    np.testing.assert_array_equal(traj.params("sgd")[:3], crashed)
 
 
 def test_lightning_checkpoint_files_import_with_weights_only(pl, tmp_path):

@@ -2,7 +2,9 @@
 gives the same surface on it; AveragedModel and Lookahead; a crash leaves only NAME.partial."""
 from __future__ import annotations
 
+import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,13 +114,71 @@ def test_crash_leaves_only_the_partial_file(tmp_path):
     assert partial.exists()
     with pytest.raises(FileFormatError, match="incomplete"):
         open_trajectory(partial)
-    # close() without the context manager also finishes it atomically
-    rec = recorder(out)
+    # close() without the context manager also finishes it atomically (the crashed one's checkpoints
+    # discarded: without overwrite=True, or resume=True, they are kept and the recorder refused)
+    rec = recorder(out, overwrite=True)
     rec.record("sgd", model, epoch=0, step=0)
     assert not out.exists()
     assert rec.close() == out and out.exists() and not partial.exists()
     with pytest.raises(FileFormatError, match="already exists"):
         recorder(out)
+
+
+_KILLED_LOOP = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from _recording import DATA, MODEL, same_start, sgd_epoch
+from landscape.recorder import Recorder
+data, model, order = same_start()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+rec = Recorder({out!r}, model=MODEL.name, model_kwargs=MODEL.kwargs, data=DATA.name, data_options=DATA.options,
+               save_every=0)
+rec.record("sgd", model, epoch=0, step=0)
+for epoch in range(2):
+    sgd_epoch(model, opt, data, order)
+    rec.record("sgd", model, epoch=epoch + 1)
+os.kill(os.getpid(), 9)  # killed before the file is closed: no exception, no cleanup
+"""
+
+
+def test_a_killed_loop_keeps_its_checkpoints_and_a_new_recorder_resumes_or_refuses(tmp_path):
+    """kill -9 mid-run keeps every checkpoint of the last save point in NAME.partial (it kept none: they
+    waited in memory for close()); a new recorder refuses to replace them (it did so silently), and with
+    resume=True appends after them, the finished file holding both parts."""
+    import subprocess
+    out = tmp_path / "killed.h5"
+    script = _KILLED_LOOP.format(tests=str(Path(__file__).parent), out=str(out))
+    assert subprocess.run([sys.executable, "-c", script], timeout=300).returncode == -9
+    with pytest.raises(FileFormatError, match=r"killed\.h5\.partial holds the checkpoints of an interrupted "
+                                              r"recording; pass resume=True"):
+        recorder(out)
+    _, model, _ = same_start()
+    with pytest.raises(FileFormatError, match="of another model, data or config"):
+        Recorder(out, model=MODEL.name, model_kwargs={"channels": 6}, data=DATA.name,
+                 data_options=dict(DATA.options, n_test=95))
+    with recorder(out, resume=True) as rec:
+        assert rec.kept == {"sgd": {"rows": 3, "epoch": 2.0, "step": -1}}
+        rec.record("sgd", model, epoch=3)
+    traj = open_trajectory(out)
+    np.testing.assert_array_equal(traj.run("sgd").epoch, [0, 1, 2, 3])
+    np.testing.assert_array_equal(traj.params("sgd")[3], Layout.of(model).params_to_vector(model).numpy())
+    assert not np.array_equal(traj.params("sgd")[2], traj.params("sgd")[0])  # trained rows, not copies
+
+
+def test_checkpoints_go_to_the_disk_at_save_points_not_at_the_end(tmp_path, monkeypatch):
+    """Memory holds at most the checkpoints since the last save point: every save_every seconds, and
+    whenever MEMORY_BYTES wait (each record here), the partial on disk holds every row so far."""
+    from landscape.store import TrajectoryWriter
+    from landscape.store.files import read_partial
+    _, model, _ = same_start()
+    monkeypatch.setattr(TrajectoryWriter, "MEMORY_BYTES", 1)
+    with recorder(tmp_path / "saved.h5", save_every=math.inf) as rec:
+        for epoch in range(3):
+            rec.record("sgd", model, epoch=epoch)
+            with read_partial(rec.partial_path) as f:
+                assert f["runs/sgd/params"].shape[0] == epoch + 1
+    with pytest.raises(ConfigError, match="save_every must be"):
+        recorder(tmp_path / "x.h5", save_every=-1)
 
 
 def test_a_module_that_is_not_the_model_names_the_first_mismatch(tmp_path):

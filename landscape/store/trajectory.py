@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, FileFormatError, WriteError
+from ..errors import CheckpointError, FileFormatError, HeldWorkError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
 from .files import (PartialH5, ResumeStates, check_dtype, check_version, claim_output, interrupts_deferred,
@@ -53,7 +53,11 @@ class TrajectoryWriter:
     cut short with the rows they had at its last :meth:`save_progress` (whose state :meth:`progress`
     returns), nothing else; and it writes the same bytes an uninterrupted run writes.
 
-    ``NAME.lock`` keeps a second writer of the same output out while this one lives."""
+    ``NAME.lock`` keeps a second writer of the same output out while this one lives. Rows appended
+    since the last save wait in memory (:attr:`unsaved` bytes); a writer's owner saves once they reach
+    :attr:`MEMORY_BYTES`, so that memory does not grow with the file."""
+
+    MEMORY_BYTES = 64 * 2 ** 20
 
     def __init__(self, path, config: dict, layout: Layout, overwrite: bool = False, resume: bool = False):
         self.path = prepare_output(path, overwrite)
@@ -67,6 +71,7 @@ class TrajectoryWriter:
         self.states = ResumeStates(self.tmp)
         self.complete = False  # a partial completed by a run killed before it was moved into place
         self._open_file, self._open_datasets = None, {}  # see _datasets
+        self.unsaved = 0  # bytes of rows appended since the last save
         self.lock = claim_output(self.path, overwrite)
         try:
             self._open(to_json(config), overwrite, resume)
@@ -81,8 +86,8 @@ class TrajectoryWriter:
             return
         if held is not None and not overwrite:
             other = " with another configuration" if held == "other" else ""
-            raise FileFormatError(f"{self.tmp} holds interrupted work{other}; delete it, choose another "
-                                  f"output, or pass --overwrite to discard it")
+            raise HeldWorkError(f"{self.tmp} holds interrupted work{other}; delete it, choose another "
+                                f"output, or pass --overwrite to discard it", other=held == "other")
         self.states.remove()  # those of a partial discarded (or deleted by hand)
         # space freed in the file (a resized dataset's old chunks) is reused after it is reopened
         self.store = PartialH5(self.tmp, self.path, create=True, reopen=True, track_order=True,
@@ -209,7 +214,7 @@ class TrajectoryWriter:
     def _save(self) -> None:
         self.store.save()
         self._read_state()
-        self._saved = True
+        self._saved, self.unsaved = True, 0
 
     def progress(self, key: str):
         """The bytes last given to :meth:`save_progress` under ``key`` (kept by an interrupted run), or None."""
@@ -279,6 +284,7 @@ class TrajectoryWriter:
         rows = {name: _as_row(ds, row.get(name)) for name, ds in datasets.items()}
         for name, ds in datasets.items():  # metrics not given this time read NaN: all datasets T rows long
             _write_row(ds, t, rows[name])
+        self.unsaved += params.nbytes + buffers.nbytes
         return t
 
     def _datasets(self, run: str) -> dict:
@@ -304,6 +310,7 @@ class TrajectoryWriter:
     def flush(self) -> None:
         """Put what was appended so far on the disk (``NAME.partial``)."""
         self.store.save()
+        self.unsaved = 0
 
     def close(self) -> Path:
         """Mark the file complete and move it to its final path."""
@@ -322,16 +329,6 @@ class TrajectoryWriter:
                                          "to finish" if kept else "nothing kept")) from None
         finally:
             self.lock.release()
-
-    def leave_partial(self) -> Path:
-        """Close without completing: ``NAME.partial`` stays, with ``complete = False``, holding the
-        checkpoints appended so far (what a crashed recorder leaves; readers refuse it)."""
-        try:
-            self.store.save()
-            self.store.suspend()
-        finally:
-            self.lock.release()
-        return self.tmp
 
     def suspend(self) -> Path:
         """Close without completing, keeping ``NAME.partial`` as the last save point left it."""
