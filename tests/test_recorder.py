@@ -397,3 +397,15 @@ def test_a_file_rebuilds_its_model_with_the_class_count_it_records(tmp_path):
         rec.record("sgd", net, epoch=0)
     model = rebuild_model(open_trajectory(tmp_path / "r.h5"))
     assert model[-1].out_features == data.num_classes + 2
+
+
+def test_a_file_open_in_h5py_in_the_same_process_is_read(tmp_path):
+    """Looking at the file with h5py (in a notebook cell, say) and opening it with landscape at once:
+    read (it was refused as "not an HDF5 file": HDF5's file locking flags differed)."""
+    import h5py
+    _, model, _ = same_start()
+    with recorder(tmp_path / "looked.h5") as rec:
+        rec.record("sgd", model, epoch=0)
+    with h5py.File(tmp_path / "looked.h5", "r") as f:
+        assert f["runs/sgd/params"].shape[0] == 1
+        assert open_trajectory(tmp_path / "looked.h5").runs == ["sgd"]

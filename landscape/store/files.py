@@ -85,10 +85,19 @@ def open_read(path, expected_format: str) -> h5py.File:
     if path.is_dir():
         raise FileFormatError(f"{path} is a directory, not a {expected_format.split('.')[-1]} file")
     try:
-        f = h5py.File(path, "r", locking=False)
+        try:
+            f = h5py.File(path, "r", locking=False)
+        except OSError as e:
+            if "locking flag" not in str(e):
+                raise
+            # open in this process already, with HDF5's file locking (h5py's default, say in a notebook
+            # cell): HDF5 shares one open file, which must keep its flags
+            f = h5py.File(path, "r")
     except OSError as e:
         if not os.access(path, os.R_OK):
             raise FileFormatError(f"cannot read {path}: {reason(e)}") from None
+        if "already open" in str(e) or "locking" in str(e):
+            raise FileFormatError(f"cannot read {path}: it is open for writing elsewhere in this process") from None
         raise FileFormatError(f"{path} is not an HDF5 file") from None
     try:
         fmt = f.attrs.get("format")
