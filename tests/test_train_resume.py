@@ -204,6 +204,40 @@ def test_a_method_finished_apart_before_an_interruption_is_adopted_not_trained_a
     assert not parts.exists()
 
 
+def test_the_last_method_left_goes_on_from_its_part(config, tmp_path):
+    """Interrupted when one method was left, trained apart: the same command again takes its part (it
+    trained the method again from scratch in this process, one method being nothing to train apart,
+    and left the parts folder behind for ever); so does a rerun on one process."""
+    two = config.replace(methods=("sgd", "swa"))
+    whole = train(two, tmp_path / "whole.h5", quiet=True)["path"]
+
+    class StopAtSwa:  # a progress bar interrupted as swa starts: sgd is finished in the partial
+        def update(self, n=1):
+            pass
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        def set_description(self, text):
+            if "swa" in text:
+                raise KeyboardInterrupt
+    for processes in (2, 1):
+        out = tmp_path / f"r{processes}.h5"
+        with pytest.raises(KeyboardInterrupt, match="sgd kept in"):
+            train(two, out, quiet=True, progress=StopAtSwa())
+        parts = tmp_path / f"r{processes}.h5.parts"
+        parts.mkdir()
+        done = train(config.replace(methods=("swa",)), parts / "swa.h5", quiet=True)["path"]
+        with h5py.File(done, "r+") as f:  # a mark that only this very file carries
+            f["runs/swa/average"].attrs["mark"] = "kept"
+        train(two, out, quiet=True, processes=processes)
+        with h5py.File(out, "r") as f, h5py.File(whole, "r") as w:
+            assert f["runs/swa/average"].attrs["mark"] == "kept"
+            for name in ("sgd/params", "swa/average/params", "swa/iterates/params", "swa/average/test_err"):
+                np.testing.assert_array_equal(f["runs/" + name][()], w["runs/" + name][()])
+        assert not parts.exists()
+
+
 @pytest.mark.slow  # a real Ctrl-C to a real process group: ~40 s
 def test_ctrl_c_while_methods_train_apart_keeps_every_one_and_resumes(config, tmp_path):
     import os

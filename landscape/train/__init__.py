@@ -37,7 +37,7 @@ from .loop import METHODS, Context, evaluate, register_method, train_epoch
 # importing the methods' modules registers them (and their options) in METHODS, in this order
 from . import methods, swap, lookahead, grafting  # noqa: F401  isort: skip
 from .lookahead import Lookahead
-from .processes import parts_folder, train_apart, trained_with
+from .processes import held_apart, parts_folder, train_apart, trained_with
 from .swap import SWAPOptions, SwapThresholdWarning
 
 
@@ -90,7 +90,9 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
         finished = group.objects(done)
         methods = [m for m in config.methods if (writing or METHODS[m].distributed) and m not in finished]
         total = sum(METHODS[m].ticks(config) for m in config.methods if writing or METHODS[m].distributed)
-        apart = processes > 1 and len(methods) > 1 and not group.distributed
+        # apart when several methods are left, or when a method left has work kept apart (the last one
+        # of an interrupted run), which its own process goes on from
+        apart = not group.distributed and (processes > 1 and len(methods) > 1 or held_apart(writer.path, methods))
         with _progress_bar(progress, total, quiet or not writing) as bar:
             bar.update(total - sum(METHODS[m].ticks(config) for m in methods))
             ctx = Context(config, data, layout, init_model, writer, device, bar if writing else None, group=group,

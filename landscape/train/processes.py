@@ -40,6 +40,12 @@ def parts_folder(path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
+def held_apart(path, methods) -> bool:
+    """Whether an interrupted run kept work of one of ``methods`` apart (in :func:`parts_folder`)."""
+    folder = parts_folder(path)
+    return any((folder / f"{m}.h5").exists() or (folder / f"{m}.h5.partial").exists() for m in methods)
+
+
 def train_apart(config, methods: list, writer, bar, processes: int, overwrite: bool) -> None:
     """Train ``methods`` (of ``config``) in at most ``processes`` child processes and adopt their runs
     into ``writer`` in the configuration's order. Raises what a child raised (as the same landscape
