@@ -43,6 +43,11 @@ class StalePartialError(FileFormatError):
     discards it)."""
 
 
+class ProcessDied(LandscapeError):
+    """A process doing part of the work ended without a word (killed: out of memory, ``kill -9``); what
+    the others kept is in the message."""
+
+
 class HeldWorkError(FileFormatError):
     """An output's ``.partial`` file holds interrupted work: ``other`` when of another configuration
     (only discarding it helps: ``--overwrite``), else of this one (resumable)."""

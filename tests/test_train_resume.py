@@ -2,6 +2,8 @@
 method under way. Run again, it trains only the rest, and the file equals an uninterrupted run's."""
 import dataclasses
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -263,6 +265,43 @@ def test_ctrl_c_while_methods_train_apart_keeps_every_one_and_resumes(config, tm
     assert r.returncode == 0, r.stderr
     _assert_same_file(reference, tmp_path / "r.h5")
     assert not parts.exists()
+
+
+@pytest.mark.slow  # real processes, one killed: ~30 s
+def test_a_child_killed_mid_training_is_one_line_saying_what_was_kept(config, tmp_path):
+    """kill -9 of a method's process (the out-of-memory killer) was the parent's 18-line traceback
+    ("RuntimeError: ... exit code -9"); now one line naming the method, how it ended and what was kept
+    where, and the same command again finishes the file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    argv = [sys.executable, "-m", "landscape", "train", "--dataset", "synthetic", "--data-option", "n_train=2000",
+            "--model", "mlp", "--methods", "sgd,swa,ema", "--epochs", "30", "--processes", "2", "--quiet",
+            "--device", "cpu", "-o", str(tmp_path / "r.h5")]
+    child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    parts = tmp_path / "r.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not _saved_epochs(parts):
+        time.sleep(0.2)
+    trainers = [pid for server in _children(child.pid) for pid in _children(server)]  # forkserver's children
+    assert trainers, "no training process found"
+    os.kill(trainers[0], signal.SIGKILL)
+    err = child.communicate(timeout=120)[1]
+    assert child.returncode == 2 and err.count("\n") == 1, err
+    assert "in its own process stopped: killed by SIGKILL" in err and "kept in" in err and \
+        "run the same command again" in err, err
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert not parts.exists()
+
+
+def _children(pid: int) -> list:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 # Ctrl-C at the worst moment of a child's first message: after its queue registered the exit handler

@@ -27,7 +27,7 @@ from ..config import TrainConfig
 from ..data import import_object, load_data
 from ..evaluate import check_task_fits
 from ..tasks import get_task
-from ..errors import ConfigError, WriteError
+from ..errors import ConfigError, ProcessDied, WriteError
 from ..device import resolve_device, seed_everything, torch_threads
 from ..dist import Group
 from ..models import build_model
@@ -102,13 +102,16 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
                     train_apart(config, methods, writer, bar, processes, overwrite)
                 else:
                     _train_in_turn(ctx, methods, writing)
-            except (KeyboardInterrupt, WriteError) as e:
+            except (KeyboardInterrupt, WriteError, ProcessDied) as e:
                 if not writing:
                     raise
                 kept = _kept(writer, ctx, e if apart else None)
                 if isinstance(e, WriteError):
                     raise WriteError(f"{e}; " + (f"{kept}; free space and run the same command again to go on"
                                                  if kept else "nothing kept")) from None
+                if isinstance(e, ProcessDied):
+                    raise ProcessDied(f"{e}; " + (f"{kept}; run the same command again to go on" if kept
+                                                  else "nothing kept")) from None
                 if kept:
                     raise KeyboardInterrupt(f"{kept}; run the same command again to train the rest") from None
                 raise

@@ -82,8 +82,8 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
                     if child.exitcode == 130:  # interrupted with the parent (Ctrl-C reaches them all)
                         raise KeyboardInterrupt
                     if child.exitcode != 0:
-                        raise _relay(messages, bar, wait=True) or RuntimeError(
-                            f"training {method} in its own process failed (exit code {child.exitcode})")
+                        raise _relay(messages, bar, wait=True) or errors.ProcessDied(
+                            f"training {method} in its own process stopped: {_death(child.exitcode)}")
                     trained.add(method)
             while adopted < len(methods) and methods[adopted] in trained:
                 path = folder / f"{methods[adopted]}.h5"
@@ -94,10 +94,18 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
         shutil.rmtree(folder)
     except BaseException as e:
         _stop(running)
-        if isinstance(e, (KeyboardInterrupt, errors.WriteError)):
+        if isinstance(e, (KeyboardInterrupt, errors.WriteError, errors.ProcessDied)):
             e.under_way = [m for m in methods[adopted:] if (folder / f"{m}.h5").exists()
                            or (folder / f"{m}.h5.partial").exists()]
         raise
+
+
+def _death(exitcode: int) -> str:
+    """How a child ended, in words: "killed by SIGKILL (out of memory?)", "exit code 3"."""
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
+        return f"killed by {name}" + (" (out of memory?)" if -exitcode == signal.SIGKILL else "")
+    return f"exit code {exitcode}"
 
 
 def trained_with(path, config) -> bool:
