@@ -159,3 +159,21 @@ def test_rays_go_to_csv_only(tmp_path, capsys):
     assert [(r["ray"], float(r["x"]), float(r["train_loss"])) for r in rows] == [
         ("0", 0.0, 0.0), ("0", 1.0, 1.0), ("0", 2.0, 2.0), ("1", 0.0, 3.0), ("1", 1.0, 4.0), ("1", 2.0, 5.0)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rays.csv", "rays.h5"]
+
+
+@pytest.mark.parametrize("to", ["csv", "vtk"])
+def test_an_export_holds_its_output_while_it_writes(plane, tmp_path, to, monkeypatch):
+    """Two exports to one output at once: the second is refused while the first writes (csv and vtk
+    took no lock, and two at once renamed a CSV mixing both surfaces' rows into place)."""
+    import landscape.store.export as export
+    from landscape.store.files import OutputLock
+    out, seen = tmp_path / f"out{export.SUFFIX[to]}", []
+    publish = export.publish
+
+    def publish_while_a_second_export_tries(src, dst):
+        with pytest.raises(FileFormatError, match="is being written by process"):
+            OutputLock(out)
+        seen.append(dst)
+        return publish(src, dst)
+    monkeypatch.setattr(export, "publish", publish_while_a_second_export_tries)
+    assert export.export_surface(plane, to, out) == out and out.exists() and out in seen

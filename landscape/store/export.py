@@ -30,7 +30,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from ..errors import FileFormatError
-from .files import partial_path, prepare_output, publish, reason
+from .files import claim_output, partial_path, prepare_output, publish, reason
 from .surface import Surface, export_loss_landscape
 
 FORMATS = ("loss-landscape", "vtk", "csv")
@@ -153,25 +153,26 @@ def export_vtk(surface: Surface, out, overwrite: bool = False, inputs=()) -> Pat
     held = [folder / name for name in VTK_PIECES if (folder / name).exists()]
     if held and not overwrite:
         raise FileFormatError(f"{held[0]} already exists; pass --overwrite to replace it")
-    tmp_dir, tmp = partial_path(folder), partial_path(out)
-    try:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir()
-        (tmp_dir / "surface.vts").write_text(vts_text(surface))
-        with_paths = any(len(p.coords) for p in surface.paths.values())
-        if with_paths:
-            (tmp_dir / "paths.vtp").write_text(vtp_text(surface))
-        tmp.write_text(vtm_text(folder.name, with_paths))
-        if folder.exists():
-            _replace_pieces(tmp_dir, folder, out)
-        else:
-            publish(tmp_dir, folder)
-        publish(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp.unlink(missing_ok=True)
-        raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
-    return out
+    with claim_output(out, overwrite):  # one writer per output: a second export is refused
+        tmp_dir, tmp = partial_path(folder), partial_path(out)
+        try:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir()
+            (tmp_dir / "surface.vts").write_text(vts_text(surface))
+            with_paths = any(len(p.coords) for p in surface.paths.values())
+            if with_paths:
+                (tmp_dir / "paths.vtp").write_text(vtp_text(surface))
+            tmp.write_text(vtm_text(folder.name, with_paths))
+            if folder.exists():
+                _replace_pieces(tmp_dir, folder, out)
+            else:
+                publish(tmp_dir, folder)
+            publish(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp.unlink(missing_ok=True)
+            raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
+        return out
 
 
 def _replace_pieces(new: Path, folder: Path, vtm: Path) -> None:
@@ -193,27 +194,28 @@ def _replace_pieces(new: Path, folder: Path, vtm: Path) -> None:
 def export_csv(surface: Surface, out, overwrite: bool = False, inputs=()) -> Path:
     """One row per point (see the module doc)."""
     out = prepare_output(out, overwrite, inputs=(surface.path, *inputs))
-    names = list(surface.values)
-    tmp = partial_path(out)
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            if surface.y is not None:
-                w.writerow(["x", "y", *names])
-                for i, x in enumerate(surface.x):
-                    for j, y in enumerate(surface.y):
-                        w.writerow([repr(float(x)), repr(float(y)), *(repr(float(surface.values[m][i, j])) for m in names)])
-            elif surface.rays:
-                w.writerow(["ray", "x", *names])
-                for r in range(surface.done.shape[0]):
+    with claim_output(out, overwrite):  # one writer per output: a second export is refused
+        names = list(surface.values)
+        tmp = partial_path(out)
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                if surface.y is not None:
+                    w.writerow(["x", "y", *names])
                     for i, x in enumerate(surface.x):
-                        w.writerow([r, repr(float(x)), *(repr(float(surface.values[m][r, i])) for m in names)])
-            else:
-                w.writerow(["x", *names])
-                for i, x in enumerate(surface.x):
-                    w.writerow([repr(float(x)), *(repr(float(surface.values[m][i])) for m in names)])
-        publish(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
-    return out
+                        for j, y in enumerate(surface.y):
+                            w.writerow([repr(float(x)), repr(float(y)), *(repr(float(surface.values[m][i, j])) for m in names)])
+                elif surface.rays:
+                    w.writerow(["ray", "x", *names])
+                    for r in range(surface.done.shape[0]):
+                        for i, x in enumerate(surface.x):
+                            w.writerow([r, repr(float(x)), *(repr(float(surface.values[m][r, i])) for m in names)])
+                else:
+                    w.writerow(["x", *names])
+                    for i, x in enumerate(surface.x):
+                        w.writerow([repr(float(x)), *(repr(float(surface.values[m][i])) for m in names)])
+            publish(tmp, out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
+        return out
