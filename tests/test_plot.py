@@ -440,3 +440,21 @@ def test_figures_of_real_planes_lines_and_rays(tiny_run, tmp_path):
         assert plane.x[0] <= off[end][0] <= plane.x[-1] and plane.y[0] <= off[end][1] <= plane.y[-1]
     page = write_explorer([plane.path, line.path, rays.path], tmp_path / "e.html")
     assert page.read_text().count("<section") == 3
+
+
+def test_a_plot_holds_its_folder_while_it_writes(plane, tmp_path, monkeypatch):
+    """Two plots into one folder at once: the second is refused while the first writes (they shared one
+    staging folder: one crashed with a traceback, or figures appeared without their numbers)."""
+    import landscape.plot.report as report
+    from landscape.errors import FileFormatError
+    from landscape.store.files import OutputLock
+    out, publish, seen = tmp_path / "figs", report.publish, []
+
+    def publish_while_a_second_plot_tries(src, dst):
+        with pytest.raises(FileFormatError, match="figs is being written by process"):
+            OutputLock(out)
+        seen.append(dst.name)
+        return publish(src, dst)
+    monkeypatch.setattr(report, "publish", publish_while_a_second_plot_tries)
+    res = report.plot_files([plane.path], out, formats=("png",))
+    assert "numbers.json" in seen and res.numbers_path.exists() and not (tmp_path / "figs.lock").exists()

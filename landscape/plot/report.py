@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FileFormatError
-from ..store.files import probe_writable, publish, reason, same_file
+from ..store.files import OutputLock, probe_writable, publish, reason, same_file
 from . import figures, static
 from .analysis import FORMATS, MAX_LEVELS, SMOOTH, format_rise, ray_rise_distances
 
@@ -85,6 +85,7 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
         sharp = sharpness if isinstance(sharpness, SharpnessFile) else open_sharpness(sharpness)
     out = Path(out_dir)
     created = _prepare_dir(out)
+    lock = OutputLock(out)  # one plot into a folder at a time: they would share the staging folder
     staging = out / STAGING
     try:
         shutil.rmtree(staging, ignore_errors=True)
@@ -101,12 +102,14 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
         res.numbers_path = _write_json(staging / "numbers.json", res.numbers)
         for name in names:  # numbers.json last: a folder with a new numbers.json holds every new figure
             publish(staging / name, out / name)
+        staging.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    staging.rmdir()
+    finally:
+        lock.release()
     res.figures = [out / p.name for p in res.figures]
     res.numbers_path = out / "numbers.json"
     return res
