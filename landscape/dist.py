@@ -13,15 +13,31 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
 
+from .errors import ProcessDied
+
 # Ranks wait for rank 0 while it alone works (trains the methods that are not distributed, measures
 # a surface's points per call, writes files): the default 30 minutes would end a long run.
 TIMEOUT = datetime.timedelta(hours=12)
+
+
+@contextlib.contextmanager
+def _peers():
+    """A collective whose peer is gone (killed, out of memory) raises ProcessDied in one line, not the
+    backend's traceback (gloo and NCCL fail with RuntimeErrors)."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())  # gloo's "[source.cc:553] " prefix
+        reason = re.split(r"(?<=[.!])\s", text, maxsplit=1)[0].rstrip(".") or type(e).__name__
+        raise ProcessDied(f"another process of the torchrun group stopped ({reason})") from None
 
 
 def launched() -> bool:
@@ -69,7 +85,8 @@ class Group:
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        with _peers():
+            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
@@ -77,7 +94,8 @@ class Group:
         if not self.distributed:
             return t
         t = t.to(self.device).contiguous()
-        dist.broadcast(t, src=0)
+        with _peers():
+            dist.broadcast(t, src=0)
         return t
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -85,7 +103,8 @@ class Group:
         if not self.distributed:
             return rows
         parts = [torch.empty_like(rows) for _ in range(self.world)]
-        dist.all_gather(parts, rows.contiguous())
+        with _peers():
+            dist.all_gather(parts, rows.contiguous())
         return torch.cat(parts) if self.rank == 0 else None
 
     def gather_list(self, t: torch.Tensor) -> list | None:
@@ -94,18 +113,21 @@ class Group:
             return [t.cpu()]
         t = t.to(self.device)
         out = [torch.empty_like(t) for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather(t, out, dst=0)
+        with _peers():
+            dist.gather(t, out, dst=0)
         return [o.cpu() for o in out] if self.rank == 0 else None
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the ranks, in place, on every rank."""
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            with _peers():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            with _peers():
+                dist.barrier()
 
     def close(self, wait: bool = True) -> None:
         """Leave the group if :meth:`join` created it; ``wait``: after a barrier, so that no rank

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from .data import as_data
 from .device import resolve_device, thread_workers
 from .dist import Group
-from .errors import ConfigError, LandscapeError, ModelError, WriteError
+from .errors import ConfigError, LandscapeError, ModelError, ProcessDied, WriteError
 from .evaluate import BatchNormPolicy, Evaluator, choose_points_per_call, metric_names, resolve_policy
 from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
 from .params import Layout, unwrap
@@ -338,7 +338,7 @@ def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, qui
             flush()
     except BaseException as e:
         bar.close()
-        if ranks.rank == 0 and isinstance(e, KeyboardInterrupt):
+        if ranks.rank == 0 and isinstance(e, (KeyboardInterrupt, ProcessDied)):
             try:
                 flush()  # computed but not yet written: keep it too
             except WriteError:
@@ -499,14 +499,15 @@ def _agree_on_basis(ranks, writer, points_of) -> None:
 
 def _suspend(writer, error: BaseException, total: int) -> BaseException | None:
     """Close a failed computation's writer, its saved points kept in OUT.partial (none: no partial is
-    left). For an interruption (Ctrl-C, SIGTERM) or a failed write of a file, return the error to raise
-    instead: it says how many points were kept where, and how to finish."""
+    left). For an interruption (Ctrl-C, SIGTERM, another process of the group gone) or a failed write
+    of a file, return the error to raise instead: it says how many points were kept where, and how to
+    finish."""
     if writer is None:
         return None
     saved = writer.saved if isinstance(writer, SurfaceWriter) else None
     writer.suspend()
-    if saved is None or not isinstance(error, (KeyboardInterrupt, WriteError)):
+    if saved is None or not isinstance(error, (KeyboardInterrupt, WriteError, ProcessDied)):
         return None
     kept = (f"{saved} of {total} points kept in {writer.tmp}; run the same command again to finish" if saved
             else "no point was saved yet, nothing kept")
-    return KeyboardInterrupt(kept) if isinstance(error, KeyboardInterrupt) else WriteError(f"{error}; {kept}")
+    return KeyboardInterrupt(kept) if isinstance(error, KeyboardInterrupt) else type(error)(f"{error}; {kept}")
