@@ -458,3 +458,19 @@ def test_a_plot_holds_its_folder_while_it_writes(plane, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "publish", publish_while_a_second_plot_tries)
     res = report.plot_files([plane.path], out, formats=("png",))
     assert "numbers.json" in seen and res.numbers_path.exists() and not (tmp_path / "figs.lock").exists()
+
+
+def test_a_plane_of_one_column_is_refused_by_every_drawing_in_one_line(plane, tmp_path):
+    """plot refused a 1 x N plane; explore wrote a page with empty panels for it (and draw_plane drew an
+    empty Axes): all three refuse it, and no page is written."""
+    from landscape.errors import ConfigError
+    from landscape.plot.interactive import write_explorer
+    from matplotlib.figure import Figure
+    thin = Surface(None, plane.spec, plane.x[:1], plane.y, {k: v[:1] for k, v in plane.values.items()},
+                   plane.done[:1], plane.points, plane.paths)
+    for draw in (lambda: write_explorer([thin], tmp_path / "x.html"),
+                 lambda: static.draw_plane(Figure().subplots(), thin),
+                 lambda: plot_files([thin], tmp_path / "figs")):
+        with pytest.raises(ConfigError, match=r"this surface is a plane of 1 x \d+ points; its contours need"):
+            draw()
+    assert not (tmp_path / "x.html").exists() and not (tmp_path / "figs").exists()

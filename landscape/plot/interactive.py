@@ -78,6 +78,7 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
     from plotly.subplots import make_subplots
 
     static.require_kind(surface, "plane")
+    static.require_area(surface)
     metrics = _metrics(surface)
     if metric not in metrics:
         metric = metrics[0]

@@ -141,9 +141,7 @@ def _draw(surfs, traj, out, rises, formats, off_plane, levels, train_metric, tes
     drawn_with_a_line = set()
 
     for s in planes:
-        if min(len(s.x), len(s.y)) < 2:
-            raise ConfigError(f"{s.path} is a plane of {len(s.x)} x {len(s.y)} points; its contours need at least "
-                              "2 x 2 (a line of points is drawn from `landscape line`)")
+        static.require_area(s)
         stem = stems[id(s)]
         res.figures += figures.save(figures.plane_figure(s, train_metric=train_metric, test_metric=test_metric,
                                                          levels=levels, off_plane=off_plane),

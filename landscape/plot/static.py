@@ -35,6 +35,14 @@ def require_kind(surface, kind: str) -> None:
                               f"{'a ' if kind != 'rays' else ''}{kind}")
 
 
+def require_area(surface) -> None:
+    """Refuse a plane of one row or column: its contours (and surface) need at least 2 x 2 points."""
+    if min(len(surface.x), len(surface.y)) < 2:
+        where = surface.path if surface.path is not None else "this surface"
+        raise ConfigError(f"{where} is a plane of {len(surface.x)} x {len(surface.y)} points; its contours need "
+                          "at least 2 x 2 (a line of points is drawn from `landscape line`)")
+
+
 def _distinct_labels(values) -> list:
     """Labels for monotonic values with as many significant digits as it takes (up to 6) for
     neighbours to read differently: levels packed close together stay distinguishable."""
@@ -81,6 +89,7 @@ def draw_plane(ax, surface, metric: str = "train_loss", *, levels: int = 7, log_
     minimum above it). A metric the task maximizes is banded downward from its maximum instead (its
     last band "< x", ``vmax`` then the value below which values share it): see :func:`banded`."""
     require_kind(surface, "plane")
+    require_area(surface)
     x, y = surface.x, surface.y
     z, lv, top, sign = banded(surface, metric, levels, log_alpha, vmax)
     cm = mcolors.ListedColormap(_sample_cmap(cmap, len(lv) - 1))
