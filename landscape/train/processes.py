@@ -71,8 +71,9 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
                 child = context.Process(target=_child, args=(config.replace(methods=(method,)),
                                                              str(folder / f"{method}.h5"), overwrite, messages,
                                                              os.getpid()))
-                child.start()
-                running[method] = child
+                with interrupts_deferred():  # a started child is waited for: it still needs the queue we own
+                    child.start()
+                    running[method] = child
             failure = _relay(messages, bar)
             if failure is not None:
                 raise failure
