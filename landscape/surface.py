@@ -45,6 +45,7 @@ from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
 from .params import Layout, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store import Surface, SurfaceWriter, Trajectory, open_surface, open_trajectory
+from .store.files import interrupts_deferred
 from .store.surface import MemorySurfaceWriter
 
 
@@ -337,13 +338,14 @@ def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, qui
             _rounds(points_of, todo, k, ranks, keep, flush, write_every)
             flush()
     except BaseException as e:
-        bar.close()
-        if ranks.rank == 0 and isinstance(e, (KeyboardInterrupt, ProcessDied)):
-            try:
-                flush()  # computed but not yet written: keep it too
-            except WriteError:
-                pass  # the points of the last write stay
-        kept = _suspend(writer, e, total)  # what was written stays resumable in OUT.partial
+        with interrupts_deferred(drop=True):  # stopping already: the bookkeeping below is not cut short
+            bar.close()
+            if ranks.rank == 0 and isinstance(e, (KeyboardInterrupt, ProcessDied)):
+                try:
+                    flush()  # computed but not yet written: keep it too
+                except WriteError:
+                    pass  # the points of the last write stay
+            kept = _suspend(writer, e, total)  # what was written stays resumable in OUT.partial
         if kept is not None:
             raise kept from None
         raise

@@ -258,8 +258,10 @@ def test_a_torchrun_process_killed_mid_plane_is_one_line_saying_what_was_kept(ti
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     ours = [line for line in err.splitlines() if line.startswith("landscape:")]
-    assert len(ours) == 1 and "another process of the torchrun group stopped" in ours[0], err
-    assert "points kept in" in ours[0] and "run the same command again" in ours[0]
+    # what rank 0 meets first: the collective failing, or torchrun's SIGTERM after it saw the death
+    assert len(ours) == 1 and ("another process of the torchrun group stopped" in ours[0]
+                               or ours[0].startswith("landscape: interrupted: ")), err
+    assert "points kept in" in ours[0] and "run the same command again" in ours[0], err
     assert not [line for line in err.splitlines() if line.startswith("[rank0]")], err  # no traceback of ours
     again = run_cli(*args, "-o", tmp_path / "dist.h5", env=env)
     assert again.returncode == 0, again.stderr

@@ -613,9 +613,11 @@ class _Reading:
 
 
 @contextlib.contextmanager
-def interrupts_deferred():
+def interrupts_deferred(drop: bool = False):
     """Hold back Ctrl-C (SIGINT) and SIGTERM while bookkeeping that must not be half done is written;
-    they are raised right after. Outside the main thread signals cannot be handled: nothing is held."""
+    they are raised right after. ``drop``: dropped instead (the block winds up work that is stopping
+    already and says what was kept: a second Ctrl-C, or torchrun's SIGTERM after a process of its group
+    died, would only cut that short). Outside the main thread signals cannot be handled: nothing is held."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -627,7 +629,7 @@ def interrupts_deferred():
         # SIGINT back last: a Ctrl-C that its own handler raises from here leaves nothing unrestored
         for s, handler in reversed(previous.items()):
             signal.signal(s, handler)
-        if caught:
+        if caught and not drop:
             handler = previous[caught[0][0]]
             if callable(handler):
                 handler(*caught[0])
