@@ -18,7 +18,8 @@ def _run_as_the_command() -> bool:
 
 # The command's Ctrl-C while torch is imported (a second or two) is held back until the imports are
 # done, then one line: raised inside them, it printed their traceback, or aborted a C++ extension.
-_held = [] if _run_as_the_command() else None
+# (only where Ctrl-C would raise: a command started with SIGINT ignored keeps ignoring it)
+_held = [] if _run_as_the_command() and signal.getsignal(signal.SIGINT) is signal.default_int_handler else None
 _previous = signal.signal(signal.SIGINT, lambda *args: _held.append(args)) if _held is not None else None
 try:
     from .config import TrainConfig  # noqa: E402

@@ -28,16 +28,24 @@ from .errors import ProcessDied
 TIMEOUT = datetime.timedelta(hours=12)
 
 
+# how gloo and NCCL say that a peer is gone (gloo: plain RuntimeErrors)
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|Read error|Broken pipe|Connection refused|remote process "
+                        r"exited|communicator was aborted|NCCL error|timed out|Timeout", re.IGNORECASE)
+
+
 @contextlib.contextmanager
 def _peers():
     """A collective whose peer is gone (killed, out of memory) raises ProcessDied in one line, not the
-    backend's traceback (gloo and NCCL fail with RuntimeErrors)."""
+    backend's traceback; this process's own errors (its out-of-memory included) stay as they are."""
     try:
         yield
     except RuntimeError as e:
+        gone = isinstance(e, (dist.DistNetworkError, dist.DistBackendError)) or _PEER_GONE.search(str(e))
+        if isinstance(e, torch.OutOfMemoryError) or not gone:
+            raise
         text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())  # gloo's "[source.cc:553] " prefix
         reason = re.split(r"(?<=[.!])\s", text, maxsplit=1)[0].rstrip(".") or type(e).__name__
-        raise ProcessDied(f"another process of the torchrun group stopped ({reason})") from None
+        raise ProcessDied(f"another process of the torchrun group stopped ({reason})") from e
 
 
 def launched() -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import warnings
 
 from .errors import ConfigError
 
@@ -126,6 +127,12 @@ def _make_class(Callback):
         def _record(self, trainer, pl_module, epoch, metrics=None) -> None:
             if self.recorder is None or epoch <= self._kept_epoch:  # (a resumed fit's epochs kept already)
                 return
+            if math.isfinite(self._kept_epoch) and self.every_n_epochs and \
+                    epoch > self._kept_epoch + self.every_n_epochs:
+                warnings.warn(f"{self.path}.partial holds epochs up to {self._kept_epoch:g}, and this fit goes on "
+                              f"at epoch {epoch:g}: the epochs between are not recorded (resume from the "
+                              "checkpoint of the partial's last epoch to keep them)", stacklevel=2)
+            self._kept_epoch = -math.inf  # (looked at once)
             self.recorder.record(self.run, self._target(pl_module), epoch=epoch, step=trainer.global_step,
                                  **(metrics or {}))
 
@@ -158,6 +165,12 @@ def _make_class(Callback):
             epoch = trainer.current_epoch + 1
             if self.every_n_epochs and epoch % self.every_n_epochs == 0:
                 self._record(trainer, pl_module, float(epoch), self._logged(trainer))
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            # Lightning's checkpoint never newer than the partial: a fit resumed from it misses no epoch
+            # (checkpoint callbacks run after this one's epoch record)
+            if self.recorder is not None:
+                self.recorder.flush()
 
         def on_fit_end(self, trainer, pl_module) -> None:
             if self.recorder is not None:

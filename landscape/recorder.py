@@ -18,10 +18,11 @@ Example::
             rec.record("sgd", net, epoch=epoch + 1, step=steps, test_err=err)
     # run.h5 now exists; had the loop crashed, only run.h5.partial (marked incomplete) would
 
-The checkpoints go to ``run.h5.partial`` on the disk at save points: the first record, then at least
-every ``save_every`` seconds (10 by default; and whenever 64 MB wait in memory: ``TrajectoryWriter.MEMORY_BYTES``), :meth:`Recorder.flush`, and a crash
-inside the ``with`` block; so a kill (or a lost machine) loses at most the last ``save_every`` seconds,
-and memory holds no more. ``Recorder(..., resume=True)`` goes on from a partial that a crash left
+The checkpoints go to ``run.h5.partial`` on the disk at save points: the first record, then the first
+record ``save_every`` seconds (10 by default) after the last save point, whenever 64 MB wait in memory
+(``TrajectoryWriter.MEMORY_BYTES``), at :meth:`Recorder.flush` and at an exception inside the ``with``
+block. So a kill (or a lost machine) loses only the records since the last save point: call
+:meth:`Recorder.flush` where you save your own checkpoint, and the two agree. ``Recorder(..., resume=True)`` goes on from a partial that a crash left
 (:attr:`Recorder.kept` says where its runs end; resume your loop from there).
 
 Any ``nn.Module`` whose parameters match is accepted: ``torch.optim.swa_utils.AveragedModel``,
@@ -181,6 +182,11 @@ class Recorder:
         self.evaluate = evaluate
         if evaluate and not check:
             raise ConfigError("evaluate=True needs the data, which check=False skips loading")
+        if resume and not check:
+            raise ConfigError("resume=True needs the model built at start, which check=False skips")
+        if resume and overwrite:
+            raise ConfigError("give resume=True (append to an interrupted recording) or overwrite=True "
+                              "(discard it), not both")
         extra = dict(config or {})
         for key in ("model", "data"):
             if key in extra:
@@ -193,9 +199,10 @@ class Recorder:
         self.data = None
         self.layout = None
         self.writer = None
-        # a recorded object -> (a weak reference to) the module inside it that matches the layout: weak, so
-        # that neither is kept alive by the recorder, and a new object never finds a dead one's module
-        self._found = weakref.WeakKeyDictionary()
+        # id of a recorded object -> weak references to it and to the module inside it that matches the
+        # layout: by identity (modules may define ==), weak, so that the recorder keeps neither alive, and
+        # checked, so that a new object at a dead one's address never finds the dead one's module
+        self._found = {}
         self._data_on = {}
         self._runs = []
         if check:
@@ -230,6 +237,8 @@ class Recorder:
             return {}
         out = {}
         for run in self._runs:
+            if f"runs/{run}" not in self.writer.file:  # named by a record() that failed
+                continue
             g = self.writer.file[f"runs/{run}"]
             n = g["params"].shape[0]
             out[run] = {"rows": n, "epoch": float(g["epoch"][n - 1]) if n else math.nan,
@@ -247,13 +256,16 @@ class Recorder:
         inner, extra = unwrap(obj)
         if self.layout is None:
             self._open(Layout.of(inner))
-        found = self._found.get(inner, lambda: None)()
+        key = id(inner)
+        holder, found = self._found.get(key, (lambda: None, lambda: None))
+        found = found() if holder() is inner else None
         if found is None or not _same_structure(Layout.of(found), self.layout):
             try:
                 found = find_module(inner, self.layout)
             except ModelError as e:
                 raise ModelError(f"the recorded module does not match model {self.model_spec.name!r}: {e}") from None
-            self._found[inner] = weakref.ref(found)
+            self._found[key] = (weakref.ref(inner, lambda _, found=self._found: found.pop(key, None)),
+                                weakref.ref(found))
         return found, extra
 
     def _check_run(self, run: str) -> None:
@@ -283,6 +295,8 @@ class Recorder:
         return evaluate(module, self._data_on[device], int(self.config.get("eval_batch_size", 1000)))
 
     def _append(self, run, params, buffers, epoch, step, metrics) -> int:
+        if self.writer.complete:  # resumed: a run killed as it moved its finished file into place
+            raise ConfigError(f"{self.partial_path} is a finished recording; close() moves it into place")
         epoch = float("nan") if epoch is None else float(epoch)
         step = -1 if step is None else int(step)
         row = self.writer.append(run, params, buffers, epoch=epoch, step=step, **metrics)
@@ -381,6 +395,9 @@ class Recorder:
             return None
         self._closed = True
         if self.writer is None:
+            return None
+        if not self.writer.runs:  # nothing recorded: nothing to keep (a rerun simply starts afresh)
+            self.writer.abort()
             return None
         try:
             self._save_point()

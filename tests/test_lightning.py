@@ -165,3 +165,27 @@ def test_lightning_checkpoint_files_import_with_weights_only(pl, tmp_path):
     np.testing.assert_array_equal(imported.buffers("sgd"), recorded.buffers("sgd")[1:])
     np.testing.assert_array_equal(imported.run("sgd").step, recorded.run("sgd").step[1:])
     np.testing.assert_array_equal(imported.run("sgd").epoch, np.arange(EPOCHS))  # Lightning's 0-based epoch index
+
+
+def test_every_lightning_checkpoint_is_a_save_point_of_the_partial(pl, tmp_path, monkeypatch):
+    """Killed (no exception handler runs, no save point but those made), the partial holds every epoch
+    up to Lightning's last checkpoint: a fit resumed from it misses none (it held only the rows of the
+    recorder's last timed save point); a checkpoint newer than the partial is warned about."""
+    import landscape.recorder as recorder_module
+    from landscape.recorder import Recorder
+    monkeypatch.setattr(recorder_module.time, "monotonic", lambda: 0.0)  # no timed save point after the first
+    monkeypatch.setattr(Recorder, "close_incomplete", lambda self: self.writer.suspend())  # a kill: nothing more
+    out = tmp_path / "killed.h5"
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(pl, tmp_path, out, fail_at_epoch=2, extra_callbacks=[saver])
+    with read_partial(tmp_path / "killed.h5.partial") as f:
+        np.testing.assert_array_equal(f["runs/sgd/epoch"][()], [0, 1, 2])
+    monkeypatch.undo()
+    (tmp_path / "killed.h5.partial").unlink()  # now a partial behind a newer checkpoint: epochs 0, 1
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(pl, tmp_path, out, fail_at_epoch=1)
+    newer = sorted((tmp_path / "ckpts").glob("epoch=1-*.ckpt"))[0]  # 2 epochs done
+    with pytest.warns(UserWarning, match="holds epochs up to 1, and this fit goes on at epoch 3"):
+        fit(pl, tmp_path, out, extra_callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "more")],
+            ckpt_path=newer, resume=True)

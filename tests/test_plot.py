@@ -474,3 +474,10 @@ def test_a_plane_of_one_column_is_refused_by_every_drawing_in_one_line(plane, tm
         with pytest.raises(ConfigError, match=r"this surface is a plane of 1 x \d+ points; its contours need"):
             draw()
     assert not (tmp_path / "x.html").exists() and not (tmp_path / "figs").exists()
+
+
+def test_figures_into_the_current_folder(plane, tmp_path, monkeypatch):
+    """`plot -o .`: the folder's lock is taken by its real name (the path "." has none, and plot crashed)."""
+    monkeypatch.chdir(tmp_path)
+    res = plot_files([plane.path], ".", formats=("png",))
+    assert (tmp_path / "numbers.json").exists() and res.figures

@@ -222,14 +222,24 @@ def test_each_wrapper_records_its_own_model_and_none_is_kept_alive(tmp_path):
             super().__init__()
             self.net = net
 
+    class EqualHolder(Holder):  # all equal to each other (a module defining ==): told apart all the same
+        def __eq__(self, other):
+            return isinstance(other, EqualHolder)
+
+        def __hash__(self):
+            return 0
+
     _, model, _ = same_start()
     nets = []
     for seed in range(6):
         torch.manual_seed(seed)
         nets.append(_reinitialized(model))
+    equal = [EqualHolder(net) for net in nets[:2]]  # alive together
     with recorder(tmp_path / "seeds.h5") as rec:
         for k, net in enumerate(nets):
             rec.record(f"seed{k}", Holder(net), epoch=0)
+        for k, holder in enumerate(equal):
+            rec.record(f"equal{k}", holder, epoch=0)
         gone = []
         for _ in range(3):
             copy = _reinitialized(model)
@@ -239,6 +249,8 @@ def test_each_wrapper_records_its_own_model_and_none_is_kept_alive(tmp_path):
     traj = open_trajectory(tmp_path / "seeds.h5")
     for k, net in enumerate(nets):
         np.testing.assert_array_equal(traj.params(f"seed{k}")[0], Layout.of(net).params_to_vector(net).numpy())
+        if k < 2:
+            np.testing.assert_array_equal(traj.params(f"equal{k}")[0], traj.params(f"seed{k}")[0])
     gc.collect()
     assert [ref() for ref in gone] == [None, None, None]
 
@@ -409,3 +421,23 @@ def test_a_file_open_in_h5py_in_the_same_process_is_read(tmp_path):
     with h5py.File(tmp_path / "looked.h5", "r") as f:
         assert f["runs/sgd/params"].shape[0] == 1
         assert open_trajectory(tmp_path / "looked.h5").runs == ["sgd"]
+
+
+def test_a_loop_that_crashed_before_its_first_record_leaves_nothing_to_resume(tmp_path):
+    """A crash before any record leaves no partial, so the script simply runs again (it was refused as
+    an interrupted recording holding nothing); resume=True with overwrite=True or check=False is refused;
+    a record() that failed names no run in kept."""
+    _, model, _ = same_start()
+    with pytest.raises(RuntimeError, match="boom"):
+        with recorder(tmp_path / "early.h5"):
+            raise RuntimeError("boom")
+    assert not (tmp_path / "early.h5.partial").exists()
+    with recorder(tmp_path / "early.h5") as rec:
+        with pytest.raises(ModelError):
+            rec.record("bad", nn.Linear(2, 2))
+        rec.record("sgd", model, epoch=0)
+        assert list(rec.kept) == ["sgd"]
+    with pytest.raises(ConfigError, match="not both"):
+        recorder(tmp_path / "x.h5", resume=True, overwrite=True)
+    with pytest.raises(ConfigError, match="resume=True needs the model built at start"):
+        recorder(tmp_path / "x.h5", resume=True, check=False)

@@ -234,7 +234,8 @@ def test_torchrun_two_cpu_processes_write_the_single_process_file(tiny_run, tmp_
 def test_a_torchrun_process_killed_mid_plane_is_one_line_saying_what_was_kept(tiny_run, tmp_path):
     """kill -9 of one rank: the rank left says in one line that a process of the group stopped and how
     many points were kept where (it was gloo's 30-line traceback), and the same command finishes."""
-    args = ["plane", tiny_run, *THREE, "--grid", 41, 31, "--points-per-call", 2, "--quiet", "--device", "cpu"]
+    # a grid that outlasts the first save point on a fast machine too
+    args = ["plane", tiny_run, *THREE, "--grid", 81, 61, "--points-per-call", 2, "--quiet", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "landscape", *map(str, args), "-o", str(tmp_path / "dist.h5")]
@@ -274,3 +275,25 @@ def _descendants(pid: int) -> list:
         for child in (task / "children").read_text().split():
             found += [int(child)] + _descendants(int(child))
     return found
+
+
+
+def test_only_a_peer_gone_is_called_so():
+    """A collective's RuntimeError says another process stopped only when the backend says a peer is
+    gone; this process's own errors (its out-of-memory) stay as they are."""
+    import re
+
+    import torch
+
+    from landscape.dist import _peers
+    from landscape.errors import ProcessDied
+    with pytest.raises(ProcessDied, match=r"^another process of the torchrun group stopped \(Connection closed "
+                                          r"by peer \[127\.0\.0\.1\]:16046\)$"):
+        with _peers():
+            raise RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+                               "by peer [127.0.0.1]:16046. This is typically caused by a remote worker crashing.")
+    for own in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                RuntimeError("shape '[2, 3]' is invalid for input of size 7")):
+        with pytest.raises(type(own), match=re.escape(str(own))):
+            with _peers():
+                raise own

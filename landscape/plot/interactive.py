@@ -144,7 +144,7 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
         v = np.asarray(surface.values[m], float)
         # a maximized metric (an accuracy): its log scale is of the distance below its best value, and its
         # linear scale reverses the colours, so that the best values are dark, as a loss's minimum is
-        best = float(np.nanmax(v)) if surface.maximized(m) and np.isfinite(v).any() else None
+        best = float(v[np.isfinite(v)].max()) if surface.maximized(m) and np.isfinite(v).any() else None
         mdata[m] = {"label": metric_label(m), "name": metric_name(m), "z": _clean(v.T), "err": m.endswith("_err"),
                     "best": best, "floor": _floor(v if best is None else best - v)}
     epochs = slider_epochs([e for p in paths for e in p["epoch"] if e is not None])

@@ -85,7 +85,7 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
         sharp = sharpness if isinstance(sharpness, SharpnessFile) else open_sharpness(sharpness)
     out = Path(out_dir)
     created = _prepare_dir(out)
-    lock = OutputLock(out)  # one plot into a folder at a time: they would share the staging folder
+    lock = OutputLock(out.resolve())  # one plot into a folder at a time (they would share the staging folder)
     staging = out / STAGING
     try:
         shutil.rmtree(staging, ignore_errors=True)

@@ -96,8 +96,6 @@ def open_read(path, expected_format: str) -> h5py.File:
     except OSError as e:
         if not os.access(path, os.R_OK):
             raise FileFormatError(f"cannot read {path}: {reason(e)}") from None
-        if "already open" in str(e) or "locking" in str(e):
-            raise FileFormatError(f"cannot read {path}: it is open for writing elsewhere in this process") from None
         raise FileFormatError(f"{path} is not an HDF5 file") from None
     try:
         fmt = f.attrs.get("format")
