@@ -22,8 +22,9 @@ The checkpoints go to ``run.h5.partial`` on the disk at save points: the first r
 record ``save_every`` seconds (10 by default) after the last save point, whenever 64 MB wait in memory
 (``TrajectoryWriter.MEMORY_BYTES``), at :meth:`Recorder.flush` and at an exception inside the ``with``
 block. So a kill (or a lost machine) loses only the records since the last save point: call
-:meth:`Recorder.flush` where you save your own checkpoint, and the two agree. ``Recorder(..., resume=True)`` goes on from a partial that a crash left
-(:attr:`Recorder.kept` says where its runs end; resume your loop from there).
+:meth:`Recorder.flush` where you save your own checkpoint, and the two agree.
+``Recorder(..., resume=True)`` goes on from a partial that a crash left (:attr:`Recorder.kept` says
+where its runs end; resume your loop from your checkpoint of that epoch).
 
 Any ``nn.Module`` whose parameters match is accepted: ``torch.optim.swa_utils.AveragedModel``,
 ``DataParallel``/``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped (an
@@ -58,7 +59,7 @@ from .trust import is_import_path
 # (landscape.train.Lookahead), and the common reference implementations
 SLOW_KEYS = ("slow", "slow_buffer", "slow_param", "cached_params")
 RESERVED = ("params", "buffers", "epoch", "step")
-SAVE_SECONDS = 10.0  # a save point at least this often while recording (the default save_every)
+SAVE_SECONDS = 10.0  # the default save_every: a record this long after the last save point makes one
 
 
 def model_spec(model, kwargs=None) -> ModelSpec:
@@ -164,7 +165,7 @@ class Recorder:
 
     Use it as a context manager, or call :meth:`close` at the end: only then does ``path`` appear.
     Until then (and after a crash) the checkpoints are in ``path.partial``, marked incomplete, as of
-    its last save point (every ``save_every`` seconds, see the module doc). A partial left by a crash
+    its last save point (see the module doc). A partial left by a crash
     is refused unless ``resume=True`` (append to it: :attr:`kept` says what it holds) or
     ``overwrite=True`` (discard it).
     """
@@ -264,8 +265,8 @@ class Recorder:
                 found = find_module(inner, self.layout)
             except ModelError as e:
                 raise ModelError(f"the recorded module does not match model {self.model_spec.name!r}: {e}") from None
-            self._found[key] = (weakref.ref(inner, lambda _, found=self._found: found.pop(key, None)),
-                                weakref.ref(found))
+            forget = lambda _, cache=self._found: cache.pop(key, None)  # noqa: E731 (inner is gone)
+            self._found[key] = (weakref.ref(inner, forget), weakref.ref(found))
         return found, extra
 
     def _check_run(self, run: str) -> None:
