@@ -257,6 +257,8 @@ def _set_random_state(state: tuple) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
+
+
 _END = object()
 
 

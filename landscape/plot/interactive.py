@@ -86,12 +86,13 @@ def plane_figure(surface, *, metric: str = "train_loss", scale: str = "log", tit
     fig = make_subplots(rows=1, cols=2, specs=[[{"type": "scene"}, {"type": "xy"}]], column_widths=[0.54, 0.46],
                         horizontal_spacing=0.06, subplot_titles=("3D surface", "contour map"))
     z0 = np.asarray(surface.values[metric], float).T  # plotly: z[j][i] belongs to (x[i], y[j])
+    reverse = surface.maximized(metric) and scale != "log"  # as the page's script sets it (see mdata below)
     fig.add_trace(go.Surface(x=x, y=y, z=_clean(z0), colorscale=COLORSCALE, name="surface", showscale=True,
-                             reversescale=surface.maximized(metric) and scale != "log",
+                             reversescale=reverse,
                              colorbar=dict(x=1.02, len=0.85, thickness=14), hovertemplate="%{text}<extra></extra>",
                              contours=dict(z=dict(show=False))), row=1, col=1)
     fig.add_trace(go.Contour(x=x, y=y, z=_clean(z0), colorscale=COLORSCALE, showscale=False, name="contour",
-                             reversescale=surface.maximized(metric) and scale != "log",
+                             reversescale=reverse,
                              contours=dict(coloring="heatmap", showlines=True), line=dict(width=0.5, color="white"),
                              ncontours=18, hovertemplate="%{text}<extra></extra>"), row=1, col=2)
     paths, points = [], []

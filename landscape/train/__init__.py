@@ -106,12 +106,10 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
                 if not writing:
                     raise
                 kept = _kept(writer, ctx, e if apart else None)
-                if isinstance(e, WriteError):
-                    raise WriteError(f"{e}; " + (f"{kept}; free space and run the same command again to go on"
-                                                 if kept else "nothing kept")) from None
-                if isinstance(e, ProcessDied):
-                    raise ProcessDied(f"{e}; " + (f"{kept}; run the same command again to go on" if kept
-                                                  else "nothing kept")) from None
+                if isinstance(e, (WriteError, ProcessDied)):  # the same error, saying what was kept
+                    space = "free space and " if isinstance(e, WriteError) else ""
+                    raise type(e)(f"{e}; " + (f"{kept}; {space}run the same command again to go on"
+                                              if kept else "nothing kept")) from None
                 if kept:
                     raise KeyboardInterrupt(f"{kept}; run the same command again to train the rest") from None
                 raise
