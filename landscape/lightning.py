@@ -73,8 +73,9 @@ def _make_class(Callback):
         ``model``/``model_kwargs`` and ``data``/``data_options`` say how later commands rebuild the
         model and the data (see :class:`landscape.recorder.Recorder`, which also takes ``task``,
         ``config``, ``evaluate``, ``overwrite``, ``resume`` and ``check``). ``resume=True`` goes on from
-        the partial file a crashed fit left (fit again with ``ckpt_path``): epochs it holds already are
-        not recorded twice. ``metrics``: which logged values
+        the partial file a crashed fit left (fit again with ``ckpt_path``): rows it holds past the
+        checkpoint's step are dropped (the resumed fit records them again, as it trains them this time),
+        those up to it kept. ``metrics``: which logged values
         (``trainer.callback_metrics``) to store with each epoch checkpoint: ``None`` every scalar
         under its logged name (``/`` becomes ``_``), a list of names, or a dict ``{stored name:
         logged name}``; ``[]`` none. Only global rank 0 writes."""
@@ -125,7 +126,7 @@ def _make_class(Callback):
             return out
 
         def _record(self, trainer, pl_module, epoch, metrics=None) -> None:
-            if self.recorder is None or epoch <= self._kept_epoch:  # (a resumed fit's epochs kept already)
+            if self.recorder is None:
                 return
             if math.isfinite(self._kept_epoch) and self.every_n_epochs and \
                     epoch > self._kept_epoch + self.every_n_epochs:
@@ -140,10 +141,13 @@ def _make_class(Callback):
         def on_fit_start(self, trainer, pl_module) -> None:
             if trainer.is_global_zero and self.recorder is None:
                 self.recorder = Recorder(self.path, **self._recorder_args)
-                kept = self.recorder.kept.get(self.run, {}).get("epoch", -math.inf)
-                self._kept_epoch = kept if math.isfinite(kept) else -math.inf
 
         def on_train_start(self, trainer, pl_module) -> None:
+            if self.recorder is not None and self.recorder.kept:  # resumed: go on from the checkpoint's step
+                # (the loops' state is restored by now; a fit from step 0 starts the history again)
+                kept = self.recorder.rewind(step=trainer.global_step if trainer.global_step else -1)
+                epoch = kept.get(self.run, {}).get("epoch", -math.inf)
+                self._kept_epoch = epoch if math.isfinite(epoch) else -math.inf
             if self.record_init and trainer.global_step == 0:
                 self._record(trainer, pl_module, 0.0)
 

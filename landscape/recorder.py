@@ -24,7 +24,8 @@ record ``save_every`` seconds (10 by default) after the last save point, wheneve
 block. So a kill (or a lost machine) loses only the records since the last save point: call
 :meth:`Recorder.flush` where you save your own checkpoint, and the two agree.
 ``Recorder(..., resume=True)`` goes on from a partial that a crash left (:attr:`Recorder.kept` says
-where its runs end; resume your loop from your checkpoint of that epoch).
+where its runs end; resume your loop from your checkpoint of that epoch, or from an older one after
+:meth:`Recorder.rewind` to its epoch).
 
 Any ``nn.Module`` whose parameters match is accepted: ``torch.optim.swa_utils.AveragedModel``,
 ``DataParallel``/``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped (an
@@ -245,6 +246,34 @@ class Recorder:
             out[run] = {"rows": n, "epoch": float(g["epoch"][n - 1]) if n else math.nan,
                         "step": int(g["step"][n - 1]) if n else -1}
         return out
+
+    def rewind(self, *, epoch: float | None = None, step: int | None = None) -> dict:
+        """Drop every row recorded after ``epoch`` (or after optimizer step ``step``) from every run,
+        then make a save point; return :attr:`kept`. Call it after ``resume=True`` with the epoch of
+        your own checkpoint that the loop resumes from: the rows a crashed loop recorded past that
+        checkpoint belong to a branch that is not continued (a training that is not bit-reproducible
+        goes elsewhere from the checkpoint), and the file must hold one history."""
+        self._check_open()
+        if (epoch is None) == (step is None):
+            raise ConfigError("rewind() takes epoch= or step=, one of them")
+        name, bound = ("epoch", float(epoch)) if step is None else ("step", int(step))
+        if self.writer is None:
+            return {}
+        cut = {}
+        for run in self.kept:  # every run checked before any is cut
+            values = self.writer.file[f"runs/{run}/{name}"][()]
+            if (np.isnan(values) if name == "epoch" else values < 0).any():
+                raise ConfigError(f"run {run!r} has rows recorded without {'an epoch' if name == 'epoch' else 'a step'}, "
+                                  f"which rewind({name}=) cannot place")
+            past = np.flatnonzero(values > bound)
+            if len(past):
+                cut[run] = int(past[0])
+        for run, rows in cut.items():
+            self.writer.truncate(run, rows)
+            if run not in self.writer.runs:
+                self._runs.remove(run)
+        self._save_point()
+        return self.kept
 
     @property
     def partial_path(self) -> Path:

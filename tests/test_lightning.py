@@ -130,23 +130,57 @@ def test_crash_in_fit_leaves_only_the_partial_file(pl, tmp_path):
 
 def test_a_crashed_fit_resumed_from_its_checkpoint_goes_on_in_the_same_file(pl, tmp_path):
     """A second fit on the same path refuses to replace what a crashed one recorded; with resume=True
-    and Lightning's checkpoint (one epoch older than the file) it goes on: every epoch once, the
-    crashed fit's rows as they were."""
+    and Lightning's checkpoint (one epoch older than the file) it goes on from the checkpoint: the
+    crashed fit's rows up to it, then the resumed fit's own, every epoch once (the crashed fit's row
+    past the checkpoint was kept, and the file held two branches: this resumed fit sees another data
+    order, so its epoch 2 is not the crashed fit's)."""
     out = tmp_path / "resumed.h5"
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_top_k=-1, every_n_epochs=1)
     with pytest.raises(RuntimeError, match="boom"):
         fit(pl, tmp_path, out, fail_at_epoch=2, extra_callbacks=[saver])
     with read_partial(tmp_path / "resumed.h5.partial") as f:
         crashed = f["runs/sgd/params"][()]
+    assert len(crashed) == 3  # epochs 0, 1, 2
     with pytest.raises(FileFormatError, match="pass resume=True"):
         fit(pl, tmp_path, out)
     first_epoch = sorted((tmp_path / "ckpts").glob("epoch=0-*.ckpt"))[0]
-    callback = fit(pl, tmp_path, out, extra_callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "more")],
-                   ckpt_path=first_epoch, resume=True)
+    trained = []
+
+    class Weights(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trained.append(torch.cat([p.detach().reshape(-1) for p in pl_module.net.parameters()]).numpy().copy())
+
+    callback = fit(pl, tmp_path, out, extra_callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "more"),
+                                                       Weights()], ckpt_path=first_epoch, resume=True)
     assert callback.written == out
     traj = open_trajectory(out)
     np.testing.assert_array_equal(traj.run("sgd").epoch, [0, 1, 2, 3])
-    np.testing.assert_array_equal(traj.params("sgd")[:3], crashed)
+    np.testing.assert_array_equal(traj.params("sgd")[:2], crashed[:2])
+    np.testing.assert_array_equal(traj.params("sgd")[2:], np.stack(trained))
+    assert not np.array_equal(trained[0], crashed[2])
+
+
+def test_a_fit_resumed_without_a_checkpoint_starts_the_file_again(pl, tmp_path):
+    """resume=True without ckpt_path, from another initialization: the fit starts at step 0, and so does
+    the file (it kept the crashed fit's initialization and epochs, and recorded only past them)."""
+    out = tmp_path / "again.h5"
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(pl, tmp_path, out, fail_at_epoch=2)
+    inits = []
+
+    class OtherInit(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            with torch.no_grad():
+                for p in pl_module.net.parameters():
+                    p.mul_(0.5)
+            inits.append(torch.cat([p.detach().reshape(-1) for p in pl_module.net.parameters()]).numpy().copy())
+
+    callback = fit(pl, tmp_path, out, extra_callbacks=[OtherInit()], resume=True)
+    traj = open_trajectory(out)
+    np.testing.assert_array_equal(traj.run("sgd").epoch, np.arange(EPOCHS + 1))
+    np.testing.assert_array_equal(traj.params("sgd")[0], inits[0])
+    np.testing.assert_array_equal(traj.params("sgd")[-1],
+                                  torch.cat([p.detach().reshape(-1) for p in callback.net.parameters()]).numpy())
 
 
 def test_lightning_checkpoint_files_import_with_weights_only(pl, tmp_path):

@@ -165,6 +165,48 @@ def test_a_killed_loop_keeps_its_checkpoints_and_a_new_recorder_resumes_or_refus
     assert not np.array_equal(traj.params("sgd")[2], traj.params("sgd")[0])  # trained rows, not copies
 
 
+def test_a_loop_resumed_from_an_older_checkpoint_rewinds_the_file_to_it(tmp_path):
+    """A loop resumed from its own checkpoint of epoch 2, older than the crashed loop's last rows,
+    rewinds the file to that epoch: every run keeps its rows up to it (a (T, k) metric with them), a run
+    begun after it goes, the rewound partial is what a kill leaves, and the finished file holds one
+    history (it held the crashed loop's epochs 3 and 4, then the resumed loop's)."""
+    from landscape.store.files import read_partial
+    _, model, _ = same_start()
+    out = tmp_path / "rewound.h5"
+    rec = recorder(out)
+    for epoch in range(5):
+        rec.record("sgd", model, epoch=epoch, step=10 * epoch, layers=[epoch, -epoch])
+        if epoch >= 3:
+            rec.record("swa", model, epoch=epoch, step=10 * epoch)
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+    rec.close_incomplete()
+    with recorder(out, resume=True) as rec:
+        assert rec.rewind(epoch=2) == {"sgd": {"rows": 3, "epoch": 2.0, "step": 20}}
+        with read_partial(rec.partial_path) as f:
+            assert list(f["runs"]) == ["sgd"] and f["runs/sgd/layers"].shape == (3, 2)
+        with pytest.raises(ConfigError, match="epoch= or step="):
+            rec.rewind()
+        resumed = Layout.of(model).params_to_vector(model).numpy()
+        rec.record("sgd", model, epoch=3, step=30, layers=[7, 7])
+    traj = open_trajectory(out)
+    assert traj.runs == ["sgd"]
+    np.testing.assert_array_equal(traj.run("sgd").epoch, [0, 1, 2, 3])
+    np.testing.assert_array_equal(traj.run("sgd").metrics["layers"][:, 0], [0, 1, 2, 7])
+    np.testing.assert_array_equal(traj.params("sgd")[3], resumed)
+
+
+def test_rewind_by_epoch_refuses_rows_without_one(tmp_path):
+    _, model, _ = same_start()
+    rec = recorder(tmp_path / "steps.h5")
+    rec.record("sgd", model, step=0)
+    rec.record("sgd", model, step=5)
+    with pytest.raises(ConfigError, match="run 'sgd' has rows recorded without an epoch"):
+        rec.rewind(epoch=0)
+    assert rec.rewind(step=0)["sgd"]["rows"] == 1
+    rec.close_incomplete()
+
+
 def test_checkpoints_go_to_the_disk_at_save_points_not_at_the_end(tmp_path, monkeypatch):
     """Memory holds at most the checkpoints since the last save point: every save_every seconds, and
     whenever MEMORY_BYTES wait (each record here), the partial on disk holds every row so far."""

@@ -287,6 +287,18 @@ class TrajectoryWriter:
         self.unsaved += params.nbytes + buffers.nbytes
         return t
 
+    def truncate(self, run: str, rows: int) -> None:
+        """Keep the first ``rows`` rows of ``run`` (none: the run goes); on the disk at the next save."""
+        if rows >= self.file[f"runs/{run}/params"].shape[0]:
+            return
+        self._open_datasets.pop(run, None)
+        if rows <= 0:
+            del self.file[f"runs/{run}"]
+            self._runs.remove(run)
+            return
+        for ds in self.file[f"runs/{run}"].values():
+            ds.resize(rows, axis=0)
+
     def _datasets(self, run: str) -> dict:
         """``run``'s datasets by name (created with the run if new), looked up once while the file
         stays open: appending is per-row work, and h5py's lookups cost more than the writes."""
