@@ -36,7 +36,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import platform
 import time
@@ -56,6 +55,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .bn import MomentMerger, batch_slices, has_batchnorm
 from .data import Data
 from .errors import ConfigError, DataError, ModelError
+from .params import copy_module
 from .tasks import (Classification, Evaluation, LanguageModel, batch_size_of, check_evaluation, logits_of, model_args,
                     output_tree, repeat_targets, take, targets_of, to_device)
 
@@ -300,7 +300,7 @@ class Evaluator:
 
     def __init__(self, model, layout, data, bn: BatchNormPolicy = BatchNormPolicy("stored"),
                  batch_size: int = 1000, weight_decay: float | None = None, stderr: bool = False):
-        self.model = copy.deepcopy(model).eval()
+        self.model = copy_module(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.device = next(self.model.parameters()).device

@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from math import prod
 
@@ -37,6 +38,8 @@ class Entry:
 def _entries(named) -> tuple:
     out, offset = [], 0
     for name, t in named:
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            raise ModelError(f"{name} is not initialized yet (a lazy module): run the model once on a batch first")
         out.append(Entry(name, tuple(t.shape), offset, str(t.dtype).replace("torch.", "")))
         offset += t.numel()
     return tuple(out)
@@ -137,6 +140,16 @@ class Layout:
 
 # ----------------------------------------------------------------------------------------------
 # live objects: wrapped modules and state_dicts
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``, also of a module that keeps a tensor computed from its parameters as a
+    plain attribute (old-style ``nn.utils.weight_norm`` and ``spectral_norm`` keep the weight so, with its
+    graph, which deepcopy refuses): such a tensor is copied detached, and the copy computes it again at
+    its next forward as the module does."""
+    memo = {id(v): v.detach().clone() for m in module.modules() for v in vars(m).values()
+            if torch.is_tensor(v) and not v.is_leaf}
+    return copy.deepcopy(module, memo)
+
 
 def unwrap(module: nn.Module):
     """(the trained module inside wrappers, extra metrics): AveragedModel -> its ``module`` (and

@@ -50,7 +50,7 @@ from . import __version__
 from .data import DataSpec, import_object, load_data
 from .errors import CheckpointError, ConfigError, HeldWorkError, ModelError, WriteError
 from .models import ModelSpec, build_model
-from .params import Layout, unwrap
+from .params import Layout, copy_module, unwrap
 from .store import TrajectoryWriter
 from .store.files import prepare_output
 from .tasks import TASKS, get_task
@@ -379,8 +379,7 @@ class Recorder:
         slow = torch.cat(slow)
         slow_metrics = dict(metrics)
         if self.evaluate:
-            import copy
-            phi = copy.deepcopy(module)
+            phi = copy_module(module)
             self.layout.vector_to_params(slow.to(next(phi.parameters()).device), phi)
             slow_metrics.update(self._evaluated(phi))
         rows = {slow_run: self._append(slow_run, slow, buffers, epoch, step, slow_metrics)}

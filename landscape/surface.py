@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import math
 import queue
@@ -42,7 +41,7 @@ from .dist import Group
 from .errors import ConfigError, LandscapeError, ModelError, ProcessDied, WriteError
 from .evaluate import BatchNormPolicy, Evaluator, choose_points_per_call, metric_names, resolve_policy
 from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
-from .params import Layout, unwrap
+from .params import Layout, copy_module, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store import Surface, SurfaceWriter, Trajectory, open_surface, open_trajectory
 from .store.files import interrupts_deferred
@@ -169,7 +168,7 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
     check_points(geom.values_shape(grid), geom.kind)
     policy = _policy(bn, bn_batch_size or batch_size, bn_samples, module, geom)
     points, runs = geom.project(checkpoints=checkpoints, paths=paths)
-    points_of = _PointEvaluator(copy.deepcopy(module).to(device), layout, data, geom, grid, policy, batch_size,
+    points_of = _PointEvaluator(copy_module(module).to(device), layout, data, geom, grid, policy, batch_size,
                                 weight_decay, device, stderr=samples is not None)  # a copy: the caller's module stays
     writer = MemorySurfaceWriter(surface_spec(geom, grid, policy, weight_decay, data=data, samples=samples, seed=seed), grid.x,
                                  grid.y, _basis(geom), points, runs, points_of.metrics, geom.values_shape(grid))

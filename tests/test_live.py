@@ -252,3 +252,37 @@ def test_an_integer_buffer_float32_cannot_hold_is_refused_by_name():
     for ends in ((net, other), (net.state_dict(), other.state_dict())):
         with pytest.raises(ModelError, match="buffer 'prime' holds the integer 2,147,483,647, which float32"):
             Line.through(*ends, model=net)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_an_old_style_normed_model_is_evaluated_as_it_computes_itself(norm):
+    """Old-style nn.utils.weight_norm and spectral_norm keep the weight they compute, with its graph, as
+    a plain attribute, which copy.deepcopy refused (a traceback after one training step): the evaluator's
+    copy computes it again, and the line's values are the model's own at every point."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+
+    def make():
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        getattr(torch.nn.utils, norm)(net[0])
+        return net
+    a, b = make(), make()
+    torch.optim.SGD(b.parameters(), lr=0.1).zero_grad()
+    F.cross_entropy(b(x), y).backward()  # a forward in train mode: the weight kept has its graph
+    line = Line.through(a, b)
+    surface = evaluate_surface(b, line, (x, y, x, y), 3)
+    layout = Layout.of(b)
+    for t, value in zip(surface.x, surface.values["train_loss"]):
+        net = make().eval()
+        layout.load(net, line.origin + t * line.directions[0], line.buffers)  # (the origin's: a's)
+        with torch.no_grad():
+            assert value == pytest.approx(float(F.cross_entropy(net(x), y)), rel=1e-5)
+
+
+def test_a_lazy_module_not_run_yet_is_one_line():
+    net = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    with pytest.raises(ModelError, match=r"^0\.weight is not initialized yet \(a lazy module\): run the model once"):
+        Plane.random(net)
+    net(torch.randn(4, 5))
+    assert Plane.random(net).origin.numel() == 5 * 3 + 3 + 3 * 2 + 2
