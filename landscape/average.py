@@ -160,6 +160,8 @@ def add_averages(path, averages, out, device="auto", overwrite: bool = False, qu
                 w.append(name, traj.layout.params_to_vector(avg.module), traj.layout.buffers_to_vector(avg.module),
                          epoch=float(src.epoch[t]), step=int(src.step[t]), n_averaged=int(avg.n_averaged), **m)
                 bar.update(1)
-            w.set_attrs(name, window=str(a.window), rows=[rows.start, rows.stop], mode=a.mode, decay=a.decay)
+            frozen = traj.layout_of(a.window.run).frozen  # (an average moves none of them either)
+            w.set_attrs(name, window=str(a.window), rows=[rows.start, rows.stop], mode=a.mode, decay=a.decay,
+                        **({"frozen": frozen} if frozen else {}))
             finals[name] = m
     return {"path": str(out), "runs": finals}

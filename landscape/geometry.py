@@ -277,13 +277,17 @@ def _zero_biasbn(d: torch.Tensor, layout) -> torch.Tensor:
 
 def random_direction(layout, weights: torch.Tensor, generator: torch.Generator, filter_norm: bool = True,
                      ignore: str = "biasbn") -> torch.Tensor:
-    """A Gaussian direction (float64), filter-normalized to ``weights`` unless ``filter_norm`` is false."""
+    """A Gaussian direction (float64), filter-normalized to ``weights`` unless ``filter_norm`` is false;
+    zero at the parameters the layout marks frozen (the model does not train them)."""
     if ignore not in ("biasbn", "none"):
         raise ConfigError(f"ignore must be 'biasbn' or 'none', got {ignore!r}")
     d = torch.randn(layout.num_params, generator=generator, dtype=torch.float32).double()
     if filter_norm:
-        return filter_normalize(d, weights, layout, ignore)
-    return _zero_biasbn(d, layout) if ignore == "biasbn" else d
+        d = filter_normalize(d, weights, layout, ignore)
+    elif ignore == "biasbn":
+        d = _zero_biasbn(d, layout)
+    mask = layout.trainable_mask()
+    return d if mask is None else d * mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,14 +527,15 @@ class Plane:
         ``Plane.random(traj, "swa/average", seed=0)``, or ``Plane.random(net, seed=0)`` around a live
         module (or a state_dict or flat tensor, with ``model=``)."""
         src, co = _origin_of(source, origin, model, name)
+        layout = _trained_layout(src, co)
         g = torch.Generator().manual_seed(int(seed))
-        d1 = random_direction(src.layout, co.params, g, filter_norm, ignore)
-        d2 = random_direction(src.layout, co.params, g, filter_norm, ignore)
+        d1 = random_direction(layout, co.params, g, filter_norm, ignore)
+        d2 = random_direction(layout, co.params, g, filter_norm, ignore)
         u, v, (n1, _, n2) = _orthonormalize(d1, d2, ("random direction 1", "random direction 2"),
                                             float(co.params.norm()))
         s2 = float(d2.norm())
         spec = {"method": "random", "origin": co.name, "seed": int(seed), "filter_norm": bool(filter_norm),
-                "ignore": ignore}
+                "ignore": ignore, **_frozen_spec(layout)}
         derived = {"points": {co.name: [0.0, 0.0]}, "scale": [n1, s2]}
         return _sourced(cls(co.params.float(), u.float(), v.float(), co.buffers.float(), spec=spec, derived=derived,
                             extent=((-n1, n1), (-s2, s2)), pad=False), [co], src)
@@ -613,11 +618,12 @@ class Plane:
             raise ConfigError("a Hessian plane needs its data in memory (tensors); a streamed data source is "
                               "evaluated, not differentiated twice")
         check_task_fits(net, data, device)
-        (l1, l2), (u, v), its = top_hessian_eigen(net, src.layout, co.params.float(), co.buffers.float(), data,
+        layout = _trained_layout(src, co)
+        (l1, l2), (u, v), its = top_hessian_eigen(net, layout, co.params.float(), co.buffers.float(), data,
                                                   samples, seed, iterations, tol, batch_size)
         h = [2 * math.sqrt(2 / max(abs(l), 1e-12)) for l in (l1, l2)]
         spec = {"method": "hessian", "origin": co.name, "samples": min(int(samples), len(data.x_train)), "seed": int(seed),
-                "iterations": int(iterations), "tol": float(tol)}
+                "iterations": int(iterations), "tol": float(tol), **_frozen_spec(layout)}
         derived = {"points": {co.name: [0.0, 0.0]}, "eigenvalues": [l1, l2], "iterations_run": its}
         return _sourced(cls(co.params.float(), u.float().cpu(), v.float().cpu(), co.buffers.float(), spec=spec,
                             derived=derived, extent=((-h[0], h[0]), (-h[1], h[1])), pad=False), [co], src)
@@ -676,6 +682,19 @@ def _origin_of(source, origin, model, name: str):
     co = src.load(objs[0], labels[0])
     _finite(co)
     return src, co
+
+
+def _trained_layout(src: "Checkpoints", co: _Ckpt) -> Layout:
+    """The layout with the parameters the origin's model does not train marked frozen: the live
+    model's ``requires_grad=False`` ones, or those the origin's run in the file never trained."""
+    if src.traj is None or checkpoint_file(co.source) is not None:
+        return src.layout
+    return src.traj.layout_of(src.traj.resolve(co.name)[0])
+
+
+def _frozen_spec(layout: Layout) -> dict:
+    """A geometry spec's record of the frozen parameters its directions leave alone (none: nothing)."""
+    return {"frozen": layout.frozen} if layout.frozen else {}
 
 
 def _replace(obj, **changes):
@@ -780,10 +799,11 @@ class Line:
         if n * src.layout.num_params > MAX_RAY_VALUES:
             raise ConfigError(f"{n:,} rays of {src.layout.num_params:,} parameters are more than "
                               f"{MAX_RAY_VALUES * 4 / 2 ** 30:.0f} GiB of directions; give fewer rays")
+        layout = _trained_layout(src, co)
         g = torch.Generator().manual_seed(int(seed))
         dirs = []
         for k in range(n):
-            d = random_direction(src.layout, co.params, g, filter_norm, ignore)
+            d = random_direction(layout, co.params, g, filter_norm, ignore)
             norm = d.norm()
             if norm == 0:
                 raise GeometryError("a random direction is zero (every parameter ignored?)")
@@ -792,7 +812,7 @@ class Line:
         if not top > 0:
             raise ConfigError(f"max distance must be positive, got {top}")
         spec = {"method": "ray", "origin": co.name, "rays": int(n), "seed": int(seed),
-                "filter_norm": bool(filter_norm), "ignore": ignore}
+                "filter_norm": bool(filter_norm), "ignore": ignore, **_frozen_spec(layout)}
         derived = {"points": {co.name: [0.0]}, "max_distance": top}
         return _sourced(cls(co.params.float(), torch.stack(dirs).float(), co.buffers.float(), None, spec, derived,
                             (0.0, top), rays=True), [co], src)
@@ -836,7 +856,8 @@ class HessianOperator:
     mode), as a function of the flat weights: its value and gradient, and Hessian-vector products by
     double backward through ``torch.func.functional_call``; never a (P, P) matrix. Sums run over ``x``
     in batches of ``batch_size`` and are accumulated in float64. Used by :func:`top_hessian_eigen` and
-    by :mod:`landscape.sharpness`.
+    by :mod:`landscape.sharpness`. Parameters the layout marks frozen are constants: the gradient is
+    zero there and the Hessian is that of the trained parameters (products zero at frozen entries).
 
     ``op(vs)`` takes (k, P) vectors and returns (k, P) float64 products H v: the gradient graph of each
     data batch is built once and serves all k vectors, and from the second call on the next calls too,
@@ -852,6 +873,8 @@ class HessianOperator:
         self.params = params.to(self.device).float()
         self.bufs = {k: t for k, t in layout.split_buffers(buffers.to(self.device)).items()}
         self.num_params = layout.num_params
+        # products of the Hessian over the parameters the model trains: H restricted to them (M H M)
+        self.mask = layout.trainable_mask(self.device)
         self._kept = None  # (w, the gradient of every batch with its graph), see _gradients
         self._graph_bytes = None  # what autograd saves for all batches, measured by the first call
         # the mean's denominator: the samples, or (a language model) the scored tokens, as surfaces have it;
@@ -896,16 +919,16 @@ class HessianOperator:
             (g,) = torch.autograd.grad(loss, w)
             total += float(loss.detach().double())
             grad += g.double()
-        return total, grad
+        return total, grad if self.mask is None else grad * self.mask
 
     def __call__(self, vs: torch.Tensor) -> torch.Tensor:
-        vs = vs.to(self.device).float()
+        vs = vs.to(self.device).float() if self.mask is None else (vs.to(self.device) * self.mask).float()
         out = torch.zeros(vs.shape, dtype=torch.float64, device=self.device)
         for w, grad, kept in self._gradients():
             for k in range(len(vs)):
                 (hv,) = torch.autograd.grad(grad @ vs[k], w, retain_graph=kept or k + 1 < len(vs))
                 out[k] += hv.double()
-        return out
+        return out if self.mask is None else out * self.mask
 
     def _gradients(self):
         """Per data batch: (w, the gradient at the weights with its graph, whether that is kept). From
@@ -1034,7 +1057,9 @@ def top_hessian_eigen(model, layout, params: torch.Tensor, buffers: torch.Tensor
     idx = torch.randperm(n_train, generator=g)[:min(samples, n_train)].to(device)
     hvp = HessianOperator(model, layout, params, buffers, data.x_train[idx], data.y_train[idx], batch_size, data.task)
 
-    q = torch.linalg.qr(torch.randn(layout.num_params, 2, generator=g, dtype=torch.float64))[0].T.to(device)
+    start = torch.randn(layout.num_params, 2, generator=g, dtype=torch.float64)
+    mask = layout.trainable_mask()  # (in the subspace of the trained parameters, where H is restricted)
+    q = torch.linalg.qr(start if mask is None else start * mask[:, None])[0].T.to(device)
     evals, ritz, it = torch.full((2,), float("inf"), dtype=torch.float64), q, 0
     for it in range(1, iterations + 1):
         hq = hvp(q.float())                          # (2, P)
@@ -1049,6 +1074,8 @@ def top_hessian_eigen(model, layout, params: torch.Tensor, buffers: torch.Tensor
         if converged:
             break
     ritz = ritz * torch.where(ritz.sum(1, keepdim=True) < 0, -1.0, 1.0)  # a fixed sign
+    if mask is not None:  # (exactly: QR leaves rounding-sized values at the frozen entries)
+        ritz = ritz * mask.to(ritz.device)
     u, v, _ = _orthonormalize(ritz[0].cpu(), ritz[1].cpu(), ("Hessian eigenvector 1", "Hessian eigenvector 2"))
     return (float(evals[0]), float(evals[1])), (u, v), it
 

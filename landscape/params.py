@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from math import prod
 
 import torch
@@ -29,6 +29,9 @@ class Entry:
     shape: tuple
     offset: int
     dtype: str = "float32"  # the module's own dtype, so integer buffers load back as integers
+    # a parameter the model does not train (requires_grad=False): directions, Hessians and the
+    # sharpness ball leave it where it is; not part of the architecture, so not compared
+    frozen: bool = field(default=False, compare=False)
 
     @property
     def numel(self) -> int:
@@ -40,7 +43,8 @@ def _entries(named) -> tuple:
     for name, t in named:
         if isinstance(t, nn.parameter.UninitializedTensorMixin):
             raise ModelError(f"{name} is not initialized yet (a lazy module): run the model once on a batch first")
-        out.append(Entry(name, tuple(t.shape), offset, str(t.dtype).replace("torch.", "")))
+        out.append(Entry(name, tuple(t.shape), offset, str(t.dtype).replace("torch.", ""),
+                         frozen=isinstance(t, nn.Parameter) and not t.requires_grad))
         offset += t.numel()
     return tuple(out)
 
@@ -62,6 +66,28 @@ class Layout:
     @property
     def num_buffers(self) -> int:
         return sum(e.numel for e in self.buffers)
+
+    # parameters the model trains -------------------------------------------------------------
+    @property
+    def frozen(self) -> list:
+        """The names of the parameters the model does not train (``requires_grad=False``)."""
+        return [e.name for e in self.params if e.frozen]
+
+    def with_frozen(self, names) -> "Layout":
+        """This layout with exactly the parameters ``names`` frozen (as a file's run records them)."""
+        names = set(names)
+        return replace(self, params=tuple(replace(e, frozen=e.name in names) for e in self.params))
+
+    def trainable_mask(self, device="cpu") -> torch.Tensor | None:
+        """A (P,) float64 vector, 1 at every trained parameter's entries and 0 at frozen ones; None when
+        the model trains every parameter."""
+        if not self.frozen:
+            return None
+        mask = torch.ones(self.num_params, dtype=torch.float64, device=device)
+        for e, sl in self.param_slices():
+            if e.frozen:
+                mask[sl] = 0.0
+        return mask
 
     # serialization ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -36,6 +36,7 @@ the fast weights of a Lookahead optimizer.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -207,6 +208,7 @@ class Recorder:
         self._found = {}
         self._data_on = {}
         self._runs = []
+        self._frozen = {}  # run -> the parameters frozen at every record of it so far
         if check:
             with _rng_untouched():  # building them must not change the user's run
                 self.data = load_data(self.data_spec, "cpu", self.task)
@@ -270,6 +272,7 @@ class Recorder:
                 cut[run] = int(past[0])
         for run, rows in cut.items():
             self.writer.truncate(run, rows)
+            self._frozen.pop(run, None)
             if run not in self.writer.runs:
                 self._runs.remove(run)
         self._save_point()
@@ -348,8 +351,24 @@ class Recorder:
         self._check_run(run)
         module, extra = self._module(model)
         metrics = dict(self._metrics(dict(extra, **metrics)), **self._evaluated(module))
-        return self._append(run, self.layout.params_to_vector(module), self.layout.buffers_to_vector(module),
-                            epoch, step, metrics)
+        row = self._append(run, self.layout.params_to_vector(module), self.layout.buffers_to_vector(module),
+                           epoch, step, metrics)
+        self._note_frozen(run, module)
+        return row
+
+    def _note_frozen(self, run: str, module: nn.Module) -> None:
+        """Keep in ``run``'s ``frozen`` attribute the parameters frozen (``requires_grad=False``) at every
+        record of it: those the run never trained, which directions and Hessians leave alone."""
+        frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+        if run not in self._frozen:  # this run's first record, or its first since the recorder resumed
+            g = self.writer.file[f"runs/{run}"]
+            attr = g.attrs.get("frozen")
+            self._frozen[run] = None if g["params"].shape[0] == 1 else set(json.loads(attr)) if attr else set()
+        before = self._frozen[run]
+        now = frozen if before is None else before & frozen
+        if now != before and (now or before):
+            self.writer.set_attrs(run, frozen=[e.name for e in self.layout.params if e.name in now])
+        self._frozen[run] = now
 
     def record_lookahead(self, optimizer, model: nn.Module, *, prefix: str = "lookahead", epoch=None, step=None,
                          fast: bool = True, **metrics) -> dict:
@@ -383,10 +402,12 @@ class Recorder:
             self.layout.vector_to_params(slow.to(next(phi.parameters()).device), phi)
             slow_metrics.update(self._evaluated(phi))
         rows = {slow_run: self._append(slow_run, slow, buffers, epoch, step, slow_metrics)}
+        self._note_frozen(slow_run, module)
         if fast:
             self._check_run(fast_run)
             rows[fast_run] = self._append(fast_run, self.layout.params_to_vector(module), buffers, epoch, step,
                                           dict(metrics, **self._evaluated(module)))
+            self._note_frozen(fast_run, module)
         return rows
 
     def set_attrs(self, run: str, **attrs) -> None:

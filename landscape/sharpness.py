@@ -208,13 +208,14 @@ def density_curve(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigm
 
 class FilterBall:
     """The filter-normalized ball ||d_f|| <= epsilon ||w_f|| around ``w``: every filter of every
-    parameter with two or more dimensions; other parameters are held fixed (d = 0 there)."""
+    parameter with two or more dimensions that the model trains; other parameters (and frozen ones)
+    are held fixed (d = 0 there)."""
 
     def __init__(self, layout, w: torch.Tensor, epsilon: float):
         self.epsilon = float(epsilon)
         self.parts = []  # (slice, number of filters)
         for e, sl in layout.param_slices():
-            if len(e.shape) >= 2:
+            if len(e.shape) >= 2 and not e.frozen:
                 self.parts.append((sl, e.shape[0]))
         w = w.double()
         self.radius = [epsilon * w[sl].view(n, -1).norm(dim=1) for sl, n in self.parts]
@@ -373,6 +374,8 @@ class CheckpointWork:
             g = torch.Generator()
             g.set_state(self.states[piece])
             v = self._draw(piece, g).to(op.device)
+            if op.mask is not None and kind != "trace":  # Lanczos in the trained parameters' subspace
+                v = v * op.mask
         if kind == "eigen":
             return top_eigen(op, P, spec.top_k, spec.iterations, spec.tol, v)
         if kind == "trace":
@@ -523,6 +526,9 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
                  "model": traj.config.get("model"), "num_params": traj.layout.num_params, "task": data.task.to_dict(),
                  "ball": "filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with "
                          ">= 2 dimensions; biases and BatchNorm parameters fixed"}
+    frozen = {run: traj.layout_of(run).frozen for run in dict.fromkeys(n.rpartition(":")[0] for n in names)}
+    if any(frozen.values()):  # the Hessian and the ball of the parameters each run trained
+        full_spec["frozen"] = {run: f for run, f in frozen.items() if f}
     start = time.perf_counter()
     with contextlib.ExitStack() as held:
         progress = None
@@ -547,10 +553,11 @@ def _results(traj, names, spec, setting, progress, quiet: bool) -> list:
     keys, works, key_of = [], [], []
     for name in names:
         c = load_checkpoint(traj, name)
-        keys.append((c.name, _identity(c.params, c.buffers).hex()))
+        layout = traj.layout_of(name.rpartition(":")[0])  # (the Hessian of the parameters its run trained)
+        keys.append((c.name, _identity(c.params, c.buffers).hex() + "".join(f"|{f}" for f in layout.frozen)))
         if keys[-1][1] not in done and keys[-1][1] not in key_of:
             key_of.append(keys[-1][1])
-            works.append(CheckpointWork(spec, traj.layout, lambda name=name: _weights(traj, name)))
+            works.append(CheckpointWork(spec, layout, lambda name=name: _weights(traj, name)))
 
     def finished(i):
         done[key_of[i]] = dict(works[i].result(), seconds=works[i].seconds)

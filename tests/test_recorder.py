@@ -17,6 +17,7 @@ from _recording import (BATCH, DATA, EPOCHS, LR, MODEL, MOMENTUM, WD, assert_sam
                         schedule, sgd_epoch, trained_by_landscape)
 from landscape.errors import ConfigError, FileFormatError, ModelError
 from landscape.params import Layout
+from landscape.rebuild import rebuild_data, rebuild_model
 from landscape.recorder import Recorder
 from landscape.store import open_trajectory
 from landscape.train import Lookahead
@@ -205,6 +206,57 @@ def test_rewind_by_epoch_refuses_rows_without_one(tmp_path):
         rec.rewind(epoch=0)
     assert rec.rewind(step=0)["sgd"]["rows"] == 1
     rec.close_incomplete()
+
+
+def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and_hessians(tmp_path):
+    """A run that trains only some parameters (requires_grad=False on the rest, as in fine-tuning) keeps
+    in its `frozen` attribute those frozen at every record (unfrozen later, they are trained ones); a
+    run training everything has none. Random planes, rays and the sharpness of a file's checkpoint leave
+    its frozen parameters alone, as those of the live model do (they moved them)."""
+    from landscape.evaluate import BatchNormPolicy
+    from landscape.geometry import Line, Plane
+    from landscape.sharpness import SharpnessSpec, checkpoint_sharpness, compute_sharpness
+    data, model, _ = same_start()
+    out = tmp_path / "frozen.h5"
+    with recorder(out) as rec:
+        rec.record("sgd", model, epoch=0)
+        model[0].requires_grad_(False)
+        model[3].requires_grad_(False)
+        rec.record("head", model, epoch=0)
+        with torch.no_grad():
+            model[10].weight.mul_(0.5)
+        rec.record("head", model, epoch=1)
+        model[3].requires_grad_(True)  # unfrozen: trained from now on
+        rec.record("head", model, epoch=2)
+    traj = open_trajectory(out)
+    assert traj.layout_of("sgd").frozen == [] and "frozen" not in traj.run("sgd").attrs
+    assert traj.layout_of("head").frozen == traj.run("head").attrs["frozen"] == ["0.weight", "0.bias"]
+    model[3].requires_grad_(False)
+    live = Layout.of(model)
+    assert live.frozen == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    frozen_at = ~traj.layout_of("head").trainable_mask().bool()
+    for plane in (Plane.random(traj, "head:1", seed=3), Line.random_rays(traj, "head:1", n=2)):
+        directions = plane.basis
+        assert float(directions[:, frozen_at].abs().max()) == 0 and float(directions[:, ~frozen_at].abs().max()) > 0
+        assert plane.spec["frozen"] == ["0.weight", "0.bias"]
+    from landscape.average import Average, Window, add_averages
+    add_averages(traj, [Average(Window.parse("head:1:"))], tmp_path / "averaged.h5")
+    averaged = open_trajectory(tmp_path / "averaged.h5")
+    assert {r: averaged.layout_of(r).frozen for r in averaged.runs} == {
+        "sgd": [], "head": ["0.weight", "0.bias"], "avg/head/uniform_1_3": ["0.weight", "0.bias"]}
+    everything = Plane.random(traj, "sgd:0", seed=3)
+    assert float(everything.basis[:, frozen_at].abs().max()) > 0 and "frozen" not in everything.spec
+    live_plane = Plane.random(model, seed=3)
+    assert float(live_plane.basis[:, ~live.trainable_mask().bool()].abs().max()) == 0
+    spec = SharpnessSpec(top_k=2, iterations=30, probes=4, ascent_steps=1, samples=64)
+    from_file = compute_sharpness(traj, ["head:1"], spec, bn="stored").results[0]
+    c = traj.checkpoint("head:1")
+    by_hand = checkpoint_sharpness(rebuild_model(traj, data), traj.layout_of("head"), c.params, c.buffers,
+                                   rebuild_data(traj), spec, BatchNormPolicy("stored"))
+    everything = checkpoint_sharpness(rebuild_model(traj, data), traj.layout, c.params, c.buffers,
+                                      rebuild_data(traj), spec, BatchNormPolicy("stored"))
+    np.testing.assert_allclose(from_file["eigenvalues"], by_hand["eigenvalues"], rtol=1e-6)
+    assert not np.allclose(everything["eigenvalues"], by_hand["eigenvalues"], rtol=1e-3)  # (every parameter's)
 
 
 def test_checkpoints_go_to_the_disk_at_save_points_not_at_the_end(tmp_path, monkeypatch):

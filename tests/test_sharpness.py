@@ -135,6 +135,33 @@ def test_a_conv1d_model_run_as_2d_has_the_exact_hessians_eigenvalues():
     assert abs(r["trace"] - float(H.trace())) < 4 * r["trace_stderr"]
 
 
+def test_a_frozen_layers_model_has_the_hessian_of_its_trained_parameters(small):
+    """A model whose first layer is frozen (requires_grad=False, as in fine-tuning a head): eigenvalues,
+    trace and the Hessian plane are those of the trained parameters' block of the exact Hessian, and
+    the sharpness ball moves only them (every parameter's numbers were reported: 4x too large here)."""
+    from landscape.geometry import Plane
+    from landscape.params import copy_module
+    data, model, layout, w, H = small
+    frozen = copy_module(model)
+    frozen[1].requires_grad_(False)  # the hidden layer (mlp: Flatten, Linear, ReLU, Linear)
+    trained_layout = Layout.of(frozen)
+    assert trained_layout.frozen == ["1.weight", "1.bias"]
+    keep = trained_layout.trainable_mask().bool()
+    block = H[keep][:, keep]
+    exact = torch.linalg.eigvalsh(block).flip(0)
+    r = checkpoint_sharpness(frozen, trained_layout, w, layout.buffers_to_vector(model), data,
+                             SharpnessSpec(top_k=3, probes=400, ascent_steps=2), BatchNormPolicy("none"))
+    np.testing.assert_allclose(r["eigenvalues"], exact[:3].numpy(), rtol=1e-4)
+    assert abs(r["trace"] - float(block.trace())) < 4 * r["trace_stderr"]
+    assert r["eigenvalues"][0] < 0.9 * float(torch.linalg.eigvalsh(H)[-1])  # (the whole model's is larger)
+    ball = FilterBall(trained_layout, w.double(), 0.01)
+    assert [sl.start for sl, _ in ball.parts] == [e.offset for e in trained_layout.params if e.name == "3.weight"]
+    plane = Plane.hessian(frozen, data=data, samples=200, iterations=60, tol=1e-7)
+    np.testing.assert_allclose(plane.derived["eigenvalues"], exact[:2].numpy(), rtol=1e-3)
+    assert float(plane.u[~keep].abs().max()) == 0 and float(plane.v[~keep].abs().max()) == 0
+    assert plane.spec["frozen"] == ["1.weight", "1.bias"]
+
+
 @pytest.mark.parametrize("style", ["parametrization", "hook"])
 def test_a_weight_normed_models_hessian_is_the_exact_one(style):
     """Weight normalization (torch.nn.utils.parametrizations.weight_norm, and the old-style hook):

@@ -461,9 +461,16 @@ class Trajectory:
         _check_layout(self.layout)
         self.runs = _run_names(f["runs"])
         self._lengths = {r: _check_run(f[f"runs/{r}"], r, self.layout) for r in self.runs}
+        self._frozen = {r: _frozen_of(f[f"runs/{r}"], r, self.layout) for r in self.runs}
 
     def __repr__(self):
         return f"Trajectory({str(self.path)!r}, runs={self.runs})"
+
+    def layout_of(self, run: str) -> Layout:
+        """The layout with the parameters ``run`` never trained marked frozen (its ``frozen`` attribute:
+        a recorded model's parameters with ``requires_grad=False`` at every record)."""
+        self._check_run(run)
+        return self.layout.with_frozen(self._frozen[run]) if self._frozen[run] else self.layout
 
     def num_checkpoints(self, run: str) -> int:
         self._check_run(run)
@@ -599,6 +606,17 @@ def _check_run(g: h5py.Group, run: str, layout: Layout) -> int:
         if ds.ndim == 0 or ds.shape[0] != rows:
             raise ValueError(f"run {run!r}: {name} has {ds.shape[0] if ds.ndim else 0} rows, params has {rows}")
     return rows
+
+
+def _frozen_of(g: h5py.Group, run: str, layout: Layout) -> list:
+    """The parameter names of ``run``'s ``frozen`` attribute (none when absent)."""
+    if "frozen" not in g.attrs:
+        return []
+    names = json.loads(g.attrs["frozen"])
+    known = {e.name for e in layout.params}
+    if not isinstance(names, list) or not all(isinstance(n, str) and n in known for n in names):
+        raise ValueError(f"run {run!r}: attribute 'frozen' is not a list of the layout's parameter names")
+    return names
 
 
 def open_trajectory(path, trust_code: bool = False, allow=()) -> Trajectory:
