@@ -21,7 +21,8 @@ BatchNorm policies (:class:`BatchNormPolicy`):
   the policy.
 - ``interpolate``: buffers combined like the weights (running variances clipped at 0).
 - ``stored``: the origin's buffers at every point.
-- ``none``: the model has no BatchNorm.
+- ``none``: the model has no BatchNorm: the origin's buffers at every point. (Without BatchNorm,
+  buffers that differ between the checkpoints, such as pruning masks, are interpolated.)
 
 The number of points per call that runs fastest is found by a short measurement on the first points
 of the grid (:func:`choose_points_per_call`): on a GPU it settles on large K; on a CPU a model with
@@ -91,11 +92,18 @@ class BatchNormPolicy:
         return cls(**d)
 
 
-def resolve_policy(bn, model, can_interpolate: bool, batch_size: int = 1000) -> BatchNormPolicy:
-    """``bn``: a policy name (``auto`` = recompute when the model has BatchNorm) or a BatchNormPolicy."""
+def resolve_policy(bn, model, can_interpolate: bool, batch_size: int = 1000,
+                   buffers_differ: bool = False) -> BatchNormPolicy:
+    """``bn``: a policy name (``auto`` = recompute when the model has BatchNorm) or a BatchNormPolicy.
+    A model without BatchNorm whose checkpoints' buffers differ (``buffers_differ``: pruning masks,
+    spectral norm's vectors) has them interpolated under ``auto`` or ``interpolate``, so that the point
+    of every checkpoint is that checkpoint; otherwise its policy is ``none`` (the origin's buffers)."""
     pol = bn if isinstance(bn, BatchNormPolicy) else BatchNormPolicy(bn or "auto", batch_size)
+    if pol.policy not in POLICIES + ("auto", "none"):
+        raise ConfigError(f"unknown BatchNorm policy {pol.policy!r}; use auto, {', '.join(POLICIES)}")
     if not has_batchnorm(model):
-        return BatchNormPolicy("none")
+        interpolate = pol.policy in ("auto", "interpolate") and can_interpolate and buffers_differ
+        return BatchNormPolicy("interpolate" if interpolate else "none")
     name = "recompute" if pol.policy == "auto" else pol.policy
     if name not in POLICIES:
         raise ConfigError(f"unknown BatchNorm policy {pol.policy!r}; use auto, {', '.join(POLICIES)}")

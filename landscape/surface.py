@@ -196,7 +196,8 @@ def _check_geometry(geom) -> None:
 def _policy(bn, bn_batch_size: int, bn_samples, model, geom) -> BatchNormPolicy:
     if not isinstance(bn, BatchNormPolicy):
         bn = BatchNormPolicy(bn or "auto", bn_batch_size, bn_samples)
-    return resolve_policy(bn, model, geom.buffer_basis is not None)
+    basis = geom.buffer_basis
+    return resolve_policy(bn, model, basis is not None, buffers_differ=basis is not None and bool(basis.any()))
 
 
 def _subset(data, samples: int | None, seed: int):

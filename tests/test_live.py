@@ -258,7 +258,8 @@ def test_an_integer_buffer_float32_cannot_hold_is_refused_by_name():
 def test_an_old_style_normed_model_is_evaluated_as_it_computes_itself(norm):
     """Old-style nn.utils.weight_norm and spectral_norm keep the weight they compute, with its graph, as
     a plain attribute, which copy.deepcopy refused (a traceback after one training step): the evaluator's
-    copy computes it again, and the line's values are the model's own at every point."""
+    copy computes it again, and the line's values at both ends are the two models' own losses (spectral
+    norm's power-iteration vectors are buffers that differ between them: interpolated)."""
     import torch.nn.functional as F
     torch.manual_seed(0)
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
@@ -268,16 +269,14 @@ def test_an_old_style_normed_model_is_evaluated_as_it_computes_itself(norm):
         getattr(torch.nn.utils, norm)(net[0])
         return net
     a, b = make(), make()
-    torch.optim.SGD(b.parameters(), lr=0.1).zero_grad()
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
     F.cross_entropy(b(x), y).backward()  # a forward in train mode: the weight kept has its graph
+    opt.step()
     line = Line.through(a, b)
-    surface = evaluate_surface(b, line, (x, y, x, y), 3)
-    layout = Layout.of(b)
-    for t, value in zip(surface.x, surface.values["train_loss"]):
-        net = make().eval()
-        layout.load(net, line.origin + t * line.directions[0], line.buffers)  # (the origin's: a's)
-        with torch.no_grad():
-            assert value == pytest.approx(float(F.cross_entropy(net(x), y)), rel=1e-5)
+    surface = evaluate_surface(b, line, (x, y, x, y), Grid((0.0, line.derived["length"]), 2))
+    with torch.no_grad():
+        own = [float(F.cross_entropy(net.eval()(x), y)) for net in (a, b)]
+    np.testing.assert_allclose(surface.values["train_loss"], own, rtol=1e-5)
 
 
 def test_a_lazy_module_not_run_yet_is_one_line():
@@ -286,3 +285,37 @@ def test_a_lazy_module_not_run_yet_is_one_line():
         Plane.random(net)
     net(torch.randn(4, 5))
     assert Plane.random(net).origin.numel() == 5 * 3 + 3 + 3 * 2 + 2
+
+
+def test_a_plane_through_nets_pruned_to_other_masks_holds_each_at_its_point():
+    """Pruning masks are buffers (torch.nn.utils.prune): a model without BatchNorm whose checkpoints'
+    buffers differ has them interpolated (the origin's mask at every point gave checkpoint b another
+    net's loss, silently); its value at every checkpoint's point is that checkpoint's own loss."""
+    import torch.nn.functional as F
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    nets = []
+    for amount in (0.0, 0.5, 0.8):
+        torch.manual_seed(len(nets))
+        net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        prune.l1_unstructured(net[0], "weight", amount=amount)
+        nets.append(net.eval())
+    plane = Plane.through(*nets, names=("a", "b", "c"))
+    points = plane.derived["points"]
+    grid = Grid((points["c"][0], points["b"][0]), 2, (0.0, points["c"][1]), 2)  # a at (0, 0)
+    surface = evaluate_surface(nets[0], plane, (x, y, x, y), grid=grid)
+    assert surface.spec["bn"]["policy"] == "interpolate"
+    at_a = evaluate_surface(nets[0], plane, (x, y, x, y), grid=Grid((0.0, 1.0), 2, (0.0, 1.0), 2))
+    with torch.no_grad():
+        own = [float(F.cross_entropy(net(x), y)) for net in nets]
+    values = surface.values["train_loss"]
+    np.testing.assert_allclose([at_a.values["train_loss"][0, 0], values[1, 0], values[0, 1]], own, rtol=1e-5)
+    others = [copy.deepcopy(nets[0]) for _ in range(2)]
+    for k, net in enumerate(others):
+        with torch.no_grad():
+            net[2 * k].bias.add_(1.0)
+    same_masks = evaluate_surface(nets[0], Plane.through(nets[0], *others), (x, y, x, y), (2, 2))
+    assert same_masks.spec["bn"]["policy"] == "none"
+    with pytest.raises(ConfigError, match="unknown BatchNorm policy 'recompte'"):
+        evaluate_surface(nets[0], plane, (x, y, x, y), grid=grid, bn="recompte")
