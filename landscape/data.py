@@ -362,7 +362,8 @@ def _cifar10(options: dict):
     root = Path(root).expanduser()
     folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
     if not folder.is_dir():
-        raise DataError(f"cifar10: directory {root} does not exist")
+        raise DataError(f"cifar10: {root} is not a directory" if root.exists() else
+                        f"cifar10: directory {root} does not exist")
     parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
     x_test, y_test = _read_cifar_batch(folder / "test_batch")
     x_train = np.concatenate([p[0] for p in parts])

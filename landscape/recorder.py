@@ -49,7 +49,7 @@ from torch import nn
 
 from . import __version__
 from .data import DataSpec, import_object, load_data
-from .errors import CheckpointError, ConfigError, HeldWorkError, ModelError, WriteError
+from .errors import CheckpointError, ConfigError, FileFormatError, HeldWorkError, ModelError, WriteError
 from .models import ModelSpec, build_model
 from .params import Layout, copy_module, unwrap
 from .store import TrajectoryWriter
@@ -177,7 +177,10 @@ class Recorder:
                  save_every: float = SAVE_SECONDS, source: str = "recorder"):
         self.model_spec = model_spec(model, model_kwargs)
         self.data_spec = data_spec(data, data_options)
-        self.path = prepare_output(path, overwrite)
+        try:
+            self.path = prepare_output(path, overwrite)
+        except FileFormatError as e:  # (said in the command line's words)
+            raise FileFormatError(str(e).replace("pass --overwrite", "pass overwrite=True")) from None
         self.overwrite, self.resume = overwrite, resume
         if not save_every >= 0:
             raise ConfigError(f"save_every must be a number of seconds of at least 0, got {save_every}")

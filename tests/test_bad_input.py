@@ -163,8 +163,22 @@ def test_info_shows_a_surface_file(surfaces, capsys):
     assert set(info["points"]) == set(plane.points)
 
 
-def test_misleading_messages(tiny_run, tmp_path, capsys):
-    one_line_error(capsys, ["info", tmp_path], "is a directory")
+def test_misleading_messages(tiny_run, tmp_path, capsys, monkeypatch):
+    one_line_error(capsys, ["info", tmp_path], f"{tmp_path} is a directory, not a file\n")  # (said "a file file")
+    with pytest.raises(DataError, match=r"cifar10: .*one\.npy is not a directory$"):  # (said it did not exist)
+        np.save(tmp_path / "one.npy", np.zeros(3))
+        load_data(DataSpec("cifar10", {"root": str(tmp_path / "one.npy")}))
+    from landscape.recorder import Recorder
+    with pytest.raises(Exception, match="already exists; pass overwrite=True"):  # (a Python call: not --overwrite)
+        Recorder(tmp_path / "one.npy", model="mlp", data="synthetic")
+    from landscape.data import DATASETS
+    from landscape.models import MODELS
+    monkeypatch.setenv("COLUMNS", "1000")
+    for command in ("train", "import"):  # every built-in model and dataset named (three were missing)
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = capsys.readouterr().out
+        assert all(f"{name}," in shown for name in (*MODELS, *DATASETS))
     text = tmp_path / "notnpz.npz"
     text.write_text("x_train,y_train\n1,2\n")
     np.save(tmp_path / "one.npy", np.zeros(3))

@@ -18,7 +18,9 @@ Examples:
 """
 from __future__ import annotations
 
+from landscape.data import DATASETS
 from landscape.importer import ORDERS, import_checkpoints
+from landscape.models import MODELS
 
 from ..common import add_output_flags, parse_key_values, print_json
 
@@ -32,11 +34,11 @@ def add_arguments(p) -> None:
     p.add_argument("--add", nargs="+", action="append", metavar=("RUN", "SOURCE"),
                    help="RUN SOURCE [SOURCE ...]: a further run; repeat for more (e.g. --add swa/average swa.pt)")
     p.add_argument("--model", required=True,
-                   help="mlp, cnn1d, cnn1d-bn, resnet20, vgg16, or package.module:factory (found on PYTHONPATH "
+                   help=f"{', '.join(MODELS)}, or package.module:factory (found on PYTHONPATH "
                         "or in the current folder)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="keyword argument of the model factory")
     p.add_argument("--dataset", required=True,
-                   help="mnist1d, cifar10, npz, synthetic, or package.module:factory returning train and test data")
+                   help=f"{', '.join(DATASETS)}, or package.module:factory returning train and test data")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="dataset option")
     p.add_argument("--task", default=None,
                    help="what scores the model: classification (the default), regression, language-model, "

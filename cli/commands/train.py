@@ -14,9 +14,9 @@ import warnings
 from dataclasses import MISSING, fields
 
 from landscape.config import MethodOptions, TrainConfig
-from landscape.data import DataSpec
+from landscape.data import DATASETS, DataSpec
 from landscape.errors import ConfigError
-from landscape.models import ModelSpec
+from landscape.models import MODELS, ModelSpec
 from landscape.train import METHODS, SwapThresholdWarning, train
 
 from ..common import add_output_flags, parse_key_values, print_json, seed_int
@@ -31,9 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--methods", default=",".join(d.methods),
                    help=f"comma-separated methods, trained from one initialization ({', '.join(METHODS)})")
     p.add_argument("--model", default=d.model.name,
-                   help="mlp, cnn1d, cnn1d-bn, resnet20, vgg16, or package.module:factory")
+                   help=f"{', '.join(MODELS)}, or package.module:factory")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="keyword argument of the model factory")
-    p.add_argument("--dataset", default=d.data.name, help="mnist1d, cifar10, npz, synthetic, or package.module:factory")
+    p.add_argument("--dataset", default=d.data.name, help=f"{', '.join(DATASETS)}, or package.module:factory")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE",
                    help="dataset option, e.g. root=DIR and augment=true (cifar10), path=FILE (npz)")
     for name, f, kind in _common_options():

@@ -83,7 +83,8 @@ def open_read(path, expected_format: str) -> h5py.File:
     if not path.exists():
         raise FileFormatError(f"file {path} does not exist")
     if path.is_dir():
-        raise FileFormatError(f"{path} is a directory, not a {expected_format.split('.')[-1]} file")
+        kind = expected_format.split(".")[-1]
+        raise FileFormatError(f"{path} is a directory, not a {'' if kind == 'file' else kind + ' '}file")
     try:
         try:
             f = h5py.File(path, "r", locking=False)

@@ -222,8 +222,9 @@ def run_swap(ctx: Context) -> None:
                              batch_size=big, lr=swap.phase1_lr, workers=W, processes=world_size)
     if not reached and writer:
         message = (f"SWAP phase 1 reached only {acc:.1f}% training accuracy in {epochs1} epochs "
-                   f"(threshold {swap.threshold:g}%); phase 2 starts from there. Raise swap_phase1_epochs "
-                   f"or swap_phase1_lr, or lower swap_threshold")
+                   f"(threshold {swap.threshold:g}%); phase 2 starts from there. Give phase 1 more epochs "
+                   f"(swap_phase1_epochs) or another rate (swap_phase1_lr: higher if it learned slowly, lower "
+                   f"if its loss jumped up; swap/phase1 holds its train_err per epoch), or lower swap_threshold")
         warnings.warn(message, SwapThresholdWarning, stacklevel=2)  # the CLI prints it as one line
         ctx.writer.set_attrs("swap/phase1", warning=message)
 
