@@ -72,7 +72,7 @@ def _make_class(Callback):
 
         ``model``/``model_kwargs`` and ``data``/``data_options`` say how later commands rebuild the
         model and the data (see :class:`landscape.recorder.Recorder`, which also takes ``task``,
-        ``config``, ``evaluate``, ``overwrite``, ``resume`` and ``check``). ``resume=True`` goes on from
+        ``config``, ``evaluate``, ``overwrite``, ``resume``, ``check`` and ``save_every``). ``resume=True`` goes on from
         the partial file a crashed fit left (fit again with ``ckpt_path``): rows it holds past the
         checkpoint's step are dropped (the resumed fit records them again, as it trains them this time),
         those up to it kept. ``metrics``: which logged values
@@ -83,7 +83,7 @@ def _make_class(Callback):
         def __init__(self, path, model, data, *, run: str = "sgd", model_kwargs=None, data_options=None,
                      every_n_epochs: int = 1, every_n_steps: int = 0, record_init: bool = True, metrics=None,
                      module=None, task=None, config=None, evaluate: bool = False, overwrite: bool = False,
-                     resume: bool = False, check: bool = True):
+                     resume: bool = False, check: bool = True, save_every: float | None = None):
             super().__init__()
             if every_n_epochs < 0 or every_n_steps < 0:
                 raise ConfigError("every_n_epochs and every_n_steps must be non-negative")
@@ -92,7 +92,8 @@ def _make_class(Callback):
             self.metrics = metrics
             self._recorder_args = dict(model=model, data=data, model_kwargs=model_kwargs, data_options=data_options,
                                        task=task, config=config, evaluate=evaluate, overwrite=overwrite,
-                                       resume=resume, check=check, source="lightning")
+                                       resume=resume, check=check, source="lightning",
+                                       **({} if save_every is None else {"save_every": save_every}))
             self.recorder = None
             self.written = None  # the path of the finished file
             self._kept_epoch = -math.inf  # the last epoch a resumed partial holds

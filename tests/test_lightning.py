@@ -223,3 +223,8 @@ def test_every_lightning_checkpoint_is_a_save_point_of_the_partial(pl, tmp_path,
     with pytest.warns(UserWarning, match="holds epochs up to 1, and this fit goes on at epoch 3"):
         fit(pl, tmp_path, out, extra_callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "more")],
             ckpt_path=newer, resume=True)
+
+
+def test_save_every_reaches_the_recorder(pl, tmp_path):
+    with pytest.raises(ConfigError, match="save_every must be a number of seconds of at least 0, got -1"):
+        fit(pl, tmp_path, tmp_path / "x.h5", save_every=-1)
