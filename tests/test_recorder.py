@@ -208,7 +208,7 @@ def test_rewind_by_epoch_refuses_rows_without_one(tmp_path):
     rec.close_incomplete()
 
 
-def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and_hessians(tmp_path):
+def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and_hessians(tmp_path, capsys):
     """A run that trains only some parameters (requires_grad=False on the rest, as in fine-tuning) keeps
     in its `frozen` attribute those frozen at every record (unfrozen later, they are trained ones); a
     run training everything has none. Random planes, rays and the sharpness of a file's checkpoint leave
@@ -231,6 +231,9 @@ def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and
     traj = open_trajectory(out)
     assert traj.layout_of("sgd").frozen == [] and "frozen" not in traj.run("sgd").attrs
     assert traj.layout_of("head").frozen == traj.run("head").attrs["frozen"] == ["0.weight", "0.bias"]
+    from landscape.cli.main import main
+    assert main(["info", str(out)]) == 0
+    assert "head: 2 parameter tensors never trained (frozen): 0.weight, 0.bias\n" in capsys.readouterr().out
     model[3].requires_grad_(False)
     live = Layout.of(model)
     assert live.frozen == ["0.weight", "0.bias", "3.weight", "3.bias"]

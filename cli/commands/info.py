@@ -51,6 +51,9 @@ def run(args) -> int:
         print(f"{name:<20}{r['checkpoints']:>6}{_size(r['bytes']):>10}{ep:>14}{cell('train_loss', '.4f'):>12}"
               f"{cell('train_' + metric, value) + unit:>11}{cell('test_loss', '.4f'):>11}"
               f"{cell('test_' + metric, value) + unit:>10}")
+    for name, r in info["runs"].items():
+        if r["frozen"]:  # what directions and Hessians of its checkpoints leave alone
+            print(f"{name}: {len(r['frozen'])} parameter tensors never trained (frozen): {', '.join(r['frozen'])}")
     print("config:", json.dumps(info["config"], sort_keys=True))
     return 0
 

@@ -546,7 +546,7 @@ class Trajectory:
             d = self.run(r)
             last = {k: float(v[-1]) for k, v in d.metrics.items() if v.ndim == 1 and len(v)}
             runs[r] = {"checkpoints": len(d), "epochs": [float(d.epoch[0]), float(d.epoch[-1])] if len(d) else [],
-                       "bytes": self.stored_bytes(r), "final": last}
+                       "bytes": self.stored_bytes(r), "final": last, "frozen": self._frozen[r]}
         return {"path": str(self.path), "format": FORMAT, "version": self.version, "bytes": self.path.stat().st_size,
                 "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
                 "runs": runs, "config": self.config}
