@@ -322,7 +322,8 @@ class Evaluator:
         self.metrics = metric_names(self.task, weight_decay, stderr)
         self.bn_layers = {n: m for n, m in self.model.named_modules()
                           if isinstance(m, _BatchNorm) and m.track_running_stats}
-        self.var_names = [f"{n}.running_var" for n in self.bn_layers]
+        # every running variance an interpolated point clips at 0 (InstanceNorm's too, which is no _BatchNorm)
+        self.var_names = [n for n, _ in self.model.named_buffers() if n.rpartition(".")[2] == "running_var"]
         self.x_bn = bn_inputs(data, bn)
         self._vmap_task = True  # until the task fails under vmap
         self._vmap_model = True  # until the model fails under vmap (an operation without a batching rule)

@@ -687,9 +687,11 @@ def _origin_of(source, origin, model, name: str):
 def _trained_layout(src: "Checkpoints", co: _Ckpt) -> Layout:
     """The layout with the parameters the origin's model does not train marked frozen: the live
     model's ``requires_grad=False`` ones, or those the origin's run in the file never trained."""
-    if src.traj is None or checkpoint_file(co.source) is not None:
+    if src.traj is None:
         return src.layout
-    return src.traj.layout_of(src.traj.resolve(co.name)[0])
+    m = _OTHER_FILE.match(co.source)  # (a checkpoint of another file: that file's run says)
+    traj, name = (open_trajectory(m.group("file")), m.group("name")) if m else (src.traj, co.source)
+    return traj.layout_at(name)
 
 
 def _frozen_spec(layout: Layout) -> dict:
@@ -921,8 +923,13 @@ class HessianOperator:
             grad += g.double()
         return total, grad if self.mask is None else grad * self.mask
 
+    def restricted(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` (P,) or (k, P) with its frozen entries zero: a vector of the trained parameters' subspace."""
+        v = v.to(self.device)
+        return v if self.mask is None else v * self.mask.to(v.dtype)
+
     def __call__(self, vs: torch.Tensor) -> torch.Tensor:
-        vs = vs.to(self.device).float() if self.mask is None else (vs.to(self.device) * self.mask).float()
+        vs = self.restricted(vs).float()
         out = torch.zeros(vs.shape, dtype=torch.float64, device=self.device)
         for w, grad, kept in self._gradients():
             for k in range(len(vs)):
@@ -1058,8 +1065,7 @@ def top_hessian_eigen(model, layout, params: torch.Tensor, buffers: torch.Tensor
     hvp = HessianOperator(model, layout, params, buffers, data.x_train[idx], data.y_train[idx], batch_size, data.task)
 
     start = torch.randn(layout.num_params, 2, generator=g, dtype=torch.float64)
-    mask = layout.trainable_mask()  # (in the subspace of the trained parameters, where H is restricted)
-    q = torch.linalg.qr(start if mask is None else start * mask[:, None])[0].T.to(device)
+    q = torch.linalg.qr(hvp.restricted(start.T).cpu().T)[0].T.to(device)  # (in the trained parameters' subspace)
     evals, ritz, it = torch.full((2,), float("inf"), dtype=torch.float64), q, 0
     for it in range(1, iterations + 1):
         hq = hvp(q.float())                          # (2, P)
@@ -1074,8 +1080,7 @@ def top_hessian_eigen(model, layout, params: torch.Tensor, buffers: torch.Tensor
         if converged:
             break
     ritz = ritz * torch.where(ritz.sum(1, keepdim=True) < 0, -1.0, 1.0)  # a fixed sign
-    if mask is not None:  # (exactly: QR leaves rounding-sized values at the frozen entries)
-        ritz = ritz * mask.to(ritz.device)
+    ritz = hvp.restricted(ritz)  # (exactly: QR leaves rounding-sized values at the frozen entries)
     u, v, _ = _orthonormalize(ritz[0].cpu(), ritz[1].cpu(), ("Hessian eigenvector 1", "Hessian eigenvector 2"))
     return (float(evals[0]), float(evals[1])), (u, v), it
 

@@ -56,7 +56,9 @@ class Layout:
 
     @classmethod
     def of(cls, module: nn.Module) -> "Layout":
-        return cls(_entries(module.named_parameters()), _entries(module.named_buffers()))
+        layout = cls(_entries(module.named_parameters()), _entries(module.named_buffers()))
+        # a model that trains nothing (requires_grad_(False) for analysis, an EMA copy) has nothing frozen
+        return layout.with_frozen(()) if len(layout.frozen) == len(layout.params) else layout
 
     # sizes -----------------------------------------------------------------------------------
     @property
@@ -74,8 +76,11 @@ class Layout:
         return [e.name for e in self.params if e.frozen]
 
     def with_frozen(self, names) -> "Layout":
-        """This layout with exactly the parameters ``names`` frozen (as a file's run records them)."""
+        """This layout with exactly the parameters ``names`` frozen (as a file's run records them); none
+        when they are all of them (a model that trains nothing)."""
         names = set(names)
+        if {e.name for e in self.params} <= names:
+            names = set()
         return replace(self, params=tuple(replace(e, frozen=e.name in names) for e in self.params))
 
     def trainable_mask(self, device="cpu") -> torch.Tensor | None:

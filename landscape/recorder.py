@@ -36,6 +36,7 @@ the fast weights of a Lookahead optimizer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -138,6 +139,10 @@ def _same_structure(a: Layout, b: Layout) -> bool:
     return key(a.params) == key(b.params) and key(a.buffers) == key(b.buffers)
 
 
+def _digest(values: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).digest()
+
+
 def find_module(obj: nn.Module, layout: Layout) -> nn.Module:
     """``obj`` itself or the submodule of it whose parameters and buffers match ``layout``; else a
     ModelError naming the first mismatch."""
@@ -211,7 +216,7 @@ class Recorder:
         self._found = {}
         self._data_on = {}
         self._runs = []
-        self._frozen = {}  # run -> the parameters frozen at every record of it so far
+        self._frozen = {}  # run -> ({parameter never trained so far: digest of its values}, the attribute's names)
         if check:
             with _rng_untouched():  # building them must not change the user's run
                 self.data = load_data(self.data_spec, "cpu", self.task)
@@ -330,12 +335,14 @@ class Recorder:
             self._data_on = {device: self.data.to(device)}
         return evaluate(module, self._data_on[device], int(self.config.get("eval_batch_size", 1000)))
 
-    def _append(self, run, params, buffers, epoch, step, metrics) -> int:
+    def _append(self, run, params, buffers, epoch, step, metrics, frozen_in=None) -> int:
         if self.writer.complete:  # resumed: a run killed as it moved its finished file into place
             raise ConfigError(f"{self.partial_path} is a finished recording; close() moves it into place")
         epoch = float("nan") if epoch is None else float(epoch)
         step = -1 if step is None else int(step)
         row = self.writer.append(run, params, buffers, epoch=epoch, step=step, **metrics)
+        if frozen_in is not None:  # (before any save point: the row and its run's facts reach the disk together)
+            self._note_frozen(run, frozen_in, params)
         if self.writer.unsaved >= self.writer.MEMORY_BYTES or time.monotonic() - self._saved_at >= self.save_every:
             self._save_point()
         return row
@@ -354,24 +361,31 @@ class Recorder:
         self._check_run(run)
         module, extra = self._module(model)
         metrics = dict(self._metrics(dict(extra, **metrics)), **self._evaluated(module))
-        row = self._append(run, self.layout.params_to_vector(module), self.layout.buffers_to_vector(module),
-                           epoch, step, metrics)
-        self._note_frozen(run, module)
-        return row
+        return self._append(run, self.layout.params_to_vector(module), self.layout.buffers_to_vector(module),
+                            epoch, step, metrics, frozen_in=module)
 
-    def _note_frozen(self, run: str, module: nn.Module) -> None:
-        """Keep in ``run``'s ``frozen`` attribute the parameters frozen (``requires_grad=False``) at every
-        record of it: those the run never trained, which directions and Hessians leave alone."""
-        frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
-        if run not in self._frozen:  # this run's first record, or its first since the recorder resumed
+    def _note_frozen(self, run: str, module: nn.Module, params: torch.Tensor) -> None:
+        """Keep in ``run``'s ``frozen`` attribute the parameters it never trained: frozen
+        (``requires_grad=False``) at every record, with the values of its first. (An EMA copy's
+        parameters are frozen and move: trained. A model that trains nothing has nothing frozen.)"""
+        frozen = set(Layout.of(module).frozen)
+        slices = {e.name: sl for e, sl in self.layout.param_slices()}
+        if run not in self._frozen:  # the run's first record, or its first since the recorder resumed
             g = self.writer.file[f"runs/{run}"]
-            attr = g.attrs.get("frozen")
-            self._frozen[run] = None if g["params"].shape[0] == 1 else set(json.loads(attr)) if attr else set()
-        before = self._frozen[run]
-        now = frozen if before is None else before & frozen
-        if now != before and (now or before):
-            self.writer.set_attrs(run, frozen=[e.name for e in self.layout.params if e.name in now])
-        self._frozen[run] = now
+            if g["params"].shape[0] == 1:
+                candidates, first, written = frozen, params.detach().cpu().numpy(), None
+            else:  # (no attribute: none frozen so far)
+                written = set(json.loads(g.attrs["frozen"])) if "frozen" in g.attrs else None
+                candidates, first = written or set(), g["params"][0]
+            self._frozen[run] = {name: _digest(first[slices[name]]) for name in candidates}, written
+        digests, written = self._frozen[run]
+        values = params.detach().cpu().numpy()
+        for name in list(digests):
+            if name not in frozen or _digest(values[slices[name]]) != digests[name]:
+                del digests[name]
+        if set(digests) != (written or set()):
+            self.writer.set_attrs(run, frozen=[e.name for e in self.layout.params if e.name in digests])
+            self._frozen[run] = digests, set(digests)
 
     def record_lookahead(self, optimizer, model: nn.Module, *, prefix: str = "lookahead", epoch=None, step=None,
                          fast: bool = True, **metrics) -> dict:
@@ -404,13 +418,11 @@ class Recorder:
             phi = copy_module(module)
             self.layout.vector_to_params(slow.to(next(phi.parameters()).device), phi)
             slow_metrics.update(self._evaluated(phi))
-        rows = {slow_run: self._append(slow_run, slow, buffers, epoch, step, slow_metrics)}
-        self._note_frozen(slow_run, module)
+        rows = {slow_run: self._append(slow_run, slow, buffers, epoch, step, slow_metrics, frozen_in=module)}
         if fast:
             self._check_run(fast_run)
             rows[fast_run] = self._append(fast_run, self.layout.params_to_vector(module), buffers, epoch, step,
-                                          dict(metrics, **self._evaluated(module)))
-            self._note_frozen(fast_run, module)
+                                          dict(metrics, **self._evaluated(module)), frozen_in=module)
         return rows
 
     def set_attrs(self, run: str, **attrs) -> None:

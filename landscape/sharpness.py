@@ -374,8 +374,8 @@ class CheckpointWork:
             g = torch.Generator()
             g.set_state(self.states[piece])
             v = self._draw(piece, g).to(op.device)
-            if op.mask is not None and kind != "trace":  # Lanczos in the trained parameters' subspace
-                v = v * op.mask
+            if kind != "trace":  # Lanczos in the trained parameters' subspace (H is restricted to it)
+                v = op.restricted(v)
         if kind == "eigen":
             return top_eigen(op, P, spec.top_k, spec.iterations, spec.tol, v)
         if kind == "trace":
@@ -526,7 +526,7 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
                  "model": traj.config.get("model"), "num_params": traj.layout.num_params, "task": data.task.to_dict(),
                  "ball": "filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with "
                          ">= 2 dimensions; biases and BatchNorm parameters fixed"}
-    frozen = {run: traj.layout_of(run).frozen for run in dict.fromkeys(n.rpartition(":")[0] for n in names)}
+    frozen = {traj.resolve(n)[0]: traj.layout_at(n).frozen for n in names}
     if any(frozen.values()):  # the Hessian and the ball of the parameters each run trained
         full_spec["frozen"] = {run: f for run, f in frozen.items() if f}
     start = time.perf_counter()
@@ -553,7 +553,7 @@ def _results(traj, names, spec, setting, progress, quiet: bool) -> list:
     keys, works, key_of = [], [], []
     for name in names:
         c = load_checkpoint(traj, name)
-        layout = traj.layout_of(name.rpartition(":")[0])  # (the Hessian of the parameters its run trained)
+        layout = traj.layout_at(name)  # (the Hessian of the parameters its run trained)
         keys.append((c.name, _identity(c.params, c.buffers).hex() + "".join(f"|{f}" for f in layout.frozen)))
         if keys[-1][1] not in done and keys[-1][1] not in key_of:
             key_of.append(keys[-1][1])

@@ -319,3 +319,21 @@ def test_a_plane_through_nets_pruned_to_other_masks_holds_each_at_its_point():
     assert same_masks.spec["bn"]["policy"] == "none"
     with pytest.raises(ConfigError, match="unknown BatchNorm policy 'recompte'"):
         evaluate_surface(nets[0], plane, (x, y, x, y), grid=grid, bn="recompte")
+
+
+def test_interpolated_running_variances_of_an_instance_norm_stay_at_least_0():
+    """InstanceNorm with running statistics is no BatchNorm: its checkpoints' differing buffers are
+    interpolated, and the plane's margin extrapolates its running variances, which are clipped at 0
+    as BatchNorm's are (39 of 121 points were NaN)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 8), torch.randint(0, 2, (32,))
+    nets = []
+    for k in range(3):
+        net = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 3), torch.nn.InstanceNorm1d(4, track_running_stats=True),
+                                  torch.nn.Flatten(), torch.nn.Linear(24, 2))
+        with torch.no_grad():
+            net(x * (1 + 3 * k))  # running statistics of other scales
+        nets.append(net.eval())
+    surface = evaluate_surface(nets[0], Plane.through(*nets), (x, y, x, y), (11, 11), margin=1.0)
+    assert surface.spec["bn"]["policy"] == "interpolate"
+    assert np.isfinite(surface.values["train_loss"]).all()

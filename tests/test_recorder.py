@@ -2,6 +2,7 @@
 gives the same surface on it; AveragedModel and Lookahead; a crash leaves only NAME.partial."""
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -178,14 +179,14 @@ def test_a_loop_resumed_from_an_older_checkpoint_rewinds_the_file_to_it(tmp_path
     for epoch in range(5):
         rec.record("sgd", model, epoch=epoch, step=10 * epoch, layers=[epoch, -epoch])
         if epoch >= 3:
-            rec.record("swa", model, epoch=epoch, step=10 * epoch)
+            rec.record("swa/average", model, epoch=epoch, step=10 * epoch)
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
     rec.close_incomplete()
     with recorder(out, resume=True) as rec:
         assert rec.rewind(epoch=2) == {"sgd": {"rows": 3, "epoch": 2.0, "step": 20}}
         with read_partial(rec.partial_path) as f:
-            assert list(f["runs"]) == ["sgd"] and f["runs/sgd/layers"].shape == (3, 2)
+            assert list(f["runs"]) == ["sgd"] and f["runs/sgd/layers"].shape == (3, 2)  # (no empty group "swa")
         with pytest.raises(ConfigError, match="epoch= or step="):
             rec.rewind()
         resumed = Layout.of(model).params_to_vector(model).numpy()
@@ -210,8 +211,9 @@ def test_rewind_by_epoch_refuses_rows_without_one(tmp_path):
 
 def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and_hessians(tmp_path, capsys):
     """A run that trains only some parameters (requires_grad=False on the rest, as in fine-tuning) keeps
-    in its `frozen` attribute those frozen at every record (unfrozen later, they are trained ones); a
-    run training everything has none. Random planes, rays and the sharpness of a file's checkpoint leave
+    in its `frozen` attribute those frozen at every record with their first values (unfrozen later, or
+    changed, they are trained ones); a run training everything has none, nor has one of a model that
+    trains nothing (an EMA copy). Random planes, rays and the sharpness of a file's checkpoint leave
     its frozen parameters alone, as those of the live model do (they moved them)."""
     from landscape.evaluate import BatchNormPolicy
     from landscape.geometry import Line, Plane
@@ -228,7 +230,19 @@ def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and
         rec.record("head", model, epoch=1)
         model[3].requires_grad_(True)  # unfrozen: trained from now on
         rec.record("head", model, epoch=2)
+        ema = copy.deepcopy(model).requires_grad_(False)  # an EMA copy: trains nothing, moves every record
+        moved = copy.deepcopy(model)  # a frozen layer whose weight changes anyway (set by hand): trained
+        moved[0].requires_grad_(False)
+        for epoch in range(2):
+            with torch.no_grad():
+                for net in (ema, moved):
+                    net[0].weight.mul_(0.9)
+            rec.record("ema", ema, epoch=epoch)
+            rec.record("moved", moved, epoch=epoch)
     traj = open_trajectory(out)
+    assert traj.layout_of("ema").frozen == [] and "frozen" not in traj.run("ema").attrs
+    assert traj.layout_of("moved").frozen == ["0.bias"]
+    assert Plane.random(traj, "ema:1").basis[:, :10].abs().max() > 0 and Plane.random(ema).basis.abs().max() > 0
     assert traj.layout_of("sgd").frozen == [] and "frozen" not in traj.run("sgd").attrs
     assert traj.layout_of("head").frozen == traj.run("head").attrs["frozen"] == ["0.weight", "0.bias"]
     from landscape.cli.main import main
@@ -238,7 +252,10 @@ def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and
     live = Layout.of(model)
     assert live.frozen == ["0.weight", "0.bias", "3.weight", "3.bias"]
     frozen_at = ~traj.layout_of("head").trainable_mask().bool()
-    for plane in (Plane.random(traj, "head:1", seed=3), Line.random_rays(traj, "head:1", n=2)):
+    import shutil
+    shutil.copy(out, tmp_path / "other.h5")
+    for plane in (Plane.random(traj, "head:1", seed=3), Line.random_rays(traj, "head:1", n=2),
+                  Plane.random(traj, f"{tmp_path / 'other.h5'}:head:1", seed=3)):  # (another file's run says)
         directions = plane.basis
         assert float(directions[:, frozen_at].abs().max()) == 0 and float(directions[:, ~frozen_at].abs().max()) > 0
         assert plane.spec["frozen"] == ["0.weight", "0.bias"]
@@ -246,7 +263,8 @@ def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and
     add_averages(traj, [Average(Window.parse("head:1:"))], tmp_path / "averaged.h5")
     averaged = open_trajectory(tmp_path / "averaged.h5")
     assert {r: averaged.layout_of(r).frozen for r in averaged.runs} == {
-        "sgd": [], "head": ["0.weight", "0.bias"], "avg/head/uniform_1_3": ["0.weight", "0.bias"]}
+        "sgd": [], "head": ["0.weight", "0.bias"], "ema": [], "moved": ["0.bias"],
+        "avg/head/uniform_1_3": ["0.weight", "0.bias"]}
     everything = Plane.random(traj, "sgd:0", seed=3)
     assert float(everything.basis[:, frozen_at].abs().max()) > 0 and "frozen" not in everything.spec
     live_plane = Plane.random(model, seed=3)

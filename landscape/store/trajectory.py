@@ -295,6 +295,10 @@ class TrajectoryWriter:
         if rows <= 0:
             del self.file[f"runs/{run}"]
             self._runs.remove(run)
+            parent = f"runs/{run}".rpartition("/")[0]
+            while parent != "runs" and not len(self.file[parent]):  # (a nested name's groups left empty)
+                del self.file[parent]
+                parent = parent.rpartition("/")[0]
             return
         for ds in self.file[f"runs/{run}"].values():
             ds.resize(rows, axis=0)
@@ -471,6 +475,10 @@ class Trajectory:
         a recorded model's parameters with ``requires_grad=False`` at every record)."""
         self._check_run(run)
         return self.layout.with_frozen(self._frozen[run]) if self._frozen[run] else self.layout
+
+    def layout_at(self, name: str) -> Layout:
+        """:meth:`layout_of` the run of checkpoint ``name`` (RUN or RUN:INDEX)."""
+        return self.layout_of(self.resolve(name)[0])
 
     def num_checkpoints(self, run: str) -> int:
         self._check_run(run)
