@@ -131,6 +131,17 @@ def test_grid_minimum_of_a_flat_bottom_is_its_centroid():
     assert val == 2.5
 
 
+def test_a_minimum_beside_a_diverged_region_is_the_grid_point_not_a_quadratic_below_it():
+    """Next to values of 1e36 (a diverged training's plane) the 3x3 quadratic fit put the minimum at
+    -2e36, far off the grid point: such a fit does not follow the values and is not used."""
+    v = np.full((len(X), len(Y)), 1e36)
+    v[4, 3], v[5, 3], v[4, 4] = 0.05, 0.4, 0.7
+    v[0, 0] = np.inf
+    p, val = analysis.grid_minimum(X, Y, v)
+    np.testing.assert_allclose(p, [X[4], Y[3]])
+    assert val == 0.05
+
+
 def test_smoothing_finds_the_trend_minimum_of_a_noisy_surface():
     gx, gy = np.meshgrid(X, Y, indexing="ij")
     trend = 3.0 + 0.5 * ((gx - 2.0) ** 2 + (gy - 0.6) ** 2)

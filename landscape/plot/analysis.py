@@ -98,9 +98,13 @@ def grid_minimum(x, y, values, refine: bool = True, smooth: float = 0.0):
     trend rather than of one lucky grid point; the value returned is then the smoothed one.
 
     Exact ties (a flat bottom, common for test error, which moves in steps of 100 / n_test %) are
-    resolved by the centroid of the connected tied region that contains the first minimum; a unique
-    grid minimum away from the border is refined by a least-squares quadratic fit over its 3x3
-    neighbourhood when that fit has a proper minimum inside the neighbourhood."""
+    resolved by the centroid of the connected tied region that contains the first minimum (smoothed, a
+    plateau of exactly equal values has its minimum where it is farthest from any rise, which may be
+    at the grid's edge: ``smooth=0`` gives the plateau's centroid); a unique grid minimum
+    away from the border is refined by a least-squares quadratic fit over its 3x3 neighbourhood when
+    that fit has a proper minimum inside the neighbourhood and follows the values (its residual at
+    most a tenth of their range: next to a diverged region no quadratic does, and its vertex could lie
+    anywhere below them)."""
     from scipy import ndimage
 
     x, y, v = np.asarray(x, float), np.asarray(y, float), np.asarray(values, float)
@@ -131,7 +135,8 @@ def grid_minimum(x, y, values, refine: bool = True, smooth: float = 0.0):
             A = np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=1)
             c, *_ = np.linalg.lstsq(A, zs, rcond=None)
             H = np.array([[2 * c[3], c[4]], [c[4], 2 * c[5]]])
-            if np.all(np.linalg.eigvalsh(H) > 0):
+            follows = np.sqrt(np.mean((A @ c - zs) ** 2)) <= 0.1 * (zs.max() - zs.min())
+            if follows and np.all(np.linalg.eigvalsh(H) > 0):
                 d = np.linalg.solve(H, -c[1:3])
                 if abs(d[0]) <= x[i + 1] - x[i] and abs(d[1]) <= y[j + 1] - y[j]:
                     val = c[0] + c[1] * d[0] + c[2] * d[1] + c[3] * d[0] ** 2 + c[4] * d[0] * d[1] + c[5] * d[1] ** 2
