@@ -492,3 +492,9 @@ def test_figures_into_the_current_folder(plane, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = plot_files([plane.path], ".", formats=("png",))
     assert (tmp_path / "numbers.json").exists() and res.figures
+
+
+def test_huge_values_are_labelled_in_scientific_notation():
+    """A diverged plane's colour bar read 38-digit integers that ran into the next panel."""
+    assert static._fmt(1.234e37) == "1.23e+37" and static._fmt(12345.0) == "12345"
+    assert static._distinct_labels([1e36, 1.0001e36, 2e36]) == ["1e+36", "1.0001e+36", "2e+36"]

@@ -47,7 +47,7 @@ def _distinct_labels(values) -> list:
     """Labels for monotonic values with as many significant digits as it takes (up to 6) for
     neighbours to read differently: levels packed close together stay distinguishable."""
     for digits in range(3, 7):
-        labels = [f"{v:.{digits}g}" if 0 < abs(v) < 100 else _fmt(v) for v in values]
+        labels = [f"{v:.{digits}g}" if 0 < abs(v) < 100 or abs(v) >= 1e5 else _fmt(v) for v in values]
         if len(set(labels)) == len(labels):
             return labels
     return labels
@@ -57,6 +57,8 @@ def _fmt(v: float) -> str:
     if not np.isfinite(v):
         return str(v)
     a = abs(v)
+    if a >= 1e5:  # (a diverged plane's 1e37 would be a 38-digit integer)
+        return f"{v:.3g}"
     if a >= 100:
         return f"{v:.0f}"
     if a >= 0.01 or a == 0:
