@@ -5,6 +5,7 @@ is touched); :func:`save` writes it as PNG and PDF.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,13 @@ from . import analysis, static
 from .style import DISTANCE, metric_title, role, style
 
 
-def _legend_below(fig, axes, ncol: int | None = None) -> None:
+def _legend_below(fig, axes, ncol: int | None = None, **kwargs) -> None:
     handles, labels = static.dedupe_legend(axes)
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=ncol or min(4, len(labels)),
-                   frameon=False, handlelength=1.6, columnspacing=1.4)
+        ncol = ncol or min(4, len(labels))
+        fits = int(fig.get_figwidth() * 13 / (max(map(len, labels)) + 5))  # columns of the longest label's width
+        fig.legend(handles, labels, loc="outside lower center", ncol=max(1, min(ncol, fits)),
+                   frameon=False, handlelength=1.6, columnspacing=1.4, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +42,7 @@ def plane_figure(surface, *, train_metric: str = "train_loss", test_metric: str 
             static.draw_plane(ax, surface, metric, levels=levels, vmax=vmax.get(metric), title=metric_title(metric))
             static.draw_checkpoints(ax, surface, off_plane=off_plane)
         _legend_below(fig, axes, ncol=max(2, min(4, int(width / 2.6))))
-        fig.suptitle(_plane_title(surface), fontsize=11)
+        fig.suptitle(textwrap.fill(_plane_title(surface), int(width * 12)), fontsize=11)
     return fig
 
 
@@ -55,7 +58,7 @@ def _plane_title(surface) -> str:
     through = static.spec_checkpoints(surface)
     method = spec.get("method")
     if method == "through" and through:
-        return "Plane through " + ", ".join(f"{role(c).label} ({c})" for c in through)
+        return "Plane through " + ", ".join(c if role(c).label == c else f"{role(c).label} ({c})" for c in through)
     if method:
         return f"Plane: {method} directions at {spec.get('origin', '?')}"
     return f"Plane: {surface.path.name if surface.path else ''}"
@@ -75,11 +78,9 @@ def offset_figure(surface, *, train_metric: str = "train_loss", test_metric: str
         best = "minima" if res.get("best", ["minimum"] * 2) == ["minimum"] * 2 else "best points"  # (an accuracy's: its maximum)
         ax.set_title(f"{metric_title(train_metric)} vs {metric_title(test_metric).lower()}: "
                      f"{best} {res['length']:.3g} {DISTANCE} apart")
-        handles, labels = static.dedupe_legend([ax])
         note = (f"{best} of the surfaces smoothed over {res['smooth']:g} grid cell(s) (Gaussian σ)"
                 if res.get("smooth") else f"{best} of the grid values")
-        fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, title=note,
-                   title_fontsize=8.5)
+        _legend_below(fig, [ax], ncol=2, title=note, title_fontsize=8.5)
     return fig
 
 

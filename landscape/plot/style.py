@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import textwrap
 import zlib
 from dataclasses import dataclass
 
@@ -153,4 +154,5 @@ def axis_label(axis: str, spec: dict | None = None) -> str:
             hint = f"{ck['a']} → {ck['b']}"
         elif axis == "v" and "c" in ck:
             hint = f"toward {ck['c']}"
-    return f"{axis}: {hint}\n({DISTANCE})" if hint else f"{axis} ({DISTANCE})"
+    # (a long run name is wrapped: a panel's label runs into the next panel otherwise)
+    return f"{textwrap.fill(f'{axis}: {hint}', 44)}\n({DISTANCE})" if hint else f"{axis} ({DISTANCE})"
