@@ -212,3 +212,32 @@ def test_a_maximized_metric_is_drawn_with_its_best_values_dark_in_headless_chrom
     labels = [float(t) for t in res["ticks"]]  # accuracies, falling as the distance below the best grows
     assert len(labels) >= 3 and np.all(np.diff(labels) < 0) and labels[0] <= best
     np.testing.assert_allclose(labels, best - 10.0 ** np.array(res["tickvals"]), atol=0.051)
+
+
+# the colour bar's ticks of the metric shown first (train loss, log scale)
+HARNESS_TICKS = _HARNESS.replace("{body}", r"""      var gd = planes[0];
+      res.tickvals = gd.data[0].colorbar.tickvals;
+      res.ticks = gd.data[0].colorbar.ticktext;
+""")
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("low, high", [(-4.0, 30.0), (-6.0, -6.0)])
+def test_log_ticks_stay_few_over_many_decades_and_name_a_constant_value(tmp_path, low, high):
+    """Over 34 decades the 1-2-5 ticks were 100 labels piled on each other: powers of ten now, at most
+    about eight; a constant surface's one tick is its value (it showed log10 exponents)."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary found (CI installs it with apt-get install chromium)")
+    from landscape.store import Surface
+    plane = make_plane(tmp_path / "p.h5")
+    loss = 10.0 ** np.linspace(low, high, plane.values["train_loss"].size).reshape(plane.values["train_loss"].shape)
+    wide = Surface(plane.path, plane.spec, plane.x, plane.y, dict(plane.values, train_loss=loss), plane.done,
+                   plane.points, plane.paths)
+    page = tmp_path / "explore.html"
+    write_explorer([wide], page)
+    res, _ = _in_chromium(page, HARNESS_TICKS, tmp_path)
+    if low == high:
+        assert [float(t) for t in res["ticks"]] == [1e-6]
+        return
+    assert 2 <= len(res["tickvals"]) <= 9 and all(float(t).is_integer() for t in res["tickvals"])
+    assert [float(t) for t in res["ticks"]] == [10.0 ** t for t in res["tickvals"]]

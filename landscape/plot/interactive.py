@@ -210,7 +210,13 @@ _PLANE_JS = r"""
     if (st.scale !== 'log') { return {tickmode: 'auto', tickvals: null, ticktext: null}; }
     var lo = Infinity, hi = -Infinity;
     z.forEach(function (row) { row.forEach(function (v) { if (v !== null) { lo = Math.min(lo, v); hi = Math.max(hi, v); } }); });
-    if (!isFinite(lo) || hi <= lo) { return {tickmode: 'auto', tickvals: null, ticktext: null}; }
+    if (!isFinite(lo)) { return {tickmode: 'auto', tickvals: null, ticktext: null}; }
+    if (hi <= lo) { return {tickmode: 'array', tickvals: [lo], ticktext: [label(lo, m, 3)]}; }  // one value
+    if (hi - lo > 3) {  // many decades: powers of ten, at most about eight (1-2-5 ticks piled up)
+      var step = Math.ceil((hi - lo) / 8), ks = [], kt = [];
+      for (var p = Math.ceil(lo / step - 1e-9) * step; p <= hi + 1e-9; p += step) { ks.push(p); kt.push(label(p, m, 2)); }
+      if (ks.length >= 2) { return {tickmode: 'array', tickvals: ks, ticktext: kt}; }
+    }
     // ticks at round values (1-2-5, finer when the range spans less than a decade), labelled with the
     // values themselves rather than their logarithms
     var sets = [[1, 2, 5], [1, 1.5, 2, 3, 5, 7], [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9]];
