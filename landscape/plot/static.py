@@ -180,16 +180,20 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
     """Mark the checkpoints of interest on a plane (markers per method, see :func:`style.role`) and
     draw the projected paths of the runs in ``paths``. Checkpoints farther from the plane than
     ``off_plane`` x the grid's larger side are drawn hollow and their legend entry gives the distance;
-    those outside the grid or farther from the plane than the grid's larger side are left out."""
+    those outside the grid or farther from the plane than the grid's larger side are left out, and one
+    legend entry names them."""
     require_kind(surface, "plane")
     far = off_plane_threshold(surface, off_plane)
     # farther from the plane than the plane is wide, a projection says nothing about the values drawn
     # under it: such checkpoints and paths are left out, like those outside the grid
     too_far = off_plane_threshold(surface, 1.0)
+    left_out = []
     for run in paths:
         p = surface.paths.get(run)
-        if (p is None or len(p.coords) == 0 or not _inside(surface, p.coords).any()
-                or np.min(p.distance) > too_far):
+        if p is None or len(p.coords) == 0:
+            continue
+        if not _inside(surface, p.coords).any() or np.min(p.distance) > too_far:
+            left_out.append(run)
             continue
         r = role(run)
         c = np.asarray(p.coords, float)
@@ -204,7 +208,8 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
                     path_effects=[patheffects.withStroke(linewidth=2.6, foreground="white", alpha=0.6)])
     drawn = tuple(r for r in paths if r in surface.paths)
     for name, (coords, dist) in checkpoints_of_interest(surface, skip_runs=drawn).items():
-        if not _inside(surface, coords).all() or dist > too_far:  # no marker, no legend entry
+        if not _inside(surface, coords).all() or dist > too_far:  # no marker: named below
+            left_out.append(name)
             continue
         r = role(name)
         hollow = dist > far
@@ -216,6 +221,10 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
                 mfc="none" if hollow else r.color, mec=r.color if hollow else "white",
                 mew=2.0 if hollow else 0.9, label=label, zorder=5, path_effects=_OUTLINE,
                 alpha=0.65 if hollow else 1.0)
+    if left_out:
+        more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+        ax.plot([], [], linestyle="none", label=f"not drawn (outside the grid or far off the plane): "
+                                                f"{', '.join(left_out[:3])}{more}")
     return ax
 
 
@@ -562,6 +571,8 @@ def _legend_order(label: str) -> int:
             ["lookahead/slow", "lookahead/fast", "lookahead-adam/slow", "lookahead-adam/fast"] + \
             [f"grafting/net{i}" for i in range(16)] + [f"grafting/baseline{i}" for i in range(16)]
         _ROLE_LABELS = sorted(((role(n).label, role(n).order) for n in names), key=lambda lo: -len(lo[0]))
+    if label.startswith("not drawn"):
+        return 1000  # last
     for text, order in _ROLE_LABELS:
         if label.startswith(text):
             return order
