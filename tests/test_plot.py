@@ -258,7 +258,7 @@ def test_plane_figure_marks_checkpoints_and_points_off_the_plane(plane):
     beyond = make_plane_surface_with_far(plane, 100.0)  # farther off than the plane is wide: left out, named
     labels = [t.get_text() for t in figures.plane_figure(beyond).legends[0].get_texts()]
     assert not any(lbl.startswith("SWAP worker 0") for lbl in labels)
-    assert labels[-1] == "not drawn (outside the grid or far off the plane): swap/worker0:3"
+    assert labels[-1] == "not drawn (outside or far off): swap/worker0:3"
 
 
 def make_plane_surface_with_far(plane, far):

@@ -20,7 +20,8 @@ def _legend_below(fig, axes, ncol: int | None = None, **kwargs) -> None:
     handles, labels = static.dedupe_legend(axes)
     if handles:
         ncol = ncol or min(4, len(labels))
-        fits = int(fig.get_figwidth() * 13 / (max(map(len, labels)) + 5))  # columns of the longest label's width
+        widest = max((len(lab) for lab in labels if not lab.startswith("not drawn")), default=20)  # (the note: last)
+        fits = int(fig.get_figwidth() * 13 / (widest + 5))  # columns of the longest label's width
         fig.legend(handles, labels, loc="outside lower center", ncol=max(1, min(ncol, fits)),
                    frameon=False, handlelength=1.6, columnspacing=1.4, **kwargs)
 

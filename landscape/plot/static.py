@@ -223,8 +223,7 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
                 alpha=0.65 if hollow else 1.0)
     if left_out:
         more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
-        ax.plot([], [], linestyle="none", label=f"not drawn (outside the grid or far off the plane): "
-                                                f"{', '.join(left_out[:3])}{more}")
+        ax.plot([], [], linestyle="none", label=f"not drawn (outside or far off): {', '.join(left_out[:3])}{more}")
     return ax
 
 
