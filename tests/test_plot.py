@@ -256,9 +256,9 @@ def test_plane_figure_marks_checkpoints_and_points_off_the_plane(plane):
     labels = [t.get_text() for t in figures.plane_figure(near).legends[0].get_texts()]
     assert "SWAP worker 0" in labels and not any(lbl.startswith("not drawn") for lbl in labels)
     beyond = make_plane_surface_with_far(plane, 100.0)  # farther off than the plane is wide: left out, named
-    labels = [t.get_text() for t in figures.plane_figure(beyond).legends[0].get_texts()]
-    assert not any(lbl.startswith("SWAP worker 0") for lbl in labels)
-    assert labels[-1] == "not drawn (outside or far off): swap/worker0:3"
+    legend = figures.plane_figure(beyond).legends[0]
+    assert not any(t.get_text().startswith("SWAP worker 0") for t in legend.get_texts())
+    assert legend.get_title().get_text() == "not drawn (outside or far off): swap/worker0:3"  # above the entries
 
 
 def make_plane_surface_with_far(plane, far):

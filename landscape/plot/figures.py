@@ -16,13 +16,16 @@ from . import analysis, static
 from .style import DISTANCE, metric_title, role, style
 
 
-def _legend_below(fig, axes, ncol: int | None = None, **kwargs) -> None:
+def _legend_below(fig, axes, ncol: int | None = None, title: str | None = None, **kwargs) -> None:
     handles, labels = static.dedupe_legend(axes)
-    if handles:
-        ncol = ncol or min(4, len(labels))
-        widest = max((len(lab) for lab in labels if not lab.startswith("not drawn")), default=20)  # (the note: last)
-        fits = int(fig.get_figwidth() * 13 / (widest + 5))  # columns of the longest label's width
-        fig.legend(handles, labels, loc="outside lower center", ncol=max(1, min(ncol, fits)),
+    chars = int(fig.get_figwidth() * 13)  # (about as many characters fit across the figure)
+    notes = [lab for lab in labels if lab.startswith("not drawn")]  # what was left out: under the title
+    kept = [(h, lab) for h, lab in zip(handles, labels) if lab not in notes]
+    title = "\n".join([title] * bool(title) + [textwrap.fill(n, chars) for n in notes]) or None
+    if kept:
+        ncol = ncol or min(4, len(kept))
+        fits = int(chars / (max(len(lab) for _, lab in kept) + 5))  # columns of the longest label's width
+        fig.legend(*zip(*kept), loc="outside lower center", ncol=max(1, min(ncol, fits)), title=title,
                    frameon=False, handlelength=1.6, columnspacing=1.4, **kwargs)
 
 
