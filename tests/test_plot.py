@@ -502,3 +502,14 @@ def test_huge_values_are_labelled_in_scientific_notation():
     """A diverged plane's colour bar read 38-digit integers that ran into the next panel."""
     assert static._fmt(1.234e37) == "1.23e+37" and static._fmt(12345.0) == "12345"
     assert static._distinct_labels([1e36, 1.0001e36, 2e36]) == ["1e+36", "1.0001e+36", "2e+36"]
+
+
+def test_a_users_metric_in_percent_is_labelled_so(tmp_path):
+    """A task that gives its accuracy in percent (``percent=("acc",)``) gets "(%)" on its colour bar and
+    "%" on its best value, as an error does (its accuracy read as a bare number)."""
+    acc = make_plane(tmp_path / "acc.h5", maximized=True)
+    fig = figures.plane_figure(acc)
+    assert fig.axes[-1].get_ylabel() == "test acc (%)"
+    labels = [t.get_text() for t in figures.offset_figure(acc).legends[0].get_texts()]
+    assert any(lbl.startswith("test acc maximum (") and lbl.endswith(" %)") for lbl in labels)
+    assert figures.plane_figure(make_plane(tmp_path / "err.h5")).axes[-1].get_ylabel() == "test error (%)"

@@ -104,10 +104,22 @@ def draw_plane(ax, surface, metric: str = "train_loss", *, levels: int = 7, log_
         cb.set_ticks(ticks)
         cb.set_ticklabels(_distinct_labels(sign * lv[:-1]) + [f"{'>' if sign > 0 else '<'} {_fmt(sign * top)}"])
         cb.ax.tick_params(labelsize=8)
-        cb.set_label(metric_label(metric))
+        cb.set_label(_label(surface, metric))
     _plane_axes(ax, surface)
     ax.set_title(title if title is not None else metric_label(metric)[0].upper() + metric_label(metric)[1:])
     return ax
+
+
+def _label(surface, metric: str) -> str:
+    """``metric``'s axis label, with "(%)" where the surface's task gives it in percent (an error's
+    label has it already; a user's accuracy had none)."""
+    label = metric_label(metric)
+    return label + " (%)" if surface.in_percent(metric) and "(%)" not in label else label
+
+
+def _value(surface, metric: str, v: float) -> str:
+    text = metric_value(metric, v)
+    return text + " %" if surface.in_percent(metric) and not text.endswith("%") and text != "n/a" else text
 
 
 def _sample_cmap(name: str, n: int):
@@ -267,9 +279,9 @@ def draw_offset(ax, surface, train_metric: str = "train_loss", test_metric: str 
                    linewidths=np.linspace(1.8, 0.6, len(lv) - 2), zorder=2)
     a, b = np.array(res["train_min"]), np.array(res["test_min"])
     ax.plot(*a, linestyle="none", marker="o", ms=9, mfc=TRAIN_COLOR, mec="white", mew=1.2, zorder=6,
-            label=f"{metric_name(train_metric)} {res['best'][0]} ({metric_value(train_metric, res['train_min_value'])})")
+            label=f"{metric_name(train_metric)} {res['best'][0]} ({_value(surface, train_metric, res['train_min_value'])})")
     ax.plot(*b, linestyle="none", marker="s", ms=8, mfc=TEST_COLOR, mec="white", mew=1.2, zorder=6,
-            label=f"{metric_name(test_metric)} {res['best'][1]} ({metric_value(test_metric, res['test_min_value'])})")
+            label=f"{metric_name(test_metric)} {res['best'][1]} ({_value(surface, test_metric, res['test_min_value'])})")
     if res["length"] > 0:
         ax.annotate("", xy=b, xytext=a, zorder=7,
                     arrowprops=dict(arrowstyle="-|>", lw=2.0, color="black", shrinkA=6, shrinkB=6,
@@ -381,7 +393,7 @@ def draw_line(ax, surface, metric: str = "train_loss", *, color: str | None = No
     if log if log is not None else metric.endswith("loss"):
         ax.set_yscale("log")
     ax.set_xlabel(f"distance along the line ({DISTANCE})")
-    ax.set_ylabel(metric_label(metric), color=color)
+    ax.set_ylabel(_label(surface, metric), color=color)
     ax.tick_params(axis="y", colors=color)
     ax.set_xlim(surface.x[0], surface.x[-1])
     for name, t0 in (solutions if solutions is not None else line_solutions(surface)).items() if mark else ():

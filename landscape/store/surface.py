@@ -320,6 +320,10 @@ class Surface:
         name = f"test_{self.task.get('primary', 'err')}"
         return name if name in self.values else "test_loss"
 
+    def in_percent(self, metric: str) -> bool:
+        """Whether the task gives ``metric`` in percent (``test_err``; a user's task names its own)."""
+        return metric.split("_", 1)[-1] in self.task.get("percent", ())
+
     def maximized(self, metric: str) -> bool:
         """Whether larger values of ``metric`` (``test_acc``) are better: the task names it in ``maximize``."""
         return metric.split("_", 1)[-1] in self.task.get("maximize", ())
