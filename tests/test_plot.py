@@ -513,3 +513,11 @@ def test_a_users_metric_in_percent_is_labelled_so(tmp_path):
     labels = [t.get_text() for t in figures.offset_figure(acc).legends[0].get_texts()]
     assert any(lbl.startswith("test acc maximum (") and lbl.endswith(" %)") for lbl in labels)
     assert figures.plane_figure(make_plane(tmp_path / "err.h5")).axes[-1].get_ylabel() == "test error (%)"
+
+
+def test_a_constant_surface_is_banded_just_above_its_value():
+    """Every value 1e-6: the bands span 1e-6 to 1.001e-6 (they spanned 1e-6 to 2e-6, a factor of two
+    the surface does not have)."""
+    levels, top = analysis.log_levels(np.full(9, 1e-6))
+    assert levels[0] == 1e-6 and top == pytest.approx(1.001e-6)
+    assert analysis.log_levels(np.zeros(9))[1] == pytest.approx(1e-6)

@@ -52,8 +52,8 @@ def log_levels(values, n: int = 7, log_alpha: float | None = None, vmax: float |
     if vmax is not None:
         top = min(top, float(vmax))
     span = top - vmin
-    if not span > 0:  # constant surface: a single band around it
-        span = max(abs(vmin), 1.0) * 1e-6
+    if not span > 0:  # constant surface: a single band just above it (a span of 1e-6 drew 1e-6 as up to 2e-6)
+        span = abs(vmin) * 1e-3 if vmin else 1e-6
         top = vmin + span
     if log_alpha is None:
         log_alpha = default_log_alpha(v, top)
