@@ -140,6 +140,10 @@ def test_a_minimum_beside_a_diverged_region_is_the_grid_point_not_a_quadratic_be
     p, val = analysis.grid_minimum(X, Y, v)
     np.testing.assert_allclose(p, [X[4], Y[3]])
     assert val == 0.05
+    gx, gy = np.meshgrid(X, Y, indexing="ij")  # a bowl beside a wall of diverged columns: a quadratic fits
+    bowl = np.where(gx > X[6], 1e3, 1.0 + (gx - X[6] + 0.2) ** 2 + (gy - 0.1) ** 2)  # the 3x3 values exactly
+    p, val = analysis.grid_minimum(X, Y, bowl)  # (its vertex was -125 half a cell toward the wall)
+    assert val > 1.0 and p[0] <= X[6]
 
 
 def test_smoothing_finds_the_trend_minimum_of_a_noisy_surface():

@@ -102,9 +102,10 @@ def grid_minimum(x, y, values, refine: bool = True, smooth: float = 0.0):
     plateau of exactly equal values has its minimum where it is farthest from any rise, which may be
     at the grid's edge: ``smooth=0`` gives the plateau's centroid); a unique grid minimum
     away from the border is refined by a least-squares quadratic fit over its 3x3 neighbourhood when
-    that fit has a proper minimum inside the neighbourhood and follows the values (its residual at
-    most a tenth of their range: next to a diverged region no quadratic does, and its vertex could lie
-    anywhere below them)."""
+    that fit has a proper minimum inside the neighbourhood, follows the values (its residual at most a
+    tenth of their range) and the values do not rise by orders of magnitude more on one side than on
+    most (the largest rise at most 1000 times the median one): next to a diverged region, one cell
+    or a whole wall of them, a fitted vertex could lie anywhere below the values."""
     from scipy import ndimage
 
     x, y, v = np.asarray(x, float), np.asarray(y, float), np.asarray(values, float)
@@ -140,7 +141,8 @@ def grid_minimum(x, y, values, refine: bool = True, smooth: float = 0.0):
                 d = np.linalg.solve(H, -c[1:3])
                 if abs(d[0]) <= x[i + 1] - x[i] and abs(d[1]) <= y[j + 1] - y[j]:
                     val = c[0] + c[1] * d[0] + c[2] * d[1] + c[3] * d[0] ** 2 + c[4] * d[0] * d[1] + c[5] * d[1] ** 2
-                    return point + d, float(min(val, vmin))
+                    if zs.max() - vmin <= 1000 * (np.median(zs) - vmin):
+                        return point + d, float(min(val, vmin))
     return point, vmin
 
 
