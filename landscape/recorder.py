@@ -262,7 +262,8 @@ class Recorder:
         then make a save point; return :attr:`kept`. Call it after ``resume=True`` with the epoch of
         your own checkpoint that the loop resumes from: the rows a crashed loop recorded past that
         checkpoint belong to a branch that is not continued (a training that is not bit-reproducible
-        goes elsewhere from the checkpoint), and the file must hold one history."""
+        goes elsewhere from the checkpoint), and the file must hold one history. (A run's ``frozen``
+        parameters stay those of every record before the rewind, the dropped ones included.)"""
         self._check_open()
         if (epoch is None) == (step is None):
             raise ConfigError("rewind() takes epoch= or step=, one of them")
@@ -384,7 +385,10 @@ class Recorder:
             if name not in frozen or _digest(values[slices[name]]) != digests[name]:
                 del digests[name]
         if set(digests) != (written or set()):
-            self.writer.set_attrs(run, frozen=[e.name for e in self.layout.params if e.name in digests])
+            if digests:
+                self.writer.set_attrs(run, frozen=[e.name for e in self.layout.params if e.name in digests])
+            else:  # (none frozen: no attribute, as for a run that trained everything from the start)
+                del self.writer.file[f"runs/{run}"].attrs["frozen"]
             self._frozen[run] = digests, set(digests)
 
     def record_lookahead(self, optimizer, model: nn.Module, *, prefix: str = "lookahead", epoch=None, step=None,

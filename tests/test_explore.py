@@ -241,3 +241,4 @@ def test_log_ticks_stay_few_over_many_decades_and_name_a_constant_value(tmp_path
         return
     assert 2 <= len(res["tickvals"]) <= 9 and all(float(t).is_integer() for t in res["tickvals"])
     assert [float(t) for t in res["ticks"]] == [10.0 ** t for t in res["tickvals"]]
+    assert all(len(t) <= 6 for t in res["ticks"])  # 1e+10, not 10000000000

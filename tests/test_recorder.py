@@ -233,15 +233,19 @@ def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and
         ema = copy.deepcopy(model).requires_grad_(False)  # an EMA copy: trains nothing, moves every record
         moved = copy.deepcopy(model)  # a frozen layer whose weight changes anyway (set by hand): trained
         moved[0].requires_grad_(False)
+        thawed = copy.deepcopy(model).requires_grad_(True)
         for epoch in range(2):
             with torch.no_grad():
                 for net in (ema, moved):
                     net[0].weight.mul_(0.9)
             rec.record("ema", ema, epoch=epoch)
             rec.record("moved", moved, epoch=epoch)
+            thawed[0].requires_grad_(epoch > 0)  # a layer frozen at the first record, trained after it
+            rec.record("thawed", thawed, epoch=epoch)
     traj = open_trajectory(out)
     assert traj.layout_of("ema").frozen == [] and "frozen" not in traj.run("ema").attrs
     assert traj.layout_of("moved").frozen == ["0.bias"]
+    assert "frozen" not in traj.run("thawed").attrs  # (not an empty list)
     assert Plane.random(traj, "ema:1").basis[:, :10].abs().max() > 0 and Plane.random(ema).basis.abs().max() > 0
     assert traj.layout_of("sgd").frozen == [] and "frozen" not in traj.run("sgd").attrs
     assert traj.layout_of("head").frozen == traj.run("head").attrs["frozen"] == ["0.weight", "0.bias"]
@@ -263,7 +267,7 @@ def test_frozen_parameters_are_recorded_per_run_and_left_alone_by_directions_and
     add_averages(traj, [Average(Window.parse("head:1:"))], tmp_path / "averaged.h5")
     averaged = open_trajectory(tmp_path / "averaged.h5")
     assert {r: averaged.layout_of(r).frozen for r in averaged.runs} == {
-        "sgd": [], "head": ["0.weight", "0.bias"], "ema": [], "moved": ["0.bias"],
+        "sgd": [], "head": ["0.weight", "0.bias"], "ema": [], "moved": ["0.bias"], "thawed": [],
         "avg/head/uniform_1_3": ["0.weight", "0.bias"]}
     everything = Plane.random(traj, "sgd:0", seed=3)
     assert float(everything.basis[:, frozen_at].abs().max()) > 0 and "frozen" not in everything.spec

@@ -22,11 +22,11 @@ def _legend_below(fig, axes, ncol: int | None = None, title: str | None = None, 
     notes = [lab for lab in labels if lab.startswith("not drawn")]  # what was left out: under the title
     kept = [(h, lab) for h, lab in zip(handles, labels) if lab not in notes]
     title = "\n".join([title] * bool(title) + [textwrap.fill(n, chars) for n in notes]) or None
-    if kept:
-        ncol = ncol or min(4, len(kept))
-        fits = int(chars / (max(len(lab) for _, lab in kept) + 5))  # columns of the longest label's width
-        fig.legend(*zip(*kept), loc="outside lower center", ncol=max(1, min(ncol, fits)), title=title,
-                   frameon=False, handlelength=1.6, columnspacing=1.4, **kwargs)
+    if kept or title:
+        ncol = ncol or min(4, max(len(kept), 1))
+        fits = int(chars / (max((len(lab) for _, lab in kept), default=0) + 5))  # columns of the longest label's width
+        fig.legend(*(zip(*kept) if kept else ([], [])), loc="outside lower center", ncol=max(1, min(ncol, fits)),
+                   title=title, frameon=False, handlelength=1.6, columnspacing=1.4, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +62,8 @@ def _plane_title(surface) -> str:
     through = static.spec_checkpoints(surface)
     method = spec.get("method")
     if method == "through" and through:
-        return "Plane through " + ", ".join(c if role(c).label == c else f"{role(c).label} ({c})" for c in through)
+        return "Plane through " + ", ".join(c if role(c).label == static.run_of(c) else f"{role(c).label} ({c})"
+                                            for c in through)
     if method:
         return f"Plane: {method} directions at {spec.get('origin', '?')}"
     return f"Plane: {surface.path.name if surface.path else ''}"

@@ -202,7 +202,9 @@ _PLANE_JS = r"""
   }
   function label(t, m, digits) {  // the value at log-scale position t
     var d = Math.pow(10, t), best = D.metrics[m].best;
-    if (best === null) { return Number(d.toPrecision(digits)).toString(); }
+    if (best === null) {  // (JavaScript writes numbers below 1e21 in full: 1e10 read as 10000000000)
+      return d >= 1e5 ? d.toExponential(digits - 1).replace(/\.?0+e/, 'e') : Number(d.toPrecision(digits)).toString();
+    }
     return Number((best - d).toFixed(Math.max(1, digits - 1 - Math.floor(Math.log10(d))))).toString();
   }
   function grid(z, m) { return z.map(function (row) { return row.map(function (v) { return tr(v, m); }); }); }

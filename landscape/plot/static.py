@@ -165,8 +165,8 @@ def checkpoints_of_interest(surface, skip_runs=()) -> dict:
     projected run none of whose checkpoints is named and which is not in ``skip_runs``."""
     made_of = set(spec_checkpoints(surface))
     out = {n: (np.asarray(p.coords, float), float(p.distance)) for n, p in surface.points.items()
-           if n in made_of or (_run_of(n) not in POINT_RUNS_SKIP and _run_of(n) not in skip_runs)}
-    named_runs = {_run_of(n) for n in surface.points}
+           if n in made_of or (run_of(n) not in POINT_RUNS_SKIP and run_of(n) not in skip_runs)}
+    named_runs = {run_of(n) for n in surface.points}
     for run, p in surface.paths.items():
         if run in named_runs or run in POINT_RUNS_SKIP or run in skip_runs or len(p.coords) == 0:
             continue
@@ -174,7 +174,7 @@ def checkpoints_of_interest(surface, skip_runs=()) -> dict:
     return dict(sorted(out.items(), key=lambda kv: (role(kv[0]).order, kv[0])))
 
 
-def _run_of(name: str) -> str:
+def run_of(name: str) -> str:
     run, sep, index = name.rpartition(":")
     return run if sep and index.lstrip("-").isdigit() else name
 
@@ -226,7 +226,7 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
         r = role(name)
         hollow = dist > far
         marker, size, label = r.marker, r.size, r.label
-        if _run_of(name) in POINT_RUNS_SKIP:  # one checkpoint of a run otherwise drawn as dots
+        if run_of(name) in POINT_RUNS_SKIP:  # one checkpoint of a run otherwise drawn as dots
             marker, size, label = "o", 7, f"{r.label} ({name})"
         label += f" ({dist:.2g} off plane)" if hollow else ""
         ax.plot(coords[0], coords[1], linestyle="none", marker=marker, ms=size,
@@ -320,7 +320,7 @@ def line_solutions(surface, names=None) -> dict:
     def find(n):
         if n in pts:
             return n
-        hits = [k for k in pts if _run_of(k) == n]
+        hits = [k for k in pts if run_of(k) == n]
         return hits[0] if hits else None
     if names:
         found = {n: find(n) for n in names}
@@ -375,7 +375,7 @@ def match_rays(rays: dict, solutions: dict) -> tuple:
     out, used = {}, set()
     for name in solutions:
         for origin, curves in rays.items():
-            same_run = _run_of(origin) == _run_of(name) and (origin == _run_of(origin) or name == _run_of(name))
+            same_run = run_of(origin) == run_of(name) and (origin == run_of(origin) or name == run_of(name))
             if origin == name or same_run:
                 out.setdefault(name, []).extend(curves)
                 used.add(origin)
