@@ -77,7 +77,7 @@ def metric_names(task, weight_decay=None, stderr: bool = False) -> tuple:
 @dataclass(frozen=True)
 class BatchNormPolicy:
     policy: str = "recompute"   # recompute | interpolate | stored | none
-    batch_size: int = 1000      # batches of the recompute pass (the results depend on it)
+    batch_size: int = 1000      # batches of the recompute pass (the results depend on it; 0: a data source's own)
     samples: int | None = None  # recompute from a fixed random subset of this many training samples
     seed: int = 0               # which subset
 
@@ -176,6 +176,16 @@ def _stacked_channels_last(bn: _BatchNorm, x: torch.Tensor, m: int, g: int, c: i
 def _scale(bn: _BatchNorm, m2: torch.Tensor, count: int) -> torch.Tensor:
     scale = torch.rsqrt(m2 / count + bn.eps)
     return scale * bn.weight.double() if bn.weight is not None else scale
+
+
+def _joined(a, b):
+    """Two batches of the same structure as one (tensors concatenated along the samples)."""
+    try:
+        return tree_map(lambda u, v: torch.cat([u, v]) if torch.is_tensor(u) else u, a, b)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise DataError("a training batch of one sample cannot pass through BatchNorm alone, and joining it to "
+                        f"the batch beside it failed ({str(e).splitlines()[0]}); give the data source batches "
+                        "of at least two samples") from None
 
 
 def _keep_statistics(bn: _BatchNorm, mean: torch.Tensor, m2: torch.Tensor, m: int, count: int) -> None:
@@ -445,10 +455,19 @@ class Evaluator:
     def _bn_calls(self):
         """The recompute pass as (batch, BatchNorm batch size) calls. In memory: consecutive batches
         of equal size (those of :func:`batch_slices`) stacked up to about ``batch_size`` samples a
-        call; from a data source: each of its training batches, one BatchNorm batch."""
+        call; from a data source: each of its training batches, one BatchNorm batch, a batch of one
+        sample joined to its neighbour (as :func:`batch_slices` does: its variance is 0 / 0)."""
         if not torch.is_tensor(self.x_bn):
-            for batch in self.x_bn.batches("train", self.bn.batch_size, self.device):
-                yield batch, batch_size_of(batch)
+            held = None
+            for batch in self.x_bn.batches("train", None, self.device):
+                if held is not None and 1 in (batch_size_of(held), batch_size_of(batch)):
+                    held = _joined(held, batch)
+                    continue
+                if held is not None:
+                    yield held, batch_size_of(held)
+                held = batch
+            if held is not None:
+                yield held, batch_size_of(held)
             return
         batches, calls, i = batch_slices(len(self.x_bn), self.bn.batch_size), [], 0
         per_call = max(1, self.batch_size // self.bn.batch_size)

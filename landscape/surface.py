@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import queue
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import as_data
+from .data import StreamData, as_data
 from .device import resolve_device, thread_workers
 from .dist import Group
 from .errors import ConfigError, LandscapeError, ModelError, ProcessDied, WriteError
@@ -166,7 +167,7 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
         _check_same_shapes(Layout.of(unwrap(geom.model)[0]), layout, geom.kind)
     grid = make_grid(geom, grid, margin, xrange, yrange)
     check_points(geom.values_shape(grid), geom.kind)
-    policy = _policy(bn, bn_batch_size or batch_size, bn_samples, module, geom)
+    policy = _policy(bn, bn_batch_size or batch_size, bn_samples, module, geom, data, bn_batch_size is not None)
     points, runs = geom.project(checkpoints=checkpoints, paths=paths)
     points_of = _PointEvaluator(copy_module(module).to(device), layout, data, geom, grid, policy, batch_size,
                                 weight_decay, device, stderr=samples is not None)  # a copy: the caller's module stays
@@ -193,11 +194,19 @@ def _check_geometry(geom) -> None:
         raise ConfigError(f"a surface needs a Plane or a Line, got {type(geom).__name__}")
 
 
-def _policy(bn, bn_batch_size: int, bn_samples, model, geom) -> BatchNormPolicy:
+def _policy(bn, bn_batch_size: int, bn_samples, model, geom, data, asked_batch: bool) -> BatchNormPolicy:
+    """The BatchNorm policy; ``asked_batch``: the caller gave ``bn_batch_size``, which a data source's
+    recompute pass cannot take (its BatchNorm batches are the source's own: recorded as 0)."""
     if not isinstance(bn, BatchNormPolicy):
         bn = BatchNormPolicy(bn or "auto", bn_batch_size, bn_samples)
     basis = geom.buffer_basis
-    return resolve_policy(bn, model, basis is not None, buffers_differ=basis is not None and bool(basis.any()))
+    policy = resolve_policy(bn, model, basis is not None, buffers_differ=basis is not None and bool(basis.any()))
+    if policy.policy == "recompute" and isinstance(data, StreamData):
+        if asked_batch:
+            raise ConfigError("bn_batch_size does not apply to a data source: its recompute pass takes the source's "
+                              "own training batches as BatchNorm batches (give the source that batch size)")
+        policy = dataclasses.replace(policy, batch_size=0)
+    return policy
 
 
 def _subset(data, samples: int | None, seed: int):
@@ -434,7 +443,8 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
         default_batch = int(traj.config.get("eval_batch_size", 1000))
         data = rebuild_data(traj, ranks.device)
         model = rebuild_model(traj, data, ranks.device)
-        policy = _policy(bn, default_batch if bn_batch_size is None else bn_batch_size, bn_samples, model, geom)
+        policy = _policy(bn, default_batch if bn_batch_size is None else bn_batch_size, bn_samples, model, geom, data,
+                         bn_batch_size is not None)
         data = _subset(data, samples, seed)
         spec = surface_spec(geom, grid, policy, weight_decay, traj, data, samples, seed)
         points_of = _PointEvaluator(model, traj.layout, data, geom, grid, policy,

@@ -655,3 +655,29 @@ def test_a_hessian_plane_takes_the_task_and_refuses_one_that_does_not_fit():
     assert plane.derived["eigenvalues"] == same.derived["eigenvalues"]
     with pytest.raises(ModelError, match="task 'classification' needs logits"):  # float targets, the default task
         ls.Plane.hessian(net, data=tensors, samples=60)
+
+
+def test_a_streamed_recompute_pass_joins_a_one_sample_batch_and_takes_the_sources_batches():
+    """BatchNorm recompute from a DataLoader whose last batch holds one sample: that batch's variance
+    is 0 / 0, and every value of the surface was NaN; it joins the batch before it, as in memory, and
+    the values are those of the same data in memory. The source's batches are the BatchNorm batches:
+    recorded as 0, and a bn_batch_size it would ignore is refused."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from landscape import evaluate_surface
+    from landscape.errors import ConfigError
+    from landscape.geometry import Grid, Line
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    other = copy.deepcopy(net)
+    torch.nn.init.normal_(other[0].weight)
+    x, y, xt, yt = torch.randn(33, 4), torch.randint(0, 3, (33,)), torch.randn(12, 4), torch.randint(0, 3, (12,))
+    line = Line.through(net, other)
+    grid = Grid((0.0, line.derived["length"]), 3)
+    streamed = evaluate_surface(net, line, (DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True),
+                                            DataLoader(TensorDataset(xt, yt), batch_size=8)), grid, bn="recompute")
+    in_memory = evaluate_surface(net, line, (x, y, xt, yt), grid, bn="recompute", bn_batch_size=8)
+    np.testing.assert_allclose(streamed.values["train_loss"], in_memory.values["train_loss"], rtol=1e-6)
+    assert streamed.spec["bn"]["batch_size"] == 0
+    with pytest.raises(ConfigError, match="bn_batch_size does not apply to a data source"):
+        evaluate_surface(net, line, (DataLoader(TensorDataset(x, y), batch_size=8),
+                                     DataLoader(TensorDataset(xt, yt), batch_size=8)), grid, bn_batch_size=4)
