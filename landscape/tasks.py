@@ -169,6 +169,8 @@ class Classification(Task):
         return Evaluation(losses, {"err": 100.0 * (logits.argmax(-1) != y).double()})
 
     def loss(self, output, batch, reduction: str = "mean") -> torch.Tensor:
+        if type(self).evaluate is not Classification.evaluate:  # a subclass's own loss (temperature, smoothing)
+            return super().loss(output, batch, reduction)
         return F.cross_entropy(logits_of(output), targets_of(batch), reduction=reduction)
 
 
