@@ -672,6 +672,8 @@ class MetricSums:
         return out
 
     def _stderr(self, m: str, mean: torch.Tensor, population: int) -> torch.Tensor:
+        if not getattr(self.task, "per_sample", True):  # batch means given to every sample: no spread over samples
+            return torch.full_like(mean, float("nan"))
         n = self.n
         resid = self.sq[m] - 2 * mean * self.cross[m] + mean.square() * self.count_sq    # sum (v - mean c)^2
         fpc = max(0.0, 1.0 - n / population)

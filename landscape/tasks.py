@@ -119,7 +119,8 @@ class Task:
     """A task; subclasses set ``name``, ``metrics`` (names of per-sample metrics), ``primary`` (the
     metric figures show on the test split; may be ``loss``), ``percent`` (metrics in percent),
     ``maximize`` (metrics where larger is better, such as an accuracy: the offset and figures take
-    their maximum) and implement :meth:`evaluate`. ``derived`` metrics are functions of the split's means. A task is
+    their maximum), ``per_sample`` (False where the values given to each sample are its batch's: a
+    subset's standard errors are then NaN) and implement :meth:`evaluate`. ``derived`` metrics are functions of the split's means. A task is
     ``row_wise`` when sample i's values depend on its own row of the logits (:func:`logits_of`) and its
     target only: the evaluator then scores K points' logits as K * n samples in one call."""
     name = "task"
@@ -129,6 +130,7 @@ class Task:
     percent: tuple = ()
     derived: tuple = ()
     maximize: tuple = ()
+    per_sample = True  # the values are each sample's own (not a batch's mean given to every sample)
 
     def evaluate(self, output, batch) -> Evaluation:
         raise NotImplementedError
@@ -214,8 +216,10 @@ class LanguageModel(Task):
 
 
 class ModelLoss(Task):
-    """The model's own ``.loss`` (a batch mean), given to each sample of the batch."""
+    """The model's own ``.loss`` (a batch mean), given to each sample of the batch (so its values are
+    not per sample: a subset's standard errors are not known, NaN)."""
     name = "model-loss"
+    per_sample = False
 
     def evaluate(self, output, batch) -> Evaluation:
         loss = output.get("loss") if isinstance(output, dict) else None

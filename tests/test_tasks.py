@@ -295,6 +295,10 @@ def test_dict_batch_model_with_loss_evaluates_on_a_line(task):
         with torch.no_grad():
             expected = np.mean([float(net(x_tr[i:i + 10], y_tr[i:i + 10]).loss) for i in range(0, 30, 10)])
         assert evaluate_model(net, as_data(data, task=task))["train_loss"] == pytest.approx(expected, rel=1e-6)
+        # a subset's standard errors: not known from batch means given to every sample (they read 0 when the
+        # subset was one batch, too small otherwise)
+        subset = ls.evaluate_surface(net, line, data, 4, task=task, samples=20)
+        assert np.isnan(subset.values["train_loss_se"]).all() and np.isfinite(subset.values["train_loss"]).all()
 
 
 def test_subset_standard_error_matches_the_spread_of_repeated_subsets():
