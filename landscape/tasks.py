@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, DataError, ModelError
 
 IGNORE_INDEX = -100
 
@@ -167,7 +167,11 @@ class Classification(Task):
         if logits.ndim != 2 or y.ndim != 1 or len(logits) != len(y) or y.is_floating_point():
             raise ModelError(f"task 'classification' needs logits (n, classes) and integer labels (n,); got "
                              f"outputs {list(logits.shape)} and targets {list(y.shape)} ({y.dtype})")
-        losses = F.cross_entropy(logits, y, reduction="none")
+        try:
+            losses = F.cross_entropy(logits, y, reduction="none")
+        except IndexError as e:  # a label past the logits, in a streamed batch no check before the work read
+            raise DataError(f"a label is out of range for the model's {logits.shape[-1]} classes "
+                            f"({str(e).rstrip('.')})") from None
         return Evaluation(losses, {"err": 100.0 * (logits.argmax(-1) != y).double()})
 
     def loss(self, output, batch, reduction: str = "mean") -> torch.Tensor:

@@ -714,3 +714,15 @@ def test_a_classification_subclass_with_its_own_loss_is_differentiated_with_it()
     r = checkpoint_sharpness(net, layout, w, layout.buffers_to_vector(net), as_data((x, y, x, y), task=Tempered()),
                              SharpnessSpec(top_k=2, probes=4, ascent_steps=0), BatchNormPolicy("none"))
     np.testing.assert_allclose(r["eigenvalues"], torch.linalg.eigvalsh(0.5 * (H + H.T)).flip(0)[:2].numpy(), rtol=1e-4)
+
+
+def test_a_label_past_the_logits_in_a_later_streamed_batch_is_one_line():
+    """The check before the work reads the first batch; a later one's label past the logits was torch's
+    IndexError with its traceback."""
+    from landscape.errors import DataError
+    torch.manual_seed(0)
+    net, other = nn.Sequential(nn.Linear(3, 4)), nn.Sequential(nn.Linear(3, 4))
+    x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
+    train = lambda: iter([(x[:8], y[:8]), (x[8:], y[8:] + 4)])  # noqa: E731
+    with pytest.raises(DataError, match="a label is out of range for the model's 4 classes"):
+        ls.evaluate_surface(net, ls.Line.through(net, other), (train, lambda: iter([(x, y)])), 3)
