@@ -456,11 +456,12 @@ class Evaluator:
         """The recompute pass as (batch, BatchNorm batch size) calls. In memory: consecutive batches
         of equal size (those of :func:`batch_slices`) stacked up to about ``batch_size`` samples a
         call; from a data source: each of its training batches, one BatchNorm batch, a batch of one
-        sample joined to its neighbour (as :func:`batch_slices` does: its variance is 0 / 0)."""
+        sample joined to its neighbour where a BatchNorm layer sees one value per channel of a sample
+        (as :func:`batch_slices` does: that batch's variance would be 0 / 0)."""
         if not torch.is_tensor(self.x_bn):
-            held = None
+            held, alone = None, min(self._per_sample.values(), default=2) > 1  # (a sequence's L values: fine)
             for batch in self.x_bn.batches("train", None, self.device):
-                if held is not None and 1 in (batch_size_of(held), batch_size_of(batch)):
+                if held is not None and not alone and 1 in (batch_size_of(held), batch_size_of(batch)):
                     held = _joined(held, batch)
                     continue
                 if held is not None:

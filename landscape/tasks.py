@@ -141,8 +141,11 @@ class Task:
 
     def loss(self, output, batch, reduction: str = "mean") -> torch.Tensor:
         """The training loss of a batch: the sum of per-sample losses (``reduction="sum"``), or that
-        over the sum of counts (``"mean"``: the mean over samples, or over tokens)."""
+        over the sum of counts (``"mean"``: the mean over samples, or over tokens); ``"none"``: the
+        per-sample losses."""
         e = self.evaluate(output, batch)
+        if reduction == "none":
+            return e.losses
         if reduction == "sum":
             return e.losses.sum()
         return e.losses.sum() / (len(e.losses) if e.counts is None else e.counts.sum().clamp_min(1))

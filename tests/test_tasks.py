@@ -685,6 +685,15 @@ def test_a_streamed_recompute_pass_joins_a_one_sample_batch_and_takes_the_source
     with pytest.raises(ConfigError, match="bn_batch_size does not apply to a data source"):
         evaluate_surface(net, line, (DataLoader(TensorDataset(x, y), batch_size=8),
                                      DataLoader(TensorDataset(xt, yt), batch_size=8)), grid, bn_batch_size=4)
+    # sequences padded per batch: a one-sample batch gives BatchNorm its L values per channel and stays
+    # alone (joining it to a batch of another length failed)
+    conv = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3, padding=1), torch.nn.BatchNorm1d(3),
+                               torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    wide = copy.deepcopy(conv)
+    torch.nn.init.normal_(wide[0].weight)
+    batches = [(torch.randn(4, 2, 9), torch.randint(0, 2, (4,))), (torch.randn(1, 2, 5), torch.randint(0, 2, (1,)))]
+    seq = evaluate_surface(conv, Line.through(conv, wide), (lambda: iter(batches), lambda: iter(batches)), 3)
+    assert np.isfinite(seq.values["train_loss"]).all()
 
 
 def test_a_classification_subclass_with_its_own_loss_is_differentiated_with_it():
@@ -714,6 +723,7 @@ def test_a_classification_subclass_with_its_own_loss_is_differentiated_with_it()
     r = checkpoint_sharpness(net, layout, w, layout.buffers_to_vector(net), as_data((x, y, x, y), task=Tempered()),
                              SharpnessSpec(top_k=2, probes=4, ascent_steps=0), BatchNormPolicy("none"))
     np.testing.assert_allclose(r["eigenvalues"], torch.linalg.eigvalsh(0.5 * (H + H.T)).flip(0)[:2].numpy(), rtol=1e-4)
+    assert Tempered().loss(net(x), (x, y), reduction="none").shape == (40,)  # (per sample, as before)
 
 
 def test_a_label_past_the_logits_in_a_later_streamed_batch_is_one_line():
