@@ -57,8 +57,8 @@ class Layout:
     @classmethod
     def of(cls, module: nn.Module) -> "Layout":
         layout = cls(_entries(module.named_parameters()), _entries(module.named_buffers()))
-        # a model that trains nothing (requires_grad_(False) for analysis, an EMA copy) has nothing frozen
-        return layout.with_frozen(()) if len(layout.frozen) == len(layout.params) else layout
+        # (with_frozen says what is frozen: nothing, for a model that trains nothing)
+        return layout.with_frozen(layout.frozen) if layout.frozen else layout
 
     # sizes -----------------------------------------------------------------------------------
     @property
@@ -77,7 +77,8 @@ class Layout:
 
     def with_frozen(self, names) -> "Layout":
         """This layout with exactly the parameters ``names`` frozen (as a file's run records them); none
-        when they are all of them (a model that trains nothing)."""
+        when they are all of them (a model that trains nothing: ``requires_grad_(False)`` for an
+        analysis, an EMA copy)."""
         names = set(names)
         if {e.name for e in self.params} <= names:
             names = set()
