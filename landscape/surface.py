@@ -45,7 +45,7 @@ from .geometry import Grid, Line, Plane, buffers_at, checkpoint_file, weights_at
 from .params import Layout, copy_module, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store import Surface, SurfaceWriter, Trajectory, open_surface, open_trajectory
-from .store.files import interrupts_deferred
+from .store.files import interrupts_deferred, sha256
 from .store.surface import MemorySurfaceWriter
 
 
@@ -87,6 +87,16 @@ def input_files(traj, geom) -> list:
     return [traj.path] + [f for f in others if f]
 
 
+def other_files(geom) -> dict:
+    """The SHA-256 of the other trajectory file each ``OTHER.h5:RUN:INDEX`` checkpoint was read from, by
+    checkpoint name: names carry the file's base name only, so a resumed computation (whose spec must
+    match) cannot go on with another file of the same name."""
+    files = {name: checkpoint_file(source) for name, source in getattr(geom, "sources", {}).items()}
+    files = {name: file for name, file in files.items() if file}
+    digests = {file: sha256(file) for file in set(files.values())}
+    return {name: digests[file] for name, file in files.items()}
+
+
 def make_grid(geom, grid=None, margin: float = 0.2, xrange=None, yrange=None) -> Grid:
     """``grid``: a Grid, a shape ((nx, ny) for planes, (nx,) or nx for lines) or None (the default
     shape); ranges not given come from the geometry (its checkpoints plus ``margin``)."""
@@ -120,6 +130,9 @@ def surface_spec(geom, grid: Grid, policy: BatchNormPolicy, weight_decay, traj: 
                             samples=samples, samples_seed=seed if samples is not None else None)
     if traj is not None:
         spec.update(dataset=traj.config.get("data"), model=traj.config.get("model"))
+        others = other_files(geom)
+        if others:
+            spec["other_files"] = others
     if getattr(geom, "rays", False):
         spec["values_shape"] = ["rays", "x"]
     return spec

@@ -117,6 +117,27 @@ def test_different_spec_is_refused(traj, tmp_path):
     assert surf.done.shape == (4, 5) and surf.done.all()
 
 
+def test_a_checkpoint_of_another_file_is_recorded_by_its_sha256_and_resumes_only_with_that_file(traj, tmp_path):
+    """Checkpoint names carry another file's base name only: a run resumed with a different file of the
+    same name is refused, not finished with the other file's weights."""
+    import shutil
+    from landscape.store.files import sha256
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(traj.path, tmp_path / folder / "other.h5")
+    with h5py.File(tmp_path / "b" / "other.h5", "r+") as f:  # b's checkpoints moved a little
+        f["runs/swa/average/params"][-1] = f["runs/swa/average/params"][-1] * 1.01
+    out, ranges = tmp_path / "plane.h5", dict(xrange=(-1, 2), yrange=(-1, 2))  # (the same grid)
+    through = lambda folder: Plane.through(traj, "sgd", f"{tmp_path / folder / 'other.h5'}:swa/average", "swa/iterates:0")  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        compute_surface(traj, through("a"), (5, 4), out=out, **ranges, quiet=True, points_per_call=2, write_every=0,
+                        on_write=lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(FileFormatError, match="another file for checkpoint other.h5:swa/average:3"):
+        compute_surface(traj, through("b"), (5, 4), out=out, **ranges, quiet=True, points_per_call=2)
+    surf = compute_surface(traj, through("a"), (5, 4), out=out, **ranges, quiet=True, points_per_call=2)
+    assert surf.spec["other_files"] == {"other.h5:swa/average:3": sha256(tmp_path / "a" / "other.h5")}
+
+
 def test_lines_and_rays(traj, tmp_path):
     line = compute_surface(traj, Line.through(traj, "sgd", "swa/average"), (7,), out=tmp_path / "l.h5",
                            quiet=True, points_per_call=3, weight_decay=5e-4)

@@ -195,9 +195,14 @@ def _held_points(tmp: Path, spec_json: str, trajectory) -> bool:
         if not done:
             return False
         try:
-            same = f.attrs.get("format") == FORMAT and _compared(f.attrs.get("spec")) == _compared(spec_json)
+            held, wanted = _compared(f.attrs.get("spec")), _compared(spec_json)
+            same = f.attrs.get("format") == FORMAT and held == wanted
         except ValueError:
-            same = False
+            held, wanted, same = {}, {}, False
+        others = [n for n, d in wanted.get("other_files", {}).items() if held.get("other_files", {}).get(n) != d]
+        if not same and others and dict(held, other_files=None) == dict(wanted, other_files=None):
+            raise StalePartialError(f"{tmp} holds unfinished work from another file for checkpoint {others[0]} (its "
+                                    "SHA-256 differs); delete it or pass --overwrite to discard it")
         if not same:
             raise StalePartialError(f"{tmp} holds {done} computed points for a different spec; delete it, "
                                   f"choose another output, or pass --overwrite to discard it")
@@ -239,6 +244,8 @@ def _compared(spec) -> dict:
     """The part of a spec that must match for a computation to resume: everything but ``derived``
     (values computed from the inputs, which may differ in the last bits between machines)."""
     d = json.loads(spec) if isinstance(spec, str) else dict(spec or {})
+    if not isinstance(d, dict):
+        raise ValueError("the spec is not a JSON object")
     d.pop("derived", None)
     return d
 
