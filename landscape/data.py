@@ -38,6 +38,7 @@ from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, R
 from .bn import batch_slices
 from .errors import DataError
 from .options import Option, check_options
+from .store.files import sha256
 from .tasks import IGNORE_INDEX, Classification, get_task, to_device
 
 
@@ -393,6 +394,9 @@ def _npz(options: dict):
         raise DataError(not_npz) from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array
         raise DataError(not_npz)
+    if options.get("sha256") and sha256(file) != options["sha256"]:
+        raise DataError(f"npz file {path} is not the file the run was recorded with (its SHA-256 differs); "
+                        "put that file there or beside the trajectory file")
     with loaded as f:
         missing = [k for k in keys if k not in f]
         if missing:
@@ -405,6 +409,31 @@ def _npz(options: dict):
         except (OSError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"cannot read npz file {path}: {e}") from None
     return [typed_array(a) for a in arrays], None
+
+
+def fingerprinted(spec: DataSpec) -> DataSpec:
+    """``spec`` as a file records it: an ``npz`` dataset with its file's SHA-256 (option ``sha256``), so
+    that later readers find that very file (:func:`located`) and refuse any other of the same name."""
+    file = Path(str(spec.options.get("path", ""))).expanduser()
+    if spec.name != "npz" or "sha256" in spec.options or not spec.options.get("path") or not file.is_file():
+        return spec  # (a missing file: load_data names the problem)
+    return DataSpec(spec.name, dict(spec.options, sha256=sha256(file)))
+
+
+def located(spec: DataSpec, trajectory) -> DataSpec:
+    """A recorded ``npz`` dataset with its path pointing to the file whose SHA-256 it records: the path
+    as recorded (from the current folder), else beside the ``trajectory`` file (under that relative path
+    or its base name: a run shared as a folder with its data). Otherwise ``spec`` unchanged, and
+    :func:`load_data` names the problem."""
+    path, digest = spec.options.get("path"), spec.options.get("sha256")
+    if spec.name != "npz" or not path or not digest:
+        return spec
+    given = Path(str(path)).expanduser()
+    beside = Path(trajectory).parent
+    for file in [given] + ([] if given.is_absolute() else [beside / given, beside / given.name]):
+        if file.is_file() and sha256(file) == digest:
+            return DataSpec(spec.name, dict(spec.options, path=str(file)))
+    return spec
 
 
 def typed_array(a: np.ndarray) -> np.ndarray:
@@ -524,7 +553,7 @@ DATASETS = {"mnist1d": _mnist1d, "cifar10": _cifar10, "npz": _npz, "synthetic": 
 _AUGMENT = Option("bool")
 OPTIONS = {"mnist1d": {},
            "cifar10": {"root": Option("str"), "augment": _AUGMENT},
-           "npz": {"path": Option("str"), "augment": _AUGMENT},
+           "npz": {"path": Option("str"), "sha256": Option("str"), "augment": _AUGMENT},
            "synthetic": {"n_train": Option("int", 2, 10 ** 6), "n_test": Option("int", 1, 10 ** 6),
                          "classes": Option("int", 2, 10 ** 4), "shape": Option("ints", 1, 4096, length=3),
                          "seed": Option("int", 0, 2 ** 63 - 1), "noise": Option("float", 0, 1e6),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .data import Data, DataSpec, import_object, load_data
+from .data import Data, DataSpec, import_object, load_data, located
 from .errors import ConfigError, FileFormatError
 from .tasks import get_task
 from .models import ModelSpec, build_model
@@ -27,7 +27,7 @@ def model_spec(traj) -> ModelSpec:
 def data_spec(traj) -> DataSpec:
     if "data" not in traj.config:
         raise FileFormatError(f"{traj.path} does not record its dataset; cannot rebuild it")
-    return DataSpec.from_dict(traj.config["data"])
+    return located(DataSpec.from_dict(traj.config["data"]), traj.path)
 
 
 def rebuild_task(traj):

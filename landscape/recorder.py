@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import DataSpec, import_object, load_data
+from .data import DataSpec, fingerprinted, import_object, load_data
 from .errors import CheckpointError, ConfigError, FileFormatError, HeldWorkError, ModelError, WriteError
 from .models import ModelSpec, build_model
 from .params import Layout, copy_module, unwrap
@@ -81,14 +81,12 @@ def model_spec(model, kwargs=None) -> ModelSpec:
 
 
 def data_spec(data, options=None) -> DataSpec:
-    """``"synthetic"``, ``"pkg.mod:factory"``, a dict or a DataSpec -> DataSpec."""
-    if isinstance(data, DataSpec):
-        return DataSpec(data.name, dict(data.options, **(options or {})))
-    if isinstance(data, dict):
-        spec = DataSpec.from_dict(data)
-        return DataSpec(spec.name, dict(spec.options, **(options or {})))
-    if isinstance(data, str) and data:
-        return DataSpec(data, dict(options or {}))
+    """``"synthetic"``, ``"pkg.mod:factory"``, a dict or a DataSpec -> DataSpec, as a file records it
+    (an ``npz`` file's SHA-256 added)."""
+    spec = data if isinstance(data, DataSpec) else DataSpec.from_dict(data) if isinstance(data, dict) \
+        else DataSpec(data, {}) if isinstance(data, str) and data else None
+    if spec is not None:
+        return fingerprinted(DataSpec(spec.name, dict(spec.options, **(options or {}))))
     raise ConfigError(f"data must be a dataset name or package.module:factory, got {data!r}")
 
 

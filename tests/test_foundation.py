@@ -286,6 +286,33 @@ def test_npz_and_synthetic_and_mnist1d(tmp_path):
     assert d.num_classes == 10
 
 
+def test_a_trajectory_finds_its_own_npz_file_and_refuses_another_of_the_same_name(tmp_path, monkeypatch):
+    """An npz dataset is recorded with its SHA-256: read back from the current folder or beside the
+    trajectory (a run shared as a folder with its data), never another file of the same name."""
+    import shutil
+    from landscape.config import TrainConfig
+    from landscape.store.files import sha256
+    for folder, seed in (("a", 0), ("b", 1)):
+        rng = np.random.default_rng(seed)
+        (tmp_path / folder).mkdir()
+        np.savez(tmp_path / folder / "data.npz", x_train=rng.standard_normal((20, 5)), y_train=rng.integers(0, 3, 20),
+                 x_test=rng.standard_normal((8, 5)), y_test=rng.integers(0, 3, 8))
+    monkeypatch.chdir(tmp_path / "a")
+    config = TrainConfig(epochs=1, methods=("sgd",), model=ModelSpec("mlp"), data=DataSpec("npz", {"path": "data.npz"}))
+    train(config, "run.h5", quiet=True)
+    recorded = open_trajectory("run.h5").config["data"]["options"]
+    assert recorded == {"path": "data.npz", "sha256": sha256(tmp_path / "a" / "data.npz")}
+    expected = rebuild_data(open_trajectory("run.h5")).x_train
+    np.testing.assert_array_equal(expected.numpy(), np.load("data.npz")["x_train"].astype(np.float32))
+    shutil.copy("run.h5", tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")  # beside another data.npz
+    with pytest.raises(DataError, match="npz file data.npz is not the file the run was recorded with"):
+        rebuild_data(open_trajectory("run.h5"))
+    monkeypatch.chdir(tmp_path)  # the run shared as a folder: found beside the trajectory
+    shutil.copytree(tmp_path / "a", tmp_path / "shared")
+    assert torch.equal(rebuild_data(open_trajectory("shared/run.h5")).x_train, expected)
+
+
 # -- bad input: one line, non-zero exit, no file -----------------------------------------------
 
 @pytest.mark.parametrize("args, message", [

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..config import TrainConfig
-from ..data import import_object, load_data
+from ..data import fingerprinted, import_object, load_data
 from ..evaluate import check_task_fits
 from ..tasks import get_task
 from ..errors import ConfigError, ProcessDied, WriteError
@@ -57,6 +57,7 @@ def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False
     config.validate(tuple(METHODS))
     if int(processes) != processes or processes < 1:
         raise ConfigError(f"processes must be a positive integer, got {processes}")
+    config = config.replace(data=fingerprinted(config.data))  # as the file records it
     with Group.join(resolve_device(config.device)) as group:
         workers = config.options_of(SWAPOptions).workers
         if group.distributed and "swap" in config.methods and workers % group.world:
