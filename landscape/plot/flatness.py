@@ -36,16 +36,16 @@ def _label(name: str) -> str:
 
 
 def _looks(names) -> dict:
-    """name -> (colour, marker, hollow, line style): each method's own colour and marker; a second
-    checkpoint drawn like an earlier one (two Lookahead runs, two averages) hollow and dashed."""
-    seen, out = {}, {}
+    """name -> (colour, marker, hollow, line style, size): each method's own colour and marker; a second
+    checkpoint drawn like an earlier one (two Lookahead runs, two averages) hollow; a later line of an
+    earlier one's colour (SWA's average beside its iterates) dashed or dotted."""
+    markers, colours, out = {}, {}, {}
     for n in names:
         r = role(n)
         marker = r.marker if r.marker not in (".", "X") else "o"
-        key = (r.color, marker)
-        k = seen.get(key, 0)
-        seen[key] = k + 1
-        out[n] = (r.color, marker, k % 2 == 1, ("-", "--", ":", "-.")[k % 4], r.size)
+        k, c = markers.get((r.color, marker), 0), colours.get(r.color, 0)
+        markers[(r.color, marker)], colours[r.color] = k + 1, c + 1
+        out[n] = (r.color, marker, k % 2 == 1, ("-", "--", ":", "-.")[c % 4], r.size)
     return out
 
 
