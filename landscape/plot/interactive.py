@@ -509,18 +509,20 @@ def _describe(s) -> str:
 
 
 def write_explorer(surfaces, out, title: str = "landscape explorer", overwrite: bool = True, sharpness=None) -> Path:
-    """Write the explorer page to ``out`` (whole, then moved into place); return its path."""
-    from ..store.files import prepare_output, publish, reason
+    """Write the explorer page to ``out`` (whole, then moved into place; a second writer of ``out`` is
+    refused while this one holds ``OUT.lock``); return its path."""
+    from ..store.files import claim_output, partial_path, prepare_output, publish, reason
     inputs = [s if isinstance(s, (str, os.PathLike)) else getattr(s, "path", None) for s in surfaces]
     out = prepare_output(out, overwrite, inputs=inputs)
-    page = explorer_html(surfaces, title, sharpness)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        publish(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
+    with claim_output(out, overwrite):
+        page = explorer_html(surfaces, title, sharpness)
+        tmp = partial_path(out)
+        try:
+            tmp.write_text(page, encoding="utf-8")
+            publish(tmp, out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise FileFormatError(f"cannot write {out}: {reason(e)}") from None
     return out
 
 
