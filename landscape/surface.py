@@ -209,7 +209,9 @@ def _check_geometry(geom) -> None:
 
 def _policy(bn, bn_batch_size: int, bn_samples, model, geom, data, asked_batch: bool) -> BatchNormPolicy:
     """The BatchNorm policy; ``asked_batch``: the caller gave ``bn_batch_size``, which a data source's
-    recompute pass cannot take (its BatchNorm batches are the source's own: recorded as 0)."""
+    recompute pass cannot take (its BatchNorm batches are the source's own: recorded as 0), as it cannot
+    take a policy's batch size other than the default."""
+    asked_batch = asked_batch or isinstance(bn, BatchNormPolicy) and bn.batch_size not in (0, BatchNormPolicy.batch_size)
     if not isinstance(bn, BatchNormPolicy):
         bn = BatchNormPolicy(bn or "auto", bn_batch_size, bn_samples)
     basis = geom.buffer_basis

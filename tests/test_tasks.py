@@ -685,6 +685,11 @@ def test_a_streamed_recompute_pass_joins_a_one_sample_batch_and_takes_the_source
     with pytest.raises(ConfigError, match="bn_batch_size does not apply to a data source"):
         evaluate_surface(net, line, (DataLoader(TensorDataset(x, y), batch_size=8),
                                      DataLoader(TensorDataset(xt, yt), batch_size=8)), grid, bn_batch_size=4)
+    from landscape.evaluate import BatchNormPolicy
+    with pytest.raises(ConfigError, match="bn_batch_size does not apply to a data source"):  # (as a policy's)
+        evaluate_surface(net, line, (DataLoader(TensorDataset(x, y), batch_size=8),
+                                     DataLoader(TensorDataset(xt, yt), batch_size=8)), grid,
+                         bn=BatchNormPolicy("recompute", batch_size=4))
     # sequences padded per batch: a one-sample batch gives BatchNorm its L values per channel and stays
     # alone (joining it to a batch of another length failed)
     conv = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3, padding=1), torch.nn.BatchNorm1d(3),
