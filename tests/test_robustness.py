@@ -427,6 +427,16 @@ def test_a_second_writer_is_refused_naming_the_first(tiny_run, tmp_path, capsys)
     assert main(["plane", str(tiny_run), *THREE, "--grid", "3", "3", "--quiet", "-o", str(out)]) == 0
 
 
+def test_a_second_writer_of_an_explorer_page_is_refused(good_plane, tmp_path, capsys):
+    """Two pages written at once into one output shared its staging file (one of them failed)."""
+    out = tmp_path / "e.html"
+    with OutputLock(out):
+        one_line_error(run_main(capsys, "explore", good_plane, "-o", out, "--overwrite"),
+                       f"{out} is being written by process {os.getpid()} since")
+    assert list(tmp_path.iterdir()) == []
+    assert run_main(capsys, "explore", good_plane, "-o", out).returncode == 0 and out.exists()
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_run, tmp_path, capsys):
     out = tmp_path / "p.h5"
     lock_path(out).write_text("999999999 somewhere 2020-01-01 00:00:00 UTC\n")  # nobody holds it
@@ -497,6 +507,13 @@ TRAJECTORY_DAMAGE = {
     "group in a run": (lambda f: f.create_group("runs/sgd/extra"), "/runs/sgd/extra is a group"),
     "epoch of strings": (_replace("runs/sgd/epoch", np.array([b"a"] * 7)), "/runs/sgd/epoch holds strings"),
     "integer params": (_replace("runs/sgd/params", np.zeros((7, 5), np.int32)), "/runs/sgd/params holds int32"),
+    # attributes a reader took for JSON (tracebacks, or Python's RecursionError)
+    "run attribute not JSON": (lambda f: f["runs/sgd"].attrs.__setitem__("note", "hello"),
+                               "run 'sgd': attribute 'note' is not JSON"),
+    "config nested too deep": (lambda f: f.attrs.__setitem__("config", "[" * 100000 + "]" * 100000),
+                               "attribute 'config' is not JSON"),
+    "model not an object": (lambda f: f.attrs.__setitem__("config", json.dumps(
+        dict(json.loads(f.attrs["config"]), model="mlp"))), "the config's 'model' is not an object"),
 }
 
 
@@ -560,6 +577,12 @@ SURFACE_DAMAGE = {
     "axis reversed": (_replace("grid/y", np.array([1.0, 0.0, -1.0])), "/grid/y is not in increasing order"),
     "values of strings": (_replace("values/train_loss", np.full((4, 3), b"a")), "/values/train_loss holds strings"),
     "done of integers": (_replace("done", np.ones((4, 3), np.int8)), "/done holds int8"),
+    # readable files edited by hand: each crashed a reader with a traceback
+    "task not an object": (lambda f: f.attrs.__setitem__("spec", json.dumps(
+        dict(json.loads(f.attrs["spec"]), task="regression"))), "the spec's task is not an object"),
+    "point of 5 coordinates": (_replace("points/sgd:6", np.zeros(5)), "/points/sgd:6 has shape [5]"),
+    "path of 5 coordinates": (_replace("paths/sgd", np.zeros((7, 5))), "/paths/sgd has shape [7, 5]"),
+    "distances too few": (_replace("path_distances/sgd", np.zeros(2)), "not one value per checkpoint of /paths/sgd"),
 }
 
 
@@ -572,6 +595,57 @@ def test_malformed_surface_is_one_line_for_every_reader(good_plane, tmp_path, ca
         r = run_main(capsys, *args)
         one_line_error(r, str(bad), message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
+
+
+@pytest.fixture(scope="module")
+def good_sharpness(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharpness") / "s.h5"
+    assert main(["sharpness", str(tiny_run), "sgd", "--top-k", "1", "--iterations", "3", "--probes", "2",
+                 "--ascent-steps", "1", "--samples", "50", "--quiet", "-o", str(out)]) == 0
+    return out
+
+
+SHARPNESS_DAMAGE = {
+    "version text": (lambda f: f.attrs.__setitem__("version", "abc"), "sharpness format version 'abc'"),
+    "spec nested too deep": (lambda f: f.attrs.__setitem__("spec", "[" * 100000 + "]" * 100000),
+                             "attribute 'spec' is not JSON"),
+    "spec without options": (lambda f: f.attrs.__setitem__("spec", "{}"), "attribute 'spec' has no 'sharpness'"),
+    "task not an object": (lambda f: f.attrs.__setitem__("spec", json.dumps(
+        dict(json.loads(f.attrs["spec"]), task="regression"))), "the spec's task is not a JSON object"),
+    "missing trace": (lambda f: f.__delitem__("trace"), "missing /trace"),
+    "eigenvalues of strings": (_replace("eigenvalues", np.array([[b"a"]])), "/eigenvalues holds strings"),
+    # a 15 KB file declaring 3 GiB of eigenvalues took 19 GB of memory to read as Python floats
+    "rows longer than the spec": (_replace("eigenvalues", np.zeros((1, 50))),
+                                  "/eigenvalues has rows of 50 values; the spec's top_k is 1"),
+    "a row too many": (_replace("trace", np.zeros(2)), "/trace has shape (2,), not (1,) for 1 checkpoints"),
+    "metrics not a group": (lambda f: (f.__delitem__("metrics"), f.__setitem__("metrics", np.zeros(1))),
+                            "/metrics is not a group"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARPNESS_DAMAGE))
+def test_malformed_sharpness_file_is_one_line_for_every_reader(good_sharpness, good_plane, tmp_path, case, capsys):
+    edit, message = SHARPNESS_DAMAGE[case]
+    bad = _copy(good_sharpness, tmp_path / "bad.h5", edit)
+    for args in (["info", bad], ["plot", "--sharpness", bad, "-o", tmp_path / "figs"],
+                 ["explore", good_plane, "--sharpness", bad, "-o", tmp_path / "e.html"]):
+        r = run_main(capsys, *args)
+        one_line_error(r, str(bad), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
+
+
+def test_compressed_datasets_that_fit_in_memory_one_by_one_but_not_together_are_refused(tiny_run, tmp_path, capsys):
+    """Each passes the check of its own declared size; ``info`` read them all at once (a 15 KB file took
+    gigabytes)."""
+    from landscape.store.files import available_memory
+    crafted = tmp_path / "crafted.h5"
+    crafted.write_bytes(tiny_run.read_bytes())
+    with h5py.File(crafted, "r+") as f:
+        rows = f["runs/sgd/params"].shape[0]
+        width = int(0.6 * available_memory() / 8 / rows)
+        for name in ("foo", "bar"):
+            f.create_dataset(f"runs/sgd/{name}", (rows, width), np.float64, chunks=(1, 1 << 20), compression="gzip")
+    one_line_error(run_main(capsys, "info", crafted), str(crafted), "2 compressed datasets declare", "together")
 
 
 @pytest.mark.parametrize("files, room", [

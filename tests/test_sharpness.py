@@ -275,6 +275,16 @@ def test_cli_writes_the_file_and_json(sharp_file):
     assert s.summary()[0]["trace"] == printed[0]["trace"]
 
 
+def test_density_lines_of_one_colour_differ_in_style():
+    """SWA's iterates and average share their method's colour: the density panel's lines (which have no
+    markers) told them apart only by the legend."""
+    from landscape.plot.flatness import _looks
+    looks = _looks(["swa/iterates:2", "swa/average:3", "sgd:6", "lookahead/slow:1"])
+    (c1, _, _, ls1, _), (c2, _, _, ls2, _) = looks["swa/iterates:2"], looks["swa/average:3"]
+    assert c1 == c2 and ls1 != ls2
+    assert looks["sgd:6"][3] == looks["lookahead/slow:1"][3] == "-"  # first of their colours: solid
+
+
 def test_info_shows_a_sharpness_file(sharp_file, capsys):
     out, printed = sharp_file
     assert main(["info", str(out)]) == 0
@@ -388,8 +398,8 @@ def test_an_interrupted_computation_keeps_its_finished_checkpoints_and_goes_on(t
     monkeypatch.setattr(sharpness.CheckpointWork, "prepare", lambda self, *a: prepared.append(1) or prepare(self, *a))
     resumed = sharpness.compute_sharpness(traj, ["sgd", "swa/average", "sgd:-1"], spec, device="cpu", out=out)
     assert len(prepared) == 1 and not (tmp_path / "s.h5.partial").exists()
-    for a, b in zip(resumed.results, whole.results):
-        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    for a, b in zip(resumed.results, whole.results):  # (rows of arrays read back are numpy arrays)
+        np.testing.assert_equal({k: v for k, v in a.items() if k != "seconds"}, {k: v for k, v in b.items() if k != "seconds"})
 
 
 def test_a_checkpoint_named_twice_is_computed_once(tiny_run, monkeypatch):

@@ -155,20 +155,38 @@ def check_self_contained(f: h5py.File, path) -> None:
         _SELF_CONTAINED.add(identity)
 
 
+# Datasets readers take a row at a time (a trajectory's weights): compressed ones count against memory
+# one by one, not together.
+READ_BY_ROW = ("params", "buffers")
+
+
 def _walk(f: h5py.File, file_size: int) -> list:
     """What reaches outside the file: every link of every group, once; objects are opened only for
-    datasets (the low-level calls cost a tenth of h5py's object layer)."""
-    problems = []
+    datasets (the low-level calls cost a tenth of h5py's object layer). Compressed datasets read whole
+    must fit in memory together (each alone may, while several are read at once)."""
+    problems, expanded = [], []
 
     def visit(name: bytes, info) -> None:
         if info.type == h5py.h5l.TYPE_EXTERNAL:
             filename, target = f.id.links.get_val(name)
             problems.append(f"/{name.decode()} is an external link to {filename.decode()}:{target.decode()}")
         elif info.type == h5py.h5l.TYPE_HARD and h5py.h5o.get_info(f.id, name).type == h5py.h5o.TYPE_DATASET:
-            problems.extend(_dataset_problems(h5py.h5d.open(f.id, name), name.decode(), file_size))
+            ds = h5py.h5d.open(f.id, name)
+            problems.extend(_dataset_problems(ds, name.decode(), file_size))
+            if ds.get_create_plist().get_nfilters() > 0 and name.decode().rsplit("/", 1)[-1] not in READ_BY_ROW:
+                expanded.append(_declared(ds))
 
     f.id.links.visit(visit, info=True)
+    if not problems and len(expanded) > 1 and sum(expanded) > available_memory():
+        problems.append(f"its {len(expanded)} compressed datasets declare {_size(sum(expanded))} together, more "
+                        f"than memory can take ({_size(available_memory())})")
     return problems
+
+
+def _declared(ds: h5py.h5d.DatasetID) -> int:
+    """Bytes the dataset declares (what reading it whole takes)."""
+    itemsize = ds.get_type().get_size()
+    return int(np.prod(ds.shape, dtype=np.float64) * itemsize) if ds.shape else itemsize
 
 
 def _opened_stat(f: h5py.File):
@@ -187,8 +205,7 @@ def _dataset_problems(ds: h5py.h5d.DatasetID, name: str, file_size: int) -> list
         return [f"/{name} is a virtual dataset (it reads other files)"]
     if dcpl.get_external_count() > 0:
         return [f"/{name} keeps its data in an external file ({dcpl.get_external(0)[0].decode()!r})"]
-    itemsize = ds.get_type().get_size()
-    declared = int(np.prod(ds.shape, dtype=np.float64) * itemsize) if ds.shape else itemsize
+    declared = _declared(ds)
     filtered = dcpl.get_nfilters() > 0  # compressed: may legitimately hold less
     limit = available_memory() if filtered else file_size + UNWRITTEN_ALLOWANCE
     if declared > limit:
@@ -278,6 +295,27 @@ def check_dtype(ds: h5py.Dataset, name: str, kind, what: str) -> None:
         return
     held = "strings" if ds.dtype.kind in "SUO" else str(ds.dtype)
     raise ValueError(f"/{name} holds {held}, not {what}")
+
+
+def json_attr(attrs, name: str, kind: type | None = None):
+    """The attribute ``name`` of ``attrs`` (an HDF5 object's) read as JSON, of type ``kind`` (``dict``:
+    "a JSON object") when given; a ValueError naming the attribute when it is not (other text, a
+    number, bytes that do not decode, nesting too deep to read), a KeyError when it is missing."""
+    try:
+        value = attrs[name]
+    except OSError:  # damaged bytes
+        raise ValueError(f"attribute {name!r} cannot be read") from None
+    try:
+        parsed = json.loads(value.decode() if isinstance(value, bytes) else value)
+    except (TypeError, ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        detail = f" ({e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"attribute {name!r} is not JSON{detail}") from None
+    if kind is not None and not isinstance(parsed, kind):
+        raise ValueError(f"attribute {name!r} is not a JSON {_JSON_KINDS.get(kind, kind.__name__)}")
+    return parsed
+
+
+_JSON_KINDS = {dict: "object", list: "list", str: "string"}
 
 
 def _newer(value, version: int) -> bool:

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError
-from .files import (interrupts_deferred, open_read, partial_path, prepare_output, publish, reason, sha256, to_json,
-                    write_failed)
+from .files import (check_dtype, check_version, interrupts_deferred, json_attr, open_read, partial_path,
+                    prepare_output, publish, reason, sha256, to_json, write_failed)
 
 FORMAT = "landscape.sharpness"
 VERSION = 1
@@ -89,7 +90,7 @@ class SharpnessProgress:
             return {}
         try:  # (written beside and renamed: never cut off)
             held = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             held = None
         if not isinstance(held, dict) or held.get("format") != PROGRESS_FORMAT:
             what = "other work (not a sharpness computation's)"
@@ -171,22 +172,68 @@ def open_sharpness(path) -> SharpnessFile:
     with open_read(path, FORMAT) as f:
         if not bool(f.attrs.get("complete", False)):
             raise FileFormatError(f"{path} is incomplete")
-        if int(f.attrs["version"]) > VERSION:
-            raise FileFormatError(f"{path} has sharpness format version {f.attrs['version']}; "
-                                  f"this landscape reads up to {VERSION}")
+        check_version(path, f.attrs.get("version"), "sharpness", VERSION)
         try:
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["checkpoints"][()]]
-            results = [{"checkpoint": n, "metrics": {}} for n in names]
+            spec, n = _check_sharpness(f)
+            names = [v.decode() if isinstance(v, bytes) else str(v) for v in f["checkpoints"][()]]
+            results = [{"checkpoint": name, "metrics": {}} for name in names]
             for name in SCALARS + ARRAYS:
-                if name in f:
-                    values = f[name][()]
-                    for r, v in zip(results, values):
-                        r[name] = v.tolist() if np.ndim(v) else float(v)
+                values = f[name][()] if name in f else np.full(n, np.nan) if name in SCALARS else None
+                for r, v in zip(results, () if values is None else values):
+                    r[name] = v if np.ndim(v) else float(v)  # rows of arrays stay numpy (no Python floats)
             for name, values in (f["metrics"].items() if "metrics" in f else ()):
                 for r, v in zip(results, values[()]):
                     r["metrics"][name] = float(v)
-            spec = json.loads(f.attrs["spec"])
-        except (KeyError, ValueError) as e:
-            raise FileFormatError(f"{path} is not a valid sharpness file: {e}") from None
+        except (KeyError, ValueError, TypeError) as e:
+            what = str(e.args[0] if e.args else type(e).__name__).splitlines()[0]
+            raise FileFormatError(f"{path} is not a valid sharpness file: {what}") from None
         return SharpnessFile(Path(path), spec, results, f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
                              f.attrs.get("source_sha256"))
+
+
+# the options of the spec that bound the length of each axis of an array's row
+ROW_AXES = {"eigenvalues": ("top_k",), "residuals": ("top_k",), "trace_probes": ("probes",),
+            "density_nodes": ("density_runs", "density_steps"), "density_weights": ("density_runs", "density_steps")}
+REQUIRED = ("eigenvalues", "trace", "epsilon_sharpness", "metrics/train_loss")
+
+
+def _check_sharpness(f: h5py.File) -> tuple:
+    """(the spec, the number of checkpoints N), once every dataset is read to hold numbers of the
+    shape the format gives it: (N,), or (N, ...) no longer than the spec's options allow (else a
+    ValueError, before anything is read whole)."""
+    if "spec" not in f.attrs:
+        raise ValueError("missing attribute 'spec'")
+    spec = json_attr(f.attrs, "spec", dict)
+    options = spec.get("sharpness")
+    if not isinstance(options, dict):
+        raise ValueError("attribute 'spec' has no 'sharpness' object")
+    if not _positive(options.get("epsilon")):
+        raise ValueError("the spec's epsilon is not a positive number")
+    if spec.get("task") is not None and not isinstance(spec["task"], dict):
+        raise ValueError("the spec's task is not a JSON object")
+    if "metrics" in f and not isinstance(f["metrics"], h5py.Group):
+        raise ValueError("/metrics is not a group")
+    checkpoints = f.get("checkpoints")
+    if not isinstance(checkpoints, h5py.Dataset) or checkpoints.ndim != 1 or checkpoints.dtype.kind not in "OS":
+        raise ValueError("/checkpoints is not a list of names")
+    n = len(checkpoints)
+    for name in REQUIRED:
+        if name not in f:
+            raise ValueError(f"missing /{name}")
+    for name in SCALARS + ARRAYS + tuple(f"metrics/{m}" for m in (f["metrics"] if "metrics" in f else ())):
+        if name not in f:
+            continue
+        check_dtype(f[name], name, np.number, "numbers")
+        axes = ROW_AXES.get(name, ())
+        shape = f[name].shape
+        if len(shape) != 1 + len(axes) or shape[0] != n:
+            wanted = f"({n}, {', '.join(['...'] * len(axes))})" if axes else f"({n},)"
+            raise ValueError(f"/{name} has shape {shape}, not {wanted} for {n} checkpoints")
+        for length, option in zip(shape[1:], axes):
+            if not (isinstance(options.get(option), int) and length <= options[option]):
+                raise ValueError(f"/{name} has rows of {length} values; the spec's {option} is {options.get(option)}")
+    return spec, n
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

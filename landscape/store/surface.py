@@ -23,8 +23,8 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError, WriteError
-from .files import (OutputLock, PartialH5, check_dtype, check_version, claim_output, open_read, partial_path,
-                    prepare_output, read_partial, sha256, to_json)
+from .files import (OutputLock, PartialH5, check_dtype, check_version, claim_output, json_attr, open_read,
+                    partial_path, prepare_output, read_partial, sha256, to_json)
 
 FORMAT = "landscape.surface"
 VERSION = 1
@@ -243,7 +243,10 @@ def _write_header(f: h5py.File, spec_json, x, y, basis, points, paths, recorded,
 def _compared(spec) -> dict:
     """The part of a spec that must match for a computation to resume: everything but ``derived``
     (values computed from the inputs, which may differ in the last bits between machines)."""
-    d = json.loads(spec) if isinstance(spec, str) else dict(spec or {})
+    try:
+        d = json.loads(spec) if isinstance(spec, str) else dict(spec or {})
+    except RecursionError:
+        raise ValueError("the spec is nested too deep") from None
     if not isinstance(d, dict):
         raise ValueError("the spec is not a JSON object")
     d.pop("derived", None)
@@ -406,17 +409,18 @@ def open_surface(path) -> Surface:
                            f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
                            points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
-            what = (f"attribute 'spec' is not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else
-                    str(e.args[0] if e.args else type(e).__name__).splitlines()[0])
+            what = str(e.args[0] if e.args else type(e).__name__).splitlines()[0]
             raise FileFormatError(f"{path} is not a valid surface file: {what}") from None
 
 
 def _check_surface(f: h5py.File) -> dict:
     """The spec, once the grid, the values and the done mask agree in shape and kind with each other
     and with the spec (else a ValueError)."""
-    spec = json.loads(f.attrs["spec"])
-    if not isinstance(spec, dict):
-        raise ValueError("attribute 'spec' is not a JSON object")
+    spec = json_attr(f.attrs, "spec", dict)
+    task = spec.get("task")
+    if task is not None and not (isinstance(task, dict) and all(isinstance(task.get(k, []), list)
+                                                             for k in ("metrics", "percent", "maximize", "values"))):
+        raise ValueError("the spec's task is not an object of the task's name and metrics")
     for name in ("grid/x", "done", "values"):
         if name not in f:
             raise ValueError(f"missing /{name}")
@@ -436,10 +440,28 @@ def _check_surface(f: h5py.File) -> dict:
         check_dtype(ds, f"values/{name}", np.floating, "floats")
         if ds.shape != done:
             raise ValueError(f"/values/{name} has shape {list(ds.shape)}, the grid is {list(done)}")
+    _check_points(f, len(axes))
+    return spec
+
+
+def _check_points(f: h5py.File, dims: int) -> None:
+    """Checkpoints and paths in the surface's coordinates: a point (dims,), a path (T, dims) with T
+    distances and epochs."""
     for group in ("points", "paths", "path_distances", "path_epochs"):
+        if group in f and not isinstance(f[group], h5py.Group):
+            raise ValueError(f"/{group} is not a group")
         for name, ds in (_walk(f[group]).items() if group in f else ()):
             check_dtype(ds, f"{group}/{name}", np.floating, "floats")
-    return spec
+            if group == "points" and ds.shape != (dims,):
+                raise ValueError(f"/points/{name} has shape {list(ds.shape)}, not the {dims} coordinate(s) of "
+                                 "the surface")
+            if group == "paths" and (ds.ndim != 2 or ds.shape[1] != dims):
+                raise ValueError(f"/paths/{name} has shape {list(ds.shape)}, not (checkpoints, {dims})")
+            if group != "points" and group != "paths":
+                path = f"paths/{name}"
+                if path not in f or ds.shape != f[path].shape[:1]:
+                    raise ValueError(f"/{group}/{name} has shape {list(ds.shape)}, not one value per checkpoint "
+                                     f"of /{path}")
 
 
 def _check_axis(ds, name: str) -> None:

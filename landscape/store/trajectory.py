@@ -24,7 +24,7 @@ from ..errors import CheckpointError, FileFormatError, HeldWorkError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
 from .files import (PartialH5, ResumeStates, check_dtype, check_version, claim_output, interrupts_deferred,
-                    open_read, partial_path, prepare_output, read_partial, sha256, to_json)
+                    json_attr, open_read, partial_path, prepare_output, read_partial, sha256, to_json)
 
 FORMAT = "landscape.trajectory"
 VERSION = 1
@@ -451,16 +451,18 @@ class Trajectory:
                 raise FileFormatError(f"{self.path} is not a valid trajectory file: missing {', '.join(missing)}")
             try:
                 self._read_header(f)
-            except (KeyError, ValueError, TypeError, AttributeError) as e:  # json errors are ValueErrors
-                what = (f"an attribute is not JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else
-                        str(e.args[0] if e.args else type(e).__name__).splitlines()[0])
+            except (KeyError, ValueError, TypeError, AttributeError) as e:
+                what = str(e.args[0] if e.args else type(e).__name__).splitlines()[0]
                 raise FileFormatError(f"{self.path} is not a valid trajectory file: {what}") from None
 
     def _read_header(self, f: h5py.File) -> None:
         self.version = check_version(self.path, f.attrs["version"], "trajectory", VERSION)
-        self.config = json.loads(f.attrs["config"])
-        if not isinstance(self.config, dict):
-            raise ValueError("attribute 'config' is not a JSON object")
+        self.config = json_attr(f.attrs, "config", dict)
+        for key in ("model", "data"):  # what rebuilding reads: {"name": ..., "kwargs" or "options": {...}}
+            spec = self.config.get(key, {"name": ""})
+            if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+                    and all(isinstance(spec.get(k, {}), dict) for k in ("kwargs", "options"))):
+                raise ValueError(f"the config's {key!r} is not an object with a name and its options")
         self.layout = _stored_layout(f)
         _check_layout(self.layout)
         self.runs = _run_names(f["runs"])
@@ -527,7 +529,7 @@ class Trajectory:
             g = f[f"runs/{run}"]
             metrics = {k: g[k][:] for k in g if isinstance(g[k], h5py.Dataset)
                        and k not in ("params", "buffers", "epoch", "step")}
-            attrs = {k: json.loads(v) for k, v in g.attrs.items()}
+            attrs = {k: json_attr(g.attrs, k) for k in g.attrs}  # (checked on opening)
             return RunData(run, g["epoch"][:], g["step"][:], metrics, attrs)
 
     def sha256(self) -> str:
@@ -541,28 +543,35 @@ class Trajectory:
 
     def stored_bytes(self, run: str) -> int:
         """Bytes ``run``'s datasets take in the file (weights, buffers and metrics, as stored)."""
+        self._check_run(run)
         with open_read(self.path, FORMAT) as f:
-            sizes = []
-            f[f"runs/{run}"].visititems(lambda _, obj: sizes.append(obj.id.get_storage_size())
-                                        if isinstance(obj, h5py.Dataset) else None)
-            return sum(sizes)
+            return _stored_bytes(f[f"runs/{run}"])
 
     def info(self) -> dict:
-        """Everything ``landscape info`` shows, as plain data."""
+        """Everything ``landscape info`` shows, as plain data (of each run, its last row's metrics and
+        the epochs it spans: read alone, not the whole run)."""
         runs = {}
-        for r in self.runs:
-            d = self.run(r)
-            last = {k: float(v[-1]) for k, v in d.metrics.items() if v.ndim == 1 and len(v)}
-            runs[r] = {"checkpoints": len(d), "epochs": [float(d.epoch[0]), float(d.epoch[-1])] if len(d) else [],
-                       "bytes": self.stored_bytes(r), "final": last, "frozen": self._frozen[r]}
+        with open_read(self.path, FORMAT) as f:
+            for r in self.runs:
+                g, n = f[f"runs/{r}"], self._lengths[r]
+                last = {k: float(ds[-1]) for k, ds in g.items()
+                        if k not in ("params", "buffers", "epoch", "step") and ds.ndim == 1 and n}
+                runs[r] = {"checkpoints": n, "epochs": [float(g["epoch"][0]), float(g["epoch"][-1])] if n else [],
+                           "bytes": _stored_bytes(g), "final": last, "frozen": self._frozen[r]}
         return {"path": str(self.path), "format": FORMAT, "version": self.version, "bytes": self.path.stat().st_size,
                 "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
                 "runs": runs, "config": self.config}
 
 
+def _stored_bytes(g: h5py.Group) -> int:
+    sizes = []
+    g.visititems(lambda _, obj: sizes.append(obj.id.get_storage_size()) if isinstance(obj, h5py.Dataset) else None)
+    return sum(sizes)
+
+
 def _stored_layout(f: h5py.File) -> Layout:
     """The layout a trajectory file records (its ``/layout`` attributes)."""
-    return Layout.from_dict({k: json.loads(f["layout"].attrs[k]) for k in ("params", "buffers")})
+    return Layout.from_dict({k: json_attr(f["layout"].attrs, k, list) for k in ("params", "buffers")})
 
 
 def _check_finite(path, name: str, params: np.ndarray, buffers: np.ndarray) -> None:
@@ -605,6 +614,11 @@ def _check_run(g: h5py.Group, run: str, layout: Layout) -> int:
         kind, what = {"params": (np.float32, "float32"), "buffers": (np.float32, "float32"),
                       "step": (np.integer, "integers")}.get(name, (np.number, "numbers"))
         check_dtype(g[name], f"runs/{run}/{name}", kind, what)
+    for name in g.attrs:  # facts about the run, JSON (FORMAT.md)
+        try:
+            json_attr(g.attrs, name)
+        except ValueError as e:
+            raise ValueError(f"run {run!r}: {e}") from None
     rows = g["params"].shape[0] if g["params"].ndim == 2 else -1
     for name, width in (("params", layout.num_params), ("buffers", layout.num_buffers)):
         if g[name].shape != (rows, width):
@@ -620,7 +634,7 @@ def _frozen_of(g: h5py.Group, run: str, layout: Layout) -> list:
     """The parameter names of ``run``'s ``frozen`` attribute (none when absent)."""
     if "frozen" not in g.attrs:
         return []
-    names = json.loads(g.attrs["frozen"])
+    names = json_attr(g.attrs, "frozen")
     known = {e.name for e in layout.params}
     if not isinstance(names, list) or not all(isinstance(n, str) and n in known for n in names):
         raise ValueError(f"run {run!r}: attribute 'frozen' is not a list of the layout's parameter names")
