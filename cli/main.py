@@ -84,6 +84,11 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `landscape info run.h5 | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    except OSError as e:  # what the system or HDF5 refused where no reader named it (damaged bytes of a file)
+        if args.debug:
+            raise
+        print(f"landscape: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
     finally:
         sys.unraisablehook = previous_hook
         if previous is not None:

@@ -634,6 +634,41 @@ def test_malformed_sharpness_file_is_one_line_for_every_reader(good_sharpness, g
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
 
 
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "run.h5"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "landscape", "info", str(fifo)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)  # (in this process, a regression would wait for ever)
+    one_line_error(r, f"{fifo} is not a regular file")
+
+
+@pytest.mark.parametrize("attribute, message", [("format", "is damaged: its HDF5 metadata cannot be read"),
+                                                ("spec", "attribute 'spec' cannot be read")])
+def test_attribute_bytes_hdf5_cannot_read_are_one_line(good_plane, tmp_path, monkeypatch, capsys, attribute, message):
+    """A byte flipped in an attribute's heap: h5py raises OSError ("bad heap pointer") when it is read."""
+    from h5py._hl.attrs import AttributeManager
+    get = AttributeManager.__getitem__
+
+    def damaged(self, name):
+        if name == attribute:
+            raise OSError("Can't synchronously read data (bad heap pointer, heap object = {1b3, 1})")
+        return get(self, name)
+    monkeypatch.setattr(AttributeManager, "__getitem__", damaged)
+    for args in (["info", good_plane], ["plot", good_plane, "-o", tmp_path / "figs"]):
+        one_line_error(run_main(capsys, *args), str(good_plane), message)
+
+
+def test_dataset_bytes_hdf5_cannot_read_are_one_line(good_plane, tiny_run, monkeypatch, capsys):
+    """Damaged compressed bytes (h5py's OSError) where a reader reads a file whole, and where a command
+    reads rows later (the last resort of every command: one line in HDF5's words)."""
+    import h5py._hl.dataset
+    monkeypatch.setattr(h5py._hl.dataset.Dataset, "__getitem__", lambda self, *a: (_ for _ in ()).throw(
+        OSError("Can't synchronously read data (inflate() failed)")))
+    one_line_error(run_main(capsys, "info", good_plane), f"{good_plane} is not a valid surface file: Can't "
+                   "synchronously read data (inflate() failed)")
+    one_line_error(run_main(capsys, "info", tiny_run), "Can't synchronously read data (inflate() failed)")
+
+
 def test_compressed_datasets_that_fit_in_memory_one_by_one_but_not_together_are_refused(tiny_run, tmp_path, capsys):
     """Each passes the check of its own declared size; ``info`` read them all at once (a 15 KB file took
     gigabytes)."""

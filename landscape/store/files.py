@@ -85,6 +85,8 @@ def open_read(path, expected_format: str) -> h5py.File:
     if path.is_dir():
         kind = expected_format.split(".")[-1]
         raise FileFormatError(f"{path} is a directory, not a {'' if kind == 'file' else kind + ' '}file")
+    if not path.is_file():  # a FIFO or a device: HDF5 would wait on it for ever
+        raise FileFormatError(f"{path} is not a regular file")
     try:
         try:
             f = h5py.File(path, "r", locking=False)
@@ -104,7 +106,7 @@ def open_read(path, expected_format: str) -> h5py.File:
             raise FileFormatError(f"{path} is not a {expected_format.split('.')[-1]} file "
                                   f"(format attribute is {fmt!r}, expected {expected_format!r})")
         check_self_contained(f, path)
-    except (RuntimeError, SystemError, KeyError) as e:  # what h5py raises on damaged metadata
+    except (RuntimeError, SystemError, KeyError, OSError):  # what h5py raises on damaged metadata
         f.close()
         raise FileFormatError(f"{path} is damaged: its HDF5 metadata cannot be read (a broken or cut-off copy?)") from None
     except BaseException:
@@ -295,6 +297,13 @@ def check_dtype(ds: h5py.Dataset, name: str, kind, what: str) -> None:
         return
     held = "strings" if ds.dtype.kind in "SUO" else str(ds.dtype)
     raise ValueError(f"/{name} holds {held}, not {what}")
+
+
+def what_failed(e: Exception) -> str:
+    """The first line of what a reader's exception says, for "FILE is not a valid ... file: WHAT"
+    (a KeyError's name without its quotes; an OSError of HDF5's, damaged bytes, as it words them)."""
+    text = str(e) if isinstance(e, OSError) or not e.args else str(e.args[0])
+    return (text or type(e).__name__).splitlines()[0]
 
 
 def json_attr(attrs, name: str, kind: type | None = None):

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import FileFormatError, StalePartialError
 from .files import (check_dtype, check_version, interrupts_deferred, json_attr, open_read, partial_path,
-                    prepare_output, publish, reason, sha256, to_json, write_failed)
+                    prepare_output, publish, reason, sha256, to_json, what_failed, write_failed)
 
 FORMAT = "landscape.sharpness"
 VERSION = 1
@@ -184,8 +184,8 @@ def open_sharpness(path) -> SharpnessFile:
             for name, values in (f["metrics"].items() if "metrics" in f else ()):
                 for r, v in zip(results, values[()]):
                     r["metrics"][name] = float(v)
-        except (KeyError, ValueError, TypeError) as e:
-            what = str(e.args[0] if e.args else type(e).__name__).splitlines()[0]
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            what = what_failed(e)
             raise FileFormatError(f"{path} is not a valid sharpness file: {what}") from None
         return SharpnessFile(Path(path), spec, results, f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
                              f.attrs.get("source_sha256"))

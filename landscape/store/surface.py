@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import FileFormatError, StalePartialError, WriteError
 from .files import (OutputLock, PartialH5, check_dtype, check_version, claim_output, json_attr, open_read,
-                    partial_path, prepare_output, read_partial, sha256, to_json)
+                    partial_path, prepare_output, read_partial, sha256, to_json, what_failed)
 
 FORMAT = "landscape.surface"
 VERSION = 1
@@ -408,8 +408,8 @@ def open_surface(path) -> Surface:
                            {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
                            f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
                            points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
-            what = str(e.args[0] if e.args else type(e).__name__).splitlines()[0]
+        except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+            what = what_failed(e)
             raise FileFormatError(f"{path} is not a valid surface file: {what}") from None
 
 

@@ -24,7 +24,7 @@ from ..errors import CheckpointError, FileFormatError, HeldWorkError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
 from .files import (PartialH5, ResumeStates, check_dtype, check_version, claim_output, interrupts_deferred,
-                    json_attr, open_read, partial_path, prepare_output, read_partial, sha256, to_json)
+                    json_attr, open_read, partial_path, prepare_output, read_partial, sha256, to_json, what_failed)
 
 FORMAT = "landscape.trajectory"
 VERSION = 1
@@ -451,8 +451,8 @@ class Trajectory:
                 raise FileFormatError(f"{self.path} is not a valid trajectory file: missing {', '.join(missing)}")
             try:
                 self._read_header(f)
-            except (KeyError, ValueError, TypeError, AttributeError) as e:
-                what = str(e.args[0] if e.args else type(e).__name__).splitlines()[0]
+            except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+                what = what_failed(e)
                 raise FileFormatError(f"{self.path} is not a valid trajectory file: {what}") from None
 
     def _read_header(self, f: h5py.File) -> None:
