@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     except OSError as e:  # what the system or HDF5 refused where no reader named it (damaged bytes of a file)
         if args.debug:
             raise
-        print(f"landscape: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        from landscape.store.files import reason
+        print(f"landscape: error: {reason(e).splitlines()[0]}", file=sys.stderr)
         return 2
     finally:
         sys.unraisablehook = previous_hook

@@ -394,9 +394,6 @@ def _npz(options: dict):
         raise DataError(not_npz) from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array
         raise DataError(not_npz)
-    if options.get("sha256") and sha256(file) != options["sha256"]:
-        raise DataError(f"npz file {path} is not the file the run was recorded with (its SHA-256 differs); "
-                        "put that file there or beside the trajectory file")
     with loaded as f:
         missing = [k for k in keys if k not in f]
         if missing:
@@ -413,27 +410,35 @@ def _npz(options: dict):
 
 def fingerprinted(spec: DataSpec) -> DataSpec:
     """``spec`` as a file records it: an ``npz`` dataset with its file's SHA-256 (option ``sha256``), so
-    that later readers find that very file (:func:`located`) and refuse any other of the same name."""
+    that later readers find that very file (:func:`located`) and refuse any other of the same name. A
+    ``sha256`` given already must be the file's."""
     file = Path(str(spec.options.get("path", ""))).expanduser()
-    if spec.name != "npz" or "sha256" in spec.options or not spec.options.get("path") or not file.is_file():
+    if spec.name != "npz" or not spec.options.get("path") or not file.is_file():
         return spec  # (a missing file: load_data names the problem)
-    return DataSpec(spec.name, dict(spec.options, sha256=sha256(file)))
+    digest = sha256(file)
+    if spec.options.get("sha256", digest) != digest:
+        raise DataError(f"npz file {spec.options['path']} is not the one recorded (its SHA-256 is not the option "
+                        "sha256); give that file, or leave the option out")
+    return DataSpec(spec.name, dict(spec.options, sha256=digest))
 
 
 def located(spec: DataSpec, trajectory) -> DataSpec:
     """A recorded ``npz`` dataset with its path pointing to the file whose SHA-256 it records: the path
     as recorded (from the current folder), else beside the ``trajectory`` file (under that relative path
-    or its base name: a run shared as a folder with its data). Otherwise ``spec`` unchanged, and
-    :func:`load_data` names the problem."""
+    or its base name: a run shared as a folder with its data); a DataError when none is."""
     path, digest = spec.options.get("path"), spec.options.get("sha256")
     if spec.name != "npz" or not path or not digest:
         return spec
     given = Path(str(path)).expanduser()
     beside = Path(trajectory).parent
-    for file in [given] + ([] if given.is_absolute() else [beside / given, beside / given.name]):
+    places = list(dict.fromkeys([given] + ([] if given.is_absolute() else [beside / given]) + [beside / given.name]))
+    for file in places:
         if file.is_file() and sha256(file) == digest:
             return DataSpec(spec.name, dict(spec.options, path=str(file)))
-    return spec
+    if not any(file.exists() for file in places):
+        raise DataError(f"npz file {path} does not exist, nor beside {trajectory}")
+    raise DataError(f"npz file {path} is not the one recorded (its SHA-256 differs), nor is one beside {trajectory}; "
+                    "give that file, at its recorded path or beside the trajectory")
 
 
 def typed_array(a: np.ndarray) -> np.ndarray:

@@ -211,15 +211,16 @@ def _policy(bn, bn_batch_size: int, bn_samples, model, geom, data, asked_batch: 
     """The BatchNorm policy; ``asked_batch``: the caller gave ``bn_batch_size``, which a data source's
     recompute pass cannot take (its BatchNorm batches are the source's own: recorded as 0), as it cannot
     take a policy's batch size other than the default."""
-    asked_batch = asked_batch or isinstance(bn, BatchNormPolicy) and bn.batch_size not in (0, BatchNormPolicy.batch_size)
+    given_batch = isinstance(bn, BatchNormPolicy) and bn.batch_size not in (0, BatchNormPolicy.batch_size)
     if not isinstance(bn, BatchNormPolicy):
         bn = BatchNormPolicy(bn or "auto", bn_batch_size, bn_samples)
     basis = geom.buffer_basis
     policy = resolve_policy(bn, model, basis is not None, buffers_differ=basis is not None and bool(basis.any()))
     if policy.policy == "recompute" and isinstance(data, StreamData):
-        if asked_batch:
-            raise ConfigError("bn_batch_size does not apply to a data source: its recompute pass takes the source's "
-                              "own training batches as BatchNorm batches (give the source that batch size)")
+        if asked_batch or given_batch:
+            raise ConfigError(f"{'bn_batch_size' if asked_batch else 'a BatchNormPolicy batch_size'} does not apply "
+                              "to a data source: its recompute pass takes the source's own training batches as "
+                              "BatchNorm batches (give the source that batch size)")
         policy = dataclasses.replace(policy, batch_size=0)
     return policy
 

@@ -306,11 +306,27 @@ def test_a_trajectory_finds_its_own_npz_file_and_refuses_another_of_the_same_nam
     np.testing.assert_array_equal(expected.numpy(), np.load("data.npz")["x_train"].astype(np.float32))
     shutil.copy("run.h5", tmp_path / "b")
     monkeypatch.chdir(tmp_path / "b")  # beside another data.npz
-    with pytest.raises(DataError, match="npz file data.npz is not the file the run was recorded with"):
+    with pytest.raises(DataError, match="npz file data.npz is not the one recorded"):
         rebuild_data(open_trajectory("run.h5"))
+    with pytest.raises(DataError, match="is not the one recorded .* leave the option out"):  # a SHA-256 given
+        train(config.replace(data=DataSpec("npz", dict(recorded))), "other.h5", quiet=True)
     monkeypatch.chdir(tmp_path)  # the run shared as a folder: found beside the trajectory
     shutil.copytree(tmp_path / "a", tmp_path / "shared")
     assert torch.equal(rebuild_data(open_trajectory("shared/run.h5")).x_train, expected)
+    from landscape.train import trained_with
+    monkeypatch.chdir(tmp_path / "a")
+    assert trained_with("run.h5", config)  # (the config as given: without the SHA-256 the file records)
+    # recorded by absolute path, the data gone from there: found beside the trajectory too
+    monkeypatch.chdir(tmp_path)
+    absolute = config.replace(data=DataSpec("npz", {"path": str(tmp_path / "b" / "data.npz")}))
+    train(absolute, "abs.h5", quiet=True)
+    (tmp_path / "moved").mkdir()
+    for name in ("abs.h5", "b/data.npz"):
+        shutil.move(name, tmp_path / "moved")
+    assert rebuild_data(open_trajectory("moved/abs.h5")).x_train.shape == (20, 5)
+    (tmp_path / "moved" / "data.npz").unlink()
+    with pytest.raises(DataError, match=f"npz file {tmp_path / 'b' / 'data.npz'} does not exist, nor beside moved/abs.h5"):
+        rebuild_data(open_trajectory("moved/abs.h5"))
 
 
 # -- bad input: one line, non-zero exit, no file -----------------------------------------------

@@ -508,13 +508,59 @@ TRAJECTORY_DAMAGE = {
     "epoch of strings": (_replace("runs/sgd/epoch", np.array([b"a"] * 7)), "/runs/sgd/epoch holds strings"),
     "integer params": (_replace("runs/sgd/params", np.zeros((7, 5), np.int32)), "/runs/sgd/params holds int32"),
     # attributes a reader took for JSON (tracebacks, or Python's RecursionError)
-    "run attribute not JSON": (lambda f: f["runs/sgd"].attrs.__setitem__("note", "hello"),
-                               "run 'sgd': attribute 'note' is not JSON"),
     "config nested too deep": (lambda f: f.attrs.__setitem__("config", "[" * 100000 + "]" * 100000),
                                "attribute 'config' is not JSON"),
+    "buffer dtype unknown": (_layout_edit("buffers", lambda e: e[-1].__setitem__("dtype", "nn")),
+                             "has dtype 'nn', not a torch dtype"),
     "model not an object": (lambda f: f.attrs.__setitem__("config", json.dumps(
         dict(json.loads(f.attrs["config"]), model="mlp"))), "the config's 'model' is not an object"),
 }
+
+
+def test_a_note_added_to_a_run_with_h5py_is_read_as_it_is(tiny_run, tmp_path, capsys):
+    """Run attributes are JSON facts; one that is not (text or a number someone added) is kept as it is,
+    not a reason to refuse the file (run() took every attribute for JSON: a traceback)."""
+    from landscape.store import open_trajectory
+
+    def notes(f):
+        f["runs/sgd"].attrs["note"] = "a good run"
+        f["runs/sgd"].attrs["count"] = np.int64(3)
+    noted = _copy(tiny_run, tmp_path / "noted.h5", notes)
+    attrs = open_trajectory(noted).run("sgd").attrs
+    assert attrs["note"] == "a good run" and attrs["count"] == 3
+    assert run_main(capsys, "info", noted).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def killed_training(tmp_path_factory):
+    """The folder of a training killed as swa began (sgd finished): run.h5.partial and its resume state."""
+    folder = tmp_path_factory.mktemp("killed")
+    assert cli(*TRAIN, "-o", folder / "run.h5", crash=(6, "before")).returncode == 9
+    return folder
+
+
+PARTIAL_DAMAGE = {
+    "save point not a number": ({"progress_state": "abc"}, "attribute 'progress_state' is not the number of a save point"),
+    "more rows than held": ({"progress_rows": '{"swa/iterates": 1000}'}, "attribute 'progress_rows' does not count rows"),
+    "rows not JSON": ({"progress_rows": "nope"}, "attribute 'progress_rows' is not JSON"),
+    "finished parts a list": ({"finished": '["sgd"]'}, "attribute 'finished' is not a JSON object"),
+    "finished run unknown": ({"finished": '{"sgd": ["nope"]}'}, "attribute 'finished' does not list runs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARTIAL_DAMAGE))
+def test_a_partial_whose_bookkeeping_is_damaged_is_one_line(killed_training, tmp_path, capsys, case):
+    """What a resumed run goes on from (finished parts, rows of the part under way, its save point), edited
+    or damaged: tracebacks, or a run that went on from rows the file does not hold."""
+    attrs, message = PARTIAL_DAMAGE[case]
+    folder = tmp_path / "run"
+    shutil.copytree(killed_training, folder)
+    with h5py.File(folder / "run.h5.partial", "r+") as f:
+        assert {"finished", "progress_rows", "progress_state"} <= set(f.attrs)
+        f.attrs.update(attrs)
+    one_line_error(run_main(capsys, *TRAIN, "-o", folder / "run.h5"), f"run.h5.partial is damaged: {message}",
+                   "--overwrite")
+    assert run_main(capsys, *TRAIN, "-o", folder / "run.h5", "--overwrite").returncode == 0
 
 
 @pytest.mark.parametrize("case", sorted(TRAJECTORY_DAMAGE))
@@ -611,7 +657,12 @@ SHARPNESS_DAMAGE = {
                              "attribute 'spec' is not JSON"),
     "spec without options": (lambda f: f.attrs.__setitem__("spec", "{}"), "attribute 'spec' has no 'sharpness'"),
     "task not an object": (lambda f: f.attrs.__setitem__("spec", json.dumps(
-        dict(json.loads(f.attrs["spec"]), task="regression"))), "the spec's task is not a JSON object"),
+        dict(json.loads(f.attrs["spec"]), task="regression"))), "the spec's task is not an object"),
+    "task's percent a number": (lambda f: f.attrs.__setitem__("spec", json.dumps(
+        dict(json.loads(f.attrs["spec"]), task={"name": "classification", "percent": 5}))),
+        "the spec's task is not an object"),
+    "no values of the task's primary metric": (lambda f: f.attrs.__setitem__("spec", json.dumps(
+        dict(json.loads(f.attrs["spec"]), task={"name": "x", "primary": "foo"}))), "missing /metrics/test_foo"),
     "missing trace": (lambda f: f.__delitem__("trace"), "missing /trace"),
     "eigenvalues of strings": (_replace("eigenvalues", np.array([[b"a"]])), "/eigenvalues holds strings"),
     # a 15 KB file declaring 3 GiB of eigenvalues took 19 GB of memory to read as Python floats

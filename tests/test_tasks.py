@@ -686,7 +686,7 @@ def test_a_streamed_recompute_pass_joins_a_one_sample_batch_and_takes_the_source
         evaluate_surface(net, line, (DataLoader(TensorDataset(x, y), batch_size=8),
                                      DataLoader(TensorDataset(xt, yt), batch_size=8)), grid, bn_batch_size=4)
     from landscape.evaluate import BatchNormPolicy
-    with pytest.raises(ConfigError, match="bn_batch_size does not apply to a data source"):  # (as a policy's)
+    with pytest.raises(ConfigError, match="a BatchNormPolicy batch_size does not apply to a data source"):
         evaluate_surface(net, line, (DataLoader(TensorDataset(x, y), batch_size=8),
                                      DataLoader(TensorDataset(xt, yt), batch_size=8)), grid,
                          bn=BatchNormPolicy("recompute", batch_size=4))

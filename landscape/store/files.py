@@ -327,6 +327,17 @@ def json_attr(attrs, name: str, kind: type | None = None):
 _JSON_KINDS = {dict: "object", list: "list", str: "string"}
 
 
+def check_task(task) -> None:
+    """Raise a ValueError unless a spec's ``task`` is absent or as FORMAT.md gives it: an object whose
+    ``name`` and ``primary`` are text and whose ``metrics``, ``percent``, ``maximize`` and ``values`` are
+    lists of text (what figures and tables read)."""
+    texts = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+    if task is not None and not (isinstance(task, dict)
+                                 and all(isinstance(task.get(k, ""), str) for k in ("name", "primary"))
+                                 and all(texts(task.get(k, [])) for k in ("metrics", "percent", "maximize", "values"))):
+        raise ValueError("the spec's task is not an object of the task's name and metrics")
+
+
 def _newer(value, version: int) -> bool:
     try:
         return int(value) > version

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError
-from .files import (check_dtype, check_version, interrupts_deferred, json_attr, open_read, partial_path,
+from .files import (check_dtype, check_task, check_version, interrupts_deferred, json_attr, open_read, partial_path,
                     prepare_output, publish, reason, sha256, to_json, what_failed, write_failed)
 
 FORMAT = "landscape.sharpness"
@@ -209,15 +209,14 @@ def _check_sharpness(f: h5py.File) -> tuple:
         raise ValueError("attribute 'spec' has no 'sharpness' object")
     if not _positive(options.get("epsilon")):
         raise ValueError("the spec's epsilon is not a positive number")
-    if spec.get("task") is not None and not isinstance(spec["task"], dict):
-        raise ValueError("the spec's task is not a JSON object")
+    check_task(spec.get("task"))
     if "metrics" in f and not isinstance(f["metrics"], h5py.Group):
         raise ValueError("/metrics is not a group")
     checkpoints = f.get("checkpoints")
     if not isinstance(checkpoints, h5py.Dataset) or checkpoints.ndim != 1 or checkpoints.dtype.kind not in "OS":
         raise ValueError("/checkpoints is not a list of names")
     n = len(checkpoints)
-    for name in REQUIRED:
+    for name in REQUIRED + (f"metrics/test_{(spec.get('task') or {}).get('primary', 'err')}",):  # (tables show it)
         if name not in f:
             raise ValueError(f"missing /{name}")
     for name in SCALARS + ARRAYS + tuple(f"metrics/{m}" for m in (f["metrics"] if "metrics" in f else ())):

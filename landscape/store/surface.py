@@ -23,8 +23,8 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError, WriteError
-from .files import (OutputLock, PartialH5, check_dtype, check_version, claim_output, json_attr, open_read,
-                    partial_path, prepare_output, read_partial, sha256, to_json, what_failed)
+from .files import (OutputLock, PartialH5, check_dtype, check_task, check_version, claim_output, json_attr,
+                    open_read, partial_path, prepare_output, read_partial, sha256, to_json, what_failed)
 
 FORMAT = "landscape.surface"
 VERSION = 1
@@ -199,7 +199,8 @@ def _held_points(tmp: Path, spec_json: str, trajectory) -> bool:
             same = f.attrs.get("format") == FORMAT and held == wanted
         except ValueError:
             held, wanted, same = {}, {}, False
-        others = [n for n, d in wanted.get("other_files", {}).items() if held.get("other_files", {}).get(n) != d]
+        held_files = held.get("other_files") if isinstance(held.get("other_files"), dict) else {}
+        others = [n for n, d in wanted.get("other_files", {}).items() if n in held_files and held_files[n] != d]
         if not same and others and dict(held, other_files=None) == dict(wanted, other_files=None):
             raise StalePartialError(f"{tmp} holds unfinished work from another file for checkpoint {others[0]} (its "
                                     "SHA-256 differs); delete it or pass --overwrite to discard it")
@@ -417,10 +418,7 @@ def _check_surface(f: h5py.File) -> dict:
     """The spec, once the grid, the values and the done mask agree in shape and kind with each other
     and with the spec (else a ValueError)."""
     spec = json_attr(f.attrs, "spec", dict)
-    task = spec.get("task")
-    if task is not None and not (isinstance(task, dict) and all(isinstance(task.get(k, []), list)
-                                                             for k in ("metrics", "percent", "maximize", "values"))):
-        raise ValueError("the spec's task is not an object of the task's name and metrics")
+    check_task(spec.get("task"))
     for name in ("grid/x", "done", "values"):
         if name not in f:
             raise ValueError(f"missing /{name}")

@@ -84,6 +84,11 @@ class TrajectoryWriter:
         if held in ("same", "complete") and resume:
             self._reopen(held == "complete")
             return
+        if held == "damaged" and not overwrite:
+            with read_partial(self.tmp) as f:
+                problem = _bookkeeping_problem(f)
+            raise HeldWorkError(f"{self.tmp} is damaged: {problem}; delete it or pass --overwrite to discard it",
+                                other=True)
         if held is not None and not overwrite:
             other = " with another configuration" if held == "other" else ""
             raise HeldWorkError(f"{self.tmp} holds interrupted work{other}; delete it, choose another "
@@ -125,6 +130,8 @@ class TrajectoryWriter:
                 return None
             if f.attrs.get("config") != config_json or layout != self.layout:
                 return "other"
+            if not complete and _bookkeeping_problem(f):
+                return "damaged"
             return "complete" if complete else "same"
 
     def _reopen(self, complete: bool) -> None:
@@ -529,7 +536,7 @@ class Trajectory:
             g = f[f"runs/{run}"]
             metrics = {k: g[k][:] for k in g if isinstance(g[k], h5py.Dataset)
                        and k not in ("params", "buffers", "epoch", "step")}
-            attrs = {k: json_attr(g.attrs, k) for k in g.attrs}  # (checked on opening)
+            attrs = _facts(g)
             return RunData(run, g["epoch"][:], g["step"][:], metrics, attrs)
 
     def sha256(self) -> str:
@@ -592,7 +599,30 @@ def _check_layout(layout: Layout) -> None:
             if any(not isinstance(n, int) or n < 0 for n in e.shape) or e.offset != offset:
                 raise ValueError(f"layout {kind} {e.name!r} (shape {list(e.shape)}, offset {e.offset}) does not "
                                  f"follow the one before it (offset {offset})")
+            if not isinstance(getattr(torch, str(e.dtype), None), torch.dtype):
+                raise ValueError(f"layout {kind} {e.name!r} has dtype {e.dtype!r}, not a torch dtype")
             offset += e.numel
+
+
+def _bookkeeping_problem(f: h5py.File) -> str | None:
+    """What is wrong with a partial file's record of its finished parts and of the part under way (which
+    a resumed run goes on from), or None."""
+    runs = set(_run_names(f["runs"]))
+    try:
+        finished = json_attr(f.attrs, "finished", dict) if "finished" in f.attrs else {}
+        rows = json_attr(f.attrs, "progress_rows", dict) if "progress_rows" in f.attrs else {}
+    except ValueError as e:
+        return str(e)
+    state = f.attrs.get("progress_state", 0)
+    if not all(isinstance(part, list) and all(isinstance(r, str) and r in runs for r in part)
+               for part in finished.values()):
+        return "attribute 'finished' does not list runs of the file"
+    if not all(r in runs and f"runs/{r}/params" in f and isinstance(n, int) and not isinstance(n, bool)
+               and 0 <= n <= len(f[f"runs/{r}/params"]) for r, n in rows.items()):
+        return "attribute 'progress_rows' does not count rows its runs hold"
+    if isinstance(state, bool) or not isinstance(state, (int, np.integer)) or state < 0:
+        return "attribute 'progress_state' is not the number of a save point"
+    return None
 
 
 def _run_names(runs: h5py.Group) -> list:
@@ -614,11 +644,6 @@ def _check_run(g: h5py.Group, run: str, layout: Layout) -> int:
         kind, what = {"params": (np.float32, "float32"), "buffers": (np.float32, "float32"),
                       "step": (np.integer, "integers")}.get(name, (np.number, "numbers"))
         check_dtype(g[name], f"runs/{run}/{name}", kind, what)
-    for name in g.attrs:  # facts about the run, JSON (FORMAT.md)
-        try:
-            json_attr(g.attrs, name)
-        except ValueError as e:
-            raise ValueError(f"run {run!r}: {e}") from None
     rows = g["params"].shape[0] if g["params"].ndim == 2 else -1
     for name, width in (("params", layout.num_params), ("buffers", layout.num_buffers)):
         if g[name].shape != (rows, width):
@@ -628,6 +653,20 @@ def _check_run(g: h5py.Group, run: str, layout: Layout) -> int:
         if ds.ndim == 0 or ds.shape[0] != rows:
             raise ValueError(f"run {run!r}: {name} has {ds.shape[0] if ds.ndim else 0} rows, params has {rows}")
     return rows
+
+
+def _facts(g: h5py.Group) -> dict:
+    """A run's attributes: its facts, JSON (FORMAT.md), parsed; any other (a note someone added with
+    h5py) as it is, a number or text."""
+    facts = {}
+    for name in g.attrs:
+        try:
+            facts[name] = json_attr(g.attrs, name)
+        except ValueError:
+            value = g.attrs[name]
+            facts[name] = value.item() if isinstance(value, np.generic) else \
+                value.decode(errors="replace") if isinstance(value, bytes) else value
+    return facts
 
 
 def _frozen_of(g: h5py.Group, run: str, layout: Layout) -> list:

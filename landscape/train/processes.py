@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .. import errors
 from ..store import open_trajectory
+from ..data import fingerprinted
 from ..store.files import interrupts_deferred
 from .loop import METHODS
 
@@ -117,7 +118,7 @@ def trained_with(path, config) -> bool:
         recorded = open_trajectory(path).config
     except errors.LandscapeError:
         return False
-    mine = json.loads(json.dumps(config.to_dict()))
+    mine = json.loads(json.dumps(config.replace(data=fingerprinted(config.data)).to_dict()))  # as train() records
     return all(recorded.get(k) == v for k, v in mine.items() if k != "device")
 
 
