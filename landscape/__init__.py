@@ -30,6 +30,7 @@ try:
     from .store import open_surface, open_trajectory  # noqa: E402
     from .geometry import Grid, Line, Plane  # noqa: E402
     from .surface import compute_surface, evaluate_surface  # noqa: E402
+    from .sharpness import SharpnessSpec, compute_sharpness, evaluate_sharpness  # noqa: E402
     from .recorder import Recorder  # noqa: E402
     from . import train as _train  # noqa: E402,F401  registers the training methods and their options
 finally:
@@ -41,4 +42,4 @@ if _held:
 
 __all__ = ["TrainConfig", "DataSpec", "ModelSpec", "Layout", "LandscapeError", "build_model",
            "load_data", "open_trajectory", "open_surface", "Plane", "Line", "Grid", "compute_surface", "evaluate_surface",
-           "Recorder", "__version__"]
+           "SharpnessSpec", "compute_sharpness", "evaluate_sharpness", "Recorder", "__version__"]

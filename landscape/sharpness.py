@@ -23,8 +23,13 @@ buffers), in batches of the evaluator's batch size, sums in float64. All Hessian
   ball's boundary, so the result is at least the rise along the top eigenvector at the same radius
   (also reported, as ``eigenvector_sharpness``).
 
+:func:`evaluate_sharpness` takes a live model and its data and returns the numbers in memory;
+:func:`compute_sharpness` does the same for checkpoints of a trajectory file, resumable, into a
+sharpness file.
+
 Example::
 
+    res = evaluate_sharpness(net, (x_train, y_train, x_test, y_test), spec=SharpnessSpec(top_k=3))
     traj = open_trajectory("run.h5")
     res = compute_sharpness(traj, ["sgd", "swa/average"], SharpnessSpec(top_k=3), out="sharp.h5")
     res.results[0]["eigenvalues"], res.results[0]["trace"], res.results[0]["epsilon_sharpness"]
@@ -46,10 +51,12 @@ import torch
 from tqdm import tqdm
 
 from .bn import recompute_bn
+from .data import Data, as_data
 from .device import resolve_device, thread_workers
 from .errors import ConfigError
 from .evaluate import BatchNormPolicy, Evaluator, bn_inputs, resolve_policy
-from .geometry import HessianOperator, load_checkpoint, training_subset
+from .geometry import HessianOperator, live_checkpoint, load_checkpoint, training_subset
+from .params import Layout, copy_module, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store.files import claim_output
 from .store.sharpness import SharpnessFile, SharpnessProgress, write_sharpness
@@ -493,7 +500,69 @@ def checkpoint_sharpness(model, layout, params: torch.Tensor, buffers: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------
+# the core on live objects
+
+def evaluate_sharpness(model, data, checkpoints=None, spec: SharpnessSpec = SharpnessSpec(), *, bn="auto",
+                       device=None, task=None) -> SharpnessFile:
+    """The numbers of the module doc for live objects, in memory: no file is read or written
+    (``result.save(path)`` writes the file ``landscape sharpness`` would).
+
+    ``model``: an ``nn.Module`` (wrappers such as ``AveragedModel`` unwrapped), the checkpoint itself
+    when ``checkpoints`` is None; ``checkpoints``: {name: module, state_dict or flat parameter tensor}
+    of its architecture; ``data``: a :class:`~landscape.data.Data` or ``(x_train, y_train, x_test,
+    y_test)`` in memory (the Hessian is of the training loss); ``task``: a task name or object (default:
+    the data's, classification); ``bn``: auto | recompute | stored. Parameters with
+    ``requires_grad=False`` are frozen: the numbers are of the trained ones, as PyHessian's are.
+
+    Example::
+
+        res = evaluate_sharpness(net, (x_train, y_train, x_test, y_test), spec=SharpnessSpec(top_k=3))
+        res.results[0]["eigenvalues"], res.results[0]["trace"], res.results[0]["epsilon_sharpness"]
+    """
+    module = unwrap(model)[0]
+    layout = Layout.of(module)
+    spec.check(layout.num_params)
+    if device is None:
+        device = next(module.parameters()).device if any(True for _ in module.parameters()) else "cpu"
+    dev = resolve_device(str(device))
+    data = as_data(data, dev, task)
+    if not isinstance(data, Data):
+        raise ConfigError("sharpness needs the data in memory (tensors or a landscape Data), not a data source: "
+                          "the Hessian passes run over the training tensors again and again")
+    policy = resolve_policy(bn if bn is not None else "auto", module, can_interpolate=False, batch_size=spec.batch_size)
+    named = {"model": module} if checkpoints is None else dict(checkpoints)
+    if not named:
+        raise ConfigError("give at least one checkpoint")
+    ckpts = [live_checkpoint(obj, name, module) for name, obj in named.items()]
+    works = [CheckpointWork(spec, layout, lambda c=c: (c.params, c.buffers)) for c in ckpts]
+    start = time.perf_counter()
+    run_works(works, copy_module(module).to(dev), layout, data, policy,  # a copy: the caller's module stays
+              torch.get_num_threads() if dev.type == "cpu" else 1)
+    frozen = {name: layout.frozen for name in named} if layout.frozen else {}
+    results = [dict(w.result(), checkpoint=name, epoch=float("nan"), seconds=w.seconds) for name, w in zip(named, works)]
+    result = SharpnessFile(None, sharpness_spec(spec, policy, layout.num_params, data.task, frozen), results)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # many checkpoints
+
+BALL = ("filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with >= 2 dimensions; "
+        "biases and BatchNorm parameters fixed")
+
+
+def sharpness_spec(spec: SharpnessSpec, policy: BatchNormPolicy, num_params: int, task, frozen: dict,
+                   **recorded) -> dict:
+    """What a sharpness file records of how its numbers were made (compared when a computation
+    resumes): the options, the BatchNorm policy, the task, the ball; ``frozen``: {run or checkpoint:
+    the parameters held fixed} where any are; ``recorded``: the trajectory's dataset and model."""
+    full = {"sharpness": spec.to_dict(), "bn": policy.to_dict(), **recorded, "num_params": num_params,
+            "task": task.to_dict(), "ball": BALL}
+    if frozen:  # the Hessian and the ball of the parameters each trained
+        full["frozen"] = frozen
+    return full
+
 
 def check_checkpoints(traj, checkpoints) -> list:
     """Canonical names of ``checkpoints`` (RUN or RUN:INDEX); a missing one is one error."""
@@ -522,13 +591,9 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
     model = rebuild_model(traj, data, dev)
     policy = resolve_policy(bn if bn is not None else "auto", model, can_interpolate=False,
                             batch_size=spec.batch_size)
-    full_spec = {"sharpness": spec.to_dict(), "bn": policy.to_dict(), "dataset": traj.config.get("data"),
-                 "model": traj.config.get("model"), "num_params": traj.layout.num_params, "task": data.task.to_dict(),
-                 "ball": "filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with "
-                         ">= 2 dimensions; biases and BatchNorm parameters fixed"}
-    frozen = {traj.resolve(n)[0]: traj.layout_at(n).frozen for n in names}
-    if any(frozen.values()):  # the Hessian and the ball of the parameters each run trained
-        full_spec["frozen"] = {run: f for run, f in frozen.items() if f}
+    frozen = {traj.resolve(n)[0]: traj.layout_at(n).frozen for n in names}  # (its run's trained parameters)
+    full_spec = sharpness_spec(spec, policy, traj.layout.num_params, data.task, {r: f for r, f in frozen.items() if f},
+                               dataset=traj.config.get("data"), model=traj.config.get("model"))
     start = time.perf_counter()
     with contextlib.ExitStack() as held:
         progress = None

@@ -60,6 +60,50 @@ def test_top_eigenvalues_and_trace_match_the_exact_hessian(small):
     assert r["trace_stderr"] == pytest.approx(np.std(r["trace_probes"], ddof=1) / np.sqrt(400))
 
 
+def test_live_objects_get_the_exact_hessians_numbers_and_save_the_file_the_command_writes(small, tmp_path):
+    """evaluate_sharpness on a module and tensors in memory: the numbers of the exact Hessian, those of
+    the checkpoint_sharpness core, for the model itself or named checkpoints (a module, a state_dict);
+    the caller's model untouched; saved, the sharpness file every reader takes."""
+    from landscape import evaluate_sharpness
+    from landscape.params import copy_module
+    data, model, layout, w, H = small
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    spec = SharpnessSpec(top_k=3, probes=40, ascent_steps=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = (data.x_train, data.y_train, data.x_test, data.y_test)
+    res = evaluate_sharpness(model, tensors, spec=spec)
+    core = checkpoint_sharpness(model, layout, w, layout.buffers_to_vector(model), data, spec, BatchNormPolicy("none"))
+    r = res.results[0]
+    assert r["checkpoint"] == "model" and res.path is None and res.spec["num_params"] == 180
+    np.testing.assert_allclose(r["eigenvalues"], exact[:3].numpy(), rtol=1e-4)
+    for key in ("eigenvalues", "trace", "epsilon_sharpness", "metrics"):
+        np.testing.assert_equal(r[key], core[key])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    moved = copy_module(model)
+    with torch.no_grad():
+        moved[3].weight.mul_(1.5)
+    two = evaluate_sharpness(model, tensors, {"trained": model, "scaled": moved.state_dict()}, spec=spec)
+    assert [t["checkpoint"] for t in two.results] == ["trained", "scaled"]
+    np.testing.assert_equal(two.results[0]["eigenvalues"], r["eigenvalues"])
+    assert two.results[1]["eigenvalues"][0] != pytest.approx(r["eigenvalues"][0], rel=1e-3)
+    saved = two.save(tmp_path / "s.h5")
+    np.testing.assert_equal(open_sharpness(saved.path).summary(), two.summary())  # (epoch NaN: no run)
+    assert saved.trajectory is None
+    assert main(["info", str(saved.path)]) == 0 and main(["plot", "--sharpness", str(saved.path),
+                                                          "-o", str(tmp_path / "figs")]) == 0
+
+
+def test_live_sharpness_refuses_streamed_data_in_one_line(small):
+    from torch.utils.data import DataLoader, TensorDataset
+    from landscape import evaluate_sharpness
+    from landscape.errors import ConfigError
+    data, model, *_ = small
+    loaders = (DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=50),
+               DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=50))
+    with pytest.raises(ConfigError, match="sharpness needs the data in memory"):
+        evaluate_sharpness(model, loaders)
+
+
 def test_trace_probes_are_drawn_as_one_piece_after_the_other_would(small):
     """The trace's probes come in pieces of 16, but each piece draws from the generator state at which
     a sequential computation would: after the Lanczos start, in order. Checked against z^T H z of the
@@ -154,6 +198,11 @@ def test_a_frozen_layers_model_has_the_hessian_of_its_trained_parameters(small):
     np.testing.assert_allclose(r["eigenvalues"], exact[:3].numpy(), rtol=1e-4)
     assert abs(r["trace"] - float(block.trace())) < 4 * r["trace_stderr"]
     assert r["eigenvalues"][0] < 0.9 * float(torch.linalg.eigvalsh(H)[-1])  # (the whole model's is larger)
+    from landscape import evaluate_sharpness  # the live objects' entry: the same rule
+    live = evaluate_sharpness(frozen, (data.x_train, data.y_train, data.x_test, data.y_test),
+                              spec=SharpnessSpec(top_k=3, probes=40, ascent_steps=0))
+    np.testing.assert_allclose(live.results[0]["eigenvalues"], exact[:3].numpy(), rtol=1e-4)
+    assert live.spec["frozen"] == {"model": ["1.weight", "1.bias"]}
     ball = FilterBall(trained_layout, w.double(), 0.01)
     assert [sl.start for sl, _ in ball.parts] == [e.offset for e in trained_layout.params if e.name == "3.weight"]
     plane = Plane.hessian(frozen, data=data, samples=200, iterations=60, tol=1e-7)

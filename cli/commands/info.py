@@ -80,7 +80,8 @@ def _sharpness(sharp, as_json: bool) -> int:
         print_json({"path": str(sharp.path), "trajectory": sharp.trajectory, "spec": sharp.spec,
                     "checkpoints": sharp.summary()})
         return 0
-    print(f"{sharp.path}: sharpness of {len(sharp.results)} checkpoint(s) of {sharp.trajectory}; "
+    source = sharp.trajectory if sharp.trajectory is not None else "live objects (evaluate_sharpness)"
+    print(f"{sharp.path}: sharpness of {len(sharp.results)} checkpoint(s) of {source}; "
           f"epsilon = {sharp.epsilon:g} of each filter's norm")
     print_table(sharp)
     return 0

@@ -22,8 +22,8 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError
-from .files import (check_dtype, check_task, check_version, interrupts_deferred, json_attr, open_read, partial_path,
-                    prepare_output, publish, reason, sha256, to_json, what_failed, write_failed)
+from .files import (check_dtype, check_task, check_version, claim_output, interrupts_deferred, json_attr, open_read,
+                    partial_path, prepare_output, publish, reason, sha256, to_json, what_failed, write_failed)
 
 FORMAT = "landscape.sharpness"
 VERSION = 1
@@ -61,6 +61,12 @@ class SharpnessFile:
         """``value`` of :attr:`test_metric` as tables show it: ``4.90 %`` for a metric in percent."""
         percent = (self.spec.get("task") or {"percent": ["err"]}).get("percent", ())
         return f"{value:.2f} %" if self.test_metric.removeprefix("test_") in percent else f"{value:.4g}"
+
+    def save(self, path, overwrite: bool = False) -> "SharpnessFile":
+        """Write these numbers as a sharpness file (docs/FORMAT.md), the file ``landscape sharpness`` writes;
+        return it as read back (:func:`open_sharpness`)."""
+        return write_sharpness(path, self.spec, self.results, overwrite=overwrite, source_sha256=self.source_sha256,
+                               recorded=(self.trajectory, self.trajectory_sha256), inputs=(self.path,))
 
     def summary(self) -> list:
         """Per checkpoint, the numbers ``landscape sharpness --json`` prints."""
@@ -128,13 +134,18 @@ def _plain(value):
 
 
 def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite: bool = False,
-                    source_sha256: str | None = None, prepared: bool = False) -> SharpnessFile:
+                    source_sha256: str | None = None, prepared: bool = False, recorded=None,
+                    inputs=()) -> SharpnessFile:
     """Write the results of :func:`landscape.sharpness.compute_sharpness` (a list of per-checkpoint
     dicts) into a new sharpness file; return it as read back. ``source_sha256``: the trajectory's
     source (an averaged file's input, whose runs it holds as they are); ``prepared``: the caller
-    checked the output and holds its lock."""
-    if not prepared:
-        path = prepare_output(path, overwrite, inputs=(trajectory,) if trajectory else ())
+    checked the output and holds its lock; ``recorded``: (path, SHA-256) of the trajectory to record
+    instead of ``trajectory``'s (numbers saved from memory keep what they were computed from);
+    ``inputs``: files the output must not be."""
+    if not prepared:  # checked, then written holding the output's lock
+        path = prepare_output(path, overwrite, inputs=((trajectory,) if trajectory else ()) + tuple(inputs))
+        with claim_output(path, overwrite):
+            return write_sharpness(path, spec, results, trajectory, overwrite, source_sha256, True, recorded)
     path = Path(path)
     tmp = Path(f"{partial_path(path)}.h5")  # (NAME.partial holds the computation's progress)
     try:
@@ -148,8 +159,9 @@ def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite:
             f.attrs["spec"] = to_json(spec)
             f.attrs["complete"] = True
             if trajectory is not None:
-                f.attrs["trajectory"] = str(trajectory)
-                f.attrs["trajectory_sha256"] = sha256(trajectory)
+                recorded = (str(trajectory), sha256(trajectory))
+            if recorded is not None and recorded[0] is not None:
+                f.attrs["trajectory"], f.attrs["trajectory_sha256"] = recorded
             if source_sha256 is not None:
                 f.attrs["source_sha256"] = source_sha256
             f.create_dataset("checkpoints", data=np.array([r["checkpoint"] for r in results], dtype=object),
