@@ -88,6 +88,22 @@ def test_sharpness_on_the_gpu_equals_the_cpus(tiny_run, gpu):
     np.testing.assert_allclose(np.nanmax(got["density_nodes"]), np.nanmax(ref["density_nodes"]), rtol=1e-3)
 
 
+def test_live_sharpness_of_a_model_on_the_gpu_equals_the_cpus(tiny_run, gpu):
+    """evaluate_sharpness of a module living on the GPU runs there (its device) with the CPU's numbers."""
+    from landscape import evaluate_sharpness
+    traj = open_trajectory(tiny_run)
+    data, spec = rebuild_data(traj), SharpnessSpec(top_k=2, probes=8, ascent_steps=3, tol=1e-6)
+    net = rebuild_model(traj, data)
+    traj.layout.load(net, traj.checkpoint("sgd").params, traj.checkpoint("sgd").buffers)
+    tensors = (data.x_train, data.y_train, data.x_test, data.y_test)
+    ref = evaluate_sharpness(net, tensors, spec=spec, bn="stored").results[0]
+    got = evaluate_sharpness(net.to(gpu), tensors, spec=spec, bn="stored").results[0]
+    assert next(net.parameters()).device.type == "cuda"
+    np.testing.assert_allclose(got["eigenvalues"], ref["eigenvalues"], rtol=1e-3)
+    np.testing.assert_allclose(got["trace"], ref["trace"], rtol=1e-3)
+    np.testing.assert_allclose(got["epsilon_sharpness"], ref["epsilon_sharpness"], rtol=1e-2)
+
+
 def test_recording_a_loop_on_the_gpu_keeps_its_weights_and_the_cpus_metrics(tmp_path, gpu):
     """A user's own loop on the GPU with the recorder: every row holds the weights the net had, and the
     metrics it evaluated there are those of the same weights on the CPU."""
