@@ -93,6 +93,15 @@ def test_live_objects_get_the_exact_hessians_numbers_and_save_the_file_the_comma
                                                           "-o", str(tmp_path / "figs")]) == 0
 
 
+def test_numbers_of_a_files_checkpoints_computed_in_memory_save_with_their_trajectory(tiny_run, tmp_path):
+    from landscape.sharpness import compute_sharpness
+    traj = open_trajectory(tiny_run)
+    res = compute_sharpness(traj, ["sgd"], SharpnessSpec(top_k=1, probes=2, iterations=3, ascent_steps=1))
+    saved = res.save(tmp_path / "s.h5")
+    assert saved.trajectory == str(tiny_run) and saved.trajectory_sha256 == traj.sha256()
+    np.testing.assert_equal(saved.summary(), res.summary())
+
+
 def test_live_sharpness_refuses_streamed_data_in_one_line(small):
     from torch.utils.data import DataLoader, TensorDataset
     from landscape import evaluate_sharpness

@@ -160,8 +160,9 @@ def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite:
             f.attrs["complete"] = True
             if trajectory is not None:
                 recorded = (str(trajectory), sha256(trajectory))
-            if recorded is not None and recorded[0] is not None:
-                f.attrs["trajectory"], f.attrs["trajectory_sha256"] = recorded
+            for key, value in zip(("trajectory", "trajectory_sha256"), recorded or ()):
+                if value is not None:
+                    f.attrs[key] = value
             if source_sha256 is not None:
                 f.attrs["source_sha256"] = source_sha256
             f.create_dataset("checkpoints", data=np.array([r["checkpoint"] for r in results], dtype=object),

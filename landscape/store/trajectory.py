@@ -617,8 +617,9 @@ def _bookkeeping_problem(f: h5py.File) -> str | None:
     if not all(isinstance(part, list) and all(isinstance(r, str) and r in runs for r in part)
                for part in finished.values()):
         return "attribute 'finished' does not list runs of the file"
-    if not all(r in runs and f"runs/{r}/params" in f and isinstance(n, int) and not isinstance(n, bool)
-               and 0 <= n <= len(f[f"runs/{r}/params"]) for r, n in rows.items()):
+    held = {r: (f[f"runs/{r}/params"].shape or (0,))[0] for r in runs if f"runs/{r}/params" in f}
+    if not all(r in held and isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= held[r]
+               for r, n in rows.items()):
         return "attribute 'progress_rows' does not count rows its runs hold"
     if isinstance(state, bool) or not isinstance(state, (int, np.integer)) or state < 0:
         return "attribute 'progress_state' is not the number of a save point"
