@@ -634,7 +634,12 @@ def as_data(data, device=None, task=None):
         if not (isinstance(data, (tuple, list)) and len(data) == 4):
             raise DataError(f"data is a {type(data).__name__}; give a landscape Data, the four tensors "
                             "(x_train, y_train, x_test, y_test) or two data sources (train, test)")
-        tensors = [torch.as_tensor(np.asarray(t) if not torch.is_tensor(t) else t) for t in data]
+        try:
+            tensors = [torch.as_tensor(np.asarray(t) if not torch.is_tensor(t) else t) for t in data]
+        except (TypeError, ValueError, RuntimeError):
+            kinds = ", ".join(type(t).__name__ for t in data)
+            raise DataError(f"data (x_train, y_train, x_test, y_test) holds {kinds}; give tensors or arrays (two "
+                            "data sources go as (train, test))") from None
         check_splits(tensors, "data")
         tensors, classes = typed(tensors)
         data = Data(*tensors, classes)

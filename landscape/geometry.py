@@ -629,7 +629,7 @@ class Plane:
                             derived=derived, extent=((-h[0], h[0]), (-h[1], h[1])), pad=False), [co], src)
 
 
-def _finite(*ckpts) -> None:
+def check_finite(*ckpts) -> None:
     """Refuse a checkpoint with NaN or infinite weights (a diverged run's): no plane passes through it."""
     for c in ckpts:
         if not bool(torch.isfinite(c.params).all()):
@@ -639,7 +639,7 @@ def _finite(*ckpts) -> None:
 
 def _distinct(*ckpts) -> None:
     """Refuse a checkpoint given twice, or two checkpoints with the same weights (or any not finite)."""
-    _finite(*ckpts)
+    check_finite(*ckpts)
     what = "a plane needs three" if len(ckpts) == 3 else "a line needs two"
     scale = max(float(c.params.norm()) for c in ckpts)
     for i, a in enumerate(ckpts):
@@ -676,11 +676,11 @@ def _origin_of(source, origin, model, name: str):
         if origin is None:
             raise ConfigError("give the origin checkpoint's name after the trajectory")
         co = load_checkpoint(source, origin)
-        _finite(co)
+        check_finite(co)
         return Checkpoints(source, None), co
     src, objs, labels = checkpoints_of((source,), 1, [name], model)
     co = src.load(objs[0], labels[0])
-    _finite(co)
+    check_finite(co)
     return src, co
 
 

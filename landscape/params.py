@@ -75,6 +75,11 @@ class Layout:
         """The names of the parameters the model does not train (``requires_grad=False``)."""
         return [e.name for e in self.params if e.frozen]
 
+    @property
+    def num_trained(self) -> int:
+        """The number of values of the parameters the model trains."""
+        return sum(e.numel for e in self.params if not e.frozen)
+
     def with_frozen(self, names) -> "Layout":
         """This layout with exactly the parameters ``names`` frozen (as a file's run records them); none
         when they are all of them (a model that trains nothing: ``requires_grad_(False)`` for an

@@ -42,6 +42,7 @@ import heapq
 import math
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,9 +54,9 @@ from tqdm import tqdm
 from .bn import recompute_bn
 from .data import Data, as_data
 from .device import resolve_device, thread_workers
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .evaluate import BatchNormPolicy, Evaluator, bn_inputs, resolve_policy
-from .geometry import HessianOperator, live_checkpoint, load_checkpoint, training_subset
+from .geometry import HessianOperator, check_finite, live_checkpoint, load_checkpoint, training_subset
 from .params import Layout, copy_module, unwrap
 from .rebuild import rebuild_data, rebuild_model
 from .store.files import claim_output
@@ -75,7 +76,7 @@ class SharpnessSpec:
     ascent_steps: int = 20         # projected gradient ascent steps per start
     samples: int | None = None     # training samples (None: all)
     seed: int = 0                  # starting vectors, probes and the subset
-    batch_size: int = 1000         # data batch of every pass (speed only)
+    batch_size: int = 1000         # data batch of every pass (and of the BatchNorm recompute, whose statistics it sways)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +86,8 @@ class SharpnessSpec:
         return cls(**d)
 
     def check(self, num_params: int | None = None) -> "SharpnessSpec":
-        """Refuse values no computation can use (``num_params``: of the model, when known)."""
+        """Refuse values no computation can use (``num_params``: the model's trained parameters, when
+        known)."""
         for name, least in (("top_k", 1), ("iterations", 1), ("probes", 2), ("density_runs", 1),
                             ("density_steps", 2), ("ascent_steps", 0), ("batch_size", 1)):
             v = getattr(self, name)
@@ -100,8 +102,8 @@ class SharpnessSpec:
             raise ConfigError(f"samples must be at least 1, got {self.samples}")
         if num_params is not None:
             if self.top_k > num_params:
-                raise ConfigError(f"top k = {self.top_k} eigenvalues asked of a model with {num_params:,} "
-                                  f"parameters; k must be at most the parameter count")
+                raise ConfigError(f"top k = {self.top_k} eigenvalues asked of a model with {num_params:,} trained "
+                                  f"parameters; k must be at most their count")
             if self.top_k > self.iterations:
                 raise ConfigError(f"top k = {self.top_k} needs at least as many Lanczos iterations, "
                                   f"got {self.iterations}")
@@ -149,6 +151,9 @@ def ritz(alpha: torch.Tensor, beta: torch.Tensor):
     T = torch.diag(alpha)
     if m > 1:
         T = T + torch.diag(beta[:m - 1], 1) + torch.diag(beta[:m - 1], -1)
+    if not bool(torch.isfinite(T).all()):
+        raise ModelError("the Hessian-vector products are NaN or infinite (a loss that overflows near this "
+                         "checkpoint?)")
     return torch.linalg.eigh(T)
 
 
@@ -168,8 +173,11 @@ def top_eigen(op, num_params: int, k: int, iterations: int, tol: float, start: t
     order = theta.argsort(descending=True)[:k]
     vecs = s[:, order].T.to(Q.device) @ Q                 # (k, P) Ritz vectors
     res = (beta[-1] * s[-1, order]).abs()
-    return {"eigenvalues": theta[order].tolist(), "residuals": res.tolist(), "lanczos_steps": len(alpha),
-            "top_vector": vecs[0]}
+    # an invariant subspace of fewer than k dimensions (repeated eigenvalues: a dead unit's zeros) has
+    # fewer Ritz values: the rest are NaN, not known
+    missing = [float("nan")] * (k - len(order))
+    return {"eigenvalues": theta[order].tolist() + missing, "residuals": res.tolist() + missing,
+            "lanczos_steps": len(alpha), "top_vector": vecs[0]}
 
 
 def probe_values(op, z: torch.Tensor) -> np.ndarray:
@@ -344,6 +352,9 @@ class CheckpointWork:
         device = data.x_train.device
         params, buffers = (t.to(device).float() for t in self.load())
         self.metrics = {k: float(v[0]) for k, v in ev(params[None], buffers[None]).items()}
+        if not math.isfinite(self.metrics["train_loss"]):
+            raise ModelError(f"the training loss is {self.metrics['train_loss']} at this checkpoint: its Hessian "
+                             "cannot be taken (inputs or weights that overflow?)")
         if policy.policy == "recompute":  # the statistics held fixed around the checkpoint
             m = self.layout.load(ev.model, params, buffers)
             recompute_bn(m, bn_inputs(data, policy), policy.batch_size)
@@ -521,7 +532,7 @@ def evaluate_sharpness(model, data, checkpoints=None, spec: SharpnessSpec = Shar
     """
     module = unwrap(model)[0]
     layout = Layout.of(module)
-    spec.check(layout.num_params)
+    spec.check(layout.num_trained)
     if device is None:
         device = next(module.parameters()).device if any(True for _ in module.parameters()) else "cpu"
     dev = resolve_device(str(device))
@@ -530,10 +541,14 @@ def evaluate_sharpness(model, data, checkpoints=None, spec: SharpnessSpec = Shar
         raise ConfigError("sharpness needs the data in memory (tensors or a landscape Data), not a data source: "
                           "the Hessian passes run over the training tensors again and again")
     policy = resolve_policy(bn if bn is not None else "auto", module, can_interpolate=False, batch_size=spec.batch_size)
+    if checkpoints is not None and not isinstance(checkpoints, Mapping):
+        raise ConfigError(f"checkpoints is a {type(checkpoints).__name__}; give {{name: module, state_dict or flat "
+                          "tensor}")
     named = {"model": module} if checkpoints is None else dict(checkpoints)
     if not named:
         raise ConfigError("give at least one checkpoint")
     ckpts = [live_checkpoint(obj, name, module) for name, obj in named.items()]
+    check_finite(*ckpts)
     works = [CheckpointWork(spec, layout, lambda c=c: (c.params, c.buffers)) for c in ckpts]
     start = time.perf_counter()
     run_works(works, copy_module(module).to(dev), layout, data, policy,  # a copy: the caller's module stays
@@ -582,7 +597,7 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
     checkpoints' pieces run side by side, one per torch thread; checkpoints with the same weights and
     buffers are computed once."""
     names = check_checkpoints(traj, checkpoints)
-    spec.check(traj.layout.num_params)
+    spec.check(min(traj.layout_at(n).num_trained for n in names))
     dev = resolve_device(device)
     if out is not None:
         from .store.files import prepare_output

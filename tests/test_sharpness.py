@@ -102,6 +102,47 @@ def test_numbers_of_a_files_checkpoints_computed_in_memory_save_with_their_traje
     np.testing.assert_equal(saved.summary(), res.summary())
 
 
+def test_eigenvalues_lanczos_cannot_reach_are_nan_and_the_numbers_save(tmp_path):
+    """A dead unit's zero block: Lanczos ends on an invariant subspace before k Ritz values; the missing
+    ones are NaN (two checkpoints with different counts could not be saved), and k counts the trained
+    parameters only."""
+    import torch.nn as nn
+    from landscape import evaluate_sharpness
+    from landscape.errors import ConfigError
+    torch.manual_seed(8)
+    x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
+    data = (x[:40], y[:40], x[40:], y[40:])
+    a, b = (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(2))
+    with torch.no_grad():
+        a[0].bias[0] = -50.0  # one dead unit
+    res = evaluate_sharpness(a, data, {"a": a, "b": b}, spec=SharpnessSpec(top_k=23, iterations=23, probes=4, ascent_steps=1))
+    eigs = [np.asarray(r["eigenvalues"]) for r in res.results]
+    assert [len(e) for e in eigs] == [23, 23] and np.isnan(eigs[0]).any() and np.isfinite(eigs[0][:10]).all()
+    np.testing.assert_equal(res.save(tmp_path / "s.h5").summary(), res.summary())
+    a[0].requires_grad_(False)  # 8 trained values left
+    with pytest.raises(ConfigError, match="top k = 9 eigenvalues asked of a model with 8 trained parameters"):
+        evaluate_sharpness(a, data, spec=SharpnessSpec(top_k=9, iterations=9))
+
+
+def test_live_sharpness_refuses_what_it_cannot_take_in_one_line(small):
+    from landscape import evaluate_sharpness
+    from landscape.errors import LandscapeError
+    data, model, *_ = small
+    tensors = (data.x_train, data.y_train, data.x_test, data.y_test)
+    nan = {k: v * float("nan") for k, v in model.state_dict().items()}
+    with pytest.raises(LandscapeError, match="checkpoint diverged holds NaN or infinite weights"):
+        evaluate_sharpness(model, tensors, {"diverged": nan})
+    overflow = (data.x_train * float("inf"), *tensors[1:])
+    with pytest.raises(LandscapeError, match="the training loss is nan at this checkpoint"):
+        evaluate_sharpness(model, overflow)
+    with pytest.raises(LandscapeError, match="checkpoints is a list"):
+        evaluate_sharpness(model, tensors, [model])
+    with pytest.raises(LandscapeError, match="data .* holds DataLoader, NoneType"):
+        from torch.utils.data import DataLoader, TensorDataset
+        loader = DataLoader(TensorDataset(data.x_train, data.y_train))
+        evaluate_sharpness(model, (loader, None, loader, None))
+
+
 def test_live_sharpness_refuses_streamed_data_in_one_line(small):
     from torch.utils.data import DataLoader, TensorDataset
     from landscape import evaluate_sharpness
