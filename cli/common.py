@@ -69,7 +69,8 @@ def add_output_flags(p, json_flag: bool = True) -> None:
 
 
 def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    from landscape.store.files import finite_json
+    print(json.dumps(finite_json(obj), indent=2, sort_keys=True, default=str))  # (NaN as null: strict JSON)
 
 
 def add_trust_arguments(p) -> None:

@@ -394,6 +394,8 @@ def _npz(options: dict):
         raise DataError(not_npz) from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array
         raise DataError(not_npz)
+    if options.get("sha256") and sha256(file) != options["sha256"]:
+        raise DataError(f"npz file {path} is not the one recorded (its SHA-256 is not the option sha256)")
     with loaded as f:
         missing = [k for k in keys if k not in f]
         if missing:
@@ -423,9 +425,10 @@ def fingerprinted(spec: DataSpec) -> DataSpec:
 
 
 def located(spec: DataSpec, trajectory) -> DataSpec:
-    """A recorded ``npz`` dataset with its path pointing to the file whose SHA-256 it records: the path
-    as recorded (from the current folder), else beside the ``trajectory`` file (under that relative path
-    or its base name: a run shared as a folder with its data); a DataError when none is."""
+    """A recorded ``npz`` dataset with its path pointing to the file whose SHA-256 it records (checked
+    here, and left out of the spec returned): the path as recorded (from the current folder), else beside
+    the ``trajectory`` file (under that relative path or its base name: a run shared as a folder with its
+    data); a DataError when none is."""
     path, digest = spec.options.get("path"), spec.options.get("sha256")
     if spec.name != "npz" or not path or not digest:
         return spec
@@ -433,8 +436,8 @@ def located(spec: DataSpec, trajectory) -> DataSpec:
     beside = Path(trajectory).parent
     places = list(dict.fromkeys([given] + ([] if given.is_absolute() else [beside / given]) + [beside / given.name]))
     for file in places:
-        if file.is_file() and sha256(file) == digest:
-            return DataSpec(spec.name, dict(spec.options, path=str(file)))
+        if file.is_file() and sha256(file) == digest:  # (checked: load_data need not read it twice)
+            return DataSpec(spec.name, {k: v for k, v in dict(spec.options, path=str(file)).items() if k != "sha256"})
     if not any(file.exists() for file in places):
         raise DataError(f"npz file {path} does not exist, nor beside {trajectory}")
     raise DataError(f"npz file {path} is not the one recorded (its SHA-256 differs), nor is one beside {trajectory}; "

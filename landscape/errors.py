@@ -50,8 +50,9 @@ class ProcessDied(LandscapeError):
 
 class HeldWorkError(FileFormatError):
     """An output's ``.partial`` file holds interrupted work: ``other`` when of another configuration
-    (only discarding it helps: ``--overwrite``), else of this one (resumable)."""
+    (only discarding it helps: ``--overwrite``), else of this one (resumable); ``damaged``: what is
+    wrong with its record of that work, when something is (only discarding it helps)."""
 
-    def __init__(self, message: str, other: bool):
+    def __init__(self, message: str, other: bool, damaged: str | None = None):
         super().__init__(message)
-        self.other = other
+        self.other, self.damaged = other, damaged

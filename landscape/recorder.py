@@ -229,6 +229,9 @@ class Recorder:
                                            resume=self.resume)
         except HeldWorkError as e:
             tmp = self.partial_path
+            if e.damaged:
+                raise HeldWorkError(f"{tmp} is damaged: {e.damaged}; delete it or pass overwrite=True to discard it",
+                                    other=True, damaged=e.damaged) from None
             if e.other:
                 raise HeldWorkError(f"{tmp} holds an interrupted recording of another model, data or config; "
                                     "delete it, choose another path, or pass overwrite=True to discard it",

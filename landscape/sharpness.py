@@ -616,8 +616,10 @@ def compute_sharpness(traj, checkpoints, spec: SharpnessSpec = SharpnessSpec(), 
             held.enter_context(claim_output(Path(out), overwrite))
             progress = SharpnessProgress(out, full_spec, overwrite)
         results = _results(traj, names, spec, (model, data, policy, dev), progress, quiet)
-        result = SharpnessFile(None, full_spec, results, str(traj.path), traj.sha256(), traj.config.get("source_sha256"))
-        if out is not None:
+        result = SharpnessFile(None, full_spec, results, str(traj.path), None, traj.config.get("source_sha256"))
+        if out is None:
+            result.trajectory_sha256 = traj.sha256()  # (a file written hashes it: once)
+        else:
             result = write_sharpness(out, full_spec, results, trajectory=traj.path, overwrite=overwrite,
                                      source_sha256=traj.config.get("source_sha256"), prepared=True)
             progress.remove()

@@ -310,6 +310,8 @@ def test_a_trajectory_finds_its_own_npz_file_and_refuses_another_of_the_same_nam
         rebuild_data(open_trajectory("run.h5"))
     with pytest.raises(DataError, match="is not the one recorded .* leave the option out"):  # a SHA-256 given
         train(config.replace(data=DataSpec("npz", dict(recorded))), "other.h5", quiet=True)
+    with pytest.raises(DataError, match="is not the one recorded"):  # (also to the loader itself)
+        load_data(DataSpec("npz", dict(recorded)))
     monkeypatch.chdir(tmp_path)  # the run shared as a folder: found beside the trajectory
     shutil.copytree(tmp_path / "a", tmp_path / "shared")
     assert torch.equal(rebuild_data(open_trajectory("shared/run.h5")).x_train, expected)

@@ -167,6 +167,23 @@ def test_a_killed_loop_keeps_its_checkpoints_and_a_new_recorder_resumes_or_refus
     assert not np.array_equal(traj.params("sgd")[2], traj.params("sgd")[0])  # trained rows, not copies
 
 
+def test_a_recording_whose_partial_is_damaged_says_so(tmp_path):
+    """A partial whose record of its rows is damaged: the recorder names what is wrong (it called it a
+    recording of another model, data or config)."""
+    import h5py
+    _, model, _ = same_start()
+    out = tmp_path / "damaged.h5"
+    rec = recorder(out)
+    for epoch in range(2):
+        rec.record("sgd", model, epoch=epoch)
+    rec.close_incomplete()
+    with h5py.File(rec.partial_path, "r+") as f:
+        f.attrs["progress_rows"] = '{"sgd": 9999}'
+    with pytest.raises(FileFormatError, match=r"damaged\.h5\.partial is damaged: attribute 'progress_rows' does not "
+                                              r"count rows its runs hold; delete it or pass overwrite=True"):
+        recorder(out, resume=True)
+
+
 def test_a_loop_resumed_from_an_older_checkpoint_rewinds_the_file_to_it(tmp_path):
     """A loop resumed from its own checkpoint of epoch 2, older than the crashed loop's last rows,
     rewinds the file to that epoch: every run keeps its rows up to it (a (T, k) metric with them), a run

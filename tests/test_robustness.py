@@ -547,12 +547,17 @@ def killed_training(tmp_path_factory):
     return folder
 
 
+def _attrs(**attrs):
+    return lambda f: f.attrs.update(attrs)
+
+
 PARTIAL_DAMAGE = {
-    "save point not a number": ({"progress_state": "abc"}, "attribute 'progress_state' is not the number of a save point"),
-    "more rows than held": ({"progress_rows": '{"swa/iterates": 1000}'}, "attribute 'progress_rows' does not count rows"),
-    "rows not JSON": ({"progress_rows": "nope"}, "attribute 'progress_rows' is not JSON"),
-    "finished parts a list": ({"finished": '["sgd"]'}, "attribute 'finished' is not a JSON object"),
-    "finished run unknown": ({"finished": '{"sgd": ["nope"]}'}, "attribute 'finished' does not list runs"),
+    "save point not a number": (_attrs(progress_state="abc"), "attribute 'progress_state' is not the number of a save point"),
+    "more rows than held": (_attrs(progress_rows='{"swa/iterates": 1000}'), "attribute 'progress_rows' does not count rows"),
+    "rows not JSON": (_attrs(progress_rows="nope"), "attribute 'progress_rows' is not JSON"),
+    "finished parts a list": (_attrs(finished='["sgd"]'), "attribute 'finished' is not a JSON object"),
+    "finished run unknown": (_attrs(finished='{"sgd": ["nope"]}'), "attribute 'finished' does not list runs"),
+    "no runs": (lambda f: f.__delitem__("runs"), "it has no /runs group"),
 }
 
 
@@ -560,12 +565,12 @@ PARTIAL_DAMAGE = {
 def test_a_partial_whose_bookkeeping_is_damaged_is_one_line(killed_training, tmp_path, capsys, case):
     """What a resumed run goes on from (finished parts, rows of the part under way, its save point), edited
     or damaged: tracebacks, or a run that went on from rows the file does not hold."""
-    attrs, message = PARTIAL_DAMAGE[case]
+    edit, message = PARTIAL_DAMAGE[case]
     folder = tmp_path / "run"
     shutil.copytree(killed_training, folder)
     with h5py.File(folder / "run.h5.partial", "r+") as f:
         assert {"finished", "progress_rows", "progress_state"} <= set(f.attrs)
-        f.attrs.update(attrs)
+        edit(f)
     one_line_error(run_main(capsys, *TRAIN, "-o", folder / "run.h5"), f"run.h5.partial is damaged: {message}",
                    "--overwrite")
     assert run_main(capsys, *TRAIN, "-o", folder / "run.h5", "--overwrite").returncode == 0

@@ -100,6 +100,9 @@ def test_numbers_of_a_files_checkpoints_computed_in_memory_save_with_their_traje
     saved = res.save(tmp_path / "s.h5")
     assert saved.trajectory == str(tiny_run) and saved.trajectory_sha256 == traj.sha256()
     np.testing.assert_equal(saved.summary(), res.summary())
+    from landscape.errors import FileFormatError
+    with pytest.raises(FileFormatError, match="is the input"):  # never over the trajectory it was computed from
+        res.save(tiny_run, overwrite=True)
 
 
 def test_eigenvalues_lanczos_cannot_reach_are_nan_and_the_numbers_save(tmp_path):
@@ -119,6 +122,13 @@ def test_eigenvalues_lanczos_cannot_reach_are_nan_and_the_numbers_save(tmp_path)
     eigs = [np.asarray(r["eigenvalues"]) for r in res.results]
     assert [len(e) for e in eigs] == [23, 23] and np.isnan(eigs[0]).any() and np.isfinite(eigs[0][:10]).all()
     np.testing.assert_equal(res.save(tmp_path / "s.h5").summary(), res.summary())
+    import contextlib
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["info", str(tmp_path / "s.h5"), "--json"]) == 0
+    strict = json.loads(printed.getvalue(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert strict["checkpoints"][0]["eigenvalues"][-1] is None and strict["checkpoints"][0]["epoch"] is None
     a[0].requires_grad_(False)  # 8 trained values left
     with pytest.raises(ConfigError, match="top k = 9 eigenvalues asked of a model with 8 trained parameters"):
         evaluate_sharpness(a, data, spec=SharpnessSpec(top_k=9, iterations=9))

@@ -80,5 +80,5 @@ def print_table(res) -> None:
     print(f"{'checkpoint':<22}{shown.replace('_', ' '):>9}{'top eigenvalues':>34}{'trace':>20}{'eps-sharp':>11}")
     for r in res.summary():
         eig = " ".join(f"{v:.4g}" for v in r["eigenvalues"][:4])
-        print(f"{r['checkpoint']:<22}{res.format_test_metric(r[shown]).replace(' ', ''):>9}{eig:>34}"
+        print(f"{r['checkpoint']:<22}{res.format_test_metric(r[shown]).replace(' ', ''):>9}{' ' + eig:>34}"
               f"{r['trace']:>12.4g} +-{r['trace_stderr']:<6.2g}{r['epsilon_sharpness']:>11.4g}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FileFormatError
-from ..store.files import OutputLock, probe_writable, publish, reason, same_file
+from ..store.files import OutputLock, finite_json, probe_writable, publish, reason, same_file
 from . import figures, static
 from .analysis import FORMATS, MAX_LEVELS, SMOOTH, format_rise, ray_rise_distances
 
@@ -247,7 +247,7 @@ def _stems(surfs) -> dict:
 
 def _write_json(path: Path, obj) -> Path:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    tmp.write_text(json.dumps(finite_json(obj), indent=2, sort_keys=True, default=_jsonable) + "\n")  # NaN: null
     os.replace(tmp, path)
     return path
 

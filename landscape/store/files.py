@@ -7,6 +7,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -384,6 +385,20 @@ def sync_folder(folder) -> None:
 
 def to_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+def finite_json(obj):
+    """``obj`` (dicts, lists, numbers, numpy values) with NaN and infinities as None: JSON null, since
+    strict JSON readers (JavaScript's ``JSON.parse``, ``jq``) refuse Python's ``NaN``."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _json_default(o):

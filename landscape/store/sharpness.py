@@ -66,7 +66,7 @@ class SharpnessFile:
         """Write these numbers as a sharpness file (docs/FORMAT.md), the file ``landscape sharpness`` writes;
         return it as read back (:func:`open_sharpness`)."""
         return write_sharpness(path, self.spec, self.results, overwrite=overwrite, source_sha256=self.source_sha256,
-                               recorded=(self.trajectory, self.trajectory_sha256), inputs=(self.path,))
+                               recorded=(self.trajectory, self.trajectory_sha256), inputs=(self.path, self.trajectory))
 
     def summary(self) -> list:
         """Per checkpoint, the numbers ``landscape sharpness --json`` prints."""

@@ -371,7 +371,8 @@ class Surface:
             raise FileFormatError(f"this surface misses {int((~self.done).sum())} points; a saved file is complete")
         writer = SurfaceWriter.create(path, self.spec, self.x, self.y, self.basis(), self.points, self.paths,
                                       metrics=tuple(self.values), overwrite=overwrite, shape=self.done.shape,
-                                      inputs=[self.path], recorded=(self.trajectory, self.trajectory_sha256))
+                                      inputs=[self.path, self.trajectory],
+                                      recorded=(self.trajectory, self.trajectory_sha256))
         try:
             writer.write(np.arange(self.done.size), {k: v.reshape(-1) for k, v in self.values.items()})
             if self.points_per_call is not None:

@@ -88,7 +88,7 @@ class TrajectoryWriter:
             with read_partial(self.tmp) as f:
                 problem = _bookkeeping_problem(f)
             raise HeldWorkError(f"{self.tmp} is damaged: {problem}; delete it or pass --overwrite to discard it",
-                                other=True)
+                                other=True, damaged=problem)
         if held is not None and not overwrite:
             other = " with another configuration" if held == "other" else ""
             raise HeldWorkError(f"{self.tmp} holds interrupted work{other}; delete it, choose another "
@@ -115,7 +115,8 @@ class TrajectoryWriter:
 
     def _held_work(self, config_json: str):
         """What ``NAME.partial`` holds: None (no partial, or no work kept: it is replaced), "same" (work
-        of this very configuration and layout) or "other"."""
+        of this very configuration and layout), "other", or "damaged" (its record of that work does not
+        describe what it holds)."""
         reading = read_partial(self.tmp)
         if reading is None:
             return None
@@ -607,6 +608,8 @@ def _check_layout(layout: Layout) -> None:
 def _bookkeeping_problem(f: h5py.File) -> str | None:
     """What is wrong with a partial file's record of its finished parts and of the part under way (which
     a resumed run goes on from), or None."""
+    if not isinstance(f.get("runs"), h5py.Group):
+        return "it has no /runs group"
     runs = set(_run_names(f["runs"]))
     try:
         finished = json_attr(f.attrs, "finished", dict) if "finished" in f.attrs else {}
