@@ -58,6 +58,12 @@ def test_plane_file(traj, reference, tmp_path):
         compute_surface(traj, Plane.through(traj, *THREE), (5, 4), out=out, quiet=True)
 
 
+def test_a_surface_in_memory_is_never_saved_over_its_trajectory(traj, reference):
+    with pytest.raises(FileFormatError, match="is the input"):
+        reference.save(traj.path, overwrite=True)
+    assert open_trajectory(traj.path).runs == traj.runs
+
+
 def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path, monkeypatch):
     out = tmp_path / "plane.h5"
     plane = Plane.through(traj, *THREE)
