@@ -98,7 +98,7 @@ def test_live_sharpness_of_a_model_on_the_gpu_equals_the_cpus(tiny_run, gpu):
     tensors = (data.x_train, data.y_train, data.x_test, data.y_test)
     ref = evaluate_sharpness(net, tensors, spec=spec, bn="stored").results[0]
     got = evaluate_sharpness(net.to(gpu), tensors, spec=spec, bn="stored").results[0]
-    assert next(net.parameters()).device.type == "cuda"
+    assert next(net.parameters()).device.type == gpu.type
     np.testing.assert_allclose(got["eigenvalues"], ref["eigenvalues"], rtol=1e-3)
     np.testing.assert_allclose(got["trace"], ref["trace"], rtol=1e-3)
     np.testing.assert_allclose(got["epsilon_sharpness"], ref["epsilon_sharpness"], rtol=1e-2)
