@@ -510,6 +510,22 @@ def checkpoint_sharpness(model, layout, params: torch.Tensor, buffers: torch.Ten
     return work.result()
 
 
+BALL = ("filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with >= 2 dimensions; "
+        "biases and BatchNorm parameters fixed")
+
+
+def sharpness_spec(spec: SharpnessSpec, policy: BatchNormPolicy, num_params: int, task, frozen: dict,
+                   **recorded) -> dict:
+    """What a sharpness file records of how its numbers were made (compared when a computation
+    resumes): the options, the BatchNorm policy, the task, the ball; ``frozen``: {run or checkpoint:
+    the parameters held fixed} where any are; ``recorded``: the trajectory's dataset and model."""
+    full = {"sharpness": spec.to_dict(), "bn": policy.to_dict(), **recorded, "num_params": num_params,
+            "task": task.to_dict(), "ball": BALL}
+    if frozen:  # the Hessian and the ball of the parameters each trained
+        full["frozen"] = frozen
+    return full
+
+
 # ----------------------------------------------------------------------------------------------
 # the core on live objects
 
@@ -562,22 +578,6 @@ def evaluate_sharpness(model, data, checkpoints=None, spec: SharpnessSpec = Shar
 
 # ----------------------------------------------------------------------------------------------
 # many checkpoints
-
-BALL = ("filter-normalized: ||d_f|| <= epsilon ||w_f|| per filter of every parameter with >= 2 dimensions; "
-        "biases and BatchNorm parameters fixed")
-
-
-def sharpness_spec(spec: SharpnessSpec, policy: BatchNormPolicy, num_params: int, task, frozen: dict,
-                   **recorded) -> dict:
-    """What a sharpness file records of how its numbers were made (compared when a computation
-    resumes): the options, the BatchNorm policy, the task, the ball; ``frozen``: {run or checkpoint:
-    the parameters held fixed} where any are; ``recorded``: the trajectory's dataset and model."""
-    full = {"sharpness": spec.to_dict(), "bn": policy.to_dict(), **recorded, "num_params": num_params,
-            "task": task.to_dict(), "ball": BALL}
-    if frozen:  # the Hessian and the ball of the parameters each trained
-        full["frozen"] = frozen
-    return full
-
 
 def check_checkpoints(traj, checkpoints) -> list:
     """Canonical names of ``checkpoints`` (RUN or RUN:INDEX); a missing one is one error."""
