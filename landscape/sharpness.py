@@ -540,6 +540,7 @@ def evaluate_sharpness(model, data, checkpoints=None, spec: SharpnessSpec = Shar
     y_test)`` in memory (the Hessian is of the training loss); ``task``: a task name or object (default:
     the data's, classification); ``bn``: auto | recompute | stored. Parameters with
     ``requires_grad=False`` are frozen: the numbers are of the trained ones, as PyHessian's are.
+    Checkpoints with the same weights and buffers are computed once.
 
     Example::
 
@@ -565,12 +566,19 @@ def evaluate_sharpness(model, data, checkpoints=None, spec: SharpnessSpec = Shar
         raise ConfigError("give at least one checkpoint")
     ckpts = [live_checkpoint(obj, name, module) for name, obj in named.items()]
     check_finite(*ckpts)
-    works = [CheckpointWork(spec, layout, lambda c=c: (c.params, c.buffers)) for c in ckpts]
+    works = {}  # checkpoints with the same weights and buffers are computed once
+    for c in ckpts:
+        works.setdefault(_identity(c.params, c.buffers), CheckpointWork(spec, layout, lambda c=c: (c.params, c.buffers)))
     start = time.perf_counter()
-    run_works(works, copy_module(module).to(dev), layout, data, policy,  # a copy: the caller's module stays
+    run_works(list(works.values()), copy_module(module).to(dev), layout, data, policy,  # (the caller's module stays)
               torch.get_num_threads() if dev.type == "cpu" else 1)
     frozen = {name: layout.frozen for name in named} if layout.frozen else {}
-    results = [dict(w.result(), checkpoint=name, epoch=float("nan"), seconds=w.seconds) for name, w in zip(named, works)]
+    results, seen = [], set()
+    for c in ckpts:
+        key = _identity(c.params, c.buffers)
+        results.append(dict(works[key].result(), checkpoint=c.name, epoch=float("nan"),
+                            seconds=0.0 if key in seen else works[key].seconds))
+        seen.add(key)
     result = SharpnessFile(None, sharpness_spec(spec, policy, layout.num_params, data.task, frozen), results)
     result.seconds = time.perf_counter() - start
     return result

@@ -63,8 +63,9 @@ def test_top_eigenvalues_and_trace_match_the_exact_hessian(small):
 def test_live_objects_get_the_exact_hessians_numbers_and_save_the_file_the_command_writes(small, tmp_path):
     """evaluate_sharpness on a module and tensors in memory: the numbers of the exact Hessian, those of
     the checkpoint_sharpness core, for the model itself or named checkpoints (a module, a state_dict);
-    the caller's model untouched; saved, the sharpness file every reader takes."""
-    from landscape import evaluate_sharpness
+    the caller's model untouched; a checkpoint equal to another computed once; saved, the sharpness file
+    every reader takes."""
+    from landscape import evaluate_sharpness, sharpness
     from landscape.params import copy_module
     data, model, layout, w, H = small
     exact = torch.linalg.eigvalsh(H).flip(0)
@@ -82,8 +83,14 @@ def test_live_objects_get_the_exact_hessians_numbers_and_save_the_file_the_comma
     moved = copy_module(model)
     with torch.no_grad():
         moved[3].weight.mul_(1.5)
-    two = evaluate_sharpness(model, tensors, {"trained": model, "scaled": moved.state_dict()}, spec=spec)
-    assert [t["checkpoint"] for t in two.results] == ["trained", "scaled"]
+    computed = []
+    work = sharpness.CheckpointWork.prepare
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sharpness.CheckpointWork, "prepare", lambda self, *a: computed.append(1) or work(self, *a))
+        two = evaluate_sharpness(model, tensors, {"trained": model, "scaled": moved.state_dict(),
+                                                  "again": model.state_dict()}, spec=spec)
+    assert [t["checkpoint"] for t in two.results] == ["trained", "scaled", "again"] and len(computed) == 2
+    assert two.results[2]["seconds"] == 0.0 and two.results[2]["eigenvalues"] == two.results[0]["eigenvalues"]
     np.testing.assert_equal(two.results[0]["eigenvalues"], r["eigenvalues"])
     assert two.results[1]["eigenvalues"][0] != pytest.approx(r["eigenvalues"][0], rel=1e-3)
     saved = two.save(tmp_path / "s.h5")
