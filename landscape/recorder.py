@@ -386,10 +386,8 @@ class Recorder:
             if name not in frozen or _digest(values[slices[name]]) != digests[name]:
                 del digests[name]
         if set(digests) != (written or set()):
-            if digests:
-                self.writer.set_attrs(run, frozen=[e.name for e in self.layout.params if e.name in digests])
-            else:  # (none frozen: no attribute, as for a run that trained everything from the start)
-                del self.writer.file[f"runs/{run}"].attrs["frozen"]
+            # (none frozen: no attribute, as for a run that trained everything from the start)
+            self.writer.set_attrs(run, frozen=[e.name for e in self.layout.params if e.name in digests] or None)
             self._frozen[run] = digests, set(digests)
 
     def record_lookahead(self, optimizer, model: nn.Module, *, prefix: str = "lookahead", epoch=None, step=None,

@@ -83,16 +83,20 @@ def check_evaluation_options(batch_size=None, bn_batch_size=None, bn_samples=Non
 def input_files(traj, geom) -> list:
     """The files a surface of ``geom`` is computed from: the trajectory and any other trajectory
     file a checkpoint was taken from (``OTHER.h5:RUN:INDEX``)."""
-    others = (checkpoint_file(source) for source in getattr(geom, "sources", {}).values())
-    return [traj.path] + [f for f in others if f]
+    return [traj.path] + list(_files_of_checkpoints(geom).values())
+
+
+def _files_of_checkpoints(geom) -> dict:
+    """Checkpoint name -> the other trajectory file it is read from, for ``OTHER.h5:RUN:INDEX`` ones."""
+    files = {name: checkpoint_file(source) for name, source in getattr(geom, "sources", {}).items()}
+    return {name: file for name, file in files.items() if file}
 
 
 def other_files(geom) -> dict:
     """The SHA-256 of the other trajectory file each ``OTHER.h5:RUN:INDEX`` checkpoint was read from, by
     checkpoint name: names carry the file's base name only, so a resumed computation (whose spec must
     match) cannot go on with another file of the same name."""
-    files = {name: checkpoint_file(source) for name, source in getattr(geom, "sources", {}).items()}
-    files = {name: file for name, file in files.items() if file}
+    files = _files_of_checkpoints(geom)
     digests = {file: sha256(file) for file in set(files.values())}
     return {name: digests[file] for name, file in files.items()}
 

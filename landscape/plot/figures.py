@@ -19,7 +19,7 @@ from .style import DISTANCE, metric_title, role, style
 def _legend_below(fig, axes, ncol: int | None = None, title: str | None = None, **kwargs) -> None:
     handles, labels = static.dedupe_legend(axes)
     chars = int(fig.get_figwidth() * 13)  # (about as many characters fit across the figure)
-    notes = [lab for lab in labels if lab.startswith("not drawn")]  # what was left out: under the title
+    notes = [lab for lab in labels if lab.startswith(static.NOT_DRAWN)]  # what was left out: under the title
     kept = [(h, lab) for h, lab in zip(handles, labels) if lab not in notes]
     title = "\n".join([title] * bool(title) + [textwrap.fill(n, chars) for n in notes]) or None
     if kept or title:

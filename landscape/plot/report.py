@@ -247,15 +247,7 @@ def _stems(surfs) -> dict:
 
 def _write_json(path: Path, obj) -> Path:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(finite_json(obj), indent=2, sort_keys=True, default=_jsonable) + "\n")  # NaN: null
+    tmp.write_text(json.dumps(finite_json(obj), indent=2, sort_keys=True) + "\n")  # NaN: null
     os.replace(tmp, path)
     return path
 
-
-def _jsonable(o):
-    import numpy as np
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"cannot write {type(o).__name__} as JSON")

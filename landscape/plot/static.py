@@ -138,6 +138,8 @@ def _plane_axes(ax, surface) -> None:
 
 # which runs are drawn as whole paths (the others by their checkpoints only)
 PATH_RUNS = ("lookahead/slow", "lookahead/fast", "lookahead-adam/slow", "lookahead-adam/fast", "swa/iterates")
+# the legend entry naming the checkpoints and paths left out of a plane (figures put it under the title)
+NOT_DRAWN = "not drawn"
 # runs whose last checkpoint is not drawn as a point of its own
 POINT_RUNS_SKIP = ("swa/iterates", "lookahead/fast", "lookahead-adam/fast", "swap/phase1")
 
@@ -235,7 +237,7 @@ def draw_checkpoints(ax, surface, *, off_plane: float = 0.05, paths=PATH_RUNS, l
                 alpha=0.65 if hollow else 1.0)
     if left_out:
         more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
-        ax.plot([], [], linestyle="none", label=f"not drawn (outside or far off): {', '.join(left_out[:3])}{more}")
+        ax.plot([], [], linestyle="none", label=f"{NOT_DRAWN} (outside or far off): {', '.join(left_out[:3])}{more}")
     return ax
 
 
@@ -582,7 +584,7 @@ def _legend_order(label: str) -> int:
             ["lookahead/slow", "lookahead/fast", "lookahead-adam/slow", "lookahead-adam/fast"] + \
             [f"grafting/net{i}" for i in range(16)] + [f"grafting/baseline{i}" for i in range(16)]
         _ROLE_LABELS = sorted(((role(n).label, role(n).order) for n in names), key=lambda lo: -len(lo[0]))
-    if label.startswith("not drawn"):
+    if label.startswith(NOT_DRAWN):
         return 1000  # last
     for text, order in _ROLE_LABELS:
         if label.startswith(text):

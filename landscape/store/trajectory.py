@@ -322,11 +322,16 @@ class TrajectoryWriter:
         return self._open_datasets[run]
 
     def set_attrs(self, run: str, **attrs) -> None:
-        """Attach JSON-able facts to a run (e.g. the layer names behind a (T, k) metric). A fact the run
-        holds already is not written again: a resumed method sets its facts a second time, and a
-        rewritten attribute moves in the file, so the bytes would differ from an uninterrupted run's."""
+        """Attach JSON-able facts to a run (e.g. the layer names behind a (T, k) metric); None removes
+        one. A fact the run holds already is not written again: a resumed method sets its facts a second
+        time, and a rewritten attribute moves in the file, so the bytes would differ from an
+        uninterrupted run's."""
         g = self._run_group(run)
         for k, v in attrs.items():
+            if v is None:
+                if k in g.attrs:
+                    del g.attrs[k]
+                continue
             value = to_json(v)
             if g.attrs.get(k) != value:
                 g.attrs[k] = value
