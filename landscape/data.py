@@ -36,6 +36,7 @@ from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, R
                               Subset, SubsetRandomSampler)
 
 from .bn import batch_slices
+from .device import random_state, set_random_state
 from .errors import DataError
 from .options import Option, check_options
 from .store.files import sha256
@@ -223,15 +224,15 @@ def _in_order(source, read=None):
     state, batches = _seeded_state(), None
     while True:
         with _GLOBAL_RANDOM_STATE:
-            outer = _random_state(state)
-            _set_random_state(state)
+            outer = random_state(state[1] is not None)
+            set_random_state(state)
             try:
                 if batches is None:
                     batches = iter(source if isinstance(source, DataLoader) else source())
                 batch = next(batches, _END)
             finally:
-                state = _random_state(state)
-                _set_random_state(outer)
+                state = random_state(state[1] is not None)
+                set_random_state(outer)
         if batch is _END:
             return
         yield batch
@@ -247,17 +248,6 @@ def _seeded_state() -> tuple:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = [torch.Generator(f"cuda:{i}").manual_seed(0).get_state() for i in range(torch.cuda.device_count())]
     return torch.Generator().manual_seed(0).get_state(), cuda
-
-
-def _random_state(like: tuple) -> tuple:
-    """torch's global random state now, of the devices ``like`` (a :func:`_seeded_state`) holds."""
-    return torch.get_rng_state(), None if like[1] is None else torch.cuda.get_rng_state_all()
-
-
-def _set_random_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 _END = object()

@@ -62,6 +62,19 @@ def thread_workers(workers: int, threads_each: int | None = 1):
             pool.shutdown(cancel_futures=True)
 
 
+def random_state(cuda: bool) -> tuple:
+    """torch's global random state: the CPU's, and every GPU's when ``cuda`` (asking for those starts
+    CUDA)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+
+
+def set_random_state(state: tuple) -> None:
+    """Restore a :func:`random_state`."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed the global generators once at an entry point; return a CPU generator for data order."""
     random.seed(seed)

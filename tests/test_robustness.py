@@ -28,8 +28,8 @@ from landscape.store.journal import JournaledFile, journal_path
 
 ROOT = Path(__file__).resolve().parents[1]
 THREE = ["sgd", "swa/average", "swa/iterates:0"]
-TRAIN = ["train", "--dataset", "synthetic", "--model", "mlp", "--epochs", "3", "--methods", "sgd,swa",
-         "--swa-start", "2", "--quiet"]
+# two methods trained one after the other (sgd and swa would share their steps, as one part)
+TRAIN = ["train", "--dataset", "synthetic", "--model", "mlp", "--epochs", "3", "--methods", "sgd,lookahead", "--quiet"]
 
 # runs a landscape command that dies (os._exit(9), no cleanup) at the k-th save of a file: "before" the
 # save, or "mid" way through copying a complete journal into the file
@@ -165,7 +165,7 @@ def uninterrupted_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-# this run saves 9 times: sgd's 3 epochs, sgd finished, swa's 3 epochs, swa finished, the complete file
+# this run saves 9 times: sgd's 3 epochs, sgd finished, lookahead's 3 epochs, lookahead finished, the complete file
 @pytest.mark.parametrize("crash", [(1, "before"), (2, "mid"), (6, "mid"), (8, "before"), (9, "mid")])
 def test_train_killed_at_any_save_resumes_to_the_same_bytes(uninterrupted_run, tmp_path, crash):
     out = tmp_path / "run.h5"
@@ -541,7 +541,8 @@ def test_a_note_added_to_a_run_with_h5py_is_read_as_it_is(tiny_run, tmp_path, ca
 
 @pytest.fixture(scope="module")
 def killed_training(tmp_path_factory):
-    """The folder of a training killed as swa began (sgd finished): run.h5.partial and its resume state."""
+    """The folder of a training killed in lookahead's second epoch (sgd finished): run.h5.partial and its
+    resume state."""
     folder = tmp_path_factory.mktemp("killed")
     assert cli(*TRAIN, "-o", folder / "run.h5", crash=(6, "before")).returncode == 9
     return folder
@@ -553,7 +554,7 @@ def _attrs(**attrs):
 
 PARTIAL_DAMAGE = {
     "save point not a number": (_attrs(progress_state="abc"), "attribute 'progress_state' is not the number of a save point"),
-    "more rows than held": (_attrs(progress_rows='{"swa/iterates": 1000}'), "attribute 'progress_rows' does not count rows"),
+    "more rows than held": (_attrs(progress_rows='{"lookahead/fast": 1000}'), "attribute 'progress_rows' does not count rows"),
     "rows not JSON": (_attrs(progress_rows="nope"), "attribute 'progress_rows' is not JSON"),
     "finished parts a list": (_attrs(finished='["sgd"]'), "attribute 'finished' is not a JSON object"),
     "finished run unknown": (_attrs(finished='{"sgd": ["nope"]}'), "attribute 'finished' does not list runs"),

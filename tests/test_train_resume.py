@@ -17,12 +17,13 @@ from landscape.train import METHODS, train
 from landscape.train.loop import Context
 
 METHODS_RUN = ("sgd", "lookahead", "swa", "grafting", "swap")
-EARLIER = ("sgd", "lookahead", "swa", "grafting")
+EARLIER = ("sgd+swa", "lookahead", "grafting")  # the parts before swap's: sgd and swa share their steps
 
 
 @pytest.fixture(scope="module")
 def config(tiny_config):
-    return tiny_config.replace(methods=METHODS_RUN, epochs=4, swa_start=2, lookahead_fast_epochs=1,
+    # swa's lr 0.05 parts from sgd's 0.1 at the third epoch: the two share two epochs, then train apart
+    return tiny_config.replace(methods=METHODS_RUN, epochs=4, swa_start=2, swa_lr=0.05, lookahead_fast_epochs=1,
                                grafting_baseline=True, swap_workers=3, swap_threshold=90.0, swap_phase1_epochs=6,
                                swap_phase2_epochs=2)
 
@@ -79,11 +80,12 @@ def _assert_same_file(whole, resumed):
 
 
 @pytest.mark.parametrize("run, nth, kept", [
-    ("sgd", 3, ()),                       # in the first method's third epoch
-    ("lookahead/slow", 4, ("sgd",)),      # mid-epoch, at a synchronization
-    ("swa/average", 2, ("sgd", "lookahead")),
-    ("grafting/net1", 4, ("sgd", "lookahead", "swa")),        # between the two nets' grafts
-    ("grafting/baseline0", 3, ("sgd", "lookahead", "swa")),   # grafted nets done, baseline under way
+    ("sgd", 3, ()),                       # in the first job's third epoch, sgd and swa still one model
+    ("sgd", 5, ()),                       # in its fourth, sgd and swa apart since the third
+    ("swa/average", 2, ()),
+    ("lookahead/slow", 4, ("sgd+swa",)),      # mid-epoch, at a synchronization
+    ("grafting/net1", 4, ("sgd+swa", "lookahead")),        # between the two nets' grafts
+    ("grafting/baseline0", 3, ("sgd+swa", "lookahead")),   # grafted nets done, baseline under way
     ("swap/phase1", 3, EARLIER),
 ])
 def test_interrupted_training_resumes_to_the_uninterrupted_file(config, whole, tmp_path, monkeypatch, run, nth,
@@ -97,10 +99,11 @@ def test_interrupted_training_resumes_to_the_uninterrupted_file(config, whole, t
     said = str(e.value)
     assert said.startswith(", ".join(kept)) and " up to epoch " in said and "kept in" in said, said
 
-    def must_not_run(ctx):
+    def must_not_run(*args):
         raise AssertionError("a finished method was trained again")
-    for method in kept:
-        monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], run=must_not_run))
+    for method in (m for part in kept for m in part.split("+")):
+        monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], run=must_not_run,
+                                                                together=must_not_run))
     counts = _count_records(monkeypatch)
     summary = train(config, out, quiet=True)
     assert not out.with_name("cut.h5.partial").exists()
@@ -161,7 +164,8 @@ def test_cli_says_what_was_kept(tmp_path, monkeypatch, capsys):
             "--swa-start", "2", "-o", str(out), "--quiet"]
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert err.startswith("landscape: interrupted: sgd, swa up to epoch 1 kept in ") and "run the same command" in err
+    # sgd and swa share their steps, as one part
+    assert err.startswith("landscape: interrupted: sgd+swa up to epoch 1 kept in ") and "run the same command" in err
     assert err.count("\n") == 1
 
 
@@ -191,17 +195,17 @@ def test_the_machines_thread_count_does_not_change_the_results(config, tmp_path)
 
 
 def test_a_method_finished_apart_before_an_interruption_is_adopted_not_trained_again(config, tmp_path):
-    two = config.replace(methods=("sgd", "swa"))
+    two = config.replace(methods=("sgd", "lookahead"))
     whole = train(two, tmp_path / "whole.h5", quiet=True)["path"]
     parts = tmp_path / "r.h5.parts"
     parts.mkdir()
-    done = train(config.replace(methods=("swa",)), parts / "swa.h5", quiet=True)["path"]
+    done = train(config.replace(methods=("lookahead",)), parts / "lookahead.h5", quiet=True)["path"]
     with h5py.File(done, "r+") as f:  # a mark that only this very file carries
-        f["runs/swa/average"].attrs["mark"] = "kept"
+        f["runs/lookahead/slow"].attrs["mark"] = "kept"
     out = train(two, tmp_path / "r.h5", quiet=True, processes=2)["path"]
     with h5py.File(out, "r") as f, h5py.File(whole, "r") as w:
-        assert f["runs/swa/average"].attrs["mark"] == "kept"
-        for name in ("sgd/params", "swa/average/params", "swa/iterates/params", "swa/average/test_err"):
+        assert f["runs/lookahead/slow"].attrs["mark"] == "kept"
+        for name in ("sgd/params", "lookahead/slow/params", "lookahead/fast/params", "lookahead/slow/test_err"):
             np.testing.assert_array_equal(f["runs/" + name][()], w["runs/" + name][()])
     assert not parts.exists()
 
@@ -210,10 +214,10 @@ def test_the_last_method_left_goes_on_from_its_part(config, tmp_path):
     """Interrupted when one method was left, trained apart: the same command again takes its part (it
     trained the method again from scratch in this process, one method being nothing to train apart,
     and left the parts folder behind for ever); so does a rerun on one process."""
-    two = config.replace(methods=("sgd", "swa"))
+    two = config.replace(methods=("sgd", "lookahead"))
     whole = train(two, tmp_path / "whole.h5", quiet=True)["path"]
 
-    class StopAtSwa:  # a progress bar interrupted as swa starts: sgd is finished in the partial
+    class StopAtLookahead:  # a progress bar interrupted as lookahead starts: sgd is finished in the partial
         def update(self, n=1):
             pass
 
@@ -221,21 +225,21 @@ def test_the_last_method_left_goes_on_from_its_part(config, tmp_path):
             pass
 
         def set_description(self, text):
-            if "swa" in text:
+            if "lookahead" in text:
                 raise KeyboardInterrupt
     for processes in (2, 1):
         out = tmp_path / f"r{processes}.h5"
         with pytest.raises(KeyboardInterrupt, match="sgd kept in"):
-            train(two, out, quiet=True, progress=StopAtSwa())
+            train(two, out, quiet=True, progress=StopAtLookahead())
         parts = tmp_path / f"r{processes}.h5.parts"
         parts.mkdir()
-        done = train(config.replace(methods=("swa",)), parts / "swa.h5", quiet=True)["path"]
+        done = train(config.replace(methods=("lookahead",)), parts / "lookahead.h5", quiet=True)["path"]
         with h5py.File(done, "r+") as f:  # a mark that only this very file carries
-            f["runs/swa/average"].attrs["mark"] = "kept"
+            f["runs/lookahead/slow"].attrs["mark"] = "kept"
         train(two, out, quiet=True, processes=processes)
         with h5py.File(out, "r") as f, h5py.File(whole, "r") as w:
-            assert f["runs/swa/average"].attrs["mark"] == "kept"
-            for name in ("sgd/params", "swa/average/params", "swa/iterates/params", "swa/average/test_err"):
+            assert f["runs/lookahead/slow"].attrs["mark"] == "kept"
+            for name in ("sgd/params", "lookahead/slow/params", "lookahead/fast/params", "lookahead/slow/test_err"):
                 np.testing.assert_array_equal(f["runs/" + name][()], w["runs/" + name][()])
         assert not parts.exists()
 
@@ -248,7 +252,7 @@ def test_ctrl_c_while_methods_train_apart_keeps_every_one_and_resumes(config, tm
     import sys
     import time
     argv = [sys.executable, "-m", "landscape", "train", "--dataset", "synthetic", "--data-option", "n_train=2000",
-            "--model", "mlp", "--methods", "sgd,swa,ema", "--epochs", "30", "--processes", "2", "--quiet",
+            "--model", "mlp", "--methods", "sgd,ema,lookahead", "--epochs", "30", "--processes", "2", "--quiet",
             "--device", "cpu", "-o", str(tmp_path / "r.h5")]
     reference = train(_config_of(argv), tmp_path / "ref.h5", quiet=True)["path"]
     child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -278,7 +282,7 @@ def test_a_child_killed_mid_training_is_one_line_saying_what_was_kept(config, tm
     import sys
     import time
     argv = [sys.executable, "-m", "landscape", "train", "--dataset", "synthetic", "--data-option", "n_train=2000",
-            "--model", "mlp", "--methods", "sgd,swa,ema", "--epochs", "30", "--processes", "2", "--quiet",
+            "--model", "mlp", "--methods", "sgd,ema,lookahead", "--epochs", "30", "--processes", "2", "--quiet",
             "--device", "cpu", "-o", str(tmp_path / "r.h5")]
     child = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
     parts = tmp_path / "r.h5.parts"
@@ -499,3 +503,79 @@ def test_a_missing_resume_state_is_one_line_not_a_wrong_resume(config, tmp_path,
     states[0].unlink()
     with pytest.raises(FileFormatError, match=r"resume state r\.h5\.partial\.\d+\.state is missing; delete"):
         train(config.replace(methods=("sgd", "swa")), out, quiet=True)
+
+
+# -- methods that share their steps ------------------------------------------------------------------
+
+def dropout_mlp(input_shape, num_classes):
+    """A model that draws from torch's global generator at every training step."""
+    from math import prod
+    from torch import nn
+    return nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), 16), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Linear(16, num_classes))
+
+
+def _same_runs(together, alone):
+    """Every dataset of ``alone``'s runs equals the same dataset in ``together``."""
+    with h5py.File(together, "r") as t, h5py.File(alone, "r") as a:
+        names = []
+        a["runs"].visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert names
+        for name in names:
+            np.testing.assert_array_equal(t["runs"][name][()], a["runs"][name][()], err_msg=name)
+
+
+@pytest.mark.parametrize("model, options", [
+    (None, dict(swa_lr=0.05)),                                  # swa parts from sgd at the third epoch
+    ("tests.test_train_resume:dropout_mlp", dict(swa_lr=0.1)),  # shares sgd's first three; dropout
+    (None, dict(swa_lr=0.1, record_every=2, checkpoint_every=7)),  # thinned rows, rows inside epochs
+])
+def test_methods_trained_together_equal_each_trained_alone(tiny_config, tmp_path, monkeypatch, model, options):
+    """sgd, swa and ema share the steps their learning rates agree on, and each run is still, bit for
+    bit, the method trained alone; ema's iterates are sgd's rows."""
+    from landscape.train import methods
+    config = tiny_config.replace(methods=("sgd", "swa", "ema"), epochs=4, swa_start=2, **options)
+    if model is not None:
+        config = config.replace(model=ModelSpec(model))
+    epochs, train_epoch = [], methods.train_epoch
+    monkeypatch.setattr(methods, "train_epoch", lambda *args, **kwargs: epochs.append(1) or train_epoch(*args, **kwargs))
+    together = train(config, tmp_path / "together.h5", quiet=True)["path"]
+    shared = 2 if options["swa_lr"] == 0.05 else 3   # sgd's lr falls in the fourth epoch (t = 0.75)
+    assert len(epochs) == 4 + (4 - shared)           # one model for the three until swa parts
+    for method in config.methods:
+        _same_runs(together, train(config.replace(methods=(method,)), tmp_path / f"{method}.h5", quiet=True)["path"])
+    if "record_every" not in options:
+        traj = open_trajectory(together)
+        np.testing.assert_array_equal(traj.params("ema/iterates"), traj.params("sgd")[1:])
+
+
+@pytest.mark.parametrize("nth", [2, 4])  # interrupted while sgd and swa share a model, and once apart
+def test_methods_trained_together_resume_to_the_uninterrupted_file(tiny_config, tmp_path, monkeypatch, nth):
+    """The branches' models, optimizers, data orders and streams of the global generator (dropout)
+    are kept at every epoch: resumed, the file is byte for byte the uninterrupted one."""
+    config = tiny_config.replace(methods=("sgd", "swa", "ema"), epochs=4, swa_start=2, swa_lr=0.05,
+                                 model=ModelSpec("tests.test_train_resume:dropout_mlp"))
+    whole = train(config, tmp_path / "whole.h5", quiet=True)["path"]
+    out = tmp_path / "cut.h5"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "ema/average", nth)
+        with pytest.raises(KeyboardInterrupt, match=f"sgd\\+swa\\+ema up to epoch {nth - 1} kept in"):
+            train(config, out, quiet=True)
+    counts = _count_records(monkeypatch)
+    train(config, out, quiet=True)
+    assert counts["ema/average"] == 4 - (nth - 1)
+    _assert_same_file(whole, out)
+    assert sha256(out) == sha256(whole)
+
+
+def test_a_resume_state_of_another_form_is_refused_in_one_line(tiny_config, tmp_path, monkeypatch):
+    from landscape.train import methods
+    config = tiny_config.replace(methods=("sgd",), epochs=3)
+    out = tmp_path / "cut.h5"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "sgd", 3)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, out, quiet=True)
+    monkeypatch.setattr(methods.SGD, "state", lambda self: dict(step=self.step, moment=[0]))  # a state it never kept
+    with pytest.raises(FileFormatError, match="holds sgd's work in another form.*--overwrite"):
+        train(config, out, quiet=True)

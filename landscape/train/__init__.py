@@ -33,7 +33,7 @@ from ..dist import Group
 from ..models import build_model
 from ..params import Layout
 from ..store import TrajectoryWriter
-from .loop import METHODS, Context, evaluate, register_method, train_epoch
+from .loop import METHODS, Context, evaluate, jobs, part_name, register_method, run_job, train_epoch
 # importing the methods' modules registers them (and their options) in METHODS, in this order
 from . import methods, swap, lookahead, grafting  # noqa: F401  isort: skip
 from .lookahead import Lookahead
@@ -87,22 +87,24 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
               else contextlib.nullcontext())
     with opened as writer:
         # a file completed by a run killed just before moving it into place: nothing left to train
-        done = list(config.methods) if writing and writer.complete else list(writer.finished) if writing else None
+        done = (list(config.methods) if writer.complete else [m for part in writer.finished for m in part.split("+")]
+                ) if writing else None
         finished = group.objects(done)
         methods = [m for m in config.methods if (writing or METHODS[m].distributed) and m not in finished]
         total = sum(METHODS[m].ticks(config) for m in config.methods if writing or METHODS[m].distributed)
-        # apart when several methods are left, or when a method left has work kept apart (the last one
-        # of an interrupted run), which its own process goes on from
-        apart = not group.distributed and (processes > 1 and len(methods) > 1 or held_apart(writer.path, methods))
+        left = jobs(methods)  # methods trained together share their common steps
+        # apart when several jobs are left, or when one left has work kept apart (the last one of an
+        # interrupted run), which its own process goes on from
+        apart = not group.distributed and (processes > 1 and len(left) > 1 or held_apart(writer.path, left))
         with _progress_bar(progress, total, quiet or not writing) as bar:
             bar.update(total - sum(METHODS[m].ticks(config) for m in methods))
             ctx = Context(config, data, layout, init_model, writer, device, bar if writing else None, group=group,
                           record_every=every)
             try:
                 if apart:
-                    train_apart(config, methods, writer, bar, processes, overwrite)
+                    train_apart(config, left, writer, bar, processes, overwrite)
                 else:
-                    _train_in_turn(ctx, methods, writing)
+                    _train_in_turn(ctx, left, writing)
             except (KeyboardInterrupt, WriteError, ProcessDied) as e:
                 if not writing:
                     raise
@@ -128,14 +130,14 @@ def recorded_every(num_params: int, per_row: int = 50_000) -> int:
     return max(1, math.ceil(num_params / per_row))
 
 
-def _train_in_turn(ctx: Context, methods: list, writing: bool) -> None:
-    for method in methods:
+def _train_in_turn(ctx: Context, left: list, writing: bool) -> None:
+    for job in left:
         if ctx.progress is not None:
-            ctx.progress.set_description(f"train {method}")
-        seed_everything(ctx.config.seed)  # each method alone decides its randomness: resumable
-        METHODS[method].run(ctx)
+            ctx.progress.set_description(f"train {part_name(job)}")
+        seed_everything(ctx.config.seed)  # each job alone decides its randomness: resumable
+        run_job(ctx, job)
         if writing:
-            ctx.writer.finish_part(method)
+            ctx.writer.finish_part(part_name(job))
 
 
 def _progress_bar(progress, total: int, disable: bool):
@@ -145,7 +147,7 @@ def _progress_bar(progress, total: int, disable: bool):
 
 
 def _kept(writer, ctx, apart_interruption=None) -> str:
-    """What the partial files hold, in words: "sgd, swa up to epoch 7 kept in r.h5.partial"."""
+    """What the partial files hold, in words: "sgd+swa, lookahead up to epoch 7 kept in r.h5.partial"."""
     kept = list(writer.finished)
     if apart_interruption is None and ctx.last_epoch_done is not None and ctx.last_epoch_done[0] not in kept:
         kept.append("{} up to epoch {}".format(*ctx.last_epoch_done))

@@ -26,6 +26,7 @@ from ..bn import batch_slices, recompute_bn
 from ..config import TrainConfig
 from ..evaluate import evaluate_model as evaluate  # noqa: F401 (methods use it under this name)
 from ..dist import Group
+from ..errors import FileFormatError
 from ..data import Data, augment_batch
 from ..params import Layout
 from ..tasks import output_tree
@@ -36,21 +37,54 @@ from ..store.files import interrupts_deferred
 @dataclass(frozen=True)
 class Method:
     """A registered training method: ``run(ctx)``, the progress ticks it makes for a configuration,
-    and whether it uses every torchrun process (the others run on rank 0 alone)."""
+    whether it uses every torchrun process (the others run on rank 0 alone), and ``together(ctx,
+    names)``, which trains several methods of the same ``together`` at once, sharing their common steps."""
     run: Callable
     ticks: Callable
     distributed: bool = False
+    together: Callable | None = None
 
 
 METHODS: dict = {}  # name -> Method, in the order of registration
 
 
-def register_method(name: str, ticks: Callable = lambda config: config.epochs, distributed: bool = False):
+def register_method(name: str, ticks: Callable = lambda config: config.epochs, distributed: bool = False,
+                    together: Callable | None = None):
     """Decorator adding a training method ``fn(ctx: Context)`` under ``name``."""
+    if "+" in name:
+        raise ValueError(f"method name {name!r}: '+' joins the methods trained together")
+
     def deco(fn):
-        METHODS[name] = Method(fn, ticks, distributed)
+        METHODS[name] = Method(fn, ticks, distributed, together)
         return fn
     return deco
+
+
+def jobs(methods) -> list:
+    """``methods`` as the units trained at once, in order: the methods of one ``together`` function as
+    one job at the place of its first, every other method alone."""
+    out, at = [], {}
+    for m in methods:
+        together = METHODS[m].together
+        if together is not None and together in at:
+            out[at[together]] += (m,)
+            continue
+        if together is not None:
+            at[together] = len(out)
+        out.append((m,))
+    return out
+
+
+def run_job(ctx: "Context", job: tuple) -> None:
+    if len(job) == 1:
+        METHODS[job[0]].run(ctx)
+    else:
+        METHODS[job[0]].together(ctx, job)
+
+
+def part_name(job: tuple) -> str:
+    """The name a job's work is kept under in a partial file (its methods joined by '+')."""
+    return "+".join(job)
 
 
 def swa_schedule(epoch: int, budget: int, ratio: float) -> float:
@@ -186,10 +220,12 @@ class Context:
         run of the same configuration kept, and return the epoch to continue from (0: start afresh).
         ``state``: what the loop carries from epoch to epoch: modules and optimizers (their
         state_dicts), ``torch.Generator`` s, and dicts or lists of plain values."""
-        blob = self.writer.progress(key) if self.writer is not None else None
-        if blob is None:
+        saved = self._saved(key)
+        if saved is None:
             return 0
-        saved = torch.load(io.BytesIO(blob), weights_only=True)  # our own bytes, and still no pickled code
+        if not state.keys() <= saved["state"].keys():
+            raise FileFormatError(f"{self.writer.tmp} holds {key}'s work in another form (an earlier version "
+                                  f"of landscape); delete it or pass --overwrite to discard it")
         for name, obj in state.items():
             value = saved["state"][name]
             if isinstance(obj, torch.Generator):
@@ -204,6 +240,17 @@ class Context:
         self.tick(saved["epoch"] * ticks_per_epoch)
         self.last_epoch_done = (key, saved["epoch"])
         return saved["epoch"]
+
+    def saved_epoch(self, key: str) -> int:
+        """The epoch :meth:`resume_point` goes on from (0: none kept), for a method whose state's shape
+        depends on it."""
+        saved = self._saved(key)
+        return 0 if saved is None else saved["epoch"]
+
+    def _saved(self, key: str):
+        blob = self.writer.progress(key) if self.writer is not None else None
+        # our own bytes, and still no pickled code
+        return None if blob is None else torch.load(io.BytesIO(blob), weights_only=True)
 
     def epoch_done(self, key: str, epoch: int, **state) -> None:
         """Keep ``state`` (as for :meth:`resume_point`) after ``epoch`` epochs, with the rows written

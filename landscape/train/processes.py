@@ -7,8 +7,9 @@ on machines with different core counts; with a fixed thread count per method (``
 default) it gives the same file everywhere, whether the methods run one after another or apart.
 
 :func:`train_apart` starts at most ``processes`` children (``forkserver``: no forked torch state), each
-running :func:`landscape.train.train` on one method into ``NAME.parts/<method>.h5``, with the usual
-resume there. As the methods finish, in the configuration's order, their runs are copied into the
+running :func:`landscape.train.train` on one job (a method, or the methods trained together that share
+their common steps, :func:`~.loop.jobs`) into ``NAME.parts/<part>.h5`` (``sgd+swa+ema.h5``), with the
+usual resume there. As the jobs finish, in the configuration's order, their runs are copied into the
 main file (:meth:`~landscape.store.TrajectoryWriter.adopt`) as finished parts and their files removed.
 Interrupted, every child keeps its own partial file; the same call again continues each of them.
 """
@@ -32,7 +33,7 @@ from .. import errors
 from ..store import open_trajectory
 from ..data import fingerprinted
 from ..store.files import interrupts_deferred
-from .loop import METHODS
+from .loop import METHODS, part_name
 
 
 def parts_folder(path) -> Path:
@@ -41,55 +42,59 @@ def parts_folder(path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-def held_apart(path, methods) -> bool:
-    """Whether an interrupted run kept work of one of ``methods`` apart (in :func:`parts_folder`)."""
+def held_apart(path, jobs) -> bool:
+    """Whether an interrupted run kept work of one of ``jobs`` (tuples of methods trained together)
+    apart (in :func:`parts_folder`)."""
     folder = parts_folder(path)
-    return any((folder / f"{m}.h5").exists() or (folder / f"{m}.h5.partial").exists() for m in methods)
+    return any((folder / f"{part_name(j)}.h5").exists() or (folder / f"{part_name(j)}.h5.partial").exists()
+               for j in jobs)
 
 
-def train_apart(config, methods: list, writer, bar, processes: int, overwrite: bool) -> None:
-    """Train ``methods`` (of ``config``) in at most ``processes`` child processes and adopt their runs
-    into ``writer`` in the configuration's order. Raises what a child raised (as the same landscape
-    error), and KeyboardInterrupt with ``under_way``, the methods whose children kept work, when interrupted."""
+def train_apart(config, jobs: list, writer, bar, processes: int, overwrite: bool) -> None:
+    """Train ``jobs`` (tuples of methods of ``config`` trained together) in at most ``processes`` child
+    processes and adopt their runs into ``writer`` in the jobs' order. Raises what a child raised (as
+    the same landscape error), and KeyboardInterrupt with ``under_way``, the parts whose children kept
+    work, when interrupted."""
     folder = parts_folder(writer.path)
     folder.mkdir(exist_ok=True)
     context = _context()
     messages = context.Queue()
-    # the longest first (their progress ticks measure their epochs), so that no long method starts last
-    # and runs alone; they still join the file in the configuration's order
-    waiting = sorted(methods, key=lambda m: -METHODS[m].ticks(config))
+    parts = [part_name(job) for job in jobs]
+    # the longest first (their progress ticks measure their epochs), so that no long job starts last
+    # and runs alone; they still join the file in the jobs' order
+    waiting = sorted(jobs, key=lambda job: -sum(METHODS[m].ticks(config) for m in job))
     running, trained, adopted = {}, set(), 0
     try:
-        while adopted < len(methods):
+        while adopted < len(jobs):
             while waiting and len(running) < processes:
-                method = waiting.pop(0)
-                if trained_with(folder / f"{method}.h5", config.replace(methods=(method,))):
-                    trained.add(method)  # finished before an interruption, not yet adopted
+                job = waiting.pop(0)
+                part = part_name(job)
+                if trained_with(folder / f"{part}.h5", config.replace(methods=job)):
+                    trained.add(part)  # finished before an interruption, not yet adopted
                     continue
-                bar.set_description(f"train {', '.join(list(running) + [method])}")
+                bar.set_description(f"train {', '.join(list(running) + [part])}")
                 # a child resumes its own partial file of this configuration; with ``overwrite`` it
                 # replaces one of another configuration
-                child = context.Process(target=_child, args=(config.replace(methods=(method,)),
-                                                             str(folder / f"{method}.h5"), overwrite, messages,
-                                                             os.getpid()))
+                child = context.Process(target=_child, args=(config.replace(methods=job), str(folder / f"{part}.h5"),
+                                                             overwrite, messages, os.getpid()))
                 with interrupts_deferred():  # a started child is waited for: it still needs the queue we own
                     child.start()
-                    running[method] = child
+                    running[part] = child
             failure = _relay(messages, bar)
             if failure is not None:
                 raise failure
-            for method, child in list(running.items()):
+            for part, child in list(running.items()):
                 if child.exitcode is not None:
-                    del running[method]
+                    del running[part]
                     if child.exitcode == 130:  # interrupted with the parent (Ctrl-C reaches them all)
                         raise KeyboardInterrupt
                     if child.exitcode != 0:
                         raise _relay(messages, bar, wait=True) or errors.ProcessDied(
-                            f"training {method} in its own process stopped: {_death(child.exitcode)}")
-                    trained.add(method)
-            while adopted < len(methods) and methods[adopted] in trained:
-                path = folder / f"{methods[adopted]}.h5"
-                writer.adopt(path, methods[adopted])
+                            f"training {part} in its own process stopped: {_death(child.exitcode)}")
+                    trained.add(part)
+            while adopted < len(jobs) and parts[adopted] in trained:
+                path = folder / f"{parts[adopted]}.h5"
+                writer.adopt(path, parts[adopted])
                 path.unlink()
                 adopted += 1
         _relay(messages, bar)  # what the last children said just before they ended (their warnings)
@@ -97,8 +102,8 @@ def train_apart(config, methods: list, writer, bar, processes: int, overwrite: b
     except BaseException as e:
         _stop(running)
         if isinstance(e, (KeyboardInterrupt, errors.WriteError, errors.ProcessDied)):
-            e.under_way = [m for m in methods[adopted:] if (folder / f"{m}.h5").exists()
-                           or (folder / f"{m}.h5.partial").exists()]
+            e.under_way = [p for p in parts[adopted:] if (folder / f"{p}.h5").exists()
+                           or (folder / f"{p}.h5.partial").exists()]
         raise
 
 
@@ -156,11 +161,11 @@ def _relay(messages, bar, wait: bool = False):
         elif kind == "warning":
             warnings.warn(what[1], what[0], stacklevel=2)
         elif kind == "error":
-            method, name, message = what
+            part, name, message = what
             cls = getattr(errors, name, None)
             if isinstance(cls, type) and issubclass(cls, errors.LandscapeError):
                 return cls(message)
-            return RuntimeError(f"training {method} in its own process failed: {name}: {message}")
+            return RuntimeError(f"training {part} in its own process failed: {name}: {message}")
 
 
 def _stop(running: dict) -> None:
@@ -238,5 +243,5 @@ def _child(config, path: str, overwrite: bool, messages, parent: int) -> None:
     except KeyboardInterrupt:
         raise SystemExit(130)
     except BaseException as e:  # reported to the parent, which raises it as its own
-        put(messages, ("error", config.methods[0], type(e).__name__, str(e)))
+        put(messages, ("error", part_name(config.methods), type(e).__name__, str(e)))
         raise SystemExit(1)
