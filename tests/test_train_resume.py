@@ -577,5 +577,22 @@ def test_a_resume_state_of_another_form_is_refused_in_one_line(tiny_config, tmp_
         with pytest.raises(KeyboardInterrupt):
             train(config, out, quiet=True)
     monkeypatch.setattr(methods.SGD, "state", lambda self: dict(step=self.step, moment=[0]))  # a state it never kept
-    with pytest.raises(FileFormatError, match="holds sgd's work in another form.*--overwrite"):
+    with pytest.raises(FileFormatError, match="holds sgd's work in another form.*delete it to train afresh"):
         train(config, out, quiet=True)
+
+
+def test_a_partial_of_methods_trained_one_by_one_is_refused_not_doubled(tiny_config, tmp_path, monkeypatch):
+    """An earlier version trained sgd and swa one after the other: its partial holds sgd's rows under
+    sgd's own state, which the two trained together never read; going on would write sgd's rows twice."""
+    import landscape.train as training
+    config = tiny_config.replace(methods=("sgd", "swa"), epochs=3)
+    out = tmp_path / "cut.h5"
+    with monkeypatch.context() as m:
+        m.setattr(training, "jobs", lambda methods: [(method,) for method in methods])
+        _interrupt_at(m, "sgd", 3)
+        with pytest.raises(KeyboardInterrupt, match="sgd up to epoch 1"):
+            train(config, out, quiet=True)
+    with pytest.raises(FileFormatError, match="holds rows of sgd but no resume state of sgd\\+swa.*delete it"):
+        train(config, out, quiet=True)
+    out.with_name("cut.h5.partial").unlink()
+    assert train(config, out, quiet=True)["path"]

@@ -225,7 +225,7 @@ class Context:
             return 0
         if not state.keys() <= saved["state"].keys():
             raise FileFormatError(f"{self.writer.tmp} holds {key}'s work in another form (an earlier version "
-                                  f"of landscape); delete it or pass --overwrite to discard it")
+                                  f"of landscape); delete it to train afresh")
         for name, obj in state.items():
             value = saved["state"][name]
             if isinstance(obj, torch.Generator):

@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import MethodOptions, option
 from ..device import random_state, set_random_state
-from ..errors import ConfigError
+from ..errors import ConfigError, FileFormatError
 from .loop import Context, part_name, register_method, set_lr, sgd_optimizer, swa_schedule, train_epoch
 
 
@@ -220,6 +220,7 @@ def train_shared(ctx: Context, names: tuple) -> None:
     branches = _branches_after(ctx, runs, start)
     ctx.resume_point(key, ticks_per_epoch=len(runs), **_state(runs, branches))
     if start == 0:
+        _check_nothing_held(ctx, names)
         for run in runs:
             run.begin(branches[0].model)
     for epoch in range(start, ctx.config.epochs):
@@ -228,6 +229,15 @@ def train_shared(ctx: Context, names: tuple) -> None:
             branch.train_epoch(epoch)
         ctx.tick(len(runs))
         ctx.epoch_done(key, epoch + 1, **_state(runs, branches))
+
+
+def _check_nothing_held(ctx: Context, names: tuple) -> None:
+    """A partial that holds rows of these methods but no resume state under this job's name (an earlier
+    version trained them one by one) would get its rows twice."""
+    held = [r for r in (ctx.writer.runs if ctx.writer is not None else ()) if r.split("/")[0] in names]
+    if held:
+        raise FileFormatError(f"{ctx.writer.tmp} holds rows of {', '.join(held)} but no resume state of "
+                              f"{part_name(names)} (an earlier version's partial); delete it to train afresh")
 
 
 def _branches_after(ctx: Context, runs: list, epochs: int) -> list:
