@@ -596,3 +596,27 @@ def test_a_partial_of_methods_trained_one_by_one_is_refused_not_doubled(tiny_con
         train(config, out, quiet=True)
     out.with_name("cut.h5.partial").unlink()
     assert train(config, out, quiet=True)["path"]
+
+
+@pytest.mark.filterwarnings("ignore::landscape.train.SwapThresholdWarning")
+@pytest.mark.parametrize("method, run, nth", [
+    ("lookahead", "lookahead/slow", 5),   # in the second epoch
+    ("grafting", "grafting/net1", 4),
+    ("swap", "swap/phase1", 3),
+])
+def test_a_model_with_dropout_resumes_to_the_uninterrupted_file(tiny_config, tmp_path, monkeypatch, method, run, nth):
+    """torch's global generator, which dropout draws from, is part of every method's resume state: a
+    resumed run draws the masks the uninterrupted one drew."""
+    config = tiny_config.replace(methods=(method,), epochs=4, lookahead_fast_epochs=1, swap_workers=2,
+                                 swap_threshold=100.0, swap_phase1_epochs=3, swap_phase2_epochs=1,
+                                 model=ModelSpec("tests.test_train_resume:dropout_mlp"))
+    noisy = dict(config.data.options, noise=4.0)  # SWAP's phase 1 does not reach its threshold at once
+    config = config.replace(data=dataclasses.replace(config.data, options=noisy))
+    whole = train(config, tmp_path / "whole.h5", quiet=True)["path"]
+    out = tmp_path / "cut.h5"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, run, nth)
+        with pytest.raises(KeyboardInterrupt, match="up to epoch"):
+            train(config, out, quiet=True)
+    train(config, out, quiet=True)
+    _assert_same_file(whole, out)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..bn import batch_slices, recompute_bn
 from ..config import TrainConfig
 from ..evaluate import evaluate_model as evaluate  # noqa: F401 (methods use it under this name)
+from ..device import random_state, set_random_state
 from ..dist import Group
 from ..errors import FileFormatError
 from ..data import Data, augment_batch
@@ -216,8 +217,9 @@ class Context:
 
     # epoch-level resume ---------------------------------------------------------------------------
     def resume_point(self, key: str, ticks_per_epoch: int = 1, **state) -> int:
-        """Restore ``state`` in place from the last :meth:`epoch_done` of ``key`` that an interrupted
-        run of the same configuration kept, and return the epoch to continue from (0: start afresh).
+        """Restore ``state`` in place, and torch's global generator, from the last :meth:`epoch_done` of
+        ``key`` that an interrupted run of the same configuration kept, and return the epoch to continue
+        from (0: start afresh).
         ``state``: what the loop carries from epoch to epoch: modules and optimizers (their
         state_dicts), ``torch.Generator`` s, and dicts or lists of plain values."""
         saved = self._saved(key)
@@ -237,6 +239,8 @@ class Context:
                 obj[:] = value
             else:
                 obj.load_state_dict(value)
+        if "random" in saved:  # (not kept by earlier versions)
+            set_random_state(saved["random"])
         self.tick(saved["epoch"] * ticks_per_epoch)
         self.last_epoch_done = (key, saved["epoch"])
         return saved["epoch"]
@@ -265,7 +269,9 @@ class Context:
                 return copy.copy(obj)
             return obj.state_dict()
         buf = io.BytesIO()
-        torch.save({"epoch": epoch, "state": {name: dump(obj) for name, obj in state.items()}}, buf)
+        # torch's global generator too: dropout draws from it, and a resumed run must draw what this one draws
+        torch.save({"epoch": epoch, "state": {name: dump(obj) for name, obj in state.items()},
+                    "random": random_state(self.device.type == "cuda")}, buf)
         with interrupts_deferred():  # a Ctrl-C during the save is raised once both say the same epoch
             self.writer.save_progress(key, buf.getvalue())
             self.last_epoch_done = (key, epoch)
