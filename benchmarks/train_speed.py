@@ -18,6 +18,10 @@ its demo trains (``processes`` = the cores where its ``train`` takes that, else 
     .venv/bin/python benchmarks/train_speed.py --epochs 6      # a quick look
     git archive 3c9de6e landscape | tar -x -C /tmp/base        # a version before, side by side
     .venv/bin/python benchmarks/train_speed.py --epochs 20 --against /tmp/base --rounds 3
+
+To time a copy of this library other than the installed one, run its own copy of this script with
+PYTHONPATH set to it (the methods trained apart import the library in a server process that does not
+see sys.path changes).
 """
 from __future__ import annotations
 
@@ -71,8 +75,10 @@ def side_by_side(libraries: list, epochs: int, processes: int, rounds: int, tmp:
     for r in range(rounds):
         for lib in libraries:
             out = Path(tmp) / f"side-{r}.h5"
+            # PYTHONPATH, not only sys.path: the children that train apart fork from a server that imports
+            # the library before it reads the parent's sys.path (Python 3.11's forkserver)
             done = subprocess.run([sys.executable, "-c", DEMO_WAY, lib, str(out), str(epochs), str(processes)],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=lib))
             times[lib].append(float(done.stdout.split()[-1]))
             out.unlink()
             print(f"round {r + 1}, {lib}: {times[lib][-1]:.1f} s", file=sys.stderr, flush=True)
