@@ -224,14 +224,14 @@ def _in_order(source, read=None):
     state, batches = _seeded_state(), None
     while True:
         with _GLOBAL_RANDOM_STATE:
-            outer = random_state(state[1] is not None)
+            outer = random_state(state[1])
             set_random_state(state)
             try:
                 if batches is None:
                     batches = iter(source if isinstance(source, DataLoader) else source())
                 batch = next(batches, _END)
             finally:
-                state = random_state(state[1] is not None)
+                state = random_state(state[1])
                 set_random_state(outer)
         if batch is _END:
             return
@@ -242,11 +242,11 @@ _GLOBAL_RANDOM_STATE = threading.Lock()  # held while a pass's own state stands 
 
 
 def _seeded_state() -> tuple:
-    """(CPU state, [each GPU's state] or None) of generators seeded 0: a pass's own. The GPUs' only once
-    CUDA is in use (asking for them would start CUDA in a job that runs on the CPU)."""
-    cuda = None
+    """(CPU state, {GPU index: state}) of generators seeded 0: a pass's own (a :func:`random_state`). The
+    GPUs' only once CUDA is in use (asking for them would start CUDA in a job that runs on the CPU)."""
+    cuda = {}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = [torch.Generator(f"cuda:{i}").manual_seed(0).get_state() for i in range(torch.cuda.device_count())]
+        cuda = {i: torch.Generator(f"cuda:{i}").manual_seed(0).get_state() for i in range(torch.cuda.device_count())}
     return torch.Generator().manual_seed(0).get_state(), cuda
 
 

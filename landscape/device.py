@@ -62,17 +62,25 @@ def thread_workers(workers: int, threads_each: int | None = 1):
             pool.shutdown(cancel_futures=True)
 
 
-def random_state(cuda: bool) -> tuple:
-    """torch's global random state: the CPU's, and every GPU's when ``cuda`` (asking for those starts
-    CUDA)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+def random_state(gpus=()) -> tuple:
+    """torch's global random state: the CPU's, and ``{index: state}`` of the GPUs ``gpus`` (indices;
+    asking for one starts CUDA)."""
+    return torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in gpus}
 
 
 def set_random_state(state: tuple) -> None:
     """Restore a :func:`random_state`."""
     torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+    for i, gpu_state in state[1].items():
+        torch.cuda.set_rng_state(gpu_state, i)
+
+
+def gpus_of(device: torch.device) -> tuple:
+    """The GPU ``device`` is, as a tuple of its index (none for a CPU): whose random state training keeps,
+    so that a run resumes on a machine with fewer GPUs."""
+    if device.type != "cuda":
+        return ()
+    return (device.index if device.index is not None else torch.cuda.current_device(),)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -555,15 +555,17 @@ def test_methods_trained_together_resume_to_the_uninterrupted_file(tiny_config, 
     are kept at every epoch: resumed, the file is byte for byte the uninterrupted one."""
     config = tiny_config.replace(methods=("sgd", "swa", "ema"), epochs=4, swa_start=2, swa_lr=0.05,
                                  model=ModelSpec("tests.test_train_resume:dropout_mlp"))
-    whole = train(config, tmp_path / "whole.h5", quiet=True)["path"]
+    uninterrupted = train(config, tmp_path / "whole.h5", quiet=True)
+    whole = uninterrupted["path"]
     out = tmp_path / "cut.h5"
     with monkeypatch.context() as m:
         _interrupt_at(m, "ema/average", nth)
         with pytest.raises(KeyboardInterrupt, match=f"sgd\\+swa\\+ema up to epoch {nth - 1} kept in"):
             train(config, out, quiet=True)
     counts = _count_records(monkeypatch)
-    train(config, out, quiet=True)
+    resumed = train(config, out, quiet=True)
     assert counts["ema/average"] == 4 - (nth - 1)
+    assert list(resumed["final"]) == list(uninterrupted["final"]) == sorted(open_trajectory(whole).runs)
     _assert_same_file(whole, out)
     assert sha256(out) == sha256(whole)
 
@@ -620,3 +622,42 @@ def test_a_model_with_dropout_resumes_to_the_uninterrupted_file(tiny_config, tmp
             train(config, out, quiet=True)
     train(config, out, quiet=True)
     _assert_same_file(whole, out)
+
+
+def test_work_kept_apart_in_parts_this_run_does_not_have_is_refused_or_discarded(tiny_config, tmp_path):
+    """An earlier version kept sgd's and swa's work apart each in its own part; trained together now,
+    they would silently start over and the old parts be deleted at the end."""
+    config = tiny_config.replace(methods=("sgd", "swa", "lookahead"), epochs=2, swa_start=1)
+    parts = tmp_path / "r.h5.parts"
+    parts.mkdir()
+    (parts / "sgd.h5.partial").write_bytes(b"kept")
+    (parts / "swa.h5.partial.3.state").write_bytes(b"kept")
+    with pytest.raises(FileFormatError, match="r.h5.parts holds work of sgd, swa, which this run trains in other "
+                                              "parts.*--overwrite"):
+        train(config, tmp_path / "r.h5", quiet=True, processes=2)
+    assert (parts / "sgd.h5.partial").exists()
+    assert train(config, tmp_path / "r.h5", quiet=True, processes=2, overwrite=True)["path"]
+    assert not parts.exists()
+
+
+def test_a_momentum_sgd_method_of_your_own_shares_its_steps_with_sgd(tiny_config, tmp_path, monkeypatch):
+    """``@shared_method`` makes an SGDRun subclass a method trained together with sgd, swa and ema."""
+    from landscape.train import methods
+    from landscape.train.loop import METHODS
+
+    class LateHalf(methods.SGDRun):  # sgd's rate for two epochs, then half of it
+        def lr(self, epoch):
+            return self.cfg.lr * (1.0 if epoch < 2 else 0.5)
+
+        def end_epoch(self, model, epoch, evaluated):
+            self.ctx.record("latehalf", model, epoch + 1.0, (epoch + 1) * self.ctx.steps_per_epoch())
+    monkeypatch.setitem(METHODS, "latehalf", None)  # both registries as they were after the test
+    monkeypatch.setitem(methods.SHARED, "latehalf", None)
+    methods.shared_method("latehalf")(LateHalf)
+    config = tiny_config.replace(methods=("sgd", "latehalf"), epochs=4)
+    epochs, train_epoch = [], methods.train_epoch
+    monkeypatch.setattr(methods, "train_epoch", lambda *args, **kwargs: epochs.append(1) or train_epoch(*args, **kwargs))
+    together = train(config, tmp_path / "together.h5", quiet=True)["path"]
+    assert len(epochs) == 2 + 2 * 2  # shared for two epochs, then each its own
+    for method in config.methods:
+        _same_runs(together, train(config.replace(methods=(method,)), tmp_path / f"{method}.h5", quiet=True)["path"])

@@ -45,7 +45,8 @@ def parse_checkpoint_name(name: str):
 class TrajectoryWriter:
     """Appends checkpoints row by row; a run is created on its first append.
 
-    Work is kept across an interruption in parts (``landscape train``: one part per method). The disk
+    Work is kept across an interruption in parts (``landscape train``: one part per method, or per
+    methods trained together). The disk
     changes only at :meth:`finish_part`, :meth:`save_progress`, :meth:`flush` and :meth:`close`, each
     all at once (see :mod:`.journal`): a kill or a full disk at any moment leaves ``NAME.partial`` as
     the last of them left it. A writer opened with ``resume=True`` on the same configuration and layout
@@ -239,7 +240,8 @@ class TrajectoryWriter:
 
     @property
     def runs(self) -> list:
-        """The runs written so far, in the order they were created."""
+        """The runs written so far: in the order they were created, and after a resume those of each
+        finished part and of the part under way by name."""
         return list(self._runs)
 
     def last_params(self, run: str) -> np.ndarray:
@@ -635,9 +637,10 @@ def _bookkeeping_problem(f: h5py.File) -> str | None:
 
 
 def _run_names(runs: h5py.Group) -> list:
-    """The runs under ``/runs``, in creation order: every group that holds a dataset (one that has
-    lost its ``params`` is still a run, and is refused by name rather than hidden)."""
-    names = {}  # a dataset's group is visited before it and its siblings' groups: creation order kept
+    """The runs under ``/runs``, in the order HDF5 visits them (by name at every level: ``lookahead/slow``
+    before ``lookahead-adam/slow``): every group that holds a dataset (one that has lost its ``params``
+    is still a run, and is refused by name rather than hidden)."""
+    names = {}  # a dataset's group is visited before it and its siblings' groups
     runs.visititems(lambda name, obj: names.setdefault(name.rpartition("/")[0], None)
                     if isinstance(obj, h5py.Dataset) else None)
     return [n for n in names if n]

@@ -37,7 +37,7 @@ from .loop import METHODS, Context, evaluate, jobs, part_name, register_method, 
 # importing the methods' modules registers them (and their options) in METHODS, in this order
 from . import methods, swap, lookahead, grafting  # noqa: F401  isort: skip
 from .lookahead import Lookahead
-from .processes import held_apart, parts_folder, train_apart, trained_with
+from .processes import check_parts, held_apart, parts_folder, train_apart, trained_with
 from .swap import SWAPOptions, SwapThresholdWarning
 
 
@@ -93,6 +93,8 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
         methods = [m for m in config.methods if (writing or METHODS[m].distributed) and m not in finished]
         total = sum(METHODS[m].ticks(config) for m in config.methods if writing or METHODS[m].distributed)
         left = jobs(methods)  # methods trained together share their common steps
+        if writing and not group.distributed:
+            check_parts(writer.path, jobs(config.methods), overwrite)
         # apart when several jobs are left, or when one left has work kept apart (the last one of an
         # interrupted run), which its own process goes on from
         apart = not group.distributed and (processes > 1 and len(left) > 1 or held_apart(writer.path, left))
@@ -116,7 +118,8 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
                 if kept:
                     raise KeyboardInterrupt(f"{kept}; run the same command again to train the rest") from None
                 raise
-        finals = {run: writer.final(run) for run in writer.runs} if writing else {}
+        # by name: the same order whether the work was resumed or not
+        finals = {run: writer.final(run) for run in sorted(writer.runs)} if writing else {}
         path = writer.path if writing else None
     if not writing:
         return {"rank": rank}

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..bn import batch_slices, recompute_bn
 from ..config import TrainConfig
 from ..evaluate import evaluate_model as evaluate  # noqa: F401 (methods use it under this name)
-from ..device import random_state, set_random_state
+from ..device import gpus_of, random_state, set_random_state
 from ..dist import Group
 from ..errors import FileFormatError
 from ..data import Data, augment_batch
@@ -271,7 +271,7 @@ class Context:
         buf = io.BytesIO()
         # torch's global generator too: dropout draws from it, and a resumed run must draw what this one draws
         torch.save({"epoch": epoch, "state": {name: dump(obj) for name, obj in state.items()},
-                    "random": random_state(self.device.type == "cuda")}, buf)
+                    "random": random_state(gpus_of(self.device))}, buf)
         with interrupts_deferred():  # a Ctrl-C during the save is raised once both say the same epoch
             self.writer.save_progress(key, buf.getvalue())
             self.last_epoch_done = (key, epoch)

@@ -17,7 +17,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import MethodOptions, option
-from ..device import random_state, set_random_state
+from ..device import gpus_of, random_state, set_random_state
 from ..errors import ConfigError, FileFormatError
 from .loop import Context, part_name, register_method, set_lr, sgd_optimizer, swa_schedule, train_epoch
 
@@ -67,16 +67,22 @@ class SGDRun:
         return {}
 
 
-SHARED: dict = {}  # method name -> its SGDRun class (registered as methods below, with train_shared)
+SHARED: dict = {}  # method name -> its SGDRun class
 
 
 def shared_method(name: str):
-    """Make an :class:`SGDRun` class the method ``name``, trained together with the others it is asked for with."""
+    """Register an :class:`SGDRun` class as the method ``name``, trained together with the others of
+    :data:`SHARED` it is asked for with (a method of your own too)."""
     def deco(cls):
         cls.name = name
         SHARED[name] = cls
+        register_method(name, together=_train_together)(partial(_train_together, names=(name,)))
         return cls
     return deco
+
+
+def _train_together(ctx: Context, names: tuple) -> None:  # one function for all: it makes them one job
+    train_shared(ctx, names)
 
 
 @shared_method("sgd")
@@ -172,7 +178,7 @@ class Branch:
         self.model = ctx.fresh_model() if model is None else model
         self.opt = sgd_optimizer(self.model, ctx.config) if opt is None else opt
         self.gen = ctx.generator() if gen is None else gen
-        self.rng = [random_state(ctx.device.type == "cuda")] if rng is None else rng
+        self.rng = [random_state(gpus_of(ctx.device))] if rng is None else rng
 
     def split(self, epoch: int) -> list:
         """This branch and, for each other learning rate its runs take at ``epoch``, a copy."""
@@ -206,7 +212,7 @@ class Branch:
         try:
             yield
         finally:
-            self.rng[0] = random_state(self.rng[0][1] is not None)
+            self.rng[0] = random_state(self.rng[0][1])
 
     def state(self) -> dict:
         return dict(model=self.model, opt=self.opt, gen=self.gen, rng=self.rng)
@@ -257,7 +263,3 @@ def _in_order(runs: list, branches: list) -> list:
 def _state(runs: list, branches: list) -> dict:
     state = {f"{b.runs[0].name}:{k}": v for b in branches for k, v in b.state().items()}
     return dict(state, **{f"{run.name}.{k}": v for run in runs for k, v in run.state().items()})
-
-
-for _name in SHARED:
-    register_method(_name, together=train_shared)(partial(train_shared, names=(_name,)))

@@ -50,6 +50,22 @@ def held_apart(path, jobs) -> bool:
                for j in jobs)
 
 
+def check_parts(path, jobs, overwrite: bool) -> None:
+    """Work kept apart that no job of this run goes on from (an earlier version kept a part per method,
+    where the methods now train together): refused in one line, or discarded with ``overwrite``."""
+    folder = parts_folder(path)
+    if not folder.is_dir():
+        return
+    ours = {part_name(job) for job in jobs}
+    foreign = [f for f in sorted(folder.iterdir()) if f.name.split(".h5")[0] not in ours]
+    if foreign and not overwrite:
+        raise errors.FileFormatError(
+            f"{folder} holds work of {', '.join(sorted({f.name.split('.h5')[0] for f in foreign}))}, which this "
+            f"run trains in other parts (an earlier version's); delete it or pass --overwrite to discard it")
+    for f in foreign:
+        f.unlink()
+
+
 def train_apart(config, jobs: list, writer, bar, processes: int, overwrite: bool) -> None:
     """Train ``jobs`` (tuples of methods of ``config`` trained together) in at most ``processes`` child
     processes and adopt their runs into ``writer`` in the jobs' order. Raises what a child raised (as
@@ -60,8 +76,9 @@ def train_apart(config, jobs: list, writer, bar, processes: int, overwrite: bool
     context = _context()
     messages = context.Queue()
     parts = [part_name(job) for job in jobs]
-    # the longest first (their progress ticks measure their epochs), so that no long job starts last
-    # and runs alone; they still join the file in the jobs' order
+    # the longest first (their progress ticks measure their epochs; methods trained together tick for each
+    # of theirs, more than the epochs they share cost), so that no long job starts last and runs alone;
+    # they still join the file in the jobs' order
     waiting = sorted(jobs, key=lambda job: -sum(METHODS[m].ticks(config) for m in job))
     running, trained, adopted = {}, set(), 0
     try:
