@@ -222,7 +222,8 @@ def train_shared(ctx: Context, names: tuple) -> None:
     """Train the methods ``names`` (of :data:`SHARED`) together: one :class:`Branch` at first, split
     when their learning rates part. Resumable after every epoch, under the job's part name."""
     runs = [SHARED[name](ctx) for name in names]
-    key, start = part_name(names), ctx.saved_epoch(part_name(names))
+    key = part_name(names)
+    start = ctx.saved_epoch(key)
     branches = _branches_after(ctx, runs, start)
     ctx.resume_point(key, ticks_per_epoch=len(runs), **_state(runs, branches))
     if start == 0:
