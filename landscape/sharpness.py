@@ -344,7 +344,7 @@ class CheckpointWork:
         self.spec, self.layout, self.load = spec, layout, load
         self.trace_passes = math.ceil(spec.probes / PROBES_PER_PASS)
         self.density_runs = spec.density_runs if spec.density else 0
-        self.results, self.seconds = {}, 0.0
+        self.results, self.seconds, self.numbers = {}, 0.0, None
 
     def prepare(self, ev: Evaluator, data, policy: BatchNormPolicy) -> list:
         """The evaluator's metrics at the checkpoint, the BatchNorm statistics held fixed around it, the
@@ -409,19 +409,24 @@ class CheckpointWork:
 
     def take(self, piece, result) -> list:
         self.results[piece] = result
-        if self.done:
-            self.x = self.y = self.top_vector = None  # (a layout copy of the data, for large 1-D data)
         if piece[0] == "eigen":
             self.top_vector = result.pop("top_vector")
             return [("ascent", 1), ("ascent", -1)]
+        if self.done:  # only the numbers stay: the weights, the data copy, the ascents' vectors (on the
+            # device, P values each) would add up over many checkpoints of a large model
+            self.numbers = self._numbers()
+            self.results = self.states = self.x = self.y = self.top_vector = self.params = self.buffers = None
         return []
 
     @property
     def done(self) -> bool:
-        return len(self.results) == 4 + self.trace_passes + self.density_runs
+        return self.numbers is not None or len(self.results) == 4 + self.trace_passes + self.density_runs
 
     def result(self) -> dict:
-        """Every number of the module doc and the evaluator's metrics."""
+        """Every number of the module doc and the evaluator's metrics (once :attr:`done`)."""
+        return self.numbers
+
+    def _numbers(self) -> dict:
         r = self.results
         out = {"metrics": self.metrics}
         out.update(trace_estimate(np.concatenate([r[("trace", i)] for i in range(self.trace_passes)])))

@@ -535,6 +535,29 @@ def test_a_checkpoint_named_twice_is_computed_once(tiny_run, monkeypatch):
     assert b["eigenvalues"] != a["eigenvalues"]
 
 
+def test_a_finished_checkpoint_keeps_its_numbers_and_no_tensor(tiny_run, monkeypatch):
+    """Every checkpoint's work stays alive until the last is done: once its own numbers are made it holds
+    no tensor (weights, data, Lanczos and ascent vectors; on a GPU P values each, for every checkpoint)."""
+    import landscape.sharpness as sharpness
+    works = []
+    init = sharpness.CheckpointWork.__init__
+    monkeypatch.setattr(sharpness.CheckpointWork, "__init__", lambda self, *a: works.append(self) or init(self, *a))
+    traj = open_trajectory(tiny_run)
+    spec = SharpnessSpec(top_k=2, iterations=5, probes=2, ascent_steps=2, density=True, density_runs=1,
+                         density_steps=4)
+    results = sharpness.compute_sharpness(traj, ["sgd", "swa/average"], spec, device="cpu").results
+
+    def tensors(obj):
+        if torch.is_tensor(obj):
+            return 1
+        if isinstance(obj, dict):
+            return sum(tensors(v) for v in obj.values())
+        return sum(tensors(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+    assert len(works) == 2 and all(w.done for w in works)
+    assert [tensors(vars(w)) for w in works] == [0, 0]
+    assert [w.result()["eigenvalues"] for w in works] == [r["eigenvalues"] for r in results]
+
+
 def test_a_stopped_hessian_operator_ends_at_its_next_batch(small):
     """Ctrl-C during checkpoints computed side by side sets the workers' stop event: their next Hessian
     pass ends with KeyboardInterrupt instead of running to the end of the checkpoint."""
