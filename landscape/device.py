@@ -20,6 +20,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device {name!r} requested but this machine has {count} GPU{'s' * (count != 1)} "
+                          f"(cuda:0 to cuda:{count - 1})")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
     return dev

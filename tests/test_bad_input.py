@@ -118,6 +118,20 @@ def test_seed_must_fit_64_bits(tiny_run, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_gpu_this_machine_lacks_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    """``cuda:N`` past the machine's GPUs is refused when the command starts (not as CUDA's "invalid
+    device ordinal" once work is under way); here a machine with two GPUs, as torch would report it."""
+    import torch
+
+    from landscape.device import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cuda") == torch.device("cuda")
+    one_line_error(capsys, ["plane", str(tiny_run), "sgd", "swa/average", "sgd:0", "--device", "cuda:2",
+                            "-o", str(tmp_path / "p.h5")], "cuda:2", "2 GPUs", "cuda:0 to cuda:1")
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # places that cannot be written
 
