@@ -123,12 +123,14 @@ def test_recording_a_loop_on_the_gpu_keeps_its_weights_and_the_cpus_metrics(tmp_
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(on_gpu.x_train[idx]), on_gpu.y_train[idx]).backward()
                 opt.step()
-            rec.record("sgd", model, epoch=epoch + 1)
+            norms = [p.norm() for p in model.parameters()]  # a metric as a list of GPU tensors
+            rec.record("sgd", model, epoch=epoch + 1, norms=norms)
             kept.append((layout.params_to_vector(model).cpu(), layout.buffers_to_vector(model).cpu()))
     traj = open_trajectory(tmp_path / "gpu.h5")
     for i, (params, buffers) in enumerate(kept):
         np.testing.assert_array_equal(traj.params("sgd")[i], params.numpy())
         np.testing.assert_array_equal(traj.buffers("sgd")[i], buffers.numpy())
+    np.testing.assert_allclose(traj.run("sgd").metrics["norms"][-1], [float(n) for n in norms], rtol=1e-6)
     cpu_metrics = evaluate_model(layout.load(model.cpu(), *kept[-1]), data)
     _assert_close({k: traj.run("sgd").metrics[k][-1] for k in cpu_metrics}, cpu_metrics, len(data.x_train),
                   len(data.x_test))

@@ -215,6 +215,18 @@ def test_a_loop_resumed_from_an_older_checkpoint_rewinds_the_file_to_it(tmp_path
     np.testing.assert_array_equal(traj.params("sgd")[3], resumed)
 
 
+def test_a_metric_given_as_a_list_of_tensors_is_recorded(tmp_path):
+    """Per-layer or per-class values as a list of tensors (with their gradients, or on a GPU) are a
+    metric's numbers, as one tensor of them is."""
+    _, model, _ = same_start()
+    loss = sum(p.sum() for p in model.parameters())  # (requires a gradient)
+    with recorder(tmp_path / "list.h5") as rec:
+        rec.record("sgd", model, epoch=1, parts=[loss, 2 * loss], whole=torch.stack([loss, 2 * loss]))
+    m = open_trajectory(tmp_path / "list.h5").run("sgd").metrics
+    np.testing.assert_array_equal(m["parts"], m["whole"])
+    assert m["parts"].shape == (1, 2) and m["parts"][0, 1] == pytest.approx(2 * loss.item())
+
+
 def test_rewind_by_epoch_refuses_rows_without_one(tmp_path):
     _, model, _ = same_start()
     rec = recorder(tmp_path / "steps.h5")

@@ -417,8 +417,11 @@ def _write_row(ds: h5py.Dataset, t: int, row) -> None:
 
 
 def _as_numpy(x):
+    """A tensor (on any device, with or without a gradient), an array, a number, or a list of them."""
     if torch.is_tensor(x):
         return x.detach().cpu().numpy()
+    if isinstance(x, (list, tuple)):  # e.g. per-class accuracies as a list of (GPU) tensors
+        return np.asarray([_as_numpy(v) for v in x])
     return np.asarray(x)
 
 
