@@ -36,6 +36,7 @@ import torch
 
 from ..bn import has_batchnorm, recompute_bn
 from ..config import MethodOptions, option
+from ..device import gpus_of
 from ..models import build_model
 from .loop import Context, register_method, set_lr, sgd_optimizer, swa_schedule, train_epoch
 
@@ -134,7 +135,7 @@ def _nets(ctx: Context) -> list:
             model, gen, init = ctx.fresh_model(), ctx.generator(0), "shared initialization and data order"
         else:
             seed = cfg.seed * 1_000_003 + NET_OFFSET + i
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=gpus_of(ctx.device)):  # (restored after: CPU and training GPU)
                 torch.manual_seed(seed)
                 model = build_model(cfg.model, ctx.data.input_shape, ctx.data.num_classes).to(ctx.device)
             gen, init = ctx.generator(NET_OFFSET + i), f"initialization and data order from seed {seed}"

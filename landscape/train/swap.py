@@ -33,6 +33,7 @@ import torch
 from ..bn import batch_slices
 from ..config import MethodOptions, option
 from ..data import augment_batch
+from ..device import gpus_of
 from ..dist import Group
 from ..errors import ConfigError
 from ..tasks import count_units, output_tree, units_are_samples
@@ -143,7 +144,8 @@ def train_worker(ctx: Context, start, i: int, step0: int, epoch0: float) -> tupl
     then every ``record_every``-th epoch's end and the last."""
     cfg, swap = ctx.config, ctx.config.options_of(SWAPOptions)
     per_epoch = ctx.steps_per_epoch()
-    with torch.random.fork_rng(devices=[]):  # a worker's own seed for any randomness in the model
+    # a worker's own seed for any randomness in the model; the generators are restored after, the GPU's too
+    with torch.random.fork_rng(devices=gpus_of(ctx.device)):
         torch.manual_seed(worker_seed(cfg, i))
         model = copy.deepcopy(start)
         opt = torch.optim.SGD(model.parameters(), lr=swap.phase2_lr, momentum=cfg.momentum,
