@@ -21,7 +21,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from .errors import ProcessDied
+from .errors import ConfigError, ProcessDied
 
 # Ranks wait for rank 0 while it alone works (trains the methods that are not distributed, measures
 # a surface's points per call, writes files): the default 30 minutes would end a long run.
@@ -58,6 +58,22 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _check_gpus_per_process(device: torch.device) -> None:
+    """NCCL takes one GPU per process: more processes on this machine than GPUs, or all of them on one
+    named GPU, would fail at the first collective (as "Duplicate GPU detected"); refused first."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type != "cuda" or local <= 1:
+        return
+    gpus = torch.cuda.device_count()
+    if device.index is not None:
+        raise ConfigError(f"torchrun started {local} processes on this machine, all on {device}; NCCL needs a GPU "
+                          f"per process: pass --device cuda (process i takes GPU i) or --device cpu")
+    if local > gpus:
+        raise ConfigError(f"torchrun started {local} processes on this machine, which has {gpus} GPU"
+                          f"{'s' * (gpus != 1)}; NCCL needs a GPU per process: start at most {gpus} "
+                          f"(--nproc_per_node {gpus}) or pass --device cpu")
+
+
 class Group:
     """The torchrun process group (joined by :meth:`join`), or one process (:meth:`single`)."""
 
@@ -70,6 +86,7 @@ class Group:
         CUDA device per local rank when ``device`` is CUDA without an index; one process otherwise."""
         if not launched():
             return cls.single(device)
+        _check_gpus_per_process(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         if device.type == "cuda":

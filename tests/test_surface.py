@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from landscape.errors import FileFormatError
 from landscape.evaluate import Evaluator
@@ -255,6 +256,22 @@ def test_torchrun_two_cpu_processes_write_the_single_process_file(tiny_run, tmp_
         np.testing.assert_array_equal(a.values[m], b.values[m])
     for run in a.paths:
         np.testing.assert_array_equal(a.paths[run].coords, b.paths[run].coords)
+
+
+def test_torchrun_with_more_processes_than_gpus_is_refused_before_nccl(monkeypatch):
+    """NCCL takes one GPU per process; 4 processes on a machine with 2 GPUs (or all on cuda:1) failed
+    at the first collective, reported as a dead peer. They are refused when the group is joined."""
+    from landscape.dist import Group
+    from landscape.errors import ConfigError
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("a GPU was taken"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"4 processes on this machine, which has 2 GPUs.*--nproc_per_node 2"):
+        Group.join(torch.device("cuda"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 processes on this machine, all on cuda:1.*--device cuda"):
+        Group.join(torch.device("cuda:1"))
 
 
 @pytest.mark.distributed
