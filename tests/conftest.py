@@ -27,6 +27,22 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
                                                          str(tmp_path_factory.getbasetemp() / "cache")))
 
 
+@pytest.fixture(autouse=True)
+def _float32_on_gpus(request):
+    """The gpu-marked tests compare a GPU's numbers with the CPU's float32 ones: TF32, torch's default
+    for convolutions on Ampere and newer GPUs (inputs rounded to 10 mantissa bits, losses ~1e-3 apart),
+    is off while they run, and restored after."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> TrainConfig:
     return TINY

@@ -46,7 +46,8 @@ def train(config: TrainConfig, out, overwrite: bool = False, quiet: bool = False
     """Train every method of ``config`` from one initialization into the trajectory file ``out``.
     Interrupted, the methods finished so far and the finished epochs of the one under way stay in
     ``out.partial``; the same call again goes on from there, and the file equals an uninterrupted
-    run's (each method depends only on the seed and restores its state exactly).
+    run's (each method depends only on the seed and restores its state exactly; on a GPU as far as its
+    kernels are deterministic, see ``torch.use_deterministic_algorithms``).
 
     On a CPU every method trains with ``config.threads`` torch threads (1 by default), so the same seed
     gives the same file on any machine; ``processes`` > 1 trains that many methods side by side in
