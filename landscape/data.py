@@ -275,9 +275,12 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random crop with 4-pixel zero padding and random horizontal flip of an (N, C, H, W) batch."""
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 9, (n,), generator=generator).to(x.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    draws = torch.stack([dy, dx, (torch.rand(n, generator=generator) < 0.5).long()])
+    # to a GPU from pinned memory, asynchronously: a training step does not wait for the GPU here
+    draws = draws.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else draws.to(x.device)
+    dy, dx, flip = draws[0], draws[1], draws[2].bool()
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]

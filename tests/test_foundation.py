@@ -273,6 +273,13 @@ def test_augmentation_crops_and_flips_images():
         assert matches, f"image {i} is not a crop of its padded input"
         seen.update(matches[:1])
     assert {f for _, _, f in seen} == {False, True} and len({(dy, dx) for dy, dx, _ in seen}) > 20
+    # the draws, in their order: every row's offsets, then every row's flip (a run's crops depend on it)
+    g = torch.Generator().manual_seed(0)
+    dy, dx, flip = torch.randint(0, 9, (64,), generator=g), torch.randint(0, 9, (64,), generator=g), \
+        torch.rand(64, generator=g) < 0.5
+    for i in range(len(x)):
+        crop = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
 
 
 def test_npz_and_synthetic_and_mnist1d(tmp_path):

@@ -104,6 +104,15 @@ def test_live_sharpness_of_a_model_on_the_gpu_equals_the_cpus(tiny_run, gpu):
     np.testing.assert_allclose(got["epsilon_sharpness"], ref["epsilon_sharpness"], rtol=1e-2)
 
 
+def test_augmented_batches_on_the_gpu_are_the_cpus(gpu):
+    """Random crops and flips drawn on the CPU (the run's data-order generator) and applied on the GPU."""
+    from landscape.data import augment_batch
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    on_gpu = augment_batch(x.to(gpu), torch.Generator().manual_seed(0))
+    assert on_gpu.device.type == gpu.type
+    assert torch.equal(on_gpu.cpu(), augment_batch(x, torch.Generator().manual_seed(0)))
+
+
 def test_recording_a_loop_on_the_gpu_keeps_its_weights_and_the_cpus_metrics(tmp_path, gpu):
     """A user's own loop on the GPU with the recorder: every row holds the weights the net had, and the
     metrics it evaluated there are those of the same weights on the CPU."""
