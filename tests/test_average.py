@@ -1,6 +1,8 @@
 """Averages made after the fact: --uniform is the running mean of the window's rows, --ema the
 recursion; BatchNorm recomputed and metrics recorded; the input's runs copied unchanged; bad windows
 are one line before any work. And ema as a training method."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,25 @@ def test_ema_training_method(tiny_config, tmp_path):
     assert list(steps) == list(traj.run("sgd").step[1:])
     # the average differs from the iterate, and lies between earlier and later iterates' scale
     assert np.linalg.norm(traj.params("ema/average")[-1] - traj.params("sgd")[-1]) > 0
+
+
+def test_ema_averages_every_step_as_torchs_averaged_model_does(tiny_config, tmp_path):
+    """The EMA's average, bit for bit, of torch.optim.swa_utils.AveragedModel (get_ema_multi_avg_fn)
+    fed sgd's weights after every step (recorded here at every step)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from landscape.train import train
+    cfg = tiny_config.replace(methods=("sgd", "ema"), epochs=2, ema_decay=0.9, checkpoint_every=1)
+    train(cfg, tmp_path / "ema.h5", quiet=True)
+    traj = open_trajectory(tmp_path / "ema.h5")
+    model = rebuild_model(traj, rebuild_data(traj, "cpu"))
+    reference = AveragedModel(copy.deepcopy(model), multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False)
+    steps = traj.run("sgd").step
+    ends = dict(zip(traj.run("ema/average").step, traj.params("ema/average")))
+    assert list(steps) == list(range(len(steps))) and len(ends) == 2
+    for row in range(1, len(steps)):  # (row 0: the initialization, before any step)
+        traj.layout.load(model, torch.from_numpy(traj.params("sgd")[row]), torch.from_numpy(traj.buffers("sgd")[row]))
+        reference.update_parameters(model)
+        if steps[row] in ends:
+            assert np.array_equal(traj.layout.params_to_vector(reference.module).numpy(), ends[steps[row]])
+    assert int(reference.n_averaged) == steps[-1] == traj.run("ema/average").metrics["n_averaged"][-1]

@@ -157,8 +157,21 @@ class EMA(SGDRun):
     def on_step(self, model, epoch):
         def update(i):
             self.step[0] += 1
-            self.average.update_parameters(model)
+            self._update(model)
         return update
+
+    @torch.no_grad()
+    def _update(self, model):
+        """``self.average.update_parameters(model)`` (the first step copies w, every later one applies the
+        EMA's multi_avg_fn), without its copy of ``n_averaged`` to the model's device: on a GPU that
+        copy made every training step wait for the GPU."""
+        mine, theirs = list(self.average.module.parameters()), [p.detach() for p in model.parameters()]
+        if self.step[0] == 1:  # (n_averaged was 0)
+            for a, w in zip(mine, theirs):
+                a.copy_(w)
+        else:
+            self.average.multi_avg_fn(mine, theirs, self.step[0] - 1)
+        self.average.n_averaged += 1
 
     def end_epoch(self, model, epoch, evaluated):
         self.ctx.record("ema/iterates", model, epoch + 1.0, self.step[0], evaluated=evaluated.get("sgd") or None)
