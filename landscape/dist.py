@@ -58,6 +58,17 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def process_device(device: torch.device) -> torch.device:
+    """The device this process works on: under torchrun, CUDA without an index is the GPU of its local
+    rank (process i on GPU i); anything else as given."""
+    if not launched():
+        return device
+    _check_gpus_per_process(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def _check_gpus_per_process(device: torch.device) -> None:
     """NCCL takes one GPU per process: more processes on this machine than GPUs, or all of them on one
     named GPU, would fail at the first collective (as "Duplicate GPU detected"); refused first."""
@@ -86,9 +97,7 @@ class Group:
         CUDA device per local rank when ``device`` is CUDA without an index; one process otherwise."""
         if not launched():
             return cls.single(device)
-        _check_gpus_per_process(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        device = process_device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         started = not dist.is_initialized()

@@ -114,8 +114,10 @@ def make_plane(args, traj) -> Plane:
     if args.random:
         return Plane.random(traj, args.origin, args.seed, not args.no_filter_norm, args.ignore)
     from landscape.device import resolve_device
+    from landscape.dist import process_device
+    # (under torchrun every process on its own GPU, as it evaluates there; rank 0's plane is the one used)
     return Plane.hessian(traj, args.origin, samples=args.hessian_samples, seed=args.seed,
-                         iterations=args.hessian_iterations, device=resolve_device(args.device))
+                         iterations=args.hessian_iterations, device=process_device(resolve_device(args.device)))
 
 
 def run(args) -> int:
