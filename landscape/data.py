@@ -637,6 +637,7 @@ def as_data(data, device=None, task=None):
             raise DataError(f"data (x_train, y_train, x_test, y_test) holds {kinds}; give tensors or arrays (two "
                             "data sources go as (train, test))") from None
         check_splits(tensors, "data")
+        check_finite_values(tensors, "data")
         tensors, classes = typed(tensors)
         data = Data(*tensors, classes)
     if task is not None:
@@ -654,6 +655,21 @@ def check_splits(tensors, name: str) -> None:
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(f"{name}: train inputs {tuple(x_tr.shape[1:])} and test inputs {tuple(x_te.shape[1:])} "
                         "differ in shape")
+
+
+def check_finite_values(tensors, name: str, rows_per_check: int = 4096) -> None:
+    """Refuse float inputs or targets holding NaN or an infinity: one such sample makes a whole
+    split's loss NaN (training diverges at its first step, every point of a surface is NaN). Checked a
+    few thousand rows at a time (no mask as large as the data)."""
+    for what, t in zip(("x_train", "y_train", "x_test", "y_test"), tensors):
+        if not (torch.is_tensor(t) and t.is_floating_point() and t.numel()):
+            continue
+        rows = t.reshape(len(t), -1)
+        bad = [start + i for start in range(0, len(rows), rows_per_check)
+               for i in (~torch.isfinite(rows[start:start + rows_per_check])).any(1).nonzero().flatten().tolist()]
+        if bad:
+            raise DataError(f"{name}: {what} holds NaN or infinite values in {len(bad)} sample"
+                            f"{'s' * (len(bad) != 1)} (the first: {bad[0]}); no loss can be computed over them")
 
 
 def typed(tensors) -> tuple:
@@ -709,6 +725,7 @@ def load_data(spec: DataSpec, device="cpu", task=None) -> Data:
         raise DataError(f"dataset {spec.name!r}: augment (random crop and flip) needs images (N, C, H, W), "
                         f"got inputs of shape {tuple(x_tr.shape[1:])}")
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    check_finite_values(tensors, f"dataset {spec.name!r}")
     if num_classes is None and (task is None or task == "classification" or isinstance(task, Classification)):
         tensors = _whole_labels_as_classes(tensors)
     if num_classes is None:  # a dataset of values or tokens: the count follows from the arrays' types

@@ -282,6 +282,29 @@ def test_augmentation_crops_and_flips_images():
         assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
 
 
+def test_data_with_nan_or_inf_is_one_error_naming_the_split_and_sample(tmp_path, capsys):
+    """One NaN sample made every training step diverge and every surface point NaN, with a warning that
+    blamed the learning rate; it is refused where the data is read, by name, split and sample."""
+    from landscape.cli.main import main
+    from landscape.data import as_data
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 5)).astype(np.float32), rng.standard_normal(20).astype(np.float32)
+    x[7, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x_train=x[:15], y_train=y[:15], x_test=x[15:], y_test=y[15:])
+    with pytest.raises(DataError, match=r"x_train holds NaN or infinite values in 1 sample \(the first: 7\)"):
+        load_data(DataSpec("npz", {"path": str(tmp_path / "nan.npz")}), task="regression")
+    assert main(["train", "--dataset", "npz", "--data-option", f"path={tmp_path / 'nan.npz'}", "--task", "regression",
+                 "--model", "mlp", "--epochs", "1", "-o", str(tmp_path / "run.h5")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x_train holds NaN" in err and not (tmp_path / "run.h5").exists()
+    clean = torch.from_numpy(np.nan_to_num(x))
+    targets = torch.from_numpy(y.copy())
+    targets[[3, 4]] = float("inf")
+    with pytest.raises(DataError, match=r"data: y_test holds NaN or infinite values in 2 samples \(the first: 3\)"):
+        as_data((clean[:10], targets[10:], clean[10:], targets[:10]))
+    assert as_data((clean[:10], torch.from_numpy(y[:10]), clean[10:], torch.from_numpy(y[10:]))).x_train.shape == (10, 5)
+
+
 def test_npz_and_synthetic_and_mnist1d(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=rng.standard_normal((20, 5)), y_train=rng.integers(0, 3, 20),
