@@ -177,6 +177,9 @@ def test_rise_distance_interpolates_and_reports_the_unreached():
     assert d is None and searched == pytest.approx(3.0)
     with pytest.raises(ConfigError, match="outside"):
         analysis.rise_distance(t, v, 9.0, 1.0, +1)
+    v[7] = np.nan  # a diverged value where the rise starts: said so, not "outside the line"
+    with pytest.raises(ConfigError, match="value at coordinate 2 of the line is not finite"):
+        analysis.rise_distance(t, v, 2.0, 1.0, +1)
 
 
 def test_edge_center_numbers_put_sgd_at_the_edge_and_swa_in_the_center(line):

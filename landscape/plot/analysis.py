@@ -222,9 +222,12 @@ def rise_distance(t, values, t0: float, rise: float, direction: int = +1):
     t, v = np.asarray(t, float), np.asarray(values, float)
     order = np.argsort(t)
     t, v = t[order], v[order]
-    base = float(interp_line(t, v, t0))
-    if not np.isfinite(base):
+    if not t[0] <= t0 <= t[-1]:
         raise ConfigError(f"coordinate {t0:g} lies outside the line [{t[0]:g}, {t[-1]:g}]")
+    base = float(interp_line(t, v, t0))
+    if not np.isfinite(base):  # (NaN at the start: a rise from it means nothing)
+        raise ConfigError(f"the value at coordinate {t0:g} of the line is not finite (NaN or infinite: a loss "
+                          "that diverged, or data that held NaN)")
     d = (t - t0) * direction
     ahead = d > 0
     ds = np.concatenate([[0.0], d[ahead]])
