@@ -24,7 +24,7 @@ from landscape.models import MODELS
 
 from ..common import add_output_flags, parse_key_values, print_json
 
-HELP = "build a trajectory file from saved checkpoints (.pt/.pth/.ckpt/.safetensors)"
+HELP = "build a trajectory file from saved checkpoints (.pt/.pth/.ckpt/.bin/.safetensors)"
 
 
 def add_arguments(p) -> None:

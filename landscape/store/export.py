@@ -152,7 +152,7 @@ def export_vtk(surface: Surface, out, overwrite: bool = False, inputs=()) -> Pat
         raise FileFormatError(f"{folder} exists and is not a directory")
     held = [folder / name for name in VTK_PIECES if (folder / name).exists()]
     if held and not overwrite:
-        raise FileFormatError(f"{held[0]} already exists; pass --overwrite to replace it")
+        raise FileFormatError(f"{held[0]} already exists; pass --overwrite (in Python: overwrite=True) to replace it")
     with claim_output(out, overwrite):  # one writer per output: a second export is refused
         tmp_dir, tmp = partial_path(folder), partial_path(out)
         try:

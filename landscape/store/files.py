@@ -54,7 +54,7 @@ def prepare_output(path, overwrite: bool, inputs=()) -> Path:
     if path.is_dir():
         raise FileFormatError(f"output {path} is a directory")
     if path.exists() and not overwrite:
-        raise FileFormatError(f"output {path} already exists; pass --overwrite to replace it")
+        raise FileFormatError(f"output {path} already exists; pass --overwrite (in Python: overwrite=True) to replace it")
     if not path.parent.exists():
         raise FileFormatError(f"cannot write {path}: directory {path.parent} does not exist")
     if not path.parent.is_dir():
@@ -100,7 +100,7 @@ def open_read(path, expected_format: str) -> h5py.File:
     except OSError as e:
         if not os.access(path, os.R_OK):
             raise FileFormatError(f"cannot read {path}: {reason(e)}") from None
-        raise FileFormatError(f"{path} is not an HDF5 file") from None
+        raise FileFormatError(f"{path} is not an HDF5 file (or it is truncated)") from None
     try:
         fmt = f.attrs.get("format")
         if fmt != expected_format:
@@ -470,7 +470,7 @@ def claim_output(path: Path, overwrite: bool) -> OutputLock:
     lock = OutputLock(path)
     if Path(path).exists() and not overwrite:
         lock.release()
-        raise FileFormatError(f"output {path} already exists; pass --overwrite to replace it")
+        raise FileFormatError(f"output {path} already exists; pass --overwrite (in Python: overwrite=True) to replace it")
     return lock
 
 
