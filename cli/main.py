@@ -90,10 +90,31 @@ def main(argv=None) -> int:
         from landscape.store.files import reason
         print(f"landscape: error: {reason(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except Exception as e:  # raised by the user's own code (a model, a dataset factory, a task) mid-run
+        if args.debug:
+            raise
+        print(f"landscape: error: {_unexpected(e)}", file=sys.stderr)
+        return 1
     finally:
         sys.unraisablehook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _unexpected(e: Exception) -> str:
+    """One line for an error no command put in words: its type and first line, the innermost place
+    outside torch and landscape that raised it (the user's code, when it was theirs), and what the
+    command kept (its notes)."""
+    import traceback
+    import landscape
+    import torch
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (torch.__file__, landscape.__file__, __file__))
+    theirs = [f for f in frames if not os.path.abspath(f.filename).startswith(ours)] or frames
+    where = f" (in {theirs[-1].name}, {os.path.basename(theirs[-1].filename)}:{theirs[-1].lineno})" if theirs else ""
+    text = (str(e).strip().splitlines() or [""])[0]
+    notes = "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
+    return f"{type(e).__name__}: {text}{where}{notes} (--debug shows the traceback)"
 
 
 def _interrupt_again(hook):

@@ -538,8 +538,12 @@ def _suspend(writer, error: BaseException, total: int) -> BaseException | None:
         return None
     saved = writer.saved if isinstance(writer, SurfaceWriter) else None
     writer.suspend()
-    if saved is None or not isinstance(error, (KeyboardInterrupt, WriteError, ProcessDied)):
+    if saved is None:
         return None
     kept = (f"{saved} of {total} points kept in {writer.tmp}; run the same command again to finish" if saved
             else "no point was saved yet, nothing kept")
+    if not isinstance(error, (KeyboardInterrupt, WriteError, ProcessDied)):
+        if saved and isinstance(error, Exception):  # (the user's model or data raised: its own error, and what stays)
+            error.add_note(kept)
+        return None
     return KeyboardInterrupt(kept) if isinstance(error, KeyboardInterrupt) else type(error)(f"{error}; {kept}")

@@ -132,6 +132,36 @@ def test_a_gpu_this_machine_lacks_is_one_line(tiny_run, tmp_path, capsys, monkey
     assert not list(tmp_path.iterdir())
 
 
+def test_a_users_model_that_raises_mid_run_is_one_line_saying_where_and_what_was_kept(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """The user's own forward raising after some epochs: one line with its error and its place in their
+    file, and the epochs kept (it was a traceback); fixed, the same command goes on."""
+    (tmp_path / "flaky_net.py").write_text(
+        "from torch import nn\n"
+        "calls, limit = [0], [40]\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 4))\n"
+        "    def forward(self, x):\n"
+        "        calls[0] += 1\n"
+        "        if limit[0] and calls[0] > limit[0]:\n"
+        "            raise ValueError(f'exploded at call {calls[0]}')\n"
+        "        return self.body(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["train", "--model", "flaky_net:Net", "--dataset", "synthetic", "--data-option", "n_train=200",
+            "--data-option", "shape=[1,24]", "--methods", "sgd", "--epochs", "8", "--quiet", "-o", str(tmp_path / "r.h5")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("landscape: error: ValueError: exploded at call 41 (in forward, flaky_net.py:10); ") and \
+        err.count("\n") == 1, err
+    assert "sgd up to epoch" in err and "kept in" in err and "--debug" in err and "Traceback" not in err
+    assert (tmp_path / "r.h5.partial").exists() and not (tmp_path / "r.h5").exists()
+    import flaky_net
+    flaky_net.limit[0] = 0
+    assert main(argv) == 0 and (tmp_path / "r.h5").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # places that cannot be written
 

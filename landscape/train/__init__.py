@@ -119,6 +119,11 @@ def _train(config, out, overwrite, quiet, group: Group, processes: int, progress
                 if kept:
                     raise KeyboardInterrupt(f"{kept}; run the same command again to train the rest") from None
                 raise
+            except Exception as e:  # the user's model, data or task raised: its own error, and what stays
+                kept = _kept(writer, ctx) if writing and not apart else ""
+                if kept:
+                    e.add_note(f"{kept}; run the same command again to go on")
+                raise
         # by name: the same order whether the work was resumed or not
         finals = {run: writer.final(run) for run in sorted(writer.runs)} if writing else {}
         path = writer.path if writing else None
