@@ -273,6 +273,22 @@ def test_plot_failure_keeps_the_previous_set(surfaces, tmp_path, capsys, monkeyp
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new figure next to the old numbers
 
 
+def test_a_second_plot_into_a_folder_keeps_the_numbers_of_the_figures_already_there(surfaces, tmp_path):
+    """Two plots into one folder (as the notebook guide does: the planes, then the sharpness): the
+    folder's numbers.json holds the numbers of every figure in it, the later values winning."""
+    import json
+    import shutil
+    out, other = tmp_path / "figs", tmp_path / "other-plane.h5"
+    shutil.copy(surfaces[0], other)
+    assert main(["plot", str(surfaces[0]), "-o", str(out), "--format", "png"]) == 0
+    first = json.loads((out / "numbers.json").read_text())
+    assert main(["plot", str(other), "-o", str(out), "--format", "png", "--rise", "0.2"]) == 0
+    both = json.loads((out / "numbers.json").read_text())
+    assert set(both["offset"]) == set(first["offset"]) | {str(other)} and len(both["offset"]) == 2
+    assert both["offset"][str(other)] == both["offset"][next(iter(first["offset"]))]  # (the same plane)
+    assert both["rises"] == [0.2]
+
+
 def test_plot_does_not_replace_its_input(surfaces, tmp_path, capsys):
     out = tmp_path / "figs"
     out.mkdir()

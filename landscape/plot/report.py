@@ -29,6 +29,7 @@ from . import figures, static
 from .analysis import FORMATS, MAX_LEVELS, SMOOTH, format_rise, ray_rise_distances
 
 STAGING = ".landscape-plot.partial"  # figures are drawn here, then moved into place together
+BY_FILE = ("offset", "edge_center", "rays")  # numbers.json's sections keyed by surface file
 
 
 @dataclass
@@ -99,7 +100,7 @@ def plot_files(surfaces, out_dir, trajectory=None, rises=(0.1,), formats=FORMATS
                 if (out / name).exists() and same_file(out / name, source):
                     raise FileFormatError(f"figure {out / name} would replace the input {source}; "
                                           f"choose another output folder")
-        res.numbers_path = _write_json(staging / "numbers.json", res.numbers)
+        res.numbers_path = _write_json(staging / "numbers.json", _with_earlier(out / "numbers.json", res.numbers))
         for name in names:  # numbers.json last: a folder with a new numbers.json holds every new figure
             publish(staging / name, out / name)
         staging.rmdir()
@@ -243,6 +244,24 @@ def _stems(surfs) -> dict:
         seen[stem] = n + 1
         out[id(s)] = stem if n == 0 else f"{stem}-{n + 1}"
     return out
+
+
+def _with_earlier(path: Path, numbers: dict) -> dict:
+    """``numbers`` over those of an earlier plot into the same folder, whose figures stay there: the
+    sections keyed by surface file (``offset``, ``edge_center``, ``rays``) keep the earlier files'
+    entries, every other value is the new one where there is one (a numbers.json that is not a JSON
+    object is replaced)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return numbers
+    if not isinstance(earlier, dict):
+        return numbers
+    merged = {**earlier, **numbers}
+    for key in BY_FILE:
+        if isinstance(earlier.get(key), dict) and key in numbers:
+            merged[key] = {**earlier[key], **numbers[key]}
+    return merged
 
 
 def _write_json(path: Path, obj) -> Path:
