@@ -1,6 +1,4 @@
 """``python -m landscape COMMAND ...`` (and ``torchrun ... -m landscape COMMAND ...``): the command line."""
-import sys
+from landscape.cli.main import entry
 
-from landscape.cli.main import main
-
-sys.exit(main())
+entry()
