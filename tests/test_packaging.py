@@ -50,4 +50,4 @@ def test_the_wheel_has_no_top_level_cli(tmp_path):
     assert "cli" not in tops and "landscape" in tops
     assert "landscape/cli/main.py" in names and "landscape/cli/commands/plane.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "landscape = landscape.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "landscape = landscape.cli.main:entry" in zipfile.ZipFile(wheel).read(entry).decode()
