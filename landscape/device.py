@@ -29,6 +29,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def device_name(device: torch.device) -> str:
+    """The kind of device: "cpu", "cuda (NVIDIA H200)" (any of a machine's GPUs of that model)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return f"cuda ({torch.cuda.get_device_name(device.index if device.index is not None else None)})"
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     """Run the block with ``n`` torch threads (None: as they are), then restore the count."""

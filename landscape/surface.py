@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from .data import StreamData, as_data
-from .device import resolve_device, thread_workers
+from .device import device_name, resolve_device, thread_workers
 from .dist import Group
 from .errors import ConfigError, LandscapeError, ModelError, ProcessDied, WriteError
 from .evaluate import BatchNormPolicy, Evaluator, choose_points_per_call, metric_names, resolve_policy
@@ -355,15 +355,19 @@ def _fill(writer, points_of: _PointEvaluator, ranks: Group, points_per_call, qui
 
     try:
         with points_of:
-            k = points_per_call or (writer.points_per_call if ranks.rank == 0 else None)
+            # a resumed computation keeps its points per call (the same values to the bit) on the device
+            # they were chosen for; on another one (a smaller GPU, a CPU) they are chosen again
+            here = device_name(ranks.device)
+            k = points_per_call or (writer.points_per_call if ranks.rank == 0 and writer.computed_on in (None, here)
+                                    else None)
             if k is None and ranks.rank == 0 and len(todo):
                 k, todo = _measure(points_of, todo, keep)
-                writer.points_per_call = k
+                writer.points_per_call, writer.computed_on = k, here
                 flush()  # the measured points are work too: on the disk before the long part starts
             k = ranks.objects(min(k or 1, total))  # more than every point would only pad calls
             todo = ranks.objects(todo)
             if ranks.rank == 0:
-                writer.points_per_call = k
+                writer.points_per_call, writer.computed_on = k, here
             _rounds(points_of, todo, k, ranks, keep, flush, write_every)
             flush()
     except BaseException as e:

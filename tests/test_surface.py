@@ -94,6 +94,31 @@ def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path, mon
         np.testing.assert_array_equal(surf.values[m], reference.values[m])
 
 
+def test_a_computation_resumed_on_another_device_chooses_its_points_per_call_again(traj, tmp_path, monkeypatch):
+    """The points per call a partial keeps are those of the device they were chosen for: on the same
+    kind of device they are kept (the same values to the bit), on another (a GPU's 64 resumed on a
+    smaller GPU would run out of memory) they are measured again; every value computed stays."""
+    import landscape.surface as surface_module
+    out = tmp_path / "plane.h5"
+    plane = Plane.through(traj, *THREE)
+    measured = []
+    measure = surface_module._measure
+    monkeypatch.setattr(surface_module, "_measure", lambda *a: measured.append(1) or measure(*a))
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        compute_surface(traj, plane, (5, 4), out=out, quiet=True, write_every=0, on_write=stop)
+    with h5py.File(tmp_path / "plane.h5.partial", "r+") as f:
+        assert f.attrs["computed_on"] == "cpu" and len(measured) == 1
+        kept, k = f["done"][()].copy(), int(f.attrs["points_per_call"])
+        f.attrs["points_per_call"], f.attrs["computed_on"] = 64, "cuda (NVIDIA H200)"  # as a big GPU left it
+    surf = compute_surface(traj, plane, (5, 4), out=out, quiet=True, write_every=0)
+    assert len(measured) == 2 and surf.points_per_call == k and surf.done[kept].all()
+    with h5py.File(out, "r") as f:
+        assert f.attrs["computed_on"] == "cpu"
+
+
 def test_worker_threads_do_not_change_the_values(traj, reference):
     """On a CPU, torch.get_num_threads() single-threaded workers share the points; each point sees the
     same calls, so one worker or two write the same numbers."""

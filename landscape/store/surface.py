@@ -127,6 +127,16 @@ class SurfaceWriter:
         self.file.attrs["points_per_call"] = int(k)
 
     @property
+    def computed_on(self) -> str | None:
+        """The device the points per call were chosen for (absent in files of earlier versions)."""
+        device = self.file.attrs.get("computed_on")
+        return None if device is None else str(device)
+
+    @computed_on.setter
+    def computed_on(self, device: str) -> None:
+        self.file.attrs["computed_on"] = str(device)
+
+    @property
     def done(self) -> np.ndarray:
         return self.file["done"][()]
 
@@ -263,7 +273,7 @@ class MemorySurfaceWriter:
         shape = tuple(shape) if shape is not None else ((len(x),) if y is None else (len(x), len(y)))
         self.spec, self.x, self.y, self._basis = spec, x, None if y is None else np.asarray(y, np.float64), basis
         self.points, self.paths, self.path = points, paths, None
-        self.points_per_call = None
+        self.points_per_call = self.computed_on = None
         self.values = {m: np.full(shape, np.nan) for m in metrics}
         self._done = np.zeros(shape, bool)
         self.trajectory = None if trajectory is None else str(trajectory)
