@@ -302,7 +302,8 @@ class MemorySurfaceWriter:
     def close(self) -> "Surface":
         return Surface(None, json.loads(to_json(self.spec)), self.x, self.y, self.values, self._done,
                        self.points, self.paths, self.trajectory, self.trajectory_sha256,
-                       {k: np.asarray(v, np.float32) for k, v in self._basis.items()}, self.points_per_call)
+                       {k: np.asarray(v, np.float32) for k, v in self._basis.items()}, self.points_per_call,
+                       self.computed_on)
 
     def suspend(self) -> None:
         pass
@@ -323,6 +324,7 @@ class Surface:
     trajectory_sha256: str | None = None
     vectors: dict | None = field(default=None, repr=False)  # the basis, held when not read from a file
     points_per_call: int | None = None
+    computed_on: str | None = None  # the kind of device the points per call were chosen for
 
     @property
     def kind(self) -> str:
@@ -387,6 +389,8 @@ class Surface:
             writer.write(np.arange(self.done.size), {k: v.reshape(-1) for k, v in self.values.items()})
             if self.points_per_call is not None:
                 writer.points_per_call = self.points_per_call
+            if self.computed_on is not None:
+                writer.computed_on = self.computed_on
         except BaseException:
             writer.abort()
             raise
@@ -419,7 +423,8 @@ def open_surface(path) -> Surface:
             return Surface(Path(path), spec, f["grid/x"][()], f["grid/y"][()] if "grid/y" in f else None,
                            {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
                            f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
-                           points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None)
+                           points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None,
+                           computed_on=str(f.attrs["computed_on"]) if "computed_on" in f.attrs else None)
         except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
             what = what_failed(e)
             raise FileFormatError(f"{path} is not a valid surface file: {what}") from None
