@@ -17,8 +17,8 @@ def test_info_of_tiny_run(tiny_run):
 # as the import of torch starts), and SIGINT first set as the script asks
 _CTRL_C_IN_IMPORT = """
 import os, signal, sys
-if sys.argv[1] == "ignored":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# as a command started from a terminal, or as a script's background job: whatever the test run was started as
+signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] == "ignored" else signal.default_int_handler)
 sys.argv = ["landscape", "--help"]  # what the command's own script is called
 
 
