@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -213,18 +214,19 @@ def _is_channels_last(x: torch.Tensor) -> bool:
         return False
 
 
-def _conv1d_channels_last(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """``conv`` as a 2-D convolution of height 1 on channels-last memory, which oneDNN runs 1.3 to 1.7
-    times faster than its 1-D one for few channels (cnn1d's layers, measured); the output (N, C, L)
-    keeps its channels last in memory."""
+def _conv1d_channels_last(conv: torch.nn.Conv1d, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    """``conv`` (with ``weight`` and ``bias`` where given) as a 2-D convolution of height 1 on
+    channels-last memory, which oneDNN runs 1.3 to 1.7 times faster than its 1-D one for few channels
+    (cnn1d's layers, measured); the output (N, C, L) keeps its channels last in memory."""
+    weight, bias = (conv.weight, conv.bias) if weight is None else (weight, bias)
     padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
     if conv.padding_mode != "zeros":
         x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
     # a weight with channels-last strides, so that the output has them even when the input's one
     # channel makes its layout ambiguous (oneDNN would then return the plain layout)
-    w = conv.weight.unsqueeze(2)
+    w = weight.unsqueeze(2)
     w = torch.empty(w.shape, dtype=w.dtype, device=w.device, memory_format=torch.channels_last).copy_(w)
-    y = F.conv2d(x.unsqueeze(2).contiguous(memory_format=torch.channels_last), w, conv.bias,
+    y = F.conv2d(x.unsqueeze(2).contiguous(memory_format=torch.channels_last), w, bias,
                  (1, conv.stride[0]), padding, (1, conv.dilation[0]), conv.groups)
     return y.squeeze(2)
 
@@ -238,11 +240,79 @@ def _batch_norm_channels_last(bn: torch.nn.BatchNorm1d, x: torch.Tensor) -> torc
                         bn.eps).squeeze(2)
 
 
+def conv_batchnorm_pairs(model) -> list:
+    """The (convolution, BatchNorm) layers of ``model`` that an eval-mode forward may run as one
+    convolution (:func:`_folded_forward`): a ``Conv1d/2d/3d`` whose output only a
+    ``BatchNorm1d/2d/3d`` with running statistics reads, each layer called once per forward. Found on
+    the model's ``torch.fx`` graph, so a reader of the convolution's output outside the BatchNorm
+    (a residual branch, say) is seen; none for a model fx cannot trace or a compiled one."""
+    modules = dict(model.named_modules())
+    if (hasattr(model, "_orig_mod") or not any(type(m) in _FOLDABLE_CONV for m in modules.values())
+            or not any(type(m) in _FOLDABLE_BN for m in modules.values())):
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow, an operation fx cannot trace: no folding
+        return []
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        src = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
+            continue
+        conv, bn = modules.get(src.target), modules.get(node.target)
+        if (type(conv) in _FOLDABLE_CONV and type(bn) in _FOLDABLE_BN and bn.track_running_stats
+                and bn.num_features == conv.out_channels and calls[src.target] == calls[node.target] == 1):
+            pairs.append((conv, bn))
+    return pairs
+
+
+_FOLDABLE_CONV = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_FOLDABLE_BN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def _folded_forward(conv: _ConvNd, bn: _BatchNorm, channels_last: bool):
+    """The forward of ``conv`` followed by eval-mode ``bn``, as one convolution: BatchNorm's
+    y = (x - mean) * s + beta with s = gamma / sqrt(var + eps) folded into the convolution's weights
+    (each output channel's times s) and bias, which saves a pass over the activations. It reads the
+    layers' tensors when called, so under ``functional_call`` they are the point's."""
+    def forward(x):
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if conv.bias is not None:
+            shift = torch.addcmul(shift, conv.bias, scale)
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        weight = conv.weight * scale.reshape(-1, *(1,) * (conv.weight.dim() - 1))
+        if channels_last:
+            return _conv1d_channels_last(conv, x, weight, shift)
+        return conv._conv_forward(x, weight, shift)
+    return forward
+
+
+def _unchanged(x):
+    return x
+
+
 @contextlib.contextmanager
-def _one_dimensional_channels_last(layers):
+def _one_dimensional_channels_last(layers, folds=()):
     """For one forward: the Conv1d layers among ``layers`` run on channels-last memory, and so do the
-    BatchNorm1d layers in eval mode (a recompute pass's have their own forward already)."""
+    BatchNorm1d layers in eval mode (a recompute pass's have their own forward already); each
+    (convolution, BatchNorm) of ``folds`` whose BatchNorm is in eval mode runs as one convolution
+    (:func:`_folded_forward`, on channels-last memory if the convolution is among ``layers``)."""
     patched = []
+    for conv, bn in folds:
+        if not bn.training and "forward" not in conv.__dict__ and "forward" not in bn.__dict__:
+            conv.forward = _folded_forward(conv, bn, any(conv is m for m in layers))
+            bn.forward = _unchanged
+            patched += [conv, bn]
     for m in layers:
         if "forward" not in m.__dict__ and (isinstance(m, torch.nn.Conv1d) or not m.training):
             m.forward = types.MethodType(
@@ -283,6 +353,25 @@ def channels_last_layers(model, probe, device) -> list | None:
     same = len(plain) == len(other) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
                                             for a, b in zip(plain, other))
     return layers if same else None
+
+
+def _folds_that_agree(model, probe) -> list:
+    """:func:`conv_batchnorm_pairs` of ``model`` if, folded, its eval-mode outputs for the ``probe``
+    batch equal the plain forward's to rounding (else none)."""
+    folds = conv_batchnorm_pairs(model)
+    if not folds:
+        return []
+    args, kwargs = model_args(probe)
+    try:
+        with torch.no_grad():
+            plain = tree_leaves(output_tree(model(*args, **kwargs)))
+            with _one_dimensional_channels_last([], folds):
+                other = tree_leaves(output_tree(model(*args, **kwargs)))
+    except Exception:
+        return []
+    same = len(plain) == len(other) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                            for a, b in zip(plain, other))
+    return folds if same else []
 
 
 class _PassDone(Exception):
@@ -342,6 +431,7 @@ class Evaluator:
         layers = channels_last_layers(self.model, probe, self.device)
         self._channels_last = layers is not None
         self._layers_1d = layers or []  # the layers _layers_channels_last switches, when inputs are (N, C, L)
+        self._folds = _folds_that_agree(self.model, probe)
 
     def points_per_call_candidates(self) -> tuple | None:
         """The points per call worth timing (None: the default sizes). On a CPU a model with
@@ -412,10 +502,10 @@ class Evaluator:
         with self._layers_channels_last(True):
             yield _channels_last
 
-    def _layers_channels_last(self, on: bool):
+    def _layers_channels_last(self, on: bool, folds=()):
         """For one forward: the model's 1-D layers on channels-last memory (if ``on``; nothing to do
-        for 2-D layers, which take channels-last inputs as they are)."""
-        return _one_dimensional_channels_last(self._layers_1d if on else [])
+        for 2-D layers, which take channels-last inputs as they are), and ``folds`` folded."""
+        return _one_dimensional_channels_last(self._layers_1d if on else [], folds)
 
     def _forward(self, p: dict, b: dict, batch, batched: bool):
         """The model's output for ``batch`` at the K points, every tensor with a leading K."""
@@ -435,7 +525,7 @@ class Evaluator:
                               "call each, with the same values")
         if batched:
             return self._forward_each(p, b, batch)
-        with self._layers_channels_last(channels_last):
+        with self._layers_channels_last(channels_last, self._folds):
             return tree_map(lambda t: t[None], call(p, b))
 
     def _forward_each(self, p: dict, b: dict, batch):

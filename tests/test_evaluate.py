@@ -316,6 +316,65 @@ def test_evaluate_model_gives_a_conv_model_channels_last_inputs_and_the_plain_va
         _assert_same({k: np.array([v]) for k, v in got.items()}, {k: np.array([v]) for k, v in ref.items()})
 
 
+class _Branches(torch.nn.Module):
+    """conv_a -> bn_a, whose output a residual branch reads as well; conv_b, called twice, -> bn_b;
+    conv_c -> bn_c alone (the one pair that folds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv_c, self.bn_c = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        a = self.conv_a(x)
+        x = self.bn_a(a) + a
+        x = self.bn_b(self.conv_b(x)) + self.conv_b(x)
+        return self.head(self.bn_c(self.conv_c(x)).mean((2, 3)))
+
+
+class _Branching(_Branches):
+    """Control flow on the data, which torch.fx cannot trace."""
+
+    def forward(self, x):
+        return super().forward(x if x.sum() > 0 else -x)
+
+
+def test_only_a_convolution_read_by_its_batchnorm_alone_is_folded():
+    from landscape.evaluate import conv_batchnorm_pairs
+    from landscape.models import build_model
+    model = _Branches()
+    assert conv_batchnorm_pairs(model) == [(model.conv_c, model.bn_c)]
+    assert conv_batchnorm_pairs(_Branching()) == []  # fx cannot trace it: nothing folded
+    assert len(conv_batchnorm_pairs(_ConvNet())) == 3
+    net = build_model(ModelSpec("resnet20"), (3, 32, 32), 10)  # in each block conv1 -> bn2; the rest sum first
+    assert [(c, b) for c, b in conv_batchnorm_pairs(net)] == [(blk.conv1, blk.bn2) for blk in net.blocks]
+    assert conv_batchnorm_pairs(build_model(ModelSpec("cnn1d"), (1, 40), 10)) == []  # no BatchNorm
+
+
+@pytest.mark.parametrize("policy", ["recompute", "stored", "interpolate"])
+def test_folded_batchnorm_gives_the_values_of_the_separate_layers(policy):
+    """One point per call, a convolution and the eval-mode BatchNorm that alone reads it run as one
+    convolution: the values equal those of the layers run apart, for 2-D and 1-D convolutions (on
+    channels-last memory too), padding modes, dilation and a BatchNorm without affine weights; the
+    recompute pass (train-mode BatchNorm) is not folded; afterwards no layer is left switched."""
+    from landscape.data import DataSpec, load_data
+    for model, shape in ((_ConvNet(dims=2), [3, 8, 8]), (_ConvNet(dims=1), [3, 16]), (_Branches(), [3, 6, 6])):
+        data = load_data(DataSpec("synthetic", {"n_train": 300, "n_test": 120, "shape": shape, "classes": 4}), "cpu")
+        torch.manual_seed(0)
+        layout, w, b = _vectors(model)
+        w = w + 0.05 * torch.randn(w.shape)
+        b = b + 0.1 * torch.rand(b.shape)  # running statistics other than 0 and 1
+        folded = Evaluator(model, layout, data, BatchNormPolicy(policy, 100), batch_size=128)
+        apart = Evaluator(model, layout, data, BatchNormPolicy(policy, 100), batch_size=128)
+        apart._folds = []
+        assert len(folded._folds) == (1 if isinstance(model, _Branches) else 3)
+        got, ref = folded(w, b), apart(w, b)
+        _assert_same(got, ref)
+        assert not any("forward" in m.__dict__ for m in folded.model.modules())
+
+
 @pytest.mark.parametrize("dims", [2, 1])
 def test_channels_last_inputs_give_the_values_of_the_plain_layout(dims):
     """On a CPU, models with 2-D convolutions get channels-last images, and models with 1-D ones
