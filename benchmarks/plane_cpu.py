@@ -63,6 +63,8 @@ from common import commit, cpu_name  # noqa: E402
 
 THREE = ("sgd", "swa/average", "swa/iterates:0")
 LOADER_BATCH = 128  # both reference repositories evaluate with batch 128
+WORKLOADS = {"cnn1d-bn": ["dnn-mode-connectivity"],                     # model -> the reference loops it faces
+             "cnn1d": ["loss-landscape", "dnn-mode-connectivity"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,19 +293,21 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timings per contender (the best is kept)")
     p.add_argument("--workdir", default=str(cache_dir() / "bench"), help="where the trajectories are cached")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--workloads", default="cnn1d-bn,cnn1d",
+                   help="which to time, comma-separated: cnn1d-bn (BatchNorm recompute), cnn1d (no BatchNorm)")
     args = p.parse_args(argv)
+    workloads = args.workloads.split(",")
+    if not workloads or any(w not in WORKLOADS for w in workloads):
+        p.error(f"--workloads takes names from {', '.join(WORKLOADS)}, got {args.workloads!r}")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(json.dumps(info), flush=True)
     # train first, so that the timings below do not include it
-    for m in ("cnn1d-bn", "cnn1d"):
+    for m in workloads:
         trajectory(m, workdir, args.epochs)
     mm_before = matmul_gflops()
-    results = [run_workload("cnn1d-bn", workdir, args.epochs, tuple(args.grid), ["dnn-mode-connectivity"],
-                            args.repeats),
-               run_workload("cnn1d", workdir, args.epochs, tuple(args.grid),
-                            ["loss-landscape", "dnn-mode-connectivity"], args.repeats)]
+    results = [run_workload(m, workdir, args.epochs, tuple(args.grid), WORKLOADS[m], args.repeats) for m in workloads]
     mm = max(mm_before, matmul_gflops())
     info["matmul_fp32_gflops"] = mm
     info["load_avg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

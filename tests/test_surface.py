@@ -16,6 +16,7 @@ from landscape.errors import FileFormatError
 from landscape.evaluate import Evaluator
 from landscape.geometry import Line, Plane
 from landscape.store import open_surface, open_trajectory
+from landscape.store.surface import open_partial_surface
 from landscape.surface import compute_surface
 
 from _cli import one_line_error, run_cli
@@ -85,6 +86,10 @@ def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path, mon
     with h5py.File(tmp_path / "plane.h5.partial", "r") as f:
         first = int(f["done"][()].sum())
         assert first == writes[-1] and 0 < first < 20 and not f.attrs["complete"]  # both flushes kept
+    kept = open_partial_surface(tmp_path / "plane.h5.partial")  # what `landscape info` shows of it
+    assert int(kept.done.sum()) == first
+    for m in reference.values:
+        np.testing.assert_array_equal(kept.values[m][kept.done], reference.values[m][kept.done])
     evaluated.clear()
     resumed = []
     surf = compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2, write_every=0,

@@ -89,6 +89,10 @@ def test_different_spec_on_unfinished_work_is_refused(tiny_run, tmp_path, capsys
     one_line_error(capsys, argv + ["--bn", "stored"], "different spec")
     one_line_error(capsys, ["plane", str(tiny_run), *THREE, "--grid", "3", "4", "-o", str(out), "--quiet"], "different spec")
     assert partial.read_bytes() == before and not out.exists()  # nothing mixed in
+    assert main(["info", str(partial)]) == 0  # a look at the points kept, changing nothing
+    said = capsys.readouterr().out
+    assert "plane of 3 x 3 points (2 computed)" in said and "incomplete: the command that made it" in said
+    assert partial.read_bytes() == before
     assert main(argv) == 0  # the same spec finishes it
     assert open_surface(out).done.all() and not partial.exists()
 

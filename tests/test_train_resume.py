@@ -1,13 +1,14 @@
 """An interrupted `landscape train` keeps what it finished: whole methods, and the epochs done of the
 method under way. Run again, it trains only the rest, and the file equals an uninterrupted run's."""
 import dataclasses
-
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from _cli import one_line_error
 from landscape.cli.main import main
 from landscape.errors import FileFormatError
 from landscape.models import ModelSpec
@@ -130,6 +131,38 @@ def test_swap_interrupted_in_phase_2_keeps_its_finished_workers(config, whole, t
     calls.clear()
     train(config, out, quiet=True)
     assert calls == [2]  # only the worker that did not finish
+    _assert_same_file(whole, out)
+
+
+def test_info_shows_an_interrupted_partial_as_the_whole_runs_first_rows(config, whole, tmp_path, monkeypatch,
+                                                                       capsys):
+    """``landscape info NAME.partial`` reads the last save of an interrupted training: each run's rows
+    so far, the very first rows of the uninterrupted file; reading it changes nothing, so the resumed
+    file still equals the uninterrupted one. A partial that a running command writes is refused in
+    one line."""
+    import json
+    from landscape.cli.main import main
+    from landscape.store.files import OutputLock
+    out = tmp_path / "cut.h5"
+    partial = out.with_name("cut.h5.partial")
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "lookahead/slow", 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, out, quiet=True)
+    assert main(["info", str(partial), "--json"]) == 0
+    shown, full = json.loads(capsys.readouterr().out), open_trajectory(whole)
+    assert not shown["complete"] and 0 < shown["runs"]["lookahead/slow"]["checkpoints"]
+    for run, r in shown["runs"].items():
+        n = r["checkpoints"]
+        assert 0 < n <= full.num_checkpoints(run), run
+        rows = full.run(run)
+        assert r["epochs"] == [float(rows.epoch[0]), float(rows.epoch[n - 1])], run
+        assert r["final"]["test_loss"] == float(rows.metrics["test_loss"][n - 1]), run
+    assert main(["info", str(partial)]) == 0
+    assert "incomplete: training did not finish" in capsys.readouterr().out
+    with OutputLock(out):  # a command writing it: not read
+        one_line_error(capsys, ["info", partial], f"{out} is being written by process {os.getpid()}")
+    train(config, out, quiet=True)
     _assert_same_file(whole, out)
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from landscape.errors import FileFormatError
 from landscape.store import open_surface, open_trajectory
+from landscape.store.surface import open_partial_surface
+from landscape.store.trajectory import partial_info
 from landscape.store.files import format_of
 from landscape.store.sharpness import open_sharpness
 
@@ -23,19 +27,25 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     kind = format_of(args.file)
+    partial = args.file.endswith(".partial")  # an interrupted run's: its last save, read under its lock
+    if partial and kind not in ("landscape.surface", "landscape.trajectory", None):
+        raise FileFormatError(f"{args.file} is the partial file of a {kind!r} file; info reads those of trajectories "
+                              "and surfaces")
     if kind == "landscape.surface":
-        return _surface(open_surface(args.file), args.json)
+        return _surface(open_partial_surface(args.file) if partial else open_surface(args.file), args.json)
     if kind == "landscape.sharpness":
         return _sharpness(open_sharpness(args.file), args.json)
     if kind is not None and kind != "landscape.trajectory":  # (None: unreadable, named by open_trajectory)
         what = f"a {kind!r} file" if kind else "not a file of landscape's (no format attribute)"
         raise FileFormatError(f"{args.file} is {what}; info reads trajectory, surface and sharpness files")
-    info = open_trajectory(args.file).info()
+    info = partial_info(args.file) if partial else open_trajectory(args.file).info()
     if args.json:
         print_json(info)
         return 0
     print(f"{info['path']}: trajectory v{info['version']}, {info['num_params']:,} parameters, "
           f"{info['num_buffers']:,} buffer values, {_size(info['bytes'])}")
+    if not info["complete"]:
+        print("incomplete: training did not finish; these rows are what the same train command keeps and goes on from")
     # the task's first metric beside the loss (error % for classification), read from the file: nothing imported
     finals = [r["final"] for r in info["runs"].values()]
     metric = next((k[5:] for f in finals for k in f if k.startswith("test_") and k != "test_loss"
@@ -68,6 +78,8 @@ def _surface(surface, as_json: bool) -> int:
         f", y {info['y'][0]:.4g} to {info['y'][1]:.4g}" if info["y"] else "")
     print(f"{info['path']}: surface v{info['version']}, {info['kind']} of {grid} points ({info['done']:,} computed), "
           f"{axes}; task {info['task']}; from {info['trajectory'] or 'objects in memory'}")
+    if info["done"] < np.prod(info["shape"]):
+        print("incomplete: the command that made it computes the other points when run again")
     for name, span in info["values"].items():
         print(f"  {name:<16}" + (f"{span[0]:.4g} to {span[1]:.4g}" if span else "no finite value"))
     for name, coords in info["points"].items():

@@ -427,19 +427,20 @@ class OutputLock:
     process is taken over without asking; the file names its holder for the message another writer
     gets. Released (and the file removed) by :meth:`release`."""
 
-    def __init__(self, path):
+    def __init__(self, path, reading: bool = False):
         self.path = Path(path)
         self.file = lock_path(self.path)
         while True:
             try:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise WriteError(f"cannot write {self.path}: {reason(e)}") from None
+                raise WriteError(f"cannot {'read a partial file of' if reading else 'write'} {self.path}: "
+                                 f"{reason(e)} (writing {self.file.name})") from None
             if not _try_lock(fd):
                 holder = _holder(fd)
                 os.close(fd)
-                raise FileFormatError(f"{self.path} is being written by {holder}; wait for it to finish "
-                                      f"or choose another output")
+                raise FileFormatError(f"{self.path} is being written by {holder}; wait for it to finish"
+                                      + ("" if reading else " or choose another output"))
             if _is_current(fd, self.file):  # not a file its last holder removed while we opened it
                 break
             os.close(fd)
@@ -669,6 +670,26 @@ def read_partial(tmp: Path):
         raw.close()
         raise
     return _Reading(raw, h5)
+
+
+@contextlib.contextmanager
+def reading_partial(tmp: Path):
+    """An interrupted run's ``NAME.partial`` opened read-only for a look (``landscape info``): its last
+    save, an interrupted commit replayed first as a resumed run would. ``NAME.lock`` is held meanwhile,
+    so no writer starts; a partial that a running command writes is refused in one line (between its
+    saves the file on the disk is rewritten)."""
+    tmp = Path(tmp)
+    if not tmp.is_file():
+        open_read(tmp, "landscape.file")  # (raises the error that names the problem)
+    lock = OutputLock(tmp.with_name(tmp.name[:-len(".partial")]), reading=True)
+    try:
+        reading = read_partial(tmp)
+        if reading is None:
+            raise FileFormatError(f"{tmp} is not an HDF5 file (or it is truncated)")
+        with reading as f:
+            yield f
+    finally:
+        lock.release()
 
 
 class _Reading:

@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import FileFormatError, StalePartialError, WriteError
 from .files import (OutputLock, PartialH5, check_dtype, check_task, check_version, claim_output, json_attr,
-                    open_read, partial_path, prepare_output, read_partial, sha256, to_json, what_failed)
+                    open_read, partial_path, prepare_output, read_partial, reading_partial, sha256, to_json,
+                    what_failed)
 
 FORMAT = "landscape.surface"
 VERSION = 1
@@ -407,27 +408,40 @@ def open_surface(path) -> Surface:
     with open_read(path, FORMAT) as f:
         if not bool(f.attrs.get("complete", False)):
             raise FileFormatError(f"{path} is incomplete; run the command that made it again to finish it")
-        check_version(path, f.attrs.get("version"), "surface", VERSION)
-        try:
-            spec = _check_surface(f)
-            points = {n: PointData(ds[()], float(ds.attrs.get("distance", 0.0)))
-                      for n, ds in _walk(f["points"]).items()} if "points" in f else {}
-            paths = {}
-            if "paths" in f:
-                for run, ds in _walk(f["paths"]).items():
-                    coords = ds[()]
-                    dist = f[f"path_distances/{run}"][()] if f"path_distances/{run}" in f else np.zeros(len(coords))
-                    ep = (f[f"path_epochs/{run}"][()] if f"path_epochs/{run}" in f
-                          else np.arange(len(coords), dtype=float))
-                    paths[run] = PathData(coords, dist, ep)
-            return Surface(Path(path), spec, f["grid/x"][()], f["grid/y"][()] if "grid/y" in f else None,
-                           {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
-                           f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
-                           points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None,
-                           computed_on=str(f.attrs["computed_on"]) if "computed_on" in f.attrs else None)
-        except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
-            what = what_failed(e)
-            raise FileFormatError(f"{path} is not a valid surface file: {what}") from None
+        return _read_surface(path, f)
+
+
+def open_partial_surface(tmp) -> Surface:
+    """The points an interrupted computation's ``NAME.partial`` holds (its last save), for a look
+    (``landscape info``): a :class:`Surface` whose ``done`` mask is not all true."""
+    with reading_partial(Path(tmp)) as f:
+        if f.attrs.get("format") != FORMAT:
+            raise FileFormatError(f"{tmp} is not a partial surface file")
+        return _read_surface(tmp, f)
+
+
+def _read_surface(path, f: h5py.File) -> Surface:
+    check_version(path, f.attrs.get("version"), "surface", VERSION)
+    try:
+        spec = _check_surface(f)
+        points = {n: PointData(ds[()], float(ds.attrs.get("distance", 0.0)))
+                  for n, ds in _walk(f["points"]).items()} if "points" in f else {}
+        paths = {}
+        if "paths" in f:
+            for run, ds in _walk(f["paths"]).items():
+                coords = ds[()]
+                dist = f[f"path_distances/{run}"][()] if f"path_distances/{run}" in f else np.zeros(len(coords))
+                ep = (f[f"path_epochs/{run}"][()] if f"path_epochs/{run}" in f
+                      else np.arange(len(coords), dtype=float))
+                paths[run] = PathData(coords, dist, ep)
+        return Surface(Path(path), spec, f["grid/x"][()], f["grid/y"][()] if "grid/y" in f else None,
+                       {k: f[f"values/{k}"][()] for k in f["values"]}, f["done"][()], points, paths,
+                       f.attrs.get("trajectory"), f.attrs.get("trajectory_sha256"),
+                       points_per_call=int(f.attrs["points_per_call"]) if "points_per_call" in f.attrs else None,
+                       computed_on=str(f.attrs["computed_on"]) if "computed_on" in f.attrs else None)
+    except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+        what = what_failed(e)
+        raise FileFormatError(f"{path} is not a valid surface file: {what}") from None
 
 
 def _check_surface(f: h5py.File) -> dict:

@@ -24,7 +24,8 @@ from ..errors import CheckpointError, FileFormatError, HeldWorkError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
 from .files import (PartialH5, ResumeStates, check_dtype, check_version, claim_output, interrupts_deferred,
-                    json_attr, open_read, partial_path, prepare_output, read_partial, sha256, to_json, what_failed)
+                    json_attr, open_read, partial_path, prepare_output, read_partial, reading_partial, sha256, to_json,
+                    what_failed)
 
 FORMAT = "landscape.trajectory"
 VERSION = 1
@@ -463,15 +464,18 @@ class Trajectory:
         with open_read(self.path, FORMAT) as f:
             if not bool(f.attrs.get("complete", False)):
                 raise FileFormatError(f"{self.path} is incomplete (training did not finish)")
-            missing = ([f"attribute {a!r}" for a in ("version", "config") if a not in f.attrs]
-                       + [f"group /{g}" for g in ("layout", "runs") if g not in f])
-            if missing:
-                raise FileFormatError(f"{self.path} is not a valid trajectory file: missing {', '.join(missing)}")
-            try:
-                self._read_header(f)
-            except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
-                what = what_failed(e)
-                raise FileFormatError(f"{self.path} is not a valid trajectory file: {what}") from None
+            self._check(f)
+
+    def _check(self, f: h5py.File) -> None:
+        missing = ([f"attribute {a!r}" for a in ("version", "config") if a not in f.attrs]
+                   + [f"group /{g}" for g in ("layout", "runs") if g not in f])
+        if missing:
+            raise FileFormatError(f"{self.path} is not a valid trajectory file: missing {', '.join(missing)}")
+        try:
+            self._read_header(f)
+        except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+            what = what_failed(e)
+            raise FileFormatError(f"{self.path} is not a valid trajectory file: {what}") from None
 
     def _read_header(self, f: h5py.File) -> None:
         self.version = check_version(self.path, f.attrs["version"], "trajectory", VERSION)
@@ -568,17 +572,32 @@ class Trajectory:
     def info(self) -> dict:
         """Everything ``landscape info`` shows, as plain data (of each run, its last row's metrics and
         the epochs it spans: read alone, not the whole run)."""
-        runs = {}
         with open_read(self.path, FORMAT) as f:
-            for r in self.runs:
-                g, n = f[f"runs/{r}"], self._lengths[r]
-                last = {k: float(ds[-1]) for k, ds in g.items()
-                        if k not in ("params", "buffers", "epoch", "step") and ds.ndim == 1 and n}
-                runs[r] = {"checkpoints": n, "epochs": [float(g["epoch"][0]), float(g["epoch"][-1])] if n else [],
-                           "bytes": _stored_bytes(g), "final": last, "frozen": self._frozen[r]}
+            return self._info(f)
+
+    def _info(self, f: h5py.File) -> dict:
+        runs = {}
+        for r in self.runs:
+            g, n = f[f"runs/{r}"], self._lengths[r]
+            last = {k: float(ds[-1]) for k, ds in g.items()
+                    if k not in ("params", "buffers", "epoch", "step") and ds.ndim == 1 and n}
+            runs[r] = {"checkpoints": n, "epochs": [float(g["epoch"][0]), float(g["epoch"][-1])] if n else [],
+                       "bytes": _stored_bytes(g), "final": last, "frozen": self._frozen[r]}
         return {"path": str(self.path), "format": FORMAT, "version": self.version, "bytes": self.path.stat().st_size,
                 "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
-                "runs": runs, "config": self.config}
+                "runs": runs, "config": self.config, "complete": bool(f.attrs.get("complete", False))}
+
+
+def partial_info(tmp) -> dict:
+    """:meth:`Trajectory.info` of an interrupted training's ``NAME.partial``: the rows of its last
+    save, which a resumed run keeps (``complete`` is False)."""
+    with reading_partial(Path(tmp)) as f:
+        if f.attrs.get("format") != FORMAT:
+            raise FileFormatError(f"{tmp} is not a partial trajectory file")
+        t = Trajectory.__new__(Trajectory)  # read from the open partial, not from a file on its own
+        t.path, t.trust = Path(tmp), Trust.of(False, ())
+        t._check(f)
+        return t._info(f)
 
 
 def _stored_bytes(g: h5py.Group) -> int:
