@@ -24,6 +24,11 @@ BatchNorm policies (:class:`BatchNormPolicy`):
 - ``none``: the model has no BatchNorm: the origin's buffers at every point. (Without BatchNorm,
   buffers that differ between the checkpoints, such as pruning masks, are interpolated.)
 
+One point per call, a convolution whose output only an eval-mode BatchNorm layer reads runs as one
+convolution with that layer folded into its weights (:func:`conv_batchnorm_pairs`, found on the
+model's ``torch.fx`` graph and checked on a probe batch): the same values to rounding, one pass over
+the activations fewer.
+
 The number of points per call that runs fastest is found by a short measurement on the first points
 of the grid (:func:`choose_points_per_call`): on a GPU it settles on large K; on a CPU a model with
 convolutions runs K = 1 without measuring (vmap turns convolutions into grouped ones, which are slow
@@ -427,6 +432,7 @@ class Evaluator:
         self._vmap_task = True  # until the task fails under vmap
         self._vmap_model = True  # until the model fails under vmap (an operation without a batching rule)
         probe = check_task_fits(self.model, data, self.device)
+        self._label_width = None if isinstance(data, Data) else _label_width(self.task, self.model, probe)
         self._per_sample = self._elements_per_sample(probe)
         layers = channels_last_layers(self.model, probe, self.device)
         self._channels_last = layers is not None
@@ -620,7 +626,7 @@ class Evaluator:
         out = {}
         for split in ("train", "test"):
             sums = MetricSums(self.task, K, self.device)
-            for batch in self.data.batches(split, self.batch_size, self.device):
+            for batch in self._batches(split):
                 output = self._forward(p, b, batch, batched)
                 sums.add(self._evaluate_points(output, batch, K))
             out.update(sums.result(split, self.data.population(split) if self.stderr else None))
@@ -628,6 +634,24 @@ class Evaluator:
             sq = params.double().pow(2).sum(1).cpu().numpy()
             out["train_loss_l2"] = out["train_loss"] + 0.5 * self.weight_decay * sq
         return out
+
+    def _batches(self, split: str):
+        """The split's batches on the device. A streamed batch's class labels still on the host are
+        checked against the model's logits first (in memory, a whole split was checked at the start):
+        past them, they would fail deep inside the pass, and on a GPU stop the process. The check
+        makes no one wait for the device."""
+        if self._label_width is None:
+            yield from self.data.batches(split, self.batch_size, self.device)
+            return
+        width = self._label_width
+        for i, batch in enumerate(self.data.batches(split, self.batch_size)):
+            y = targets_of(batch)
+            if torch.is_tensor(y) and y.device.type == "cpu" and not y.is_floating_point() and y.numel():
+                outside = _labels_outside(self.task, y, width)
+                if outside:
+                    raise DataError(f"the {split} labels of batch {i} run from {outside[0]} to {outside[1]}, but the "
+                                    f"model gives {width} logits (labels 0 to {width - 1})")
+            yield to_device(batch, self.device)
 
     def _evaluate_points(self, output, batch, K: int) -> Evaluation:
         """The K points' per-sample values, each a (K, n) tensor: for a ``row_wise`` task (the built-in
@@ -711,11 +735,28 @@ def _check_labels(task, labels, output, split: str) -> None:
     y, width = labels(), logits.shape[-1]
     if not torch.is_tensor(y) or y.is_floating_point() or not y.numel():
         return  # (the task's own check names what does not fit)
+    outside = _labels_outside(task, y, width)
+    if outside:
+        raise DataError(f"the {split} labels run from {outside[0]} to {outside[1]}, but the model gives "
+                        f"{width} logits (labels 0 to {width - 1})")
+
+
+def _labels_outside(task, y: torch.Tensor, width: int) -> tuple | None:
+    """(lowest, highest) of the class labels ``y`` when one lies outside 0 to ``width`` - 1, else None."""
     if isinstance(task, LanguageModel):  # left-out labels read as 0, without a copy of the kept ones
         y = torch.where(y == task.ignore_index, 0, y)
-    if int(y.min()) < 0 or int(y.max()) >= width:
-        raise DataError(f"the {split} labels run from {int(y.min())} to {int(y.max())}, but the model gives "
-                        f"{width} logits (labels 0 to {width - 1})")
+    low, high = int(y.min()), int(y.max())
+    return (low, high) if low < 0 or high >= width else None
+
+
+def _label_width(task, model, probe) -> int | None:
+    """How many logits the class labels of ``task`` index (classification, language model), else None."""
+    if not isinstance(task, (Classification, LanguageModel)):
+        return None
+    args, kwargs = model_args(probe)
+    with torch.no_grad():
+        logits = logits_of(output_tree(model(*args, **kwargs)))
+    return logits.shape[-1] if torch.is_tensor(logits) and logits.ndim >= 2 else None
 
 
 class MetricSums:

@@ -732,12 +732,14 @@ def test_a_classification_subclass_with_its_own_loss_is_differentiated_with_it()
 
 
 def test_a_label_past_the_logits_in_a_later_streamed_batch_is_one_line():
-    """The check before the work reads the first batch; a later one's label past the logits was torch's
-    IndexError with its traceback."""
+    """The check before the work reads the first batch; a later one's class labels are checked on the
+    host as it is read, before it goes to the device (on a GPU, a label past the logits stops the
+    process; here it was torch's IndexError with its traceback), naming the batch."""
     from landscape.errors import DataError
     torch.manual_seed(0)
     net, other = nn.Sequential(nn.Linear(3, 4)), nn.Sequential(nn.Linear(3, 4))
     x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
     train = lambda: iter([(x[:8], y[:8]), (x[8:], y[8:] + 4)])  # noqa: E731
-    with pytest.raises(DataError, match="a label is out of range for the model's 4 classes"):
+    with pytest.raises(DataError) as e:
         ls.evaluate_surface(net, ls.Line.through(net, other), (train, lambda: iter([(x, y)])), 3)
+    assert str(e.value) == "the train labels of batch 1 run from 4 to 7, but the model gives 4 logits (labels 0 to 3)"
