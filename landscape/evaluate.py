@@ -379,6 +379,17 @@ def _folds_that_agree(model, probe) -> list:
     return folds if same else []
 
 
+class _OnePoint(torch.nn.Module):
+    """Runs a function while ``functional_call`` holds one point's tensors in ``model``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, work):
+        return work()
+
+
 class _PassDone(Exception):
     """Raised by the last BatchNorm layer of a recompute pass to skip the rest of the forward."""
 
@@ -438,6 +449,7 @@ class Evaluator:
         self._channels_last = layers is not None
         self._layers_1d = layers or []  # the layers _layers_channels_last switches, when inputs are (N, C, L)
         self._folds = _folds_that_agree(self.model, probe)
+        self._one_point, self._loaded = _OnePoint(self.model), False
 
     def points_per_call_candidates(self) -> tuple | None:
         """The points per call worth timing (None: the default sizes). On a CPU a model with
@@ -519,7 +531,10 @@ class Evaluator:
         channels_last = self._channels_last and not batched
         if channels_last:
             args = (_channels_last(args[0]),) + tuple(args[1:])
-        call = lambda p_, b_: output_tree(functional_call(self.model, (p_, b_), args, kwargs))  # noqa: E731
+        if self._loaded and not batched:  # the point's tensors are in the model already
+            call = lambda p_, b_: output_tree(self.model(*args, **kwargs))  # noqa: E731
+        else:
+            call = lambda p_, b_: output_tree(functional_call(self.model, (p_, b_), args, kwargs))  # noqa: E731
         if batched and self._vmap_model:
             try:
                 return vmap(call, in_dims=(0, 0))(p, b)
@@ -607,10 +622,10 @@ class Evaluator:
                 m.eval()
                 del m.forward
                 m.last_of_pass = False
-        for name, merger in mergers.items():
+        for name, merger in mergers.items():  # in place: the model may hold these very tensors
             mean, var = merger.result()
-            b[f"{name}.running_mean"] = mean.float()
-            b[f"{name}.running_var"] = var.float()
+            b[f"{name}.running_mean"].copy_(mean)
+            b[f"{name}.running_var"].copy_(var)
 
     @torch.no_grad()
     def __call__(self, params: torch.Tensor, buffers: torch.Tensor) -> dict:
@@ -618,11 +633,24 @@ class Evaluator:
         K = params.shape[0]
         batched = K > 1
         p, b = self._split(params, buffers, batched)
+        if batched:
+            return self._evaluate(p, b, params, batched)
+        # one point: the model holds its tensors for all its passes, swapped in once, not at every forward
+        # (a third of a small model's time, which also held the GIL, so the CPU's workers did not scale)
+        tensors = {f"model.{name}": t for name, t in (*p.items(), *b.items())}
+        self._loaded = True
+        try:
+            return functional_call(self._one_point, tensors, (lambda: self._evaluate(p, b, params, batched),))
+        finally:
+            self._loaded = False
+
+    def _evaluate(self, p: dict, b: dict, params: torch.Tensor, batched: bool) -> dict:
+        K = params.shape[0]
         if self.bn.policy == "recompute":
             self._recompute(p, b, batched)
         elif self.bn.policy == "interpolate":
             for name in self.var_names:
-                b[name] = b[name].clamp_min(0.0)
+                b[name].clamp_min_(0.0)
         out = {}
         for split in ("train", "test"):
             sums = MetricSums(self.task, K, self.device)

@@ -370,9 +370,13 @@ def test_folded_batchnorm_gives_the_values_of_the_separate_layers(policy):
         apart = Evaluator(model, layout, data, BatchNormPolicy(policy, 100), batch_size=128)
         apart._folds = []
         assert len(folded._folds) == (1 if isinstance(model, _Branches) else 3)
+        held = {k: (t, t.clone()) for k, t in folded.model.state_dict(keep_vars=True).items()}
         got, ref = folded(w, b), apart(w, b)
         _assert_same(got, ref)
         assert not any("forward" in m.__dict__ for m in folded.model.modules())
+        # the point's tensors were swapped in for the call (once for all its passes) and out again
+        after = folded.model.state_dict(keep_vars=True)
+        assert all(after[k] is t and torch.equal(t, copy) for k, (t, copy) in held.items())
 
 
 @pytest.mark.parametrize("dims", [2, 1])
