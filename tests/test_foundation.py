@@ -1,5 +1,6 @@
 """Foundation: layout, trajectory files, SGD/SWA training, BatchNorm recompute, datasets, bad input."""
 import pickle
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -314,6 +315,41 @@ def test_npz_and_synthetic_and_mnist1d(tmp_path):
     d = load_data(DataSpec("mnist1d"))
     assert tuple(d.x_train.shape) == (4000, 1, 40) and tuple(d.x_test.shape) == (1000, 1, 40)
     assert d.num_classes == 10
+
+
+def test_an_npz_file_is_hashed_once_per_training_and_again_once_it_changes(tmp_path, monkeypatch):
+    """Training fingerprints its npz file and the loader checks that fingerprint: one read of the file's
+    bytes, not two (a dataset of gigabytes). The same name rewritten, even with the same size and
+    modification time, is read again: its change time differs."""
+    import builtins
+    import hashlib
+    import os
+    from landscape.config import TrainConfig
+    from landscape.store import files
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    arrays = dict(x_train=rng.standard_normal((20, 5)), y_train=rng.integers(0, 3, 20),
+                  x_test=rng.standard_normal((8, 5)), y_test=rng.integers(0, 3, 8))
+    np.savez(path, **arrays)
+    reads = []
+
+    def counted(file, *args, **kwargs):  # the store's reads of the npz file (hashing is its only one)
+        if Path(file) == path:
+            reads.append(1)
+        return builtins.open(file, *args, **kwargs)
+    monkeypatch.setattr(files, "open", counted, raising=False)
+    real = hashlib.sha256
+    config = TrainConfig(epochs=1, methods=("sgd",), model=ModelSpec("mlp"), data=DataSpec("npz", {"path": str(path)}))
+    train(config, tmp_path / "run.h5", quiet=True)
+    assert len(reads) == 1
+    first = files.sha256(path)
+    assert len(reads) == 1  # unchanged: the digest kept
+    stat = path.stat()
+    arrays["y_test"] = (arrays["y_test"] + 1) % 3   # the same size, the same modification time
+    np.savez(path, **arrays)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert files.sha256(path) == real(path.read_bytes()).hexdigest() != first and len(reads) == 2
 
 
 def test_a_trajectory_finds_its_own_npz_file_and_refuses_another_of_the_same_name(tmp_path, monkeypatch):
