@@ -141,7 +141,6 @@ def test_info_shows_an_interrupted_partial_as_the_whole_runs_first_rows(config, 
     file still equals the uninterrupted one. A partial that a running command writes is refused in
     one line."""
     import json
-    from landscape.cli.main import main
     from landscape.store.files import OutputLock
     out = tmp_path / "cut.h5"
     partial = out.with_name("cut.h5.partial")
