@@ -339,7 +339,7 @@ def channels_last_layers(model, probe, device) -> list | None:
     to 1.7 times faster on cnn1d's layers). Only if the model takes the channels-last ``probe`` batch
     and gives the same outputs: one that calls ``.view`` on its activations cannot; nor does a
     compiled model, whose layers are not switched."""
-    args, kwargs = model_args(probe)
+    args, _ = model_args(probe)
     conv = {4: torch.nn.Conv2d, 3: torch.nn.Conv1d}.get(args[0].dim() if args and torch.is_tensor(args[0]) else 0)
     if (torch.device(device).type != "cpu" or conv is None or not args[0].is_floating_point()
             or hasattr(model, "_orig_mod") or not any(isinstance(m, conv) for m in model.modules())):
@@ -348,35 +348,31 @@ def channels_last_layers(model, probe, device) -> list | None:
     if conv is torch.nn.Conv1d:
         layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)
                   or isinstance(m, torch.nn.BatchNorm1d) and m.track_running_stats]
-    try:
-        with torch.no_grad():
-            plain = tree_leaves(output_tree(model(*args, **kwargs)))
-            with _one_dimensional_channels_last(layers):
-                other = tree_leaves(output_tree(model(_channels_last(args[0]), *args[1:], **kwargs)))
-    except Exception:
-        return None
-    same = len(plain) == len(other) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-                                            for a, b in zip(plain, other))
-    return layers if same else None
+    return layers if _switched_outputs_agree(model, probe, layers, channels_last=True) else None
 
 
 def _folds_that_agree(model, probe) -> list:
     """:func:`conv_batchnorm_pairs` of ``model`` if, folded, its eval-mode outputs for the ``probe``
     batch equal the plain forward's to rounding (else none)."""
     folds = conv_batchnorm_pairs(model)
-    if not folds:
-        return []
+    return folds if folds and _switched_outputs_agree(model, probe, folds=folds) else []
+
+
+def _switched_outputs_agree(model, probe, layers=(), folds=(), channels_last: bool = False) -> bool:
+    """Whether ``model``'s outputs for the ``probe`` batch with ``layers`` and ``folds`` switched
+    (:func:`_one_dimensional_channels_last`; its first input channels-last with ``channels_last``)
+    equal the plain forward's to rounding; False where the switched forward fails."""
     args, kwargs = model_args(probe)
+    switched = (_channels_last(args[0]),) + tuple(args[1:]) if channels_last else args
     try:
         with torch.no_grad():
             plain = tree_leaves(output_tree(model(*args, **kwargs)))
-            with _one_dimensional_channels_last([], folds):
-                other = tree_leaves(output_tree(model(*args, **kwargs)))
+            with _one_dimensional_channels_last(layers, folds):
+                other = tree_leaves(output_tree(model(*switched, **kwargs)))
     except Exception:
-        return []
-    same = len(plain) == len(other) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        return False
+    return len(plain) == len(other) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
                                             for a, b in zip(plain, other))
-    return folds if same else []
 
 
 class _OnePoint(torch.nn.Module):
@@ -674,7 +670,7 @@ class Evaluator:
         width = self._label_width
         for i, batch in enumerate(self.data.batches(split, self.batch_size)):
             y = targets_of(batch)
-            if torch.is_tensor(y) and y.device.type == "cpu" and not y.is_floating_point() and y.numel():
+            if torch.is_tensor(y) and y.device.type == "cpu":
                 outside = _labels_outside(self.task, y, width)
                 if outside:
                     raise DataError(f"the {split} labels of batch {i} run from {outside[0]} to {outside[1]}, but the "
@@ -760,17 +756,18 @@ def _check_labels(task, labels, output, split: str) -> None:
     logits = logits_of(output)
     if not isinstance(task, (Classification, LanguageModel)) or not torch.is_tensor(logits) or logits.ndim < 2:
         return
-    y, width = labels(), logits.shape[-1]
-    if not torch.is_tensor(y) or y.is_floating_point() or not y.numel():
-        return  # (the task's own check names what does not fit)
-    outside = _labels_outside(task, y, width)
+    width = logits.shape[-1]
+    outside = _labels_outside(task, labels(), width)
     if outside:
         raise DataError(f"the {split} labels run from {outside[0]} to {outside[1]}, but the model gives "
                         f"{width} logits (labels 0 to {width - 1})")
 
 
-def _labels_outside(task, y: torch.Tensor, width: int) -> tuple | None:
-    """(lowest, highest) of the class labels ``y`` when one lies outside 0 to ``width`` - 1, else None."""
+def _labels_outside(task, y, width: int) -> tuple | None:
+    """(lowest, highest) of the class labels ``y`` when one lies outside 0 to ``width`` - 1, else None
+    (also for targets that are no class labels: the task's own check names what does not fit)."""
+    if not torch.is_tensor(y) or y.is_floating_point() or not y.numel():
+        return None
     if isinstance(task, LanguageModel):  # left-out labels read as 0, without a copy of the kept ones
         y = torch.where(y == task.ignore_index, 0, y)
     low, high = int(y.min()), int(y.max())

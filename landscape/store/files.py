@@ -145,7 +145,7 @@ def check_self_contained(f: h5py.File, path) -> None:
     datasets: each reads another file, which a file handed to us may name at will) or declares a
     dataset larger than it can hold, before anything is read or allocated."""
     st = _opened_stat(f)
-    identity = None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    identity = None if st is None else _identity(st)
     if identity in _SELF_CONTAINED:
         return
     problems = _walk(f, Path(path).stat().st_size if st is None else st.st_size)
@@ -190,6 +190,11 @@ def _declared(ds: h5py.h5d.DatasetID) -> int:
     """Bytes the dataset declares (what reading it whole takes)."""
     itemsize = ds.get_type().get_size()
     return int(np.prod(ds.shape, dtype=np.float64) * itemsize) if ds.shape else itemsize
+
+
+def _identity(st: os.stat_result) -> tuple:
+    """Device, inode, size and change times: a file apart from any other, and from a rewritten self."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _opened_stat(f: h5py.File):
@@ -354,18 +359,15 @@ _DIGESTS: dict = {}
 def sha256(path) -> str:
     """The hex SHA-256 of a file's bytes, read once per process while the file is unchanged (its
     device, inode, size and change times, taken before and after the read, are the key)."""
-    def identity(st):
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-    known = _DIGESTS.get(identity(os.stat(path)))
+    known = _DIGESTS.get(_identity(os.stat(path)))
     if known is not None:
         return known
     with open(path, "rb") as f:
-        before = identity(os.fstat(f.fileno()))
+        before = _identity(os.fstat(f.fileno()))
         h = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-        digest, unchanged = h.hexdigest(), identity(os.fstat(f.fileno())) == before
+        digest, unchanged = h.hexdigest(), _identity(os.fstat(f.fileno())) == before
     if unchanged:  # (one written meanwhile is hashed again next time)
         if len(_DIGESTS) > 1024:
             _DIGESTS.clear()
