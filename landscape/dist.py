@@ -60,8 +60,11 @@ def launch_rank() -> int:
 
 def process_device(device: torch.device) -> torch.device:
     """The device this process works on: under torchrun, CUDA without an index is the GPU of its local
-    rank (process i on GPU i); anything else as given."""
+    rank (process i on GPU i); in one process, the current GPU (so that ``cuda`` and ``cuda:0`` name one
+    device, in what files record too); anything else as given."""
     if not launched():
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
         return device
     _check_gpus_per_process(device)
     if device.type == "cuda" and device.index is None:
@@ -94,9 +97,10 @@ class Group:
     @classmethod
     def join(cls, device: torch.device) -> "Group":
         """Join the group torchrun describes (creating it unless the caller already has), with one
-        CUDA device per local rank when ``device`` is CUDA without an index; one process otherwise."""
+        CUDA device per local rank when ``device`` is CUDA without an index; one process otherwise
+        (on the current GPU for CUDA without an index)."""
         if not launched():
-            return cls.single(device)
+            return cls.single(process_device(device))
         device = process_device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -164,3 +164,26 @@ def test_a_streamed_source_drawing_noise_on_the_gpu_repeats_it_on_every_pass(gpu
         assert torch.equal(next(a)[0], expected) and torch.equal(next(b)[0], expected)
     assert torch.equal(torch.rand(2, device=gpu), caller_next)
     assert not torch.equal(alone[0], x[:16])
+
+
+def test_training_interrupted_on_cuda_goes_on_with_cuda_0(tiny_config, tmp_path, gpu, monkeypatch):
+    """A run interrupted with ``--device cuda`` goes on with ``--device cuda:0``, the same GPU (it was
+    refused as another configuration): the file records ``cuda:0``."""
+    from landscape.train.loop import Context
+    record, seen = Context.record, [0]
+
+    def record_then_stop(self, run, *args, **kwargs):  # Ctrl-C in sgd's second epoch
+        out = record(self, run, *args, **kwargs)
+        seen[0] += run == "sgd"
+        if seen[0] == 3:
+            raise KeyboardInterrupt
+        return out
+    out = tmp_path / "cut.h5"
+    with monkeypatch.context() as m:
+        m.setattr(Context, "record", record_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config.replace(device=gpu.type), out, quiet=True)
+    assert out.with_name("cut.h5.partial").exists()
+    indexed = f"{gpu.type}:0" if gpu.type == "cuda" else gpu.type
+    train(tiny_config.replace(device=indexed), out, quiet=True)
+    assert open_trajectory(out).config["device"] == indexed

@@ -693,3 +693,18 @@ def test_a_momentum_sgd_method_of_your_own_shares_its_steps_with_sgd(tiny_config
     assert len(epochs) == 2 + 2 * 2  # shared for two epochs, then each its own
     for method in config.methods:
         _same_runs(together, train(config.replace(methods=(method,)), tmp_path / f"{method}.h5", quiet=True)["path"])
+
+
+def test_cuda_and_cuda_0_are_one_device_to_a_resumed_run(monkeypatch):
+    """``--device cuda`` and ``--device cuda:0`` name one GPU: a process records (and resume compares)
+    ``cuda:0`` for both, where a run interrupted with one was refused as another configuration with the
+    other. Under torchrun CUDA without an index still means each process's own GPU."""
+    import torch
+    from landscape.dist import Group
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("cuda", "cuda:0"):
+        with Group.join(torch.device(name)) as group:
+            assert str(group.device) == "cuda:0", name
+    with Group.join(torch.device("cpu")) as group:
+        assert str(group.device) == "cpu"
