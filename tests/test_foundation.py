@@ -331,6 +331,7 @@ def test_an_npz_file_is_hashed_once_per_training_and_again_once_it_changes(tmp_p
     arrays = dict(x_train=rng.standard_normal((20, 5)), y_train=rng.integers(0, 3, 20),
                   x_test=rng.standard_normal((8, 5)), y_test=rng.integers(0, 3, 8))
     np.savez(path, **arrays)
+    monkeypatch.setattr(files, "_SETTLED_NS", 0)  # (kept even just after writing: its times are nanoseconds here)
     reads = []
 
     def counted(file, *args, **kwargs):  # the store's reads of the npz file (hashing is its only one)
@@ -350,6 +351,35 @@ def test_an_npz_file_is_hashed_once_per_training_and_again_once_it_changes(tmp_p
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
     assert files.sha256(path) == real(path.read_bytes()).hexdigest() != first and len(reads) == 2
+
+
+def test_a_file_rewritten_within_its_filesystems_time_resolution_is_hashed_anew(tmp_path, monkeypatch):
+    """On a filesystem that keeps times to the second, a file rewritten with the same size within the
+    second it was written (or replaced by one that reuses its inode number) keeps every time: the
+    digest of a file changed that recently is not kept, so the new bytes are hashed. Once its last change
+    is two seconds old, the digest is kept."""
+    import hashlib
+    import os
+    import time
+    from landscape.store import files
+    second = 1_000_000_000
+    monkeypatch.setattr(files, "_identity", lambda st: (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns // second
+                                                        * second, st.st_ctime_ns // second * second))
+    path = tmp_path / "data.bin"
+    for content in (b"A" * 4096, b"B" * 4096, b"C" * 4096):
+        path.write_bytes(content)
+        assert files.sha256(path) == hashlib.sha256(content).hexdigest()
+    reads, real_open = [], open
+
+    def counted(file, *args, **kwargs):
+        reads.append(file)
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(files, "open", counted, raising=False)
+    now = time.time_ns
+    monkeypatch.setattr(files.time, "time_ns", lambda: now() + 3_000_000_000)  # two seconds on
+    files.sha256(path)
+    files.sha256(path)
+    assert len(reads) == 1
 
 
 def test_a_trajectory_finds_its_own_npz_file_and_refuses_another_of_the_same_name(tmp_path, monkeypatch):

@@ -152,7 +152,7 @@ def check_self_contained(f: h5py.File, path) -> None:
     if problems:
         raise FileFormatError(f"{path} is refused: {problems[0]}"
                               + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    if identity is not None:
+    if identity is not None and _settled(st):
         if len(_SELF_CONTAINED) > 1024:
             _SELF_CONTAINED.clear()
         _SELF_CONTAINED.add(identity)
@@ -193,8 +193,20 @@ def _declared(ds: h5py.h5d.DatasetID) -> int:
 
 
 def _identity(st: os.stat_result) -> tuple:
-    """Device, inode, size and change times: a file apart from any other, and from a rewritten self."""
+    """Device, inode, size and change times: a file apart from any other, and from a rewritten self
+    (once :func:`_settled`)."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+# A file changed this recently may change again without its times moving: many filesystems keep them
+# to the second (FAT to two), and a freed inode number is soon reused (a file replaced by rename).
+_SETTLED_NS = 2_000_000_000
+
+
+def _settled(st: os.stat_result) -> bool:
+    """Whether the file's last change is old enough that a new one would show in its times: only then
+    is what was learnt of it kept under its :func:`_identity`."""
+    return time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
 
 
 def _opened_stat(f: h5py.File):
@@ -358,17 +370,19 @@ _DIGESTS: dict = {}
 
 def sha256(path) -> str:
     """The hex SHA-256 of a file's bytes, read once per process while the file is unchanged (its
-    device, inode, size and change times, taken before and after the read, are the key)."""
+    device, inode, size and change times, taken before and after the read, are the key), from the
+    moment its last change is old enough that a new one would show in its times (:func:`_settled`)."""
     known = _DIGESTS.get(_identity(os.stat(path)))
     if known is not None:
         return known
     with open(path, "rb") as f:
-        before = _identity(os.fstat(f.fileno()))
+        st = os.fstat(f.fileno())
+        before, settled = _identity(st), _settled(st)
         h = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
         digest, unchanged = h.hexdigest(), _identity(os.fstat(f.fileno())) == before
-    if unchanged:  # (one written meanwhile is hashed again next time)
+    if unchanged and settled:  # (one written meanwhile, or just before, is hashed again next time)
         if len(_DIGESTS) > 1024:
             _DIGESTS.clear()
         _DIGESTS[before] = digest
