@@ -250,10 +250,12 @@ def conv_batchnorm_pairs(model) -> list:
     convolution (:func:`_folded_forward`): a ``Conv1d/2d/3d`` whose output only a
     ``BatchNorm1d/2d/3d`` with running statistics reads, each layer called once per forward. Found on
     the model's ``torch.fx`` graph, so a reader of the convolution's output outside the BatchNorm
-    (a residual branch, say) is seen; none for a model fx cannot trace or a compiled one."""
+    (a residual branch, say) is seen; none for a model fx cannot trace or a compiled one. Forward
+    hooks are code fx does not see (a pre-hook of the BatchNorm would read the folded output): a layer
+    with one is not folded, and no layer is while a global module hook is set."""
     modules = dict(model.named_modules())
     if (hasattr(model, "_orig_mod") or not any(type(m) in _FOLDABLE_CONV for m in modules.values())
-            or not any(type(m) in _FOLDABLE_BN for m in modules.values())):
+            or not any(type(m) in _FOLDABLE_BN for m in modules.values()) or _global_forward_hooks()):
         return []
     try:
         with warnings.catch_warnings():
@@ -272,9 +274,20 @@ def conv_batchnorm_pairs(model) -> list:
             continue
         conv, bn = modules.get(src.target), modules.get(node.target)
         if (type(conv) in _FOLDABLE_CONV and type(bn) in _FOLDABLE_BN and bn.track_running_stats
-                and bn.num_features == conv.out_channels and calls[src.target] == calls[node.target] == 1):
+                and bn.num_features == conv.out_channels and calls[src.target] == calls[node.target] == 1
+                and not _forward_hooks(conv) and not _forward_hooks(bn)):
             pairs.append((conv, bn))
     return pairs
+
+
+def _forward_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _global_forward_hooks() -> bool:
+    """Whether a hook of every module's forward is set (``torch.nn.modules.module.register_module_forward_hook``)."""
+    module = torch.nn.modules.module
+    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
 
 
 _FOLDABLE_CONV = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)

@@ -351,6 +351,19 @@ def test_only_a_convolution_read_by_its_batchnorm_alone_is_folded():
     net = build_model(ModelSpec("resnet20"), (3, 32, 32), 10)  # in each block conv1 -> bn2; the rest sum first
     assert [(c, b) for c, b in conv_batchnorm_pairs(net)] == [(blk.conv1, blk.bn2) for blk in net.blocks]
     assert conv_batchnorm_pairs(build_model(ModelSpec("cnn1d"), (1, 40), 10)) == []  # no BatchNorm
+    # a forward hook is code fx does not see: a pre-hook of the BatchNorm would read the folded output
+    hooked = _Branches()
+    handle = hooked.bn_c.register_forward_pre_hook(lambda m, args: (args[0].clamp(-0.3, 0.3),))
+    assert conv_batchnorm_pairs(hooked) == []
+    handle.remove()
+    hooked.conv_c.register_forward_hook(lambda m, args, out: out * 2)
+    assert conv_batchnorm_pairs(hooked) == []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: None)
+    try:
+        assert conv_batchnorm_pairs(model) == []
+    finally:
+        handle.remove()
+    assert conv_batchnorm_pairs(model) == [(model.conv_c, model.bn_c)]
 
 
 @pytest.mark.parametrize("policy", ["recompute", "stored", "interpolate"])
