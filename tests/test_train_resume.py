@@ -138,9 +138,10 @@ def test_info_shows_an_interrupted_partial_as_the_whole_runs_first_rows(config, 
                                                                        capsys):
     """``landscape info NAME.partial`` reads the last save of an interrupted training: each run's rows
     so far, the very first rows of the uninterrupted file; reading it changes nothing, so the resumed
-    file still equals the uninterrupted one. A partial that a running command writes is refused in
-    one line."""
+    file still equals the uninterrupted one. A partial that a running command writes, or one the
+    user may not write (its last save may need finishing), is refused in one line."""
     import json
+    from landscape.store import files
     from landscape.store.files import OutputLock
     out = tmp_path / "cut.h5"
     partial = out.with_name("cut.h5.partial")
@@ -161,6 +162,11 @@ def test_info_shows_an_interrupted_partial_as_the_whole_runs_first_rows(config, 
     assert "incomplete: training did not finish" in capsys.readouterr().out
     with OutputLock(out):  # a command writing it: not read
         one_line_error(capsys, ["info", partial], f"{out} is being written by process {os.getpid()}")
+    with monkeypatch.context() as m:  # one the user may not write (tests run as root here: simulated)
+        def denied(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+        m.setattr(files, "JournaledFile", denied)
+        one_line_error(capsys, ["info", partial], f"cannot read {partial}: Permission denied", "needs write access")
     train(config, out, quiet=True)
     _assert_same_file(whole, out)
 

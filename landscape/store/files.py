@@ -683,15 +683,18 @@ class PartialH5:
         remove_partial(self.tmp)
 
 
-def read_partial(tmp: Path):
+def read_partial(tmp: Path, strict: bool = False):
     """An earlier run's ``NAME.partial`` opened read-only (an interrupted commit finished first), or
     None when there is none or it cannot be read (work is saved whole or not at all: an unreadable
-    partial holds none). One that reaches outside itself is refused (:func:`check_self_contained`)."""
+    partial holds none); ``strict``: the OSError of one that cannot be opened (it needs write access,
+    for the commit) is raised. One that reaches outside itself is refused (:func:`check_self_contained`)."""
     if not tmp.exists():
         return None
     try:
         raw = JournaledFile(tmp)
     except OSError:
+        if strict:
+            raise
         return None
     try:
         h5 = h5py.File(raw, "r")
@@ -710,15 +713,19 @@ def read_partial(tmp: Path):
 @contextlib.contextmanager
 def reading_partial(tmp: Path):
     """An interrupted run's ``NAME.partial`` opened read-only for a look (``landscape info``): its last
-    save, an interrupted commit replayed first as a resumed run would. ``NAME.lock`` is held meanwhile,
-    so no writer starts; a partial that a running command writes is refused in one line (between its
-    saves the file on the disk is rewritten)."""
+    save, an interrupted commit replayed first as a resumed run would (so it needs write access, as
+    resuming does). ``NAME.lock`` is held meanwhile, so no writer starts; a partial that a running
+    command writes is refused in one line (between its saves the file on the disk is rewritten)."""
     tmp = Path(tmp)
     if not tmp.is_file():
         open_read(tmp, "landscape.file")  # (raises the error that names the problem)
     lock = OutputLock(tmp.with_name(tmp.name[:-len(".partial")]), reading=True)
     try:
-        reading = read_partial(tmp)
+        try:
+            reading = read_partial(tmp, strict=True)
+        except OSError as e:
+            raise FileFormatError(f"cannot read {tmp}: {e.strerror or e} (a partial is read as a resumed run reads "
+                                  "it, which may finish its last save: it needs write access)") from None
         if reading is None:
             raise FileFormatError(f"{tmp} is not an HDF5 file (or it is truncated)")
         with reading as f:
