@@ -766,8 +766,10 @@ def _check_labels(task, labels, output, split: str) -> None:
     """Class labels (classification, language model; ``labels()``: a whole split in memory, else the
     probe's) within the model's logits: a label past them would fail deep inside a pass (on a GPU,
     stop the process)."""
+    if not isinstance(task, (Classification, LanguageModel)):  # (an output may have no logits then)
+        return
     logits = logits_of(output)
-    if not isinstance(task, (Classification, LanguageModel)) or not torch.is_tensor(logits) or logits.ndim < 2:
+    if not torch.is_tensor(logits) or logits.ndim < 2:
         return
     width = logits.shape[-1]
     outside = _labels_outside(task, labels(), width)

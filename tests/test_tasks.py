@@ -301,6 +301,43 @@ def test_dict_batch_model_with_loss_evaluates_on_a_line(task):
         assert np.isnan(subset.values["train_loss_se"]).all() and np.isfinite(subset.values["train_loss"]).all()
 
 
+class _AutoEncoder(nn.Module):
+    """A model whose output is its own loss alone: no logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(6, 2), nn.Linear(2, 6)
+
+    def forward(self, x):
+        return {"loss": (self.dec(torch.tanh(self.enc(x))) - x).square().mean()}
+
+
+def test_a_model_that_returns_only_its_loss_evaluates_and_measures_its_sharpness():
+    """``model-loss`` for a model whose output is its loss alone (it was refused as having no
+    logits): a line's values are the model's own losses at its points, K points a call as one, and its
+    Hessian's top eigenvalue is the exact one's."""
+    from torch.func import functional_call, hessian
+    from landscape.sharpness import SharpnessSpec, evaluate_sharpness
+    torch.manual_seed(0)
+    net, other, x = _AutoEncoder(), _AutoEncoder(), torch.randn(90, 6)
+    data = (x[:60], torch.zeros(60), x[60:], torch.zeros(30))
+    line = ls.Line.through(net, other, range=(0.0, 1.0))
+    surf = ls.evaluate_surface(net, line, data, 3, task="model-loss", points_per_call=2)
+    one = ls.evaluate_surface(net, line, data, 3, task="model-loss", points_per_call=1)
+    np.testing.assert_allclose(surf.values["train_loss"], one.values["train_loss"], rtol=1e-6)
+    with torch.no_grad():
+        ends = [float(m(x[:60])["loss"]) for m in (net, other)]
+    np.testing.assert_allclose(surf.values["train_loss"][[0, -1]], ends, rtol=1e-5)
+    res = evaluate_sharpness(net, data, spec=SharpnessSpec(top_k=1, probes=2, ascent_steps=1), task="model-loss")
+    layout = Layout.of(net)
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def loss(w):
+        return functional_call(net, layout.split_params(w), (x[:60],))["loss"]
+    exact = torch.linalg.eigvalsh(hessian(loss)(flat).double())[-1].item()
+    assert res.results[0]["eigenvalues"][0] == pytest.approx(exact, rel=1e-3)
+
+
 def test_subset_standard_error_matches_the_spread_of_repeated_subsets():
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(4000, 5, generator=g), torch.randint(0, 3, (4000,), generator=g)
