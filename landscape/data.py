@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler,
                               Subset, SubsetRandomSampler)
@@ -143,6 +144,7 @@ class StreamData:
         for i, batch in enumerate(_in_order(getattr(self, split), self._read.get(split))):
             first = batch if first is None else first
             _check_like(first, batch, split, i)
+            _check_finite_batch(batch, split, i)
             yield to_device(batch, device) if device is not None else batch
 
     def population(self, split: str) -> int | None:
@@ -269,6 +271,19 @@ def _check_like(first, batch, split: str, i: int) -> None:
                         "of a batch needs one row per sample")
     if i and kinds(first) != kinds(batch):
         raise DataError(f"batch {i} of the {split} data is {kinds(batch)}, the first was {kinds(first)}")
+
+
+def _check_finite_batch(batch, split: str, i: int) -> None:
+    """Refuse a batch whose float tensors hold NaN or an infinity, as :func:`check_finite_values` does
+    data in memory: one such sample makes the split's loss NaN at every point. Checked where the batch
+    is read, on the host; tensors a source yields on a GPU are not (the check would make the host wait
+    for it)."""
+    for t in tree_leaves(batch):
+        if torch.is_tensor(t) and t.is_floating_point() and t.device.type == "cpu" and not torch.isfinite(t).all():
+            rows = t.reshape(len(t) if t.dim() else 1, -1)
+            first = int((~torch.isfinite(rows)).any(1).nonzero()[0])
+            raise DataError(f"batch {i} of the {split} data holds NaN or infinite values (in its sample {first}); "
+                            "no loss can be computed over them")
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

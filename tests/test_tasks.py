@@ -405,6 +405,26 @@ def test_a_loader_whose_later_batch_changes_shape_is_refused_in_one_line():
         evaluate_model(nn.Linear(6, 3), data)
 
 
+@pytest.mark.parametrize("where", ["inputs", "targets"])
+def test_a_streamed_batch_holding_nan_is_refused_naming_its_sample(where):
+    """A DataLoader's batch holding NaN (inputs, or regression targets) is refused where it is read,
+    naming the split, the batch and the sample, as data in memory is: it gave a surface of NaN that
+    looked complete."""
+    torch.manual_seed(0)
+    net, other = nn.Linear(5, 1), nn.Linear(5, 1)
+    x, y = torch.randn(100, 5), torch.randn(100)
+    bad_x, bad_y = x.clone(), y.clone()
+    if where == "inputs":
+        bad_x[37, 0] = float("nan")
+    else:
+        bad_y[37] = float("inf")
+    data = (DataLoader(TensorDataset(x, y), batch_size=32), DataLoader(TensorDataset(bad_x, bad_y), batch_size=32))
+    with pytest.raises(DataError) as e:
+        ls.evaluate_surface(net, ls.Line.through(net, other), data, 3, task="regression")
+    assert str(e.value) == ("batch 1 of the test data holds NaN or infinite values (in its sample 5); no loss can "
+                            "be computed over them")
+
+
 def test_a_loader_with_a_subset_sampler_reads_its_samples_and_another_sampler_is_refused():
     """One dataset, two loaders that pick the train and test samples (a common split): each split is
     its own samples, read in their order, in values, populations and subsets alike."""
