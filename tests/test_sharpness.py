@@ -484,10 +484,14 @@ def test_checkpoints_side_by_side_give_the_numbers_of_one_at_a_time(tiny_run):
                                   np.asarray(b[key] if key != "metrics" else list(b[key].values()))), key
 
 
-def test_an_interrupted_computation_keeps_its_finished_checkpoints_and_goes_on(tiny_run, tmp_path, monkeypatch):
+def test_an_interrupted_computation_keeps_its_finished_checkpoints_and_goes_on(tiny_run, tmp_path, monkeypatch,
+                                                                              capsys):
     """Ctrl-C after the first checkpoint: it is kept in OUT.partial and not computed again, and the file
-    holds the numbers of an uninterrupted run (everything was lost before); another spec is refused."""
+    holds the numbers of an uninterrupted run (everything was lost before); another spec is refused.
+    ``landscape info OUT.partial`` says what it keeps (it said "not an HDF5 file")."""
+    import json
     import landscape.sharpness as sharpness
+    from landscape.cli.main import main
     from landscape.errors import StalePartialError
     from landscape.store.sharpness import SharpnessProgress
     traj = open_trajectory(tiny_run)
@@ -505,6 +509,13 @@ def test_an_interrupted_computation_keeps_its_finished_checkpoints_and_goes_on(t
         sharpness.compute_sharpness(traj, ["sgd", "swa/average", "sgd:-1"], spec, device="cpu", out=out)
     monkeypatch.setattr(SharpnessProgress, "add", add)
     assert not out.exists() and (tmp_path / "s.h5.partial").exists()
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "s.h5.partial"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kept"] in (1, 2) and not shown["complete"] and shown["spec"]["sharpness"] == spec.to_dict()
+    assert main(["info", str(tmp_path / "s.h5.partial")]) == 0
+    assert f"an interrupted sharpness computation; it keeps the numbers of {shown['kept']} checkpoint" in \
+        capsys.readouterr().out
     with pytest.raises(StalePartialError, match="other settings"):
         sharpness.compute_sharpness(traj, ["sgd"], SharpnessSpec(top_k=2, iterations=5, probes=2, ascent_steps=1),
                                     device="cpu", out=out)

@@ -12,7 +12,7 @@ from landscape.store import open_surface, open_trajectory
 from landscape.store.surface import open_partial_surface
 from landscape.store.trajectory import partial_info
 from landscape.store.files import format_of
-from landscape.store.sharpness import open_sharpness
+from landscape.store.sharpness import open_sharpness, read_progress
 
 from ..common import print_json
 from .sharpness import print_table
@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     kind = format_of(args.file)
     partial = args.file.endswith(".partial")  # an interrupted run's: its last save, read under its lock
+    progress = read_progress(args.file) if partial and kind is None else None
+    if progress is not None:
+        return _sharpness_progress(args.file, progress, args.json)
     if partial and kind not in ("landscape.surface", "landscape.trajectory", None):
         raise FileFormatError(f"{args.file} is the partial file of a {kind!r} file; info reads those of trajectories "
                               "and surfaces")
@@ -96,6 +99,19 @@ def _sharpness(sharp, as_json: bool) -> int:
     print(f"{sharp.path}: sharpness of {len(sharp.results)} checkpoint(s) of {source}; "
           f"epsilon = {sharp.epsilon:g} of each filter's norm")
     print_table(sharp)
+    return 0
+
+
+def _sharpness_progress(path: str, progress: dict, as_json: bool) -> int:
+    """An interrupted ``landscape sharpness``'s partial: how many checkpoints' numbers it keeps (by
+    their weights: the names are given to the command), and the settings."""
+    kept = len(progress["results"])
+    if as_json:
+        print_json({"path": path, "complete": False, "kept": kept, "spec": progress.get("spec")})
+        return 0
+    print(f"{path}: an interrupted sharpness computation; it keeps the numbers of {kept} checkpoint"
+          f"{'s' * (kept != 1)} (the same landscape sharpness command goes on from them)")
+    print("spec:", json.dumps(progress.get("spec"), sort_keys=True))
     return 0
 
 

@@ -94,11 +94,8 @@ class SharpnessProgress:
     def _read(self, overwrite: bool) -> dict:
         if not self.path.exists():
             return {}
-        try:  # (written beside and renamed: never cut off)
-            held = json.loads(self.path.read_text())
-        except (OSError, ValueError, RecursionError):
-            held = None
-        if not isinstance(held, dict) or held.get("format") != PROGRESS_FORMAT:
+        held = read_progress(self.path)
+        if held is None:
             what = "other work (not a sharpness computation's)"
         elif held.get("spec") != self.spec:
             what = "a sharpness computation of other settings"
@@ -122,6 +119,17 @@ class SharpnessProgress:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def read_progress(path) -> dict | None:
+    """What the ``NAME.partial`` of a sharpness computation holds (``{"format", "spec", "results"}``,
+    the results keyed by their checkpoint's weights), or None when ``path`` is no such file."""
+    try:  # (written beside and renamed: never cut off)
+        held = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = isinstance(held, dict) and held.get("format") == PROGRESS_FORMAT and isinstance(held.get("results"), dict)
+    return held if ok else None
 
 
 def _plain(value):
