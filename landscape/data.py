@@ -524,8 +524,13 @@ def _split_arrays(split, name: str, which: str):
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise DataError(f"dataset factory {name}: item {i} of the {which} set is "
                                 f"{type(item).__name__}, expected an (x, y) pair")
-            xs.append(_item_tensor(item[0]))
-            ys.append(_item_tensor(item[1]))  # a class label, a float value or a vector: as given
+            for what, value, items in (("inputs", item[0], xs), ("target", item[1], ys)):
+                try:  # a class label, a float value or a vector: as given
+                    items.append(_item_tensor(value))
+                except (TypeError, ValueError, RuntimeError):
+                    raise DataError(f"dataset factory {name}: item {i} of the {which} set has {what} of type "
+                                    f"{type(value).__name__}; a dataset by name holds tensors or arrays (dicts of "
+                                    "tensors go in data loaders given to the Python API)") from None
         if not xs:
             raise DataError(f"dataset {name!r}: the {which} set is empty")
         for what, items in (("inputs", xs), ("targets", ys)):

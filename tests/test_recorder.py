@@ -475,7 +475,8 @@ def test_user_data_factory_forms(tmp_path, monkeypatch):
         "    def __getitem__(self, i): return self.a[i], self.b[i]\n"
         "def values(): return AsGiven(x[:6], x[:6, 0] / 7), AsGiven(x[6:], x[6:, 0] / 7)\n"
         "def ragged(): return AsGiven(x[:6], [0, 1, 2, [3, 4], 0, 1]), D(x[6:], y[6:])\n"
-        "def boxed(): return AsGiven(x[:6], [np.array([c]) for c in y[:6]]), AsGiven(x[6:], [float(c) for c in y[6:]])\n")
+        "def boxed(): return AsGiven(x[:6], [np.array([c]) for c in y[:6]]), AsGiven(x[6:], [float(c) for c in y[6:]])\n"
+        "def dicts(): return AsGiven([{'ids': r} for r in x[:6]], y[:6]), D(x[6:], y[6:])\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     for name in ("four", "as_dict", "pairs", "datasets"):
@@ -493,6 +494,8 @@ def test_user_data_factory_forms(tmp_path, monkeypatch):
         load_data(DataSpec("userdata_forms:ragged"))
     with pytest.raises(DataError, match="returned int"):
         load_data(DataSpec("userdata_forms:wrong"))
+    with pytest.raises(DataError, match="item 0 of the train set has inputs of type dict; a dataset by name holds"):
+        load_data(DataSpec("userdata_forms:dicts"))  # (was numpy's TypeError)
     with pytest.raises(DataError, match="cannot import dataset module 'no_such_module_here'"):
         load_data(DataSpec("no_such_module_here:f"))
     with pytest.raises(DataError, match="'.userdata_forms': a relative module name"):  # was importlib's TypeError
