@@ -266,4 +266,5 @@ def check_model_fits(model: nn.Module, name: str, input_shape, num_classes: int)
         model.train(was_training)
     if torch.is_tensor(out) and (out.ndim < 2 or out.shape[-1] != num_classes):
         raise ModelError(f"model {name!r} returns outputs of shape {list(out.shape[1:])}, "
-                         f"expected {num_classes} logits (one per class)")
+                         f"expected {num_classes} values per sample (a classifier's logits, one per class; a "
+                         "regression's outputs, one per target value)")

@@ -104,7 +104,8 @@ def test_lookahead_records_slow_and_fast_weights(tmp_path):
     np.testing.assert_array_equal(traj.run("lookahead/slow").metrics["sync"][1:], [0, 0, 1, 1, 1, 2])
 
 
-def test_crash_leaves_only_the_partial_file(tmp_path):
+def test_crash_leaves_only_the_partial_file(tmp_path, capsys):
+    from landscape.cli.main import main
     _, model, _ = same_start()
     out = tmp_path / "crash.h5"
     with pytest.raises(RuntimeError, match="boom"):
@@ -116,6 +117,9 @@ def test_crash_leaves_only_the_partial_file(tmp_path):
     assert partial.exists()
     with pytest.raises(FileFormatError, match="incomplete"):
         open_trajectory(partial)
+    capsys.readouterr()
+    assert main(["info", str(partial)]) == 0  # what a resumed recorder goes on from (not a train command's)
+    assert "incomplete: the Recorder did not finish; these rows are what it keeps" in capsys.readouterr().out
     # close() without the context manager also finishes it atomically (the crashed one's checkpoints
     # discarded: without overwrite=True, or resume=True, they are kept and the recorder refused)
     rec = recorder(out, overwrite=True)

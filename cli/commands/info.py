@@ -48,7 +48,10 @@ def run(args) -> int:
     print(f"{info['path']}: trajectory v{info['version']}, {info['num_params']:,} parameters, "
           f"{info['num_buffers']:,} buffer values, {_size(info['bytes'])}")
     if not info["complete"]:
-        print("incomplete: training did not finish; these rows are what the same train command keeps and goes on from")
+        recorder = {"recorder": "Recorder", "lightning": "Lightning callback"}.get(info["config"].get("source"))
+        print("incomplete: " + (f"the {recorder} did not finish; these rows are what it keeps and goes on from with "
+                                "resume=True" if recorder else
+                                "training did not finish; these rows are what the same train command keeps and goes on from"))
     # the task's first metric beside the loss (error % for classification), read from the file: nothing imported
     finals = [r["final"] for r in info["runs"].values()]
     metric = next((k[5:] for f in finals for k in f if k.startswith("test_") and k != "test_loss"
