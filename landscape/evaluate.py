@@ -251,8 +251,9 @@ def conv_batchnorm_pairs(model) -> list:
     ``BatchNorm1d/2d/3d`` with running statistics reads, each layer called once per forward. Found on
     the model's ``torch.fx`` graph, so a reader of the convolution's output outside the BatchNorm
     (a residual branch, say) is seen; none for a model fx cannot trace or a compiled one. Forward
-    hooks are code fx does not see (a pre-hook of the BatchNorm would read the folded output): a layer
-    with one is not folded, and no layer is while a global module hook is set."""
+    hooks are code fx does not see: a convolution with a forward hook, or a BatchNorm with any (its
+    pre-hook would read the folded output), is not folded, and no layer is while a global module hook
+    is set."""
     modules = dict(model.named_modules())
     if (hasattr(model, "_orig_mod") or not any(type(m) in _FOLDABLE_CONV for m in modules.values())
             or not any(type(m) in _FOLDABLE_BN for m in modules.values()) or _global_forward_hooks()):
@@ -275,13 +276,9 @@ def conv_batchnorm_pairs(model) -> list:
         conv, bn = modules.get(src.target), modules.get(node.target)
         if (type(conv) in _FOLDABLE_CONV and type(bn) in _FOLDABLE_BN and bn.track_running_stats
                 and bn.num_features == conv.out_channels and calls[src.target] == calls[node.target] == 1
-                and not _forward_hooks(conv) and not _forward_hooks(bn)):
-            pairs.append((conv, bn))
+                and not conv._forward_hooks and not bn._forward_pre_hooks and not bn._forward_hooks):
+            pairs.append((conv, bn))  # (the convolution's pre-hooks, an old-style weight norm's, run as ever)
     return pairs
-
-
-def _forward_hooks(m: torch.nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def _global_forward_hooks() -> bool:

@@ -356,8 +356,11 @@ def test_only_a_convolution_read_by_its_batchnorm_alone_is_folded():
     handle = hooked.bn_c.register_forward_pre_hook(lambda m, args: (args[0].clamp(-0.3, 0.3),))
     assert conv_batchnorm_pairs(hooked) == []
     handle.remove()
-    hooked.conv_c.register_forward_hook(lambda m, args, out: out * 2)
+    handle = hooked.conv_c.register_forward_hook(lambda m, args, out: out * 2)
     assert conv_batchnorm_pairs(hooked) == []
+    handle.remove()
+    hooked.conv_c.register_forward_pre_hook(lambda m, args: None)  # runs before the folded forward as before
+    assert conv_batchnorm_pairs(hooked) == [(hooked.conv_c, hooked.bn_c)]
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: None)
     try:
         assert conv_batchnorm_pairs(model) == []
