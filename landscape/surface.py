@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import StreamData, as_data
-from .device import device_name, resolve_device, thread_workers
+from .data import Data, StreamData, as_data
+from .device import ForkedWorkers, can_fork, device_name, resolve_device, thread_workers, torch_threads
 from .dist import Group
 from .errors import ConfigError, LandscapeError, ModelError, ProcessDied, WriteError
 from .evaluate import BatchNormPolicy, Evaluator, choose_points_per_call, metric_names, resolve_policy
@@ -250,7 +250,9 @@ class _PointEvaluator:
     points share its call, on the number of workers or ranks, or on where an interrupted computation
     resumed. On a CPU, W = torch.get_num_threads() single-threaded evaluators work on different calls
     at once (intra-op threads barely speed up the small operations of one point; separate points scale);
-    each takes the next call as soon as it is free, so a slow call does not hold the others up."""
+    each takes the next call as soon as it is free, so a slow call does not hold the others up. With
+    the data in memory, on Linux, the workers are processes forked from this one (:class:`ForkedWorkers`:
+    each its own interpreter, where threads wait on one another's); else threads of this one."""
 
     def __init__(self, model, layout, data, geom, grid, policy, batch_size, weight_decay, device, workers=None,
                  stderr: bool = False):
@@ -261,15 +263,25 @@ class _PointEvaluator:
         self.workers = workers
         self.evaluators = [Evaluator(model, layout, data, policy, batch_size, weight_decay, stderr)
                            for _ in range(workers)]
+        # a data source is read by its own code (open files, loader processes), which a fork would share
+        self.forked = workers > 1 and device.type == "cpu" and isinstance(data, Data) and can_fork()
         self.pool = None
 
     def __enter__(self):
         self._workers = contextlib.ExitStack()
-        self.pool = self._workers.enter_context(thread_workers(self.workers, 1 if self.workers > 1 else None))
+        if self.forked:  # (this process's own calls, none when forked, on one thread as the workers are)
+            self._workers.enter_context(torch_threads(1))
+            try:
+                self.pool = self._workers.enter_context(ForkedWorkers(lambda j, item: self.call(j, *item),
+                                                                      self.workers))
+            except OSError:  # no process can be started (a limit on their number): the threads of this one
+                self.forked = False
+        if not self.forked:
+            self.pool = self._workers.enter_context(thread_workers(self.workers, 1 if self.workers > 1 else None))
         return self
 
     def __exit__(self, *exc):
-        self._workers.close()
+        self._workers.__exit__(*exc)
         self.pool = None
 
     @property
@@ -300,6 +312,10 @@ class _PointEvaluator:
         """``(points, values)`` of the calls of ``k`` points that ``flat`` makes, as they finish: each
         worker takes the next call when it is free, and a few calls wait ahead (memory stays small)."""
         pieces = [flat[i:i + k] for i in range(0, len(flat), k)]
+        if isinstance(self.pool, ForkedWorkers):
+            for (p, _), vals in self.pool.map((p, k) for p in pieces):
+                yield p, vals
+            return
         if self.pool is None or len(pieces) == 1:
             for p in pieces:
                 yield p, self.call(0, p, k)

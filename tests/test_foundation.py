@@ -471,7 +471,7 @@ def test_existing_output_and_unwritable_output(tmp_path, capsys):
 
 
 def test_model_that_does_not_fit_the_data():
-    with pytest.raises(ModelError, match="expected 3 logits"):
+    with pytest.raises(ModelError, match="expected 3 values per sample"):
         build_model(ModelSpec("tests.test_foundation:wrong_head"), (1, 24), 3)
 
 

@@ -66,13 +66,27 @@ def test_a_surface_in_memory_is_never_saved_over_its_trajectory(traj, reference)
     assert open_trajectory(traj.path).runs == traj.runs
 
 
-def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path, monkeypatch):
+def _points_evaluated(monkeypatch, log: Path):
+    """Count the points evaluated, by this process and by the worker processes forked from it (each
+    call appends its count to ``log``); returns a function giving the total so far."""
+    call = Evaluator.__call__
+
+    def counted(self, w, b):
+        with open(log, "a") as f:
+            f.write(f"{len(w)}\n")
+        return call(self, w, b)
+    monkeypatch.setattr(Evaluator, "__call__", counted)
+    return lambda: sum(map(int, log.read_text().split())) if log.exists() else 0
+
+
+def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path, monkeypatch, two_workers):
+    """Ctrl-C while the workers have points under way: they are stopped, the points written stay in
+    OUT.partial, and the same command evaluates only the rest, into the uninterrupted file."""
+    import multiprocessing
     out = tmp_path / "plane.h5"
     plane = Plane.through(traj, *THREE)
     writes = []
-    evaluated = []
-    call = Evaluator.__call__
-    monkeypatch.setattr(Evaluator, "__call__", lambda self, w, b: evaluated.append(len(w)) or call(self, w, b))
+    evaluated = _points_evaluated(monkeypatch, tmp_path / "evaluated")
 
     def stop_after_two(done, total):
         writes.append(done)
@@ -82,7 +96,7 @@ def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2, write_every=0,
                         on_write=stop_after_two)
-    assert not out.exists() and (tmp_path / "plane.h5.partial").exists()
+    assert not out.exists() and (tmp_path / "plane.h5.partial").exists() and not multiprocessing.active_children()
     with h5py.File(tmp_path / "plane.h5.partial", "r") as f:
         first = int(f["done"][()].sum())
         assert first == writes[-1] and 0 < first < 20 and not f.attrs["complete"]  # both flushes kept
@@ -90,11 +104,11 @@ def test_interrupted_run_resumes_to_the_same_file(traj, reference, tmp_path, mon
     assert int(kept.done.sum()) == first
     for m in reference.values:
         np.testing.assert_array_equal(kept.values[m][kept.done], reference.values[m][kept.done])
-    evaluated.clear()
+    before = evaluated()
     resumed = []
     surf = compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2, write_every=0,
                            on_write=lambda done, total: resumed.append(done))
-    assert resumed[-1] == 20 and sum(evaluated) == 20 - first  # only the missing points
+    assert resumed[-1] == 20 and evaluated() - before == 20 - first  # only the missing points
     for m in reference.values:
         np.testing.assert_array_equal(surf.values[m], reference.values[m])
 
@@ -124,10 +138,30 @@ def test_a_computation_resumed_on_another_device_chooses_its_points_per_call_aga
         assert f.attrs["computed_on"] == "cpu"
 
 
-def test_worker_threads_do_not_change_the_values(traj, reference):
-    """On a CPU, torch.get_num_threads() single-threaded workers share the points; each point sees the
-    same calls, so one worker or two write the same numbers."""
-    import torch
+@pytest.fixture
+def two_workers():
+    """torch.get_num_threads() == 2: a CPU surface evaluates on two workers (forked processes on Linux)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("forked", [True, False])
+def test_workers_do_not_change_the_values(traj, reference, monkeypatch, forked):
+    """On a CPU, torch.get_num_threads() single-threaded workers share the points: processes forked from
+    this one (Linux, data in memory) or threads of it; each point sees the same calls, so one worker or
+    three write the same numbers, and none is left running."""
+    import multiprocessing
+    import landscape.surface as surface_module
+    from landscape.device import can_fork
+    if forked and not can_fork():
+        pytest.skip("workers are forked on Linux")
+    monkeypatch.setattr(surface_module, "can_fork", lambda: forked)
+    made = []
+    evaluator = surface_module._PointEvaluator.__enter__
+    monkeypatch.setattr(surface_module._PointEvaluator, "__enter__",
+                        lambda self: made.append(type(evaluator(self).pool).__name__) or self)
     n = torch.get_num_threads()
     try:
         for threads in (1, 3):
@@ -136,8 +170,61 @@ def test_worker_threads_do_not_change_the_values(traj, reference):
             assert torch.get_num_threads() == threads  # restored
             for m in reference.values:
                 np.testing.assert_array_equal(surf.values[m], reference.values[m])
+            assert not multiprocessing.active_children()
     finally:
         torch.set_num_threads(n)
+    assert made == ["NoneType", "ForkedWorkers" if forked else "ThreadPoolExecutor"]
+
+
+def test_a_worker_processs_error_is_raised_as_it_is_and_the_finished_points_stay(traj, reference, tmp_path,
+                                                                                monkeypatch, two_workers):
+    """A user's model that raises in a forked worker: the same exception here, one line with what was
+    kept, no worker left running; the same command then finishes the plane with the values of one
+    uninterrupted."""
+    import multiprocessing
+    out, plane, here, calls = tmp_path / "plane.h5", Plane.through(traj, *THREE), os.getpid(), []
+    call = Evaluator.__call__
+
+    def third_call_fails(self, w, b):  # in each worker: its third call
+        calls.append(1)
+        if os.getpid() != here and len(calls) == 3:
+            raise ValueError("the model's own error")
+        return call(self, w, b)
+    with monkeypatch.context() as m:
+        m.setattr(Evaluator, "__call__", third_call_fails)
+        with pytest.raises(ValueError, match="the model's own error") as e:
+            compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2, write_every=0)
+    assert not calls and not multiprocessing.active_children()  # (this process evaluated nothing)
+    assert "points kept in" in str(e.value.__notes__) and (tmp_path / "plane.h5.partial").exists()
+    surf = compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2)
+    for m in reference.values:
+        np.testing.assert_array_equal(surf.values[m], reference.values[m])
+
+
+def test_a_worker_process_killed_is_one_line_and_the_same_command_finishes(traj, reference, tmp_path, monkeypatch,
+                                                                          two_workers):
+    """A forked worker killed (out of memory: SIGKILL) mid-plane: ProcessDied naming it and what was
+    kept (it was a wait for ever), the other worker stopped; run again, the plane is the uninterrupted
+    one."""
+    import multiprocessing
+    from landscape.errors import ProcessDied
+    out, plane, here, calls = tmp_path / "plane.h5", Plane.through(traj, *THREE), os.getpid(), []
+    call = Evaluator.__call__
+
+    def killed_at_third_call(self, w, b):
+        calls.append(1)
+        if os.getpid() != here and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return call(self, w, b)
+    with monkeypatch.context() as m:
+        m.setattr(Evaluator, "__call__", killed_at_third_call)
+        with pytest.raises(ProcessDied, match=r"worker process \d \(pid \d+\) stopped: killed by SIGKILL \(out of "
+                                              r"memory\?\); \d+ of 20 points kept in .*plane.h5.partial"):
+            compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2, write_every=0)
+    assert not multiprocessing.active_children()
+    surf = compute_surface(traj, plane, (5, 4), out=out, quiet=True, points_per_call=2)
+    for m in reference.values:
+        np.testing.assert_array_equal(surf.values[m], reference.values[m])
 
 
 def test_different_spec_is_refused(traj, tmp_path):

@@ -32,6 +32,7 @@ from pathlib import Path
 from .. import errors
 from ..store import open_trajectory
 from ..data import fingerprinted
+from ..device import how_it_ended
 from ..store.files import interrupts_deferred
 from .loop import METHODS, part_name
 
@@ -107,7 +108,7 @@ def train_apart(config, jobs: list, writer, bar, processes: int, overwrite: bool
                         raise KeyboardInterrupt
                     if child.exitcode != 0:
                         raise _relay(messages, bar, wait=True) or errors.ProcessDied(
-                            f"training {part} in its own process stopped: {_death(child.exitcode)}")
+                            f"training {part} in its own process stopped: {how_it_ended(child.exitcode)}")
                     trained.add(part)
             while adopted < len(jobs) and parts[adopted] in trained:
                 path = folder / f"{parts[adopted]}.h5"
@@ -122,14 +123,6 @@ def train_apart(config, jobs: list, writer, bar, processes: int, overwrite: bool
             e.under_way = [p for p in parts[adopted:] if (folder / f"{p}.h5").exists()
                            or (folder / f"{p}.h5.partial").exists()]
         raise
-
-
-def _death(exitcode: int) -> str:
-    """How a child ended, in words: "killed by SIGKILL (out of memory?)", "exit code 3"."""
-    if exitcode < 0:
-        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
-        return f"killed by {name}" + (" (out of memory?)" if -exitcode == signal.SIGKILL else "")
-    return f"exit code {exitcode}"
 
 
 def trained_with(path, config) -> bool:
