@@ -65,6 +65,7 @@ THREE = ("sgd", "swa/average", "swa/iterates:0")
 LOADER_BATCH = 128  # both reference repositories evaluate with batch 128
 WORKLOADS = {"cnn1d-bn": ["dnn-mode-connectivity"],                     # model -> the reference loops it faces
              "cnn1d": ["loss-landscape", "dnn-mode-connectivity"]}
+THREADS = "ours, thread workers"  # with --thread-workers: ours with its CPU workers as threads, not processes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,27 +253,41 @@ def run_workload(model_name, workdir, epochs, shape, contenders, repeats):
     ours_values = None
     times = {}
 
-    def ours(g):
-        return compute_surface(traj, plane, g, bn=BatchNormPolicy("recompute", LOADER_BATCH), quiet=True,
-                               device="cpu")
+    def ours(g, fork=True):
+        forks = surface_module.can_fork
+        if not fork:  # its workers as threads of this process, as on a system without fork
+            surface_module.can_fork = lambda: False
+        try:
+            return compute_surface(traj, plane, g, bn=BatchNormPolicy("recompute", LOADER_BATCH), quiet=True,
+                                   device="cpu")
+        finally:
+            surface_module.can_fork = forks
 
     few = plane.default_grid((1, 2))  # warm-up: every contender once, untimed
     ours(few)
     for name in contenders:
-        (loss_landscape_loop if name == "loss-landscape" else mode_connectivity_loop)(traj, plane, few, data, model)
+        if name == THREADS:
+            ours(few, fork=False)
+        else:
+            (loss_landscape_loop if name == "loss-landscape" else mode_connectivity_loop)(traj, plane, few, data, model)
     _chosen.clear()
     for rep in range(repeats):  # interleaved, so that a busy machine slows every contender alike
         for name in ["ours"] + contenders:
             t = time.perf_counter()
             if name == "ours":
                 ours_values = ours(grid).values
+            elif name == THREADS:
+                threads_values = ours(grid, fork=False).values
             elif name == "loss-landscape":
                 ref = loss_landscape_loop(traj, plane, grid, data, model)
             else:
                 ref = mode_connectivity_loop(traj, plane, grid, data, model)
             dt = time.perf_counter() - t
             times.setdefault(name, []).append(dt)
-            if name != "ours":
+            if name == THREADS:  # the same evaluations in another process layout: the same values to the bit
+                result["contenders"].setdefault(name, {})["identical"] = all(
+                    np.array_equal(ours_values[m], threads_values[m]) for m in ours_values)
+            elif name != "ours":
                 result["contenders"].setdefault(name, {}).update(compare(ours_values, ref))
             print(f"  {name:<22} {dt:8.2f} s  {points / dt:8.1f} points/s", flush=True)
     for name, ts in times.items():
@@ -293,6 +308,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timings per contender (the best is kept)")
     p.add_argument("--workdir", default=str(cache_dir() / "bench"), help="where the trajectories are cached")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--thread-workers", action="store_true",
+                   help="also time ours with its CPU workers as threads of one process (as where fork is unavailable)")
     p.add_argument("--workloads", default="cnn1d-bn,cnn1d",
                    help="which to time, comma-separated: cnn1d-bn (BatchNorm recompute), cnn1d (no BatchNorm)")
     args = p.parse_args(argv)
@@ -307,7 +324,8 @@ def main(argv=None) -> int:
     for m in workloads:
         trajectory(m, workdir, args.epochs)
     mm_before = matmul_gflops()
-    results = [run_workload(m, workdir, args.epochs, tuple(args.grid), WORKLOADS[m], args.repeats) for m in workloads]
+    results = [run_workload(m, workdir, args.epochs, tuple(args.grid), WORKLOADS[m] + [THREADS] * args.thread_workers,
+                            args.repeats) for m in workloads]
     mm = max(mm_before, matmul_gflops())
     info["matmul_fp32_gflops"] = mm
     info["load_avg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -321,10 +339,11 @@ def main(argv=None) -> int:
     for r in results:
         for name, c in r["contenders"].items():
             speed = f"{c['speedup_of_ours']:.1f}x" if "speedup_of_ours" in c else "-"
-            agree = f"{c['max_rel_loss_diff']:.1e}, {c['max_err_diff_percent']:.3f} %" if "max_rel_loss_diff" in c else "-"
+            agree = (f"{c['max_rel_loss_diff']:.1e}, {c['max_err_diff_percent']:.3f} %" if "max_rel_loss_diff" in c
+                     else "identical" if c.get("identical") else "DIFFER" if "identical" in c else "-")
             print(f"| {r['model']} ({r['bn']}) | {name} | {c['seconds']:.2f} | {c['points_per_s']:.1f} | "
                   f"{c['gflops']:.1f} | {100 * c['gflops'] / mm:.1f} % | {speed} | {agree} |")
-    ok = all(c.get("max_rel_loss_diff", 0) < 1e-4 and c.get("max_err_diff_percent", 0) <= 0.05
+    ok = all(c.get("max_rel_loss_diff", 0) < 1e-4 and c.get("max_err_diff_percent", 0) <= 0.05 and c.get("identical", True)
              for r in results for c in r["contenders"].values())
     print("\nresults agree" if ok else "\nRESULTS DIFFER")
     if args.json:
