@@ -8,6 +8,7 @@ import torch
 
 from landscape.config import TrainConfig
 from landscape.data import DataSpec
+from landscape.device import torch_threads
 from landscape.models import ModelSpec
 
 # one thread per pytest worker when the suite runs on every core (pytest -n auto), else at most two
@@ -60,7 +61,12 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture
 def one_thread():
     """Tiny models: intra-op threads only cost here (modules use it with pytest.mark.usefixtures)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def two_workers():
+    """torch.get_num_threads() == 2: a CPU surface evaluates on two workers (forked processes on Linux)."""
+    with torch_threads(2):
+        yield

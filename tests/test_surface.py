@@ -138,15 +138,6 @@ def test_a_computation_resumed_on_another_device_chooses_its_points_per_call_aga
         assert f.attrs["computed_on"] == "cpu"
 
 
-@pytest.fixture
-def two_workers():
-    """torch.get_num_threads() == 2: a CPU surface evaluates on two workers (forked processes on Linux)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("forked", [True, False])
 def test_workers_do_not_change_the_values(traj, reference, monkeypatch, forked):
     """On a CPU, torch.get_num_threads() single-threaded workers share the points: processes forked from
