@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
-
 from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler,
                               Subset, SubsetRandomSampler)
 

@@ -92,8 +92,8 @@ class ForkedWorkers:
     thread for the items :meth:`map` hands it. Forked, they hold this process's memory as it is (the
     model, the data, nothing pickled or copied until written), and each runs its own interpreter:
     independent computations of a small model, bound by per-operation Python overhead, scale with the
-    cores, where threads wait on each other's interpreter lock (1.3x for two workers on a BatchNorm
-    plane of ``cnn1d``). The values are those of a single-threaded worker thread, to the bit.
+    cores, where threads wait on each other's interpreter lock (1.14x to 1.30x over two threads on a
+    BatchNorm plane of ``cnn1d``). The values are those of a single-threaded worker thread, to the bit.
 
     A worker ignores Ctrl-C (this process stops them and keeps what they finished), raises its error
     here (the same exception), and one that dies is :class:`ProcessDied`. It never returns into this
