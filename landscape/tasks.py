@@ -168,8 +168,9 @@ class Classification(Task):
     def evaluate(self, output, batch) -> Evaluation:
         logits, y = logits_of(output), targets_of(batch)
         if logits.ndim != 2 or y.ndim != 1 or len(logits) != len(y) or y.is_floating_point():
+            hint = "; for float targets (values to fit) give the task 'regression'" if y.is_floating_point() else ""
             raise ModelError(f"task 'classification' needs logits (n, classes) and integer labels (n,); got "
-                             f"outputs {list(logits.shape)} and targets {list(y.shape)} ({y.dtype})")
+                             f"outputs {list(logits.shape)} and targets {list(y.shape)} ({y.dtype}){hint}")
         try:
             losses = F.cross_entropy(logits, y, reduction="none")
         except IndexError as e:  # a label past the logits, in a streamed batch no check before the work read

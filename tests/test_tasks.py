@@ -379,6 +379,9 @@ class WrongLength(Task):
                                DataLoader(TensorDataset(torch.randn(9, 6), torch.zeros(9).long()))), None),
      DataError, ["cannot take a batch"]),
     (lambda: (nn.Linear(6, 3), _classification()[1], WrongLength()), ModelError, ["half", "[1]", "expected [2]"]),
+    # float targets under the default task: the task that fits them is named
+    (lambda: (nn.Linear(6, 3), (torch.randn(20, 6), torch.randn(20), torch.randn(10, 6), torch.randn(10)), None),
+     ModelError, ["integer labels", "for float targets (values to fit) give the task 'regression'"]),
     # the test split is probed too: features of another size there
     (lambda: (nn.Linear(6, 3), (DataLoader(TensorDataset(torch.randn(40, 6), torch.zeros(40).long()), batch_size=8),
                                DataLoader(TensorDataset(torch.randn(9, 7), torch.zeros(9).long()))), None),
