@@ -573,8 +573,11 @@ def test_regression_end_to_end(capsys, tmp_path):
     assert surf.primary_metric == "test_mae" and np.isfinite(surf.values["test_mae"]).all()
     assert "test mean absolute error" in html and "errors in %" not in html  # no error, no percent
     from landscape.cli.main import main
+    capsys.readouterr()
     assert main(["line", str(tmp_path / "run.h5"), "sgd", "swa/average", "--points", "3", "--samples", "20",
-                 "-o", str(tmp_path / "line.h5"), "--quiet"]) == 0
+                 "-o", str(tmp_path / "line.h5")]) == 0
+    said = capsys.readouterr().out
+    assert "min test_mae " in said and "_se" not in said  # a standard error has no best point to report
     line = ls.open_surface(tmp_path / "line.h5")
     assert line.spec["task"]["samples"] == 20 and (line.values["test_mae_se"] > 0).all()
 

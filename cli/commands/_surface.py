@@ -130,6 +130,8 @@ def run_surface(args, traj, geom, grid) -> int:
 def summarize(surf, seconds: float) -> dict:
     minima = {}
     for name, v in surf.values.items():
+        if name.endswith("_se"):  # a value's standard error over samples has no best point
+            continue
         if np.isfinite(v).any():  # the best value: the largest for a metric the task maximizes (an accuracy)
             largest = surf.maximized(name)
             idx = np.unravel_index((np.nanargmax if largest else np.nanargmin)(np.where(np.isfinite(v), v, np.nan)),
