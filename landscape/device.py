@@ -111,8 +111,7 @@ class ForkedWorkers:
 
     def __enter__(self) -> "ForkedWorkers":
         context = multiprocessing.get_context("fork")
-        sys.stdout.flush()
-        sys.stderr.flush()  # (else a worker would print this process's unwritten output again)
+        _flush_output()  # (else a worker would print this process's unwritten output again)
         gc.freeze()  # what exists now is never collected in a worker (nor its pages copied for it)
         try:
             for j in range(self.workers):
@@ -223,9 +222,16 @@ def _serve(call, j: int, conn) -> None:
     except (EOFError, OSError):  # the parent is gone
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_output()
         os._exit(code)
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):  # (None without a console; a closed one cannot flush)
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
 
 
 def _send_error(conn, e: BaseException) -> None:
