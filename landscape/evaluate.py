@@ -681,10 +681,7 @@ class Evaluator:
         for i, batch in enumerate(self.data.batches(split, self.batch_size)):
             y = targets_of(batch)
             if torch.is_tensor(y) and y.device.type == "cpu":
-                outside = _labels_outside(self.task, y, width)
-                if outside:
-                    raise DataError(f"the {split} labels of batch {i} run from {outside[0]} to {outside[1]}, but the "
-                                    f"model gives {width} logits (labels 0 to {width - 1})")
+                _check_label_range(self.task, y, width, f"the {split} labels of batch {i}")
             yield to_device(batch, self.device)
 
     def _evaluate_points(self, output, batch, K: int) -> Evaluation:
@@ -763,37 +760,41 @@ def _check_labels(task, labels, output, split: str) -> None:
     """Class labels (classification, language model; ``labels()``: a whole split in memory, else the
     probe's) within the model's logits: a label past them would fail deep inside a pass (on a GPU,
     stop the process)."""
-    if not isinstance(task, (Classification, LanguageModel)):  # (an output may have no logits then)
-        return
-    logits = logits_of(output)
-    if not torch.is_tensor(logits) or logits.ndim < 2:
-        return
-    width = logits.shape[-1]
-    outside = _labels_outside(task, labels(), width)
-    if outside:
-        raise DataError(f"the {split} labels run from {outside[0]} to {outside[1]}, but the model gives "
-                        f"{width} logits (labels 0 to {width - 1})")
+    width = _logits_width(task, lambda: output)
+    if width is not None:
+        _check_label_range(task, labels(), width, f"the {split} labels")
 
 
-def _labels_outside(task, y, width: int) -> tuple | None:
-    """(lowest, highest) of the class labels ``y`` when one lies outside 0 to ``width`` - 1, else None
-    (also for targets that are no class labels: the task's own check names what does not fit)."""
+def _check_label_range(task, y, width: int, what: str) -> None:
+    """Refuse class labels ``y`` (``what``: "the test labels") outside 0 to ``width`` - 1; targets that
+    are no class labels pass (the task's own check names what does not fit)."""
     if not torch.is_tensor(y) or y.is_floating_point() or not y.numel():
-        return None
+        return
     if isinstance(task, LanguageModel):  # left-out labels read as 0, without a copy of the kept ones
         y = torch.where(y == task.ignore_index, 0, y)
     low, high = int(y.min()), int(y.max())
-    return (low, high) if low < 0 or high >= width else None
+    if low < 0 or high >= width:
+        raise DataError(f"{what} run from {low} to {high}, but the model gives {width} logits (labels 0 to "
+                        f"{width - 1})")
+
+
+def _logits_width(task, output) -> int | None:
+    """How many logits the class labels of ``task`` index (classification, language model; ``output()``:
+    the model's output, asked for only then: another task's output may have no logits), else None."""
+    if not isinstance(task, (Classification, LanguageModel)):
+        return None
+    logits = logits_of(output())
+    return logits.shape[-1] if torch.is_tensor(logits) and logits.ndim >= 2 else None
 
 
 def _label_width(task, model, probe) -> int | None:
-    """How many logits the class labels of ``task`` index (classification, language model), else None."""
-    if not isinstance(task, (Classification, LanguageModel)):
-        return None
+    """:func:`_logits_width` of ``model``'s output for the ``probe`` batch."""
     args, kwargs = model_args(probe)
-    with torch.no_grad():
-        logits = logits_of(output_tree(model(*args, **kwargs)))
-    return logits.shape[-1] if torch.is_tensor(logits) and logits.ndim >= 2 else None
+
+    def output():
+        with torch.no_grad():
+            return output_tree(model(*args, **kwargs))
+    return _logits_width(task, output)
 
 
 class MetricSums:
