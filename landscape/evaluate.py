@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import platform
+import threading
 import time
 import types
 import warnings
@@ -259,7 +260,9 @@ def conv_batchnorm_pairs(model) -> list:
             or not any(type(m) in _FOLDABLE_BN for m in modules.values()) or _global_forward_hooks()):
         return []
     try:
-        with warnings.catch_warnings():
+        # fx patches torch.nn.Module for every thread while it traces: one trace at a time, and no evaluator
+        # is made while another thread runs a model (the sharpness workers' are made before they start)
+        with _TRACING, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # data-dependent control flow, an operation fx cannot trace: no folding
@@ -287,6 +290,7 @@ def _global_forward_hooks() -> bool:
     return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
 
 
+_TRACING = threading.Lock()
 _FOLDABLE_CONV = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _FOLDABLE_BN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import heapq
 import math
+import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -463,13 +464,19 @@ def run_works(works: list, model, layout, data, policy: BatchNormPolicy, workers
     when a work is done. ``stop`` (a ``threading.Event``) is set when a piece fails or the run is
     interrupted: the pieces under way end at their next Hessian pass."""
     stop = stop if stop is not None else threading.Event()
-    local = threading.local()
+    # every worker's evaluator made here, before any piece runs: making one traces the model with torch.fx,
+    # which patches torch.nn.Module for every thread meanwhile (a piece running then went through the trace)
+    free = queue.SimpleQueue()
+    for _ in range(max(workers, 1) if works else 0):
+        free.put(Evaluator(model, layout, data, policy, batch_size=works[0].spec.batch_size))
 
     def timed(work, piece):
         t = time.perf_counter()
-        if not hasattr(local, "ev"):
-            local.ev = Evaluator(model, layout, data, policy, batch_size=work.spec.batch_size)
-        result = work.prepare(local.ev, data, policy) if piece is None else _run_piece(local.ev, work, piece, stop)
+        ev = free.get()  # (a piece keeps nothing in its evaluator: its work holds the checkpoint's state)
+        try:
+            result = work.prepare(ev, data, policy) if piece is None else _run_piece(ev, work, piece, stop)
+        finally:
+            free.put(ev)
         return result, time.perf_counter() - t
 
     ready = [(i, _URGENCY["prepare"], 0, None) for i in range(len(works))]  # a heap

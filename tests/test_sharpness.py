@@ -484,6 +484,22 @@ def test_checkpoints_side_by_side_give_the_numbers_of_one_at_a_time(tiny_run):
                                   np.asarray(b[key] if key != "metrics" else list(b[key].values()))), key
 
 
+def test_the_workers_evaluators_are_made_before_any_piece_runs(tiny_run, monkeypatch):
+    """Making an evaluator traces the model with torch.fx, which patches torch.nn.Module for every thread
+    while it runs: made in a worker thread, it sent the other worker's running piece through the trace
+    (now and then other metrics, or fx's NameError). Every evaluator is made in the calling thread."""
+    import threading
+    import landscape.sharpness as sharpness
+    from landscape.device import torch_threads
+    made, make = [], sharpness.Evaluator.__init__
+    monkeypatch.setattr(sharpness.Evaluator, "__init__",
+                        lambda self, *a, **k: made.append(threading.current_thread()) or make(self, *a, **k))
+    spec = SharpnessSpec(top_k=1, iterations=4, probes=2, ascent_steps=1)
+    with torch_threads(2):
+        sharpness.compute_sharpness(open_trajectory(tiny_run), ["sgd", "swa/average:-1"], spec, device="cpu")
+    assert made and all(t is threading.main_thread() for t in made)
+
+
 def test_an_interrupted_computation_keeps_its_finished_checkpoints_and_goes_on(tiny_run, tmp_path, monkeypatch,
                                                                               capsys):
     """Ctrl-C after the first checkpoint: it is kept in OUT.partial and not computed again, and the file
