@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler,
                               Subset, SubsetRandomSampler)
 
@@ -138,12 +138,14 @@ class StreamData:
         return self  # batches move to the model's device as they are read
 
     def batches(self, split: str, batch_size: int = None, device=None):
-        """The batches of ``split`` in its fixed order (``batch_size``: the source's own)."""
+        """The batches of ``split`` in its fixed order (``batch_size``: the source's own), with float
+        tensors as float32 and integer ones as int64, as data in memory is."""
         first = None
         for i, batch in enumerate(_in_order(getattr(self, split), self._read.get(split))):
             first = batch if first is None else first
             _check_like(first, batch, split, i)
             _check_finite_batch(batch, split, i)
+            batch = tree_map(_stream_typed, batch)
             yield to_device(batch, device) if device is not None else batch
 
     def population(self, split: str) -> int | None:
@@ -270,6 +272,15 @@ def _check_like(first, batch, split: str, i: int) -> None:
                         "of a batch needs one row per sample")
     if i and kinds(first) != kinds(batch):
         raise DataError(f"batch {i} of the {split} data is {kinds(batch)}, the first was {kinds(first)}")
+
+
+def _stream_typed(t):
+    """A streamed batch's tensor in the types :func:`typed` gives data in memory: float as float32,
+    integer as int64 (class labels from numpy's int32 included: cross-entropy takes int64 only). Bytes
+    (uint8 images) and booleans stay as they are, as the model or the loss takes them."""
+    if not torch.is_tensor(t) or t.dtype in (torch.float32, torch.int64, torch.uint8, torch.bool):
+        return t
+    return t.float() if t.is_floating_point() else t.long() if not t.is_complex() else t
 
 
 def _check_finite_batch(batch, split: str, i: int) -> None:

@@ -432,7 +432,7 @@ class Evaluator:
     """Evaluates the points given as rows of (K, P) weights and (K, B) buffers; see the module doc."""
 
     def __init__(self, model, layout, data, bn: BatchNormPolicy = BatchNormPolicy("stored"),
-                 batch_size: int = 1000, weight_decay: float | None = None, stderr: bool = False):
+                 batch_size: int = 1000, weight_decay: float | None = None, stderr: bool = False, bn_data=None):
         self.model = copy_module(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -449,7 +449,7 @@ class Evaluator:
                           if isinstance(m, _BatchNorm) and m.track_running_stats}
         # every running variance an interpolated point clips at 0 (InstanceNorm's too, which is no _BatchNorm)
         self.var_names = [n for n, _ in self.model.named_buffers() if n.rpartition(".")[2] == "running_var"]
-        self.x_bn = bn_inputs(data, bn)
+        self.x_bn = bn_inputs(data if bn_data is None else bn_data, bn)  # (``bn_data``: a subset's whole set)
         self._vmap_task = True  # until the task fails under vmap
         self._vmap_model = True  # until the model fails under vmap (an operation without a batching rule)
         probe = check_task_fits(self.model, data, self.device)

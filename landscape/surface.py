@@ -158,7 +158,8 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
     returning iterables of batches, read in a fixed order, one batch in memory at a time); ``task``: a
     task name or object (:mod:`landscape.tasks`; default: the data's, classification); ``samples``:
     evaluate the metrics on a fixed random subset of that many samples of each split (drawn from
-    ``seed``) and store each one's standard error beside it (``test_loss_se``, ...);
+    ``seed``) and store each one's standard error beside it (``test_loss_se``, ...), BatchNorm recomputed
+    from that training subset unless ``bn_samples`` asks for that many of the whole set;
     ``grid``: a shape ((nx, ny), or (nx,) for lines), a Grid, or None for the default; ``bn``: auto |
     recompute | interpolate | stored; ``checkpoints`` ({name: module, state_dict or tensor}) and
     ``paths`` ({run: [states]}) are projected for the figures, besides the geometry's own points.
@@ -175,7 +176,7 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
     if device is None:
         device = next(module.parameters()).device if any(True for _ in module.parameters()) else "cpu"
     device = resolve_device(str(device))
-    data = _subset(as_data(data, device, task), samples, seed)
+    data = as_data(data, device, task)
     layout = Layout.of(module)
     if layout.num_params != geom.origin.numel():
         raise ModelError(f"the model has {layout.num_params:,} parameters; the {geom.kind} was made for "
@@ -185,9 +186,11 @@ def evaluate_surface(model, geom, data, grid=None, *, bn="auto", batch_size: int
     grid = make_grid(geom, grid, margin, xrange, yrange)
     check_points(geom.values_shape(grid), geom.kind)
     policy = _policy(bn, bn_batch_size or batch_size, bn_samples, module, geom, data, bn_batch_size is not None)
+    data, policy, bn_data = _metric_subset(data, samples, seed, policy)
     points, runs = geom.project(checkpoints=checkpoints, paths=paths)
     points_of = _PointEvaluator(copy_module(module).to(device), layout, data, geom, grid, policy, batch_size,
-                                weight_decay, device, stderr=samples is not None)  # a copy: the caller's module stays
+                                weight_decay, device, stderr=samples is not None,  # a copy: the caller's module stays
+                                bn_data=bn_data)
     writer = MemorySurfaceWriter(surface_spec(geom, grid, policy, weight_decay, data=data, samples=samples, seed=seed), grid.x,
                                  grid.y, _basis(geom), points, runs, points_of.metrics, geom.values_shape(grid))
     _fill(writer, points_of, Group.single(device), points_per_call, quiet)
@@ -229,9 +232,17 @@ def _policy(bn, bn_batch_size: int, bn_samples, model, geom, data, asked_batch: 
     return policy
 
 
-def _subset(data, samples: int | None, seed: int):
-    """``data`` or, with ``samples``, its fixed random subset of that many samples per split."""
-    return data if samples is None else data.subset(samples, seed)
+def _metric_subset(data, samples: int | None, seed: int, policy: BatchNormPolicy) -> tuple:
+    """(the data of the metric passes, the BatchNorm policy, the data its recompute pass draws from).
+    With ``samples``, the metric passes read a fixed random subset of that many samples per split, drawn
+    from ``seed``, and a recompute pass without samples of its own reads that same training subset:
+    recorded so in the policy (the first draw of ``seed`` over the whole training set is that subset);
+    one with its own (``bn_samples``) draws them from the whole training set, as recorded."""
+    if samples is None:
+        return data, policy, None
+    if policy.policy == "recompute" and policy.samples is None:
+        policy = dataclasses.replace(policy, samples=samples, seed=seed)
+    return data.subset(samples, seed), policy, data
 
 
 def _basis(geom) -> dict:
@@ -255,13 +266,13 @@ class _PointEvaluator:
     each its own interpreter, where threads wait on one another's); else threads of this one."""
 
     def __init__(self, model, layout, data, geom, grid, policy, batch_size, weight_decay, device, workers=None,
-                 stderr: bool = False):
+                 stderr: bool = False, bn_data=None):
         if workers is None:
             workers = max(1, torch.get_num_threads()) if device.type == "cpu" else 1
         self.geom, self.grid, self.device = geom.to(device), grid, device
         self.interpolate = policy.policy == "interpolate"
         self.workers = workers
-        self.evaluators = [Evaluator(model, layout, data, policy, batch_size, weight_decay, stderr)
+        self.evaluators = [Evaluator(model, layout, data, policy, batch_size, weight_decay, stderr, bn_data)
                            for _ in range(workers)]
         # a data source is read by its own code (open files, loader processes), which a fork would share
         self.forked = workers > 1 and device.type == "cpu" and isinstance(data, Data) and can_fork()
@@ -485,11 +496,12 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
         model = rebuild_model(traj, data, ranks.device)
         policy = _policy(bn, default_batch if bn_batch_size is None else bn_batch_size, bn_samples, model, geom, data,
                          bn_batch_size is not None)
-        data = _subset(data, samples, seed)
+        data, policy, bn_data = _metric_subset(data, samples, seed, policy)
         spec = surface_spec(geom, grid, policy, weight_decay, traj, data, samples, seed)
         points_of = _PointEvaluator(model, traj.layout, data, geom, grid, policy,
                                     default_batch if batch_size is None else batch_size, weight_decay, ranks.device,
-                                    workers=1 if ranks.distributed else None, stderr=samples is not None)
+                                    workers=1 if ranks.distributed else None, stderr=samples is not None,
+                                    bn_data=bn_data)
         writer = _open_writer(ranks, traj, geom, grid, spec, out, overwrite, points_of.metrics)
         _agree_on_basis(ranks, writer, points_of)
         _fill(writer, points_of, ranks, points_per_call, quiet, write_every, on_write)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import landscape as ls
+from landscape.bn import recompute_bn
 from landscape.data import StreamData, as_data
 from landscape.errors import DataError, LandscapeError, ModelError
 from landscape.evaluate import BatchNormPolicy, Evaluator, evaluate_model
@@ -363,6 +364,50 @@ def test_subset_surface_stores_standard_errors_beside_the_values():
     assert {"test_mae", "test_mae_se", "train_loss_se"} <= set(surf.values)
     assert surf.spec["task"]["samples"] == 20 and "test_mae_se" in surf.spec["task"]["values"]
     assert (surf.values["test_mae_se"] > 0).all()
+
+
+def _bn_net(seed: int):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("bn_samples", [None, 30])
+def test_a_subset_surface_recomputes_batchnorm_from_what_its_spec_says(bn_samples):
+    """``samples=N`` on a BatchNorm model: the statistics come from the same training subset (recorded as
+    the policy's samples and seed), or, with ``bn_samples``, from that many of the whole training set
+    (it recorded "the whole training set" while it read the subset)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(300, 5, generator=g), torch.randint(0, 3, (300,), generator=g)
+    net, other = _bn_net(0), _bn_net(1)
+    data = as_data((x[:200], y[:200], x[200:], y[200:]))
+    surf = ls.evaluate_surface(net, ls.Line.through(net, other), data, 2, xrange=(0.0, 1.0), samples=40, seed=3,
+                               bn_samples=bn_samples)
+    bn = surf.spec["bn"]
+    assert (bn["samples"], bn["seed"]) == ((40, 3) if bn_samples is None else (30, 0))
+    # by hand at the line's start (the net itself): statistics from what the spec names, loss on the subset
+    recompute_from = data.subset(bn["samples"], bn["seed"], splits=("train",)).x_train
+    at = copy.deepcopy(net)
+    recompute_bn(at, recompute_from, bn["batch_size"])
+    subset = data.subset(40, 3)
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(at.eval()(subset.x_train), subset.y_train).item()
+    assert surf.values["train_loss"][0] == pytest.approx(loss, rel=1e-5)
+
+
+def test_streamed_int32_labels_and_float64_inputs_are_taken_as_in_memory():
+    """Labels as numpy's int32 and float64 inputs: converted per batch as data in memory is (int64,
+    float32); cross-entropy raised a traceback on int32 labels from a DataLoader."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(100, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (100,), generator=g)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    line = ls.Line.through(net, other)
+    loaders = tuple(DataLoader(TensorDataset(a, b.int()), batch_size=16) for a, b in ((x[:60], y[:60]), (x[60:], y[60:])))
+    streamed = ls.evaluate_surface(net, line, loaders, 3)
+    in_memory = ls.evaluate_surface(net, line, (x[:60].float(), y[:60], x[60:].float(), y[60:]), 3)
+    for name in ("train_loss", "test_loss", "test_err"):
+        np.testing.assert_allclose(streamed.values[name], in_memory.values[name], rtol=1e-6)
 
 
 class WrongLength(Task):
