@@ -337,3 +337,29 @@ def test_interpolated_running_variances_of_an_instance_norm_stay_at_least_0():
     surface = evaluate_surface(nets[0], Plane.through(*nets), (x, y, x, y), (11, 11), margin=1.0)
     assert surface.spec["bn"]["policy"] == "interpolate"
     assert np.isfinite(surface.values["train_loss"]).all()
+
+
+def test_sharpness_numbers_of_another_model_are_not_shown_beside_a_planes_checkpoints():
+    """Live results carry no trajectory to tell them apart: a sharpness result of a model of another size
+    whose checkpoints happen to share the plane's names is not joined to them (its table still shows)."""
+    import warnings
+    from landscape.plot.interactive import explorer_html
+    from landscape.sharpness import SharpnessSpec, evaluate_sharpness
+    torch.manual_seed(0)
+    small = [torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)) for _ in range(3)]
+    big = [torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.ReLU(), torch.nn.Linear(9, 2)) for _ in range(2)]
+    x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    data = (x[:30], y[:30], x[30:], y[30:])
+    names = ("sgd", "swa/average", "init")
+    plane = evaluate_surface(small[0], Plane.through(*small, names=names), data, (3, 3))
+    spec = SharpnessSpec(top_k=1, iterations=5, probes=2, ascent_steps=0)
+    for models, joined in ((big, False), (small[:2], True)):
+        sharp = evaluate_sharpness(models[0], data, dict(zip(names, models)), spec=spec)
+        top = f"top Hessian eigenvalue {sharp.results[0]['eigenvalues'][0]:.4g}"
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            page = explorer_html([plane], sharpness=sharp)
+        assert (top in page) == joined and "Flatness numbers" in page  # (the hover text beside a checkpoint)
+        assert [str(w.message) for w in said if "not shown beside" in str(w.message)] == \
+            ([] if joined else ["the sharpness numbers are of a model of 65 parameters, the plane's of 44; they are not "
+                                "shown beside that plane's checkpoints"])

@@ -430,7 +430,7 @@ def test_flatness_figure_and_explorer_numbers(sharp_file, tmp_path, tiny_run):
     assert page.count("<tr>") == 1 + len(printed)
     import dataclasses
     other = dataclasses.replace(surf, trajectory_sha256="0" * 64)  # a plane of another run: names name others
-    with pytest.warns(UserWarning, match="is of another trajectory"):
+    with pytest.warns(UserWarning, match="are of another trajectory"):
         page = explorer_html([other], sharpness=out)
     assert f"top Hessian eigenvalue {top:.4g}" not in page and page.count("<tr>") == 1 + len(printed)
     # a sharpness file of an averaged copy (the demo's) names the runs it copied from the plane's trajectory

@@ -455,8 +455,11 @@ def _joins(sharp, surface) -> bool:
     if sharp is None or static.same_trajectory(sharp, surface):
         return True
     import warnings
-    warnings.warn(f"{sharp.path} is of another trajectory ({sharp.trajectory}) than {surface.path} "
-                  f"({surface.trajectory}); its numbers are not shown beside that plane's checkpoints", stacklevel=3)
+    other = (f"a model of {sharp.num_params:,} parameters, the plane's of {surface.num_params:,}"
+             if sharp.num_params not in (None, surface.num_params) else
+             f"another trajectory ({sharp.trajectory}) than the plane's ({surface.trajectory})")
+    warnings.warn(f"{sharp.path or 'the sharpness numbers'} are of {other}; they are not shown beside "
+                  f"{surface.path or 'that plane'}'s checkpoints", stacklevel=3)
     return False
 
 

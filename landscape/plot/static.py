@@ -364,9 +364,12 @@ def same_trajectory(a, b) -> bool:
     """Whether two files' checkpoint names name the same checkpoints: computed from one trajectory
     (its recorded SHA-256), or one from a trajectory that holds the other's runs as they are (an
     averaged file records its input's as ``source_sha256``), or either of live objects (nothing to
-    tell them apart by)."""
+    tell them apart by) whose models have as many parameters."""
     def known(f):
         return {s for s in (getattr(f, "trajectory_sha256", None), getattr(f, "source_sha256", None)) if s}
+    sizes = {n for n in (getattr(a, "num_params", None), getattr(b, "num_params", None)) if n is not None}
+    if len(sizes) > 1:  # (models of other sizes: their checkpoint names name other things, whatever the names)
+        return False
     ours, theirs = known(a), known(b)
     return not ours or not theirs or bool(ours & theirs)
 

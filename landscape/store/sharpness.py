@@ -48,6 +48,11 @@ class SharpnessFile:
     seconds: float = float("nan")
 
     @property
+    def num_params(self) -> int | None:
+        """The parameters of the model the checkpoints are of (None in a file that does not say)."""
+        return self.spec.get("num_params")
+
+    @property
     def epsilon(self) -> float:
         return float(self.spec["sharpness"]["epsilon"])
 

@@ -370,6 +370,14 @@ class Surface:
                 "trajectory": self.trajectory, "trajectory_sha256": self.trajectory_sha256,
                 "points_per_call": self.points_per_call, "spec": self.spec}
 
+    @property
+    def num_params(self) -> int:
+        """The parameters of the model the surface is of (its origin's length)."""
+        if self.vectors is not None:
+            return int(self.vectors["origin"].shape[-1])
+        with open_read(self.path, FORMAT) as f:
+            return int(f["basis/origin"].shape[-1])
+
     def basis(self) -> dict:
         """origin, u, v (planes) or u (lines): float32 (P,) vectors ((R, P) for rays)."""
         if self.vectors is not None:
