@@ -28,6 +28,7 @@ try:
     from .models import ModelSpec, build_model  # noqa: E402
     from .params import Layout  # noqa: E402
     from .store import open_surface, open_trajectory  # noqa: E402
+    from .store.sharpness import open_sharpness  # noqa: E402
     from .geometry import Grid, Line, Plane  # noqa: E402
     from .surface import compute_surface, evaluate_surface  # noqa: E402
     from .sharpness import SharpnessSpec, compute_sharpness, evaluate_sharpness  # noqa: E402
@@ -41,5 +42,5 @@ if _held:
     raise SystemExit(130)
 
 __all__ = ["TrainConfig", "DataSpec", "ModelSpec", "Layout", "LandscapeError", "build_model",
-           "load_data", "open_trajectory", "open_surface", "Plane", "Line", "Grid", "compute_surface", "evaluate_surface",
+           "load_data", "open_trajectory", "open_surface", "open_sharpness", "Plane", "Line", "Grid", "compute_surface", "evaluate_surface",
            "SharpnessSpec", "compute_sharpness", "evaluate_sharpness", "Recorder", "__version__"]

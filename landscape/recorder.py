@@ -41,6 +41,7 @@ import json
 import math
 import random
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -88,6 +89,18 @@ def data_spec(data, options=None) -> DataSpec:
     if spec is not None:
         return fingerprinted(DataSpec(spec.name, dict(spec.options, **(options or {}))))
     raise ConfigError(f"data must be a dataset name or package.module:factory, got {data!r}")
+
+
+def _warn_of_the_running_script(*names) -> None:
+    """Warn of an import path into ``__main__`` (a notebook's or script's own function): the file records
+    it, and no later command, which is another program, can import it."""
+    for name in names:
+        if isinstance(name, str) and name.startswith("__main__:"):
+            own = name.partition(":")[2]
+            warnings.warn(f"{name!r} names a function of the running notebook or script: the file records it, but "
+                          f"no later command (landscape plane, sharpness, ...) can import it; put {own} in a module "
+                          f"(mynets.py) and name it 'mynets:{own}'", stacklevel=3)
+            return
 
 
 def recorded_task(task, config: dict):
@@ -205,6 +218,7 @@ class Recorder:
                            source=source, landscape_version=__version__)
         if task_name is not None:
             self.config["task"] = task_name
+        _warn_of_the_running_script(self.model_spec.name, self.data_spec.name, task_name)
         self.data = None
         self.layout = None
         self.writer = None

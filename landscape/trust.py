@@ -93,7 +93,8 @@ def check_recorded_import(path: str, *, what: str, file, trust: Trust) -> None:
     option = OPTIONS.get(what, f"--{what}")
     raise TrustError(f"{file} names the {what} {path!r}, code that runs only if you allow it: pass "
                      f"--trust-code (or {option} {path}; LANDSCAPE_TRUST_CODE=1 or "
-                     f"LANDSCAPE_TRUSTED_MODULES={module} in scripts; trust_code=True in Python)")
+                     f"LANDSCAPE_TRUSTED_MODULES={module} in scripts; in Python, open_trajectory(path, "
+                     f"allow=[{module!r}]) or trust_code=True, and pass that trajectory on)")
 
 
 def check_recorded_config(config: dict, *, file, trust: Trust) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import matplotlib
 import numpy as np
@@ -490,12 +491,39 @@ def test_a_plane_of_one_column_is_refused_by_every_drawing_in_one_line(plane, tm
     from matplotlib.figure import Figure
     thin = Surface(None, plane.spec, plane.x[:1], plane.y, {k: v[:1] for k, v in plane.values.items()},
                    plane.done[:1], plane.points, plane.paths)
+    flat = Surface(None, plane.spec, plane.x, plane.y[:1], {k: v[:, :1] for k, v in plane.values.items()},
+                   plane.done[:, :1], plane.points, plane.paths)  # (one row: no height to divide by)
     for draw in (lambda: write_explorer([thin], tmp_path / "x.html"),
                  lambda: static.draw_plane(Figure().subplots(), thin),
-                 lambda: plot_files([thin], tmp_path / "figs")):
-        with pytest.raises(ConfigError, match=r"this surface is a plane of 1 x \d+ points; its contours need"):
+                 lambda: plot_files([thin], tmp_path / "figs"),
+                 lambda: figures.plane_figure(flat)):
+        with pytest.raises(ConfigError, match=r"this surface is a plane of \d+ x \d+ points; its contours need"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing said before the error
             draw()
     assert not (tmp_path / "x.html").exists() and not (tmp_path / "figs").exists()
+
+
+def test_draw_rays_takes_a_rays_surface_and_save_makes_its_folder(tmp_path):
+    """The notebook way: ``draw_rays(ax, surface)`` as ``draw_line(ax, surface)`` (it wanted the dict of
+    curves), and ``save`` into a folder not made yet (it raised "no such file or directory")."""
+    from matplotlib.figure import Figure
+    from landscape import evaluate_surface
+    from landscape.geometry import Line
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    data = (x[:30], y[:30], x[30:], y[30:])
+    rays = evaluate_surface(net, Line.random_rays(net, n=3, max_distance=1.0), data, (4,))
+    fig = Figure()
+    ax = fig.subplots()
+    assert static.draw_rays(ax, rays) is ax and len(ax.lines) == 3
+    np.testing.assert_array_equal(ax.lines[1].get_ydata(), rays.values["train_loss"][1])
+    line = evaluate_surface(net, Line.through(net, torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(),
+                                                                      torch.nn.Linear(6, 3))), data, (4,))
+    with pytest.raises(ConfigError, match="draw_rays takes a rays surface"):
+        static.draw_rays(ax, line)
+    assert [p.name for p in figures.save(fig, tmp_path / "new" / "figs", "rays", formats=("png",))] == ["rays.png"]
 
 
 def test_figures_into_the_current_folder(plane, tmp_path, monkeypatch):

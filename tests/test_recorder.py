@@ -596,3 +596,12 @@ def test_a_loop_that_crashed_before_its_first_record_leaves_nothing_to_resume(tm
         recorder(tmp_path / "x.h5", resume=True, overwrite=True)
     with pytest.raises(ConfigError, match="resume=True needs the model built at start"):
         recorder(tmp_path / "x.h5", resume=True, check=False)
+
+
+def test_a_function_of_the_running_script_is_recorded_with_a_warning(tmp_path):
+    """``model="__main__:make_net"`` is what a notebook writes; the file records it, and no later command
+    can import it (``landscape plane`` said the module has no such factory): said at once."""
+    with pytest.warns(UserWarning, match=r"'__main__:make_net' names a function of the running notebook or script"
+                                         r".*name it 'mynets:make_net'"):
+        Recorder(tmp_path / "nb.h5", model="__main__:make_net", data="synthetic", check=False)
+    assert not (tmp_path / "nb.h5").exists()

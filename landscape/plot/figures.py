@@ -53,6 +53,7 @@ def plane_figure(surface, *, train_metric: str = "train_loss", test_metric: str 
 def _panel_width(surface, height: float = 3.9, chrome: float = 1.9) -> float:
     """Width (inches) of one plane panel: the axes keep true Euclidean proportions (equal aspect), so a
     tall plane gets a narrow panel instead of a wide one with empty margins."""
+    static.require_area(surface)  # (before a single row's zero height divides)
     aspect = (surface.y[-1] - surface.y[0]) / max(surface.x[-1] - surface.x[0], 1e-12)
     return float(np.clip(height / aspect, 2.2, 4.6)) + chrome
 
@@ -125,7 +126,7 @@ def edge_center_figure(line, rays=None, rises=(0.1,), *, numbers: dict | None = 
         ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
         static.draw_rays(ax_r, rays or {}, line=line, solutions=sols, rise=rise)
         _clip_rays_axes(ax_r, numbers, rise)
-        ax_r.set_title(f"Basin width: distance from each solution until train loss rises by {rise:g}", pad=18)
+        ax_r.set_title(f"Basin width: distance until the train loss rises by {rise:g}", pad=18)
         handles, labels = static.dedupe_legend([ax_r])
         leg = ax_r.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False,
                           title=edge_center_text(numbers, rise), alignment="left",
@@ -292,10 +293,14 @@ def rays_figure(rays, rise: float = 0.1) -> Figure:
 
 def save(fig: Figure, out_dir, name: str, formats=("png", "pdf")) -> list:
     """Write ``fig`` as ``out_dir/name.<fmt>`` for each format (each file written whole, then moved
-    into place, on the disk before it gets its name); return the paths."""
+    into place, on the disk before it gets its name; ``out_dir`` made if missing); return the paths."""
     from ..store.files import publish, write_failed
     out_dir = Path(out_dir)
     paths = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(e, out_dir) from None
     for fmt in formats:
         p = out_dir / f"{name}.{fmt}"
         tmp = out_dir / f".{name}.{fmt}.partial"

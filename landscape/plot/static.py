@@ -419,10 +419,17 @@ def mark_solutions(ax, solutions: dict) -> None:
                     fontweight="bold")
 
 
-def draw_rays(ax, rays: dict, line=None, solutions: dict | None = None, rise: float | None = None):
+def draw_rays(ax, rays, line=None, solutions: dict | None = None, rise: float | None = None):
     """Train loss against distance from each solution along random rays (thin lines, one colour per
     solution) and, when ``line`` is given, along the line in both directions (thick). With ``rise``,
-    the point where each curve has risen by that much is marked."""
+    the point where each curve has risen by that much is marked. ``rays``: a rays surface
+    (``Line.random_rays``), a list of them, or ``{origin: [(distance, values), ...]}`` (:func:`rays_of`)."""
+    if not isinstance(rays, dict):
+        surfaces = list(rays) if isinstance(rays, (list, tuple)) else [rays]
+        if not all(hasattr(s, "done") and is_rays(s) for s in surfaces):
+            raise ConfigError("draw_rays takes a rays surface (Line.random_rays), a list of them, or "
+                              "{origin: [(distance, values), ...]}")
+        rays = rays_of(surfaces)
     for name, curves in rays.items():
         r = role(name)
         for k, (t, v) in enumerate(curves):

@@ -371,10 +371,13 @@ class Surface:
                 "points_per_call": self.points_per_call, "spec": self.spec}
 
     @property
-    def num_params(self) -> int:
-        """The parameters of the model the surface is of (its origin's length)."""
+    def num_params(self) -> int | None:
+        """The parameters of the model the surface is of (its origin's length; None for a surface made
+        in memory without its basis)."""
         if self.vectors is not None:
             return int(self.vectors["origin"].shape[-1])
+        if self.path is None:
+            return None
         with open_read(self.path, FORMAT) as f:
             return int(f["basis/origin"].shape[-1])
 
