@@ -116,7 +116,10 @@ class ForkedWorkers:
         try:
             for j in range(self.workers):
                 mine, theirs = context.Pipe()
-                proc = context.Process(target=_serve, args=(self.call, j, theirs), daemon=False)
+                # (the child closes this process's ends it inherits: else its own keeps it from ever
+                # reading the end of its pipe once this process is gone)
+                proc = context.Process(target=_serve, args=(self.call, j, theirs, [mine, *self.conns], os.getpid()),
+                                       daemon=False)
                 proc.start()
                 theirs.close()
                 self.procs.append(proc)
@@ -205,8 +208,13 @@ class ForkedWorkers:
 _END = object()
 
 
-def _serve(call, j: int, conn) -> None:
-    """A forked worker: items in, ``("done", value)`` or ``("error", exception)`` out, until None."""
+def _serve(call, j: int, conn, parents_ends, parent: int) -> None:
+    """A forked worker: items in, ``("done", value)`` or ``("error", exception)`` out, until None. It
+    ends with its parent, however that dies (``kill -9`` too): killed by the kernel where Linux can be
+    asked to, else at the end of its pipe, so that nothing the parent held (an output's lock) stays held."""
+    _die_with_parent(parent)
+    for end in parents_ends:
+        end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group: the parent handles it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the parent's handler turns it into an exception)
     torch.set_num_threads(1)
@@ -224,6 +232,18 @@ def _serve(call, j: int, conn) -> None:
     finally:
         _flush_output()
         os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); a parent gone
+    already ends it now."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _flush_output() -> None:

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from landscape.device import can_fork
 from landscape.errors import FileFormatError
 from landscape.evaluate import Evaluator
 from landscape.geometry import Line, Plane
@@ -449,3 +451,43 @@ def test_only_a_peer_gone_is_called_so():
         with pytest.raises(type(own), match=re.escape(str(own))):
             with _peers():
                 raise own
+
+
+@pytest.mark.skipif(not can_fork(), reason="forked workers are Linux's")
+@pytest.mark.parametrize("kernel_kills", [True, False])
+def test_forked_workers_end_with_their_parent_killed(tmp_path, kernel_kills):
+    """``kill -9`` of the evaluating process alone (the out-of-memory killer's way): its workers ended
+    with it, where they slept on forever holding the output's lock, and the same command was refused.
+    Linux kills them (PR_SET_PDEATHSIG); without that, each reads the end of its pipe, since none holds
+    the parent's ends any more."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        import landscape.device as device
+        if not {kernel_kills}:
+            device._die_with_parent = lambda parent: None
+        with device.ForkedWorkers(lambda j, x: time.sleep(x), 2) as pool:
+            print(" ".join(str(p.pid) for p in pool.procs), flush=True)
+            for _ in pool.map([0.2] * 1000):
+                pass
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2
+        time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # (a zombie has ended; init reaps it)
+    except FileNotFoundError:
+        return False
