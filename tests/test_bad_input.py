@@ -363,6 +363,28 @@ def test_damaged_metadata_and_run_names_that_are_not_runs_are_one_line(tiny_run,
     assert not (tmp_path / "a.h5").exists()
 
 
+@pytest.mark.parametrize("attr, value, words", [
+    ("complete", "false", "is incomplete"),  # a string is true to Python: it read as a finished file
+    ("config", {"eval_batch_size": "big"}, "the config's 'eval_batch_size' is 'big', not a whole number"),
+    ("config", {"eval_batch_size": 0}, "the config's 'eval_batch_size' is 0, not a whole number"),
+])
+def test_a_trajectory_edited_by_hand_is_refused_in_one_line(tiny_run, tmp_path, capsys, attr, value, words):
+    """Attributes a hand changed: read by their type, and refused before any work (an eval_batch_size of
+    "big" stopped plane with int()'s ValueError, one of 0 stopped average in range())."""
+    import h5py
+    import json
+    path = tmp_path / "edited.h5"
+    shutil.copy(tiny_run, path)
+    with h5py.File(path, "r+") as f:
+        if attr == "config":
+            value = json.dumps(dict(json.loads(f.attrs["config"]), **value))
+        f.attrs[attr] = value
+    for argv in (["info", path], ["average", path, "--from", "sgd:1:", "--uniform", "-o", tmp_path / "a.h5"],
+                 ["plane", path, "sgd", "swa/average", "sgd:0", "--grid", "3", "3", "-o", tmp_path / "p.h5"]):
+        one_line_error(capsys, argv, words)
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "p.h5").exists()
+
+
 def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
     """Building the parser imports torch (seconds): a Ctrl-C there printed the imports' traceback."""
     import landscape.cli.main as cli_main

@@ -324,6 +324,13 @@ def what_failed(e: Exception) -> str:
     return (text or type(e).__name__).splitlines()[0]
 
 
+def is_complete(attrs) -> bool:
+    """Whether a file's ``complete`` attribute says it is: a boolean true only (a string "false" a hand
+    wrote there is true to Python, and read so a partial file as a finished one)."""
+    value = attrs.get("complete", False)
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
 def json_attr(attrs, name: str, kind: type | None = None):
     """The attribute ``name`` of ``attrs`` (an HDF5 object's) read as JSON, of type ``kind`` (``dict``:
     "a JSON object") when given; a ValueError naming the attribute when it is not (other text, a

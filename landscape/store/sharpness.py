@@ -22,8 +22,8 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError
-from .files import (check_dtype, check_task, check_version, claim_output, interrupts_deferred, json_attr, open_read,
-                    partial_path, prepare_output, publish, reason, sha256, to_json, what_failed, write_failed)
+from .files import (check_dtype, check_task, check_version, claim_output, interrupts_deferred, is_complete, json_attr,
+                    open_read, partial_path, prepare_output, publish, reason, sha256, to_json, what_failed, write_failed)
 
 FORMAT = "landscape.sharpness"
 VERSION = 1
@@ -196,7 +196,7 @@ def write_sharpness(path, spec: dict, results: list, trajectory=None, overwrite:
 
 def open_sharpness(path) -> SharpnessFile:
     with open_read(path, FORMAT) as f:
-        if not bool(f.attrs.get("complete", False)):
+        if not is_complete(f.attrs):
             raise FileFormatError(f"{path} is incomplete")
         check_version(path, f.attrs.get("version"), "sharpness", VERSION)
         try:

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, StalePartialError, WriteError
-from .files import (OutputLock, PartialH5, check_dtype, check_task, check_version, claim_output, json_attr,
+from .files import (OutputLock, PartialH5, check_dtype, check_task, check_version, claim_output, is_complete, json_attr,
                     open_read, partial_path, prepare_output, read_partial, reading_partial, sha256, to_json,
                     what_failed)
 
@@ -417,7 +417,7 @@ def _walk(group: h5py.Group) -> dict:
 
 def open_surface(path) -> Surface:
     with open_read(path, FORMAT) as f:
-        if not bool(f.attrs.get("complete", False)):
+        if not is_complete(f.attrs):
             raise FileFormatError(f"{path} is incomplete; run the command that made it again to finish it")
         return _read_surface(path, f)
 

@@ -23,7 +23,7 @@ import torch
 from ..errors import CheckpointError, FileFormatError, HeldWorkError, WriteError
 from ..params import Layout
 from ..trust import Trust, check_recorded_config
-from .files import (PartialH5, ResumeStates, check_dtype, check_version, claim_output, interrupts_deferred,
+from .files import (PartialH5, ResumeStates, check_dtype, check_version, claim_output, interrupts_deferred, is_complete,
                     json_attr, open_read, partial_path, prepare_output, read_partial, reading_partial, sha256, to_json,
                     what_failed)
 
@@ -123,7 +123,7 @@ class TrajectoryWriter:
         if reading is None:
             return None
         with reading as f:
-            complete = bool(f.attrs.get("complete", False))  # killed between its last save and its rename
+            complete = is_complete(f.attrs)  # killed between its last save and its rename
             if f.attrs.get("format") != FORMAT or not ("finished" in f.attrs or "progress_rows" in f.attrs
                                                        or complete):
                 return None
@@ -165,7 +165,7 @@ class TrajectoryWriter:
         def first_run(part):
             return min((created.get(r.split("/")[0], len(created)) for r in finished[part]), default=len(created))
         self.finished = {part: finished[part] for part in sorted(finished, key=first_run)}
-        self.complete = bool(f.attrs["complete"])
+        self.complete = is_complete(f.attrs)
         self._generation = int(f.attrs.get("progress_state", 0))
         return json.loads(f.attrs.get("progress_rows", "{}"))
 
@@ -194,7 +194,7 @@ class TrajectoryWriter:
         attributes as they are, and with ``part`` mark them as that finished part: how methods trained
         in separate processes come together in one file, and how a file with added runs starts."""
         with open_read(source, FORMAT) as src:
-            if not bool(src.attrs.get("complete", False)):
+            if not is_complete(src.attrs):
                 raise FileFormatError(f"{source} is not a complete trajectory file")
             if _stored_layout(src) != self.layout:
                 raise FileFormatError(f"{source} holds another model's weights")
@@ -462,7 +462,7 @@ class Trajectory:
         self.path = Path(path)
         self.trust = Trust.of(trust_code, allow)
         with open_read(self.path, FORMAT) as f:
-            if not bool(f.attrs.get("complete", False)):
+            if not is_complete(f.attrs):
                 raise FileFormatError(f"{self.path} is incomplete (training did not finish)")
             self._check(f)
 
@@ -485,6 +485,9 @@ class Trajectory:
             if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
                     and all(isinstance(spec.get(k, {}), dict) for k in ("kwargs", "options"))):
                 raise ValueError(f"the config's {key!r} is not an object with a name and its options")
+        batch = self.config.get("eval_batch_size", 1000)  # the default batch of every later evaluation
+        if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+            raise ValueError(f"the config's 'eval_batch_size' is {batch!r}, not a whole number of at least 1")
         self.layout = _stored_layout(f)
         _check_layout(self.layout)
         self.runs = _run_names(f["runs"])
@@ -585,7 +588,7 @@ class Trajectory:
                        "bytes": _stored_bytes(g), "final": last, "frozen": self._frozen[r]}
         return {"path": str(self.path), "format": FORMAT, "version": self.version, "bytes": self.path.stat().st_size,
                 "num_params": self.layout.num_params, "num_buffers": self.layout.num_buffers,
-                "runs": runs, "config": self.config, "complete": bool(f.attrs.get("complete", False))}
+                "runs": runs, "config": self.config, "complete": is_complete(f.attrs)}
 
 
 def partial_info(tmp) -> dict:
