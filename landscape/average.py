@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -105,6 +106,17 @@ class Average:
         return AveragedModel(model, multi_avg_fn=fn, use_buffers=False)
 
 
+def _check_finite(traj, window: Window, rows: range) -> None:
+    """Refuse a window holding a checkpoint of NaN or infinite weights: every average from it on is
+    NaN (the run written would look complete)."""
+    for start in range(rows.start, rows.stop, 256):  # (a bounded read at a time)
+        block = traj.params(window.run, slice(start, min(start + 256, rows.stop)))
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if bad.size:
+            raise CheckpointError(f"checkpoint {window.run}:{start + int(bad[0])} holds NaN or infinite weights "
+                                  f"(training diverged there?); averaging window {window} cannot include it")
+
+
 def plan(traj, averages) -> list:
     """(average, rows, run name) for each, checked: windows not empty, names new and distinct."""
     if not averages:
@@ -119,6 +131,7 @@ def plan(traj, averages) -> list:
         if name in traj.runs:
             raise CheckpointError(f"run {name!r} exists already; choose another --name")
         check_run_name(name, [*traj.runs, *names])  # a group path of the file: not inside another run
+        _check_finite(traj, a.window, rows)
         names.add(name)
         out.append((a, rows, name))
     return out

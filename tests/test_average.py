@@ -93,6 +93,25 @@ def test_bad_input_is_one_line_before_any_work(tiny_run, tmp_path, capsys, argv,
     assert not list(tmp_path.iterdir())
 
 
+def test_a_window_holding_a_diverged_checkpoint_is_refused_before_any_work(tiny_run, tmp_path, capsys):
+    """A row of infinite weights made every average from it on NaN, written as a complete run (exit 0);
+    a window that ends before it still averages."""
+    import shutil
+    import h5py
+    path = tmp_path / "diverged.h5"
+    shutil.copy(tiny_run, path)
+    with h5py.File(path, "r+") as f:
+        row = f["runs/sgd/params"][4]
+        row[3] = np.inf
+        f["runs/sgd/params"][4] = row
+    assert main(["average", str(path), "--from", "sgd:2:", "--uniform", "-o", str(tmp_path / "o.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("landscape: error: checkpoint sgd:4 holds NaN or infinite weights (training diverged there?); "
+                   "averaging window sgd:2: cannot include it\n")
+    assert not (tmp_path / "o.h5").exists()
+    assert main(["average", str(path), "--from", "sgd:0:4", "--uniform", "-o", str(tmp_path / "o.h5"), "--quiet"]) == 0
+
+
 def test_ema_training_method(tiny_config, tmp_path):
     from landscape.train import train
     cfg = tiny_config.replace(methods=("sgd", "ema"), epochs=3, ema_decay=0.9)
