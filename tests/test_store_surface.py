@@ -79,3 +79,24 @@ def test_export_loss_landscape_non_square(tmp_path):
                 assert f["train_acc"][iy, ix] == 100 - s.values["train_err"][ix, iy]
         np.testing.assert_array_equal(f["xcoordinates"][:], X)
         np.testing.assert_array_equal(f["ycoordinates"][:], Y)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda f: f["values"].pop("train_loss"), "missing /values/train_loss, which the spec lists"),
+    (lambda f: f.attrs.__setitem__("spec", '{"kind": "plane", "grid": {"x": [-1, 1, 1000000000], "y": [0, 2, 3]}}'),
+     "the spec's grid x [-1, 1, 1000000000] disagrees with /grid/x of 4 points"),
+    (lambda f: f.attrs.__setitem__("spec", '{"kind": "plane", "task": {"name": "mine", "metrics": ["acc"], '
+                                           '"primary": "acc", "percent": [], "values": ["train_loss", "test_acc"]}}'),
+     "missing /values/test_acc, which the spec lists"),
+])
+def test_a_surface_missing_what_its_spec_lists_is_refused(tmp_path, edit, words):
+    """info, explore and export read a surface without its train loss (the CSV lost the column), or one
+    whose spec's grid or task values disagree with its datasets: refused where it is opened."""
+    out = tmp_path / "s.h5"
+    w = _writer(out)
+    w.write(np.arange(12), _values(np.arange(12)))
+    w.close()
+    with h5py.File(out, "r+") as f:
+        edit(f)
+    with pytest.raises(FileFormatError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        open_surface(out)

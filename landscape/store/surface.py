@@ -479,6 +479,15 @@ def _check_surface(f: h5py.File) -> dict:
         check_dtype(ds, f"values/{name}", np.floating, "floats")
         if ds.shape != done:
             raise ValueError(f"/values/{name} has shape {list(ds.shape)}, the grid is {list(done)}")
+    # what the spec says is there: every value its task lists (the train and test loss at least), its grid
+    named = (spec.get("task") or {}).get("values") or ("train_loss", "test_loss")
+    missing = [n for n in named if n not in f["values"]]
+    if missing:
+        raise ValueError(f"missing /values/{missing[0]}, which the spec lists")
+    said = spec.get("grid") or {}
+    for axis, n in zip("xy", grid):
+        if axis in said and (not isinstance(said[axis], list) or len(said[axis]) != 3 or said[axis][2] != n):
+            raise ValueError(f"the spec's grid {axis} {said[axis]} disagrees with /grid/{axis} of {n} points")
     _check_points(f, len(axes))
     return spec
 
