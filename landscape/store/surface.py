@@ -376,10 +376,11 @@ class Surface:
         in memory without its basis)."""
         if self.vectors is not None:
             return int(self.vectors["origin"].shape[-1])
-        if self.path is None:
+        try:
+            with open_read(self.path, FORMAT) as f:
+                return int(f["basis/origin"].shape[-1])
+        except (TypeError, FileFormatError, KeyError):  # no file (any more): not known
             return None
-        with open_read(self.path, FORMAT) as f:
-            return int(f["basis/origin"].shape[-1])
 
     def basis(self) -> dict:
         """origin, u, v (planes) or u (lines): float32 (P,) vectors ((R, P) for rays)."""
