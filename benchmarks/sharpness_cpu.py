@@ -21,12 +21,16 @@ The results are compared: the eigenvalues (relative difference), the traces (the
 standard errors of the difference: different probes, so they agree only statistically) and the density
 runs' largest node against the top eigenvalue. Each contender runs with the machine's torch threads
 (as a user gets it) and with one thread; contenders are interleaved round by round, so that load from
-other processes slows them alike.
+other processes slows them alike. ``--processes N`` adds ours on one thread in each of N processes
+forked at once (``landscape.device.ForkedWorkers``, as plane workers run), each computing the checkpoint:
+the wall time over N is what a checkpoint would cost if sharpness ran its work in processes instead of
+threads.
 
 Usage::
 
     python benchmarks/sharpness_cpu.py                         # trains the checkpoint once (cached)
     python benchmarks/sharpness_cpu.py --rounds 3 --json out.json
+    python benchmarks/sharpness_cpu.py --rounds 3 --processes 2   # also: processes instead of threads
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from landscape.data import cache_dir  # noqa: E402
+from landscape.device import ForkedWorkers  # noqa: E402
 from landscape.geometry import load_checkpoint  # noqa: E402
 from landscape.rebuild import rebuild_data, rebuild_model  # noqa: E402
 from landscape.sharpness import SharpnessSpec, evaluate_sharpness  # noqa: E402
@@ -186,6 +191,15 @@ def ours(model, x, y, seed: int) -> dict:
             "products": int(r["lanczos_steps"]) + PROBES + DENSITY_STEPS}
 
 
+def ours_in_processes(model, x, y, seed: int, processes: int) -> dict:
+    """``ours`` on one thread in each of ``processes`` forked processes at once: the wall time per checkpoint."""
+    t0 = time.perf_counter()
+    with ForkedWorkers(lambda j, s: ours(model, x, y, s), processes) as pool:
+        results = [r for _, r in pool.map([seed] * processes)]
+    return dict(results[0], seconds=(time.perf_counter() - t0) / processes,
+                seconds_each=[r["seconds"] for r in results])
+
+
 def agreement(a: dict, b: dict) -> dict:
     ea, eb = np.array(a["eigenvalues"]), np.array(b["eigenvalues"])
     return {"eigenvalues_max_rel_diff": float(np.max(np.abs(ea - eb) / np.abs(eb))),
@@ -199,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (every contender once a round)")
     p.add_argument("--epochs", type=int, default=150, help="epochs of the trained trajectory")
     p.add_argument("--workdir", default=str(cache_dir() / "bench"), help="where the trajectory is cached")
+    p.add_argument("--processes", type=int, default=1,
+                   help="also ours on one thread in each of this many processes at once (seconds per checkpoint)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     workdir = Path(args.workdir)
@@ -214,6 +230,10 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     contenders = {f"ours, {threads} threads": (ours, threads), f"PyHessian style, {threads} threads": (pyhessian_style, threads),
                   "ours, 1 thread": (ours, 1), "PyHessian style, 1 thread": (pyhessian_style, 1)}
+    if args.processes > 1:
+        n = args.processes
+        contenders[f"ours, 1 thread in each of {n} processes (per checkpoint)"] = (
+            lambda *a, seed: ours_in_processes(*a, seed=seed, processes=n), 1)
     runs = {name: [] for name in contenders}
     for r in range(args.rounds):
         for name, (fn, n) in contenders.items():
