@@ -22,7 +22,7 @@ standard errors of the difference: different probes, so they agree only statisti
 runs' largest node against the top eigenvalue. Each contender runs with the machine's torch threads
 (as a user gets it) and with one thread; contenders are interleaved round by round, so that load from
 other processes slows them alike. ``--processes N`` adds ours on one thread in each of N processes
-forked at once (``landscape.device.ForkedWorkers``, as plane workers run), each computing the checkpoint:
+forked at once, each computing the checkpoint:
 the wall time over N is what a checkpoint would cost if sharpness ran its work in processes instead of
 threads.
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -50,7 +51,6 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from landscape.data import cache_dir  # noqa: E402
-from landscape.device import ForkedWorkers  # noqa: E402
 from landscape.geometry import load_checkpoint  # noqa: E402
 from landscape.rebuild import rebuild_data, rebuild_model  # noqa: E402
 from landscape.sharpness import SharpnessSpec, evaluate_sharpness  # noqa: E402
@@ -191,11 +191,21 @@ def ours(model, x, y, seed: int) -> dict:
             "products": int(r["lanczos_steps"]) + PROBES + DENSITY_STEPS}
 
 
+_FORKED = {}  # what the forked processes compute on: (model, x, y), set before they are forked
+
+
+def _ours_on_one_thread(seed: int) -> dict:
+    torch.set_num_threads(1)
+    return ours(*_FORKED["args"], seed=seed)
+
+
 def ours_in_processes(model, x, y, seed: int, processes: int) -> dict:
-    """``ours`` on one thread in each of ``processes`` forked processes at once: the wall time per checkpoint."""
+    """``ours`` on one thread in each of ``processes`` processes forked at once, one checkpoint each:
+    the wall time per checkpoint."""
+    _FORKED["args"] = (model, x, y)
     t0 = time.perf_counter()
-    with ForkedWorkers(lambda j, s: ours(model, x, y, s), processes) as pool:
-        results = [r for _, r in pool.map([seed] * processes)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        results = pool.map(_ours_on_one_thread, [seed] * processes, chunksize=1)
     return dict(results[0], seconds=(time.perf_counter() - t0) / processes,
                 seconds_each=[r["seconds"] for r in results])
 
@@ -233,7 +243,7 @@ def main(argv=None) -> int:
     if args.processes > 1:
         n = args.processes
         contenders[f"ours, 1 thread in each of {n} processes (per checkpoint)"] = (
-            lambda *a, seed: ours_in_processes(*a, seed=seed, processes=n), 1)
+            lambda *a, seed, n=n: ours_in_processes(*a, seed=seed, processes=n), 1)
     runs = {name: [] for name in contenders}
     for r in range(args.rounds):
         for name, (fn, n) in contenders.items():
