@@ -148,7 +148,7 @@ def add_averages(path, averages, out, device="auto", overwrite: bool = False, qu
     dev = resolve_device(device)
     data = rebuild_data(traj, dev)
     model = rebuild_model(traj, data, dev)
-    eval_bs = int(batch_size or traj.config.get("eval_batch_size", 1000))
+    eval_bs = int(batch_size or traj.eval_batch_size)
     # source_sha256: the input, whose runs (copied as they are) later files may name beside this one's
     config = dict(traj.config, averaged=[{"window": str(a.window), "mode": a.mode, "decay": a.decay, "run": name}
                                          for a, _, name in jobs] + list(traj.config.get("averaged", [])),

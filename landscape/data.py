@@ -278,9 +278,9 @@ def _stream_typed(t):
     """A streamed batch's tensor in the types :func:`typed` gives data in memory: float as float32,
     integer as int64 (class labels from numpy's int32 included: cross-entropy takes int64 only). Bytes
     (uint8 images) and booleans stay as they are, as the model or the loss takes them."""
-    if not torch.is_tensor(t) or t.dtype in (torch.float32, torch.int64, torch.uint8, torch.bool):
+    if not torch.is_tensor(t) or t.dtype in (torch.float32, torch.int64, torch.uint8, torch.bool) or t.is_complex():
         return t
-    return t.float() if t.is_floating_point() else t.long() if not t.is_complex() else t
+    return t.float() if t.is_floating_point() else t.long()
 
 
 def _check_finite_batch(batch, split: str, i: int) -> None:

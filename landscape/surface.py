@@ -491,7 +491,7 @@ def compute_surface(traj, geom, grid=None, *, bn="auto", out=None, overwrite: bo
     grid = make_grid(geom, grid, margin, xrange, yrange)
     check_points(geom.values_shape(grid), geom.kind)
     with Group.join(resolve_device(device)) as ranks:
-        default_batch = int(traj.config.get("eval_batch_size", 1000))
+        default_batch = traj.eval_batch_size
         data = rebuild_data(traj, ranks.device)
         model = rebuild_model(traj, data, ranks.device)
         policy = _policy(bn, default_batch if bn_batch_size is None else bn_batch_size, bn_samples, model, geom, data,

@@ -557,6 +557,11 @@ class Trajectory:
             attrs = _facts(g)
             return RunData(run, g["epoch"][:], g["step"][:], metrics, attrs)
 
+    @property
+    def eval_batch_size(self) -> int:
+        """The default data batch of every later evaluation (the config's, checked when the file was opened)."""
+        return self.config.get("eval_batch_size", 1000)
+
     def sha256(self) -> str:
         return sha256(self.path)
 
